@@ -1,0 +1,1 @@
+//! ensemble (server owner)

@@ -1,0 +1,30 @@
+//! beast: a bare-metal inference server.
+//!
+//! The request path, module by module:
+//!
+//! ```text
+//! server (socket, frame) ─▶ wire (verify, decode) ─▶ cache ─▶ batch (per-model queue)
+//!        ─▶ backend (CPU FP16 / CUDA) ─▶ ensemble (combine) ─▶ wire (encode) ─▶ server (write)
+//! ```
+//!
+//! - [`server`]: shards (one glommio executor per core), listeners, the
+//!   connection loop — the only place that drives a request from start to end.
+//! - [`wire`]: flatbuffers schema, framing, encode/decode; knows nothing of models.
+//! - [`model`]: repository format, loading, the registry.
+//! - [`batch`]: per-model bounded queues and the batching policy.
+//! - [`backend`]: the `Backend` trait and its CPU implementation.
+//! - [`ensemble`]: combiners (and, later, selection policies).
+//! - [`metrics`]: per-core counters and histograms.
+//! - [`client`]: the Rust client library.
+//! - [`config`]: every limit and default, validated once.
+
+pub mod backend;
+pub mod batch;
+pub mod cache;
+pub mod client;
+pub mod config;
+pub mod ensemble;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! `model.toml` and `ensembles.toml`: the serde shapes and their validation.

@@ -1,0 +1,224 @@
+//! Models: the repository format, loading, the registry.
+//!
+//! Owns: what a model *is* in memory (`Model`, `Dense`, `LayerNorm`), how a
+//! repository folder becomes a set of models and ensembles (`load`,
+//! `manifest`), the deterministic benchmark models (`demo`), and the
+//! registry shards read from (`registry`).
+//! May touch: the file system at load time only. Nothing here runs per request.
+//!
+//! Layout conventions (see docs/MODELS.md):
+//! - a dense layer's weight is `[in, out]` row-major ("x @ W", the layout of
+//!   scikit-learn's `coefs_` and Flax's `Dense.kernel`; PyTorch's `nn.Linear`
+//!   weight is transposed by the export script). Rows of W are contiguous in
+//!   the output dimension, which is what the SIMD kernels stream.
+//! - the order inside a layer is: `x @ W + b` → layer norm (optional) → activation.
+
+pub mod demo;
+pub mod load;
+pub mod manifest;
+pub mod registry;
+
+use half::f16;
+use std::sync::Arc;
+
+/// Element-wise activation after a dense layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    Identity,
+    Relu,
+    Gelu,
+    Tanh,
+    Sigmoid,
+}
+
+/// Transform applied to the last layer's output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputTransform {
+    Identity,
+    Softmax,
+    Sigmoid,
+}
+
+/// FP16 storage that is either a window into a memory-mapped safetensors file
+/// (zero copy) or an owned buffer (weights converted from f32, or unaligned
+/// in the file, or built in memory for tests).
+pub enum F16Storage {
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        /// Byte offset of the first element; always 2-byte aligned in memory.
+        offset: usize,
+        len: usize,
+    },
+    Owned(Vec<f16>),
+}
+
+impl F16Storage {
+    #[inline]
+    pub fn as_slice(&self) -> &[f16] {
+        match self {
+            F16Storage::Mapped { map, offset, len } => {
+                bytemuck::cast_slice(&map[*offset..*offset + *len * 2])
+            }
+            F16Storage::Owned(v) => v,
+        }
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, F16Storage::Mapped { .. })
+    }
+}
+
+impl std::fmt::Debug for F16Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            F16Storage::Mapped { len, .. } => write!(f, "F16Storage::Mapped({len})"),
+            F16Storage::Owned(v) => write!(f, "F16Storage::Owned({})", v.len()),
+        }
+    }
+}
+
+/// Layer normalisation over the output features of a dense layer.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+    pub eps: f32,
+}
+
+/// One dense layer: `act(LN(x @ W + b))`.
+#[derive(Debug)]
+pub struct Dense {
+    pub in_dim: usize,
+    pub out_dim: usize,
+    /// `[in_dim, out_dim]` row-major FP16.
+    pub weight: F16Storage,
+    /// `out_dim` biases, kept in f32 (they are tiny and added in f32).
+    pub bias: Vec<f32>,
+    pub layer_norm: Option<LayerNorm>,
+    pub activation: Activation,
+}
+
+impl Dense {
+    #[inline]
+    pub fn weight(&self) -> &[f16] {
+        self.weight.as_slice()
+    }
+}
+
+/// Batching limits of one model (from `model.toml`, with defaults from config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// A batch closes when it has this many rows.
+    pub max_batch: usize,
+    /// ... or when its oldest request has waited this long.
+    pub max_queue_delay_us: u64,
+    /// Rows that may wait in one shard's queue for this model; beyond it
+    /// requests are answered OVERLOADED at once.
+    pub queue_rows_max: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            max_batch: 64,
+            max_queue_delay_us: 200,
+            queue_rows_max: 4096,
+        }
+    }
+}
+
+/// A loaded multi-layer perceptron, immutable once built and shared by all
+/// shards through `Arc`.
+#[derive(Debug)]
+pub struct Model {
+    pub name: String,
+    pub version: u32,
+    pub input_width: usize,
+    pub output_width: usize,
+    pub layers: Vec<Dense>,
+    pub output: OutputTransform,
+    pub batch: BatchLimits,
+}
+
+impl Model {
+    /// Multiply-adds × 2 for one input row.
+    pub fn flops_per_row(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| 2 * (l.in_dim as u64) * (l.out_dim as u64))
+            .sum()
+    }
+
+    /// Widest activation a batch passes through (input, hidden or output),
+    /// used to size a backend's scratch buffers once.
+    pub fn max_width(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.out_dim.max(l.in_dim))
+            .max()
+            .unwrap_or(self.input_width)
+            .max(self.input_width)
+    }
+
+    /// A model with deterministic pseudo-random weights (He-style scale so
+    /// activations stay O(1) through deep stacks). `dims` = [in, h1, ..., out].
+    /// Used by `beast demo-models`, tests and benches.
+    pub fn random(
+        name: &str,
+        dims: &[usize],
+        hidden: Activation,
+        output: OutputTransform,
+        seed: u64,
+    ) -> Model {
+        use rand::{Rng, SeedableRng};
+        assert!(dims.len() >= 2, "a model needs an input and an output width");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut layers = Vec::with_capacity(dims.len() - 1);
+        for i in 0..dims.len() - 1 {
+            let (k, n) = (dims[i], dims[i + 1]);
+            let scale = (2.0 / k as f32).sqrt();
+            let w: Vec<f16> = (0..k * n)
+                .map(|_| f16::from_f32(rng.random_range(-1.0f32..1.0) * scale * 1.7))
+                .collect();
+            let b: Vec<f32> = (0..n).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+            let last = i == dims.len() - 2;
+            layers.push(Dense {
+                in_dim: k,
+                out_dim: n,
+                weight: F16Storage::Owned(w),
+                bias: b,
+                layer_norm: None,
+                activation: if last { Activation::Identity } else { hidden },
+            });
+        }
+        Model {
+            name: name.to_string(),
+            version: 1,
+            input_width: dims[0],
+            output_width: *dims.last().unwrap(),
+            layers,
+            output,
+            batch: BatchLimits::default(),
+        }
+    }
+}
+
+/// A named ensemble as declared in `ensembles.toml`.
+#[derive(Debug, Clone)]
+pub struct EnsembleSpec {
+    pub name: String,
+    pub members: Vec<String>,
+    pub combiner: Combiner,
+    /// Per-member weights for `WeightedMean` (same order as `members`);
+    /// all 1.0 for `Mean`.
+    pub weights: Vec<f32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Combiner {
+    Mean,
+    WeightedMean,
+}

@@ -1,0 +1,1 @@
+// placeholder: replaced by scripts/gen-flatbuffers.sh
