@@ -1,1 +1,232 @@
-//! config (server owner)
+//! Every limit and default in one place, validated once at start-up.
+//!
+//! A config file (`--config FILE`, TOML) may set any field; command-line
+//! flags override it. Unknown keys are refused so a typo is not silently
+//! ignored. Relations between limits are checked in [`Config::validate`].
+
+use crate::model::BatchLimits;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// Most members an ensemble may have (responses carry per-member run info
+/// in a fixed-size array, so this is a compile-time bound).
+pub const ENSEMBLE_MEMBERS_MAX: usize = 16;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address every shard listens on (SO_REUSEPORT). Port 0 picks a free port.
+    pub listen: String,
+    /// CPUs to run one shard each on; empty: every online CPU.
+    pub cores: Vec<usize>,
+    /// Pin each shard's thread to its CPU.
+    pub pin_shards: bool,
+    /// Model repository folder.
+    pub models_dir: PathBuf,
+    /// Open connections per shard; beyond it new connections are closed at once.
+    pub connections_per_shard_max: usize,
+    /// Largest frame body accepted; a larger declared length closes the connection.
+    pub frame_bytes_max: usize,
+    /// Requests in flight on one connection; beyond it: OVERLOADED.
+    pub in_flight_per_connection_max: usize,
+    /// Rows in one request.
+    pub rows_per_request_max: usize,
+    /// Ensemble requests in flight per shard (each holds one accumulator); beyond it: OVERLOADED.
+    pub ensemble_in_flight_per_shard_max: usize,
+    /// Initial receive buffer per connection; it grows (once) up to
+    /// `frame_bytes_max + 4` only if a larger frame arrives.
+    pub read_buffer_bytes: usize,
+    /// Pending response bytes per connection above which the server stops
+    /// reading that connection until its peer reads (backpressure).
+    pub write_buffer_bytes_max: usize,
+    /// glommio's registered I/O memory per shard. Kept small so the server
+    /// runs under the default 8 MiB memlock limit as a non-root user.
+    pub io_memory_bytes: usize,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_grace_ms: u64,
+    /// Batching defaults for models whose model.toml does not set them.
+    pub batch: BatchDefaults,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchDefaults {
+    pub max_batch: usize,
+    pub max_queue_delay_us: u64,
+    pub queue_rows_max: usize,
+}
+
+impl Default for BatchDefaults {
+    fn default() -> Self {
+        let d = BatchLimits::default();
+        BatchDefaults {
+            max_batch: d.max_batch,
+            max_queue_delay_us: d.max_queue_delay_us,
+            queue_rows_max: d.queue_rows_max,
+        }
+    }
+}
+
+impl BatchDefaults {
+    pub fn limits(&self) -> BatchLimits {
+        BatchLimits {
+            max_batch: self.max_batch,
+            max_queue_delay_us: self.max_queue_delay_us,
+            queue_rows_max: self.queue_rows_max,
+        }
+    }
+}
+
+/// The repository that ships with the project (digits ensemble).
+pub fn default_models_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("models")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:7878".to_string(),
+            cores: Vec::new(),
+            pin_shards: true,
+            models_dir: default_models_dir(),
+            connections_per_shard_max: 4096,
+            frame_bytes_max: 4 << 20,
+            in_flight_per_connection_max: 1024,
+            rows_per_request_max: 1024,
+            ensemble_in_flight_per_shard_max: 16384,
+            read_buffer_bytes: 64 << 10,
+            write_buffer_bytes_max: 8 << 20,
+            io_memory_bytes: 512 << 10,
+            shutdown_grace_ms: 10_000,
+            batch: BatchDefaults::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Read a TOML config file; errors name the file (and the field, via toml's message).
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The CPUs shards run on.
+    pub fn shard_cpus(&self) -> Vec<usize> {
+        if !self.cores.is_empty() {
+            return self.cores.clone();
+        }
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        (0..n).collect()
+    }
+
+    /// Check every limit and the relations between them, once.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut errs = Vec::new();
+        let mut check = |ok: bool, msg: &str| {
+            if !ok {
+                errs.push(msg.to_string());
+            }
+        };
+        check(
+            self.listen.parse::<std::net::SocketAddr>().is_ok(),
+            "listen: expected ADDR:PORT, e.g. 127.0.0.1:7878",
+        );
+        let ncpu = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        check(
+            self.cores.iter().all(|&c| c < ncpu.max(1024)),
+            "cores: CPU index out of range",
+        );
+        let mut sorted = self.cores.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        check(sorted.len() == self.cores.len(), "cores: duplicate CPU");
+        check(
+            self.connections_per_shard_max >= 1,
+            "connections_per_shard_max: must be >= 1",
+        );
+        check(
+            self.frame_bytes_max >= 1024,
+            "frame_bytes_max: must be >= 1024",
+        );
+        check(
+            self.frame_bytes_max <= 1 << 30,
+            "frame_bytes_max: must be <= 1 GiB",
+        );
+        check(
+            self.in_flight_per_connection_max >= 1,
+            "in_flight_per_connection_max: must be >= 1",
+        );
+        check(
+            self.rows_per_request_max >= 1,
+            "rows_per_request_max: must be >= 1",
+        );
+        check(
+            self.ensemble_in_flight_per_shard_max >= 1,
+            "ensemble_in_flight_per_shard_max: must be >= 1",
+        );
+        check(
+            self.read_buffer_bytes >= 4096,
+            "read_buffer_bytes: must be >= 4096",
+        );
+        check(
+            self.write_buffer_bytes_max >= self.frame_bytes_max,
+            "write_buffer_bytes_max: must be >= frame_bytes_max (one response must fit)",
+        );
+        check(
+            self.io_memory_bytes >= 64 << 10,
+            "io_memory_bytes: must be >= 64 KiB",
+        );
+        check(self.batch.max_batch >= 1, "batch.max_batch: must be >= 1");
+        check(
+            self.batch.queue_rows_max >= self.batch.max_batch,
+            "batch.queue_rows_max: must be >= batch.max_batch",
+        );
+        check(
+            self.batch.max_queue_delay_us <= 1_000_000,
+            "batch.max_queue_delay_us: must be <= 1 s",
+        );
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("invalid config: {}", errs.join("; ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn relations_are_checked() {
+        let mut c = Config::default();
+        c.batch.queue_rows_max = 1;
+        c.batch.max_batch = 8;
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("batch.queue_rows_max"), "{e}");
+        let c = Config {
+            listen: "nonsense".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("listen"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<Config>("listn = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("listn"), "{e}");
+        let c: Config = toml::from_str("listen = \"0.0.0.0:9000\"\n[batch]\nmax_batch = 8").unwrap();
+        assert_eq!(c.batch.max_batch, 8);
+        assert_eq!(c.batch.queue_rows_max, BatchLimits::default().queue_rows_max);
+    }
+}

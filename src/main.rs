@@ -1,5 +1,299 @@
+//! `beast`: the server and its command-line companions.
+//!
+//! - `beast serve` — run the server (defaults: 127.0.0.1:7878, every core,
+//!   the repository shipped in `models/`).
+//! - `beast predict` — ask a running server for one prediction.
+//! - `beast demo-models --out DIR` — write the standard benchmark models.
+
+use beast::client::Client;
+use beast::config::Config;
+use beast::wire::{CacheControl, Input, RequestSpec};
+use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
-fn main() {}
+#[derive(Parser)]
+#[command(name = "beast", version, about = "Bare-metal inference server for FP16 model ensembles")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server until SIGINT/SIGTERM.
+    Serve {
+        /// Model repository folder (default: the repository shipped in models/).
+        #[arg(long)]
+        models: Option<PathBuf>,
+        /// Address to listen on, ADDR:PORT (default 127.0.0.1:7878).
+        #[arg(long)]
+        listen: Option<String>,
+        /// CPUs to run shards on, e.g. "0" or "0,2-3" (default: all).
+        #[arg(long)]
+        cores: Option<String>,
+        /// TOML config file; flags override it (see docs/CONFIG.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Send one prediction request to a running server and print the answer.
+    Predict {
+        /// Server address, ADDR:PORT.
+        #[arg(long, default_value = "127.0.0.1:7878")]
+        server: String,
+        /// Model or ensemble name.
+        #[arg(long)]
+        target: String,
+        /// One row of comma-separated numbers.
+        #[arg(long, conflicts_with = "input_file", allow_hyphen_values = true)]
+        input: Option<String>,
+        /// Rows from a .csv (numbers only, or a header row) or a 2-D .npy (f32/f64/f16).
+        #[arg(long)]
+        input_file: Option<PathBuf>,
+        /// Model version (default: latest).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Time budget in microseconds.
+        #[arg(long)]
+        deadline_us: Option<u64>,
+        /// Domain tag.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Send the input as FP16 instead of f32.
+        #[arg(long)]
+        f16: bool,
+        /// Bypass the prediction cache.
+        #[arg(long)]
+        no_cache: bool,
+    },
+    /// Write the standard benchmark models (bench_a, bench_b, bench_c, bench_ens).
+    DemoModels {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Serve {
+            models,
+            listen,
+            cores,
+            config,
+        } => serve(models, listen, cores, config),
+        Cmd::Predict {
+            server,
+            target,
+            input,
+            input_file,
+            version,
+            deadline_us,
+            domain,
+            f16,
+            no_cache,
+        } => predict(PredictArgs {
+            server,
+            target,
+            input,
+            input_file,
+            version,
+            deadline_us,
+            domain,
+            f16,
+            no_cache,
+        }),
+        Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
+            .map(|()| eprintln!("beast: wrote bench_a, bench_b, bench_c and ensemble bench_ens to {}", out.display()))
+            .map_err(|e| format!("{}: {e}", out.display())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("beast: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// "0,2-3" → [0, 2, 3].
+fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("--cores: cannot read '{part}' (expected e.g. 0,2-3)");
+        if let Some((a, b)) = part.split_once('-') {
+            let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            if a > b {
+                return Err(bad());
+            }
+            out.extend(a..=b);
+        } else {
+            out.push(part.parse().map_err(|_| bad())?);
+        }
+    }
+    if out.is_empty() {
+        return Err("--cores: empty list".into());
+    }
+    Ok(out)
+}
+
+fn serve(models: Option<PathBuf>, listen: Option<String>, cores: Option<String>, config: Option<PathBuf>) -> Result<(), String> {
+    let mut cfg = match &config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(m) = models {
+        cfg.models_dir = m;
+    }
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    if let Some(c) = cores {
+        cfg.cores = parse_cores(&c)?;
+    }
+    cfg.validate()?;
+    let repo = beast::model::load::load_repository(&cfg.models_dir, &cfg.batch.limits())?;
+    if repo.models.is_empty() {
+        return Err(format!("{}: no model could be loaded", cfg.models_dir.display()));
+    }
+    eprintln!("beast: models from {}", cfg.models_dir.display());
+    for versions in repo.models.values() {
+        for m in versions {
+            let dims: Vec<String> = std::iter::once(m.input_width.to_string()).chain(m.layers.iter().map(|l| l.out_dim.to_string())).collect();
+            eprintln!(
+                "beast:   model {} v{}: {} {:?}, {:.2} MFLOP/row, max_batch {}, max_queue_delay_us {}",
+                m.name,
+                m.version,
+                dims.join("→"),
+                m.output,
+                m.flops_per_row() as f64 / 1e6,
+                m.batch.max_batch,
+                m.batch.max_queue_delay_us
+            );
+        }
+    }
+    for e in repo.ensembles.values() {
+        eprintln!("beast:   ensemble {}: {:?} of [{}]", e.name, e.combiner, e.members.join(", "));
+    }
+    for e in &repo.errors {
+        eprintln!("beast:   refused: {e}");
+    }
+    let cpus = cfg.shard_cpus();
+    let handle = beast::server::start(cfg, Arc::new(repo))?;
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, handle.stop_flag()).map_err(|e| format!("signal handler: {e}"))?;
+    }
+    eprintln!("beast: listening on {} with {} shard(s) on CPUs {:?}, backend {}", handle.addr, cpus.len(), cpus, handle.backend);
+    let totals = handle.wait();
+    eprintln!(
+        "beast: stopped after {} responses ({} ok), {} batches, mean batch {:.1} rows",
+        totals.requests(),
+        totals.responses[0],
+        totals.batches,
+        totals.batch_rows as f64 / totals.batches.max(1) as f64
+    );
+    Ok(())
+}
+
+struct PredictArgs {
+    server: String,
+    target: String,
+    input: Option<String>,
+    input_file: Option<PathBuf>,
+    version: Option<u32>,
+    deadline_us: Option<u64>,
+    domain: Option<String>,
+    f16: bool,
+    no_cache: bool,
+}
+
+fn predict(a: PredictArgs) -> Result<(), String> {
+    let (rows, cols, data) = match (&a.input, &a.input_file) {
+        (Some(s), None) => {
+            let row = parse_row(s).map_err(|e| format!("--input: {e}"))?;
+            (1, row.len(), row)
+        }
+        (None, Some(p)) => read_rows(p)?,
+        _ => return Err("give --input 0.1,0.2,... or --input-file rows.csv|rows.npy".into()),
+    };
+    let f16: Vec<u16> = data.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
+    let input = if a.f16 { Input::F16(&f16) } else { Input::F32(&data) };
+    let spec = RequestSpec {
+        target: &a.target,
+        version: a.version,
+        rows: rows as u32,
+        cols: cols as u32,
+        input,
+        deadline_us: a.deadline_us,
+        domain: a.domain.as_deref(),
+        cache: if a.no_cache { CacheControl::Bypass } else { CacheControl::Use },
+    };
+    let client = Client::connect(&a.server).map_err(|e| format!("connect {}: {e}", a.server))?;
+    let p = client.predict(&spec).map_err(|e| format!("{e}"))?;
+    for r in 0..p.rows as usize {
+        let row = &p.outputs[r * p.cols as usize..(r + 1) * p.cols as usize];
+        let argmax = row.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|x| x.0).unwrap_or(0);
+        let vals: Vec<String> = row.iter().map(|v| format!("{v:.6}")).collect();
+        println!("row {r}: argmax {argmax}  [{}]", vals.join(", "));
+    }
+    let runs: Vec<String> = p.runs.iter().map(|(m, v, _)| format!("{m} v{v}")).collect();
+    println!(
+        "models: {}; server time {} us (queue {} us, compute {} us){}",
+        runs.join(", "),
+        p.timings.total_us,
+        p.timings.queue_us,
+        p.timings.compute_us,
+        if p.cached { "; cached" } else { "" }
+    );
+    Ok(())
+}
+
+fn parse_row(s: &str) -> Result<Vec<f32>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| t.parse::<f32>().map_err(|_| format!("'{t}' is not a number")))
+        .collect()
+}
+
+/// Rows from CSV (an optional non-numeric header row is skipped) or NPY.
+fn read_rows(path: &Path) -> Result<(usize, usize, Vec<f32>), String> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext.eq_ignore_ascii_case("npy") {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        return beast::client::npy::read_f32_matrix(&bytes).map_err(|e| format!("{}: {e}", path.display()));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut data = Vec::new();
+    let mut cols = 0;
+    let mut rows = 0;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_row(line) {
+            Ok(row) => {
+                if cols == 0 {
+                    cols = row.len();
+                } else if row.len() != cols {
+                    return Err(format!("{}: line {}: {} values, expected {cols}", path.display(), i + 1, row.len()));
+                }
+                data.extend(row);
+                rows += 1;
+            }
+            Err(e) if rows == 0 && i == 0 => {
+                let _ = e; // header row
+            }
+            Err(e) => return Err(format!("{}: line {}: {e}", path.display(), i + 1)),
+        }
+    }
+    if rows == 0 {
+        return Err(format!("{}: no rows", path.display()));
+    }
+    Ok((rows, cols, data))
+}

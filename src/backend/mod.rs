@@ -48,3 +48,9 @@ pub trait Backend {
         output: &mut [f32],
     ) -> Result<(), BackendError>;
 }
+
+/// The backend a shard uses: today the CPU backend (CUDA comes behind the
+/// `cuda` feature and falls back to this when no device is found).
+pub fn select() -> Box<dyn Backend> {
+    Box::new(cpu::CpuBackend::new())
+}

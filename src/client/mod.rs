@@ -3,6 +3,8 @@
 //! glommio) can use it; the load generator uses the wire encoder directly.
 //! INTERFACE CONTRACT (wire/client helper implements).
 
+pub mod npy;
+
 use crate::wire::{RequestSpec, Status, Timings};
 use std::net::ToSocketAddrs;
 

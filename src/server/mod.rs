@@ -1,1 +1,220 @@
-//! server (server owner)
+//! The server: one glommio executor per core ("shard"), each with its own
+//! SO_REUSEPORT listener, connections, batch queues and backend.
+//!
+//! Owns: starting and stopping shards, the accept loop, and (in `conn`)
+//! the connection loop — the only place that drives a request from socket
+//! to socket. Shards share nothing mutable: models are `Arc`s, metrics are
+//! per-shard counters summed by readers.
+//!
+//! Shutdown (SIGINT/SIGTERM or [`ServerHandle::stop`]): every shard stops
+//! accepting, shuts down the read side of its connections (no new
+//! requests), answers everything in flight, closes, and exits; the process
+//! then exits 0.
+
+mod conn;
+mod notify;
+mod shard;
+mod slab;
+
+use crate::backend;
+use crate::config::Config;
+use crate::metrics::{ShardMetrics, Totals};
+use crate::model::load::Repository;
+use glommio::{LocalExecutorBuilder, Placement};
+use shard::Shard;
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+/// A running server.
+pub struct ServerHandle {
+    /// The address the shards listen on (the real port when 0 was asked for).
+    pub addr: SocketAddr,
+    /// Name of the backend each shard uses.
+    pub backend: String,
+    stop: Arc<AtomicBool>,
+    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    metrics: Vec<Arc<ShardMetrics>>,
+}
+
+impl ServerHandle {
+    /// The flag that stops the server when set (signal handlers set it).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Ask every shard to stop (returns at once).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Counters summed over shards.
+    pub fn totals(&self) -> Totals {
+        Totals::sum(&self.metrics)
+    }
+
+    /// Wait until every shard has exited.
+    pub fn wait(self) -> Totals {
+        for t in self.threads {
+            let _ = t.join();
+        }
+        Totals::sum(&self.metrics)
+    }
+
+    /// `stop` then `wait`.
+    pub fn shutdown(self) -> Totals {
+        self.stop();
+        self.wait()
+    }
+}
+
+/// Start one shard per configured CPU and return once all listen.
+pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String> {
+    cfg.validate()?;
+    let mut addr: SocketAddr = cfg.listen.parse().map_err(|e| format!("listen {}: {e}", cfg.listen))?;
+    // With port 0 every shard would get a different port: bind (without
+    // listening, so it never takes a connection) to learn one, and hold it
+    // until the shards have bound it too.
+    let placeholder = if addr.port() == 0 {
+        let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(|e| format!("socket: {e}"))?;
+        s.set_reuse_port(true).map_err(|e| format!("SO_REUSEPORT: {e}"))?;
+        s.set_reuse_address(true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+        s.bind(&addr.into()).map_err(|e| format!("bind {addr}: {e}"))?;
+        addr = s.local_addr().ok().and_then(|a| a.as_socket()).ok_or("placeholder socket has no address")?;
+        Some(s)
+    } else {
+        None
+    };
+    let cpus = cfg.shard_cpus();
+    let cfg = Arc::new(cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
+    let mut threads = Vec::new();
+    let mut metrics = Vec::new();
+    for (id, &cpu) in cpus.iter().enumerate() {
+        let m = Arc::new(ShardMetrics::default());
+        metrics.push(m.clone());
+        let (cfg, repo, stop2, ready) = (cfg.clone(), repo.clone(), stop.clone(), ready_tx.clone());
+        let placement = if cfg.pin_shards { Placement::Fixed(cpu) } else { Placement::Unbound };
+        let builder = LocalExecutorBuilder::new(placement)
+            .name(&format!("beast-shard-{id}"))
+            .io_memory(cfg.io_memory_bytes);
+        let spawned = builder.spawn(move || async move {
+            run_shard(id, cfg, repo, addr, stop2, m, ready).await;
+        });
+        match spawned {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                return Err(format!("shard {id} on cpu {cpu}: cannot start executor: {e}"));
+            }
+        }
+    }
+    drop(ready_tx);
+    let mut backend = String::new();
+    for _ in 0..cpus.len() {
+        match ready_rx.recv() {
+            Ok(Ok(name)) => backend = name,
+            other => {
+                let e = match other {
+                    Ok(Err(e)) => e,
+                    _ => "a shard exited during start-up".to_string(),
+                };
+                stop.store(true, Ordering::SeqCst);
+                for t in threads {
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
+        }
+    }
+    drop(placeholder);
+    Ok(ServerHandle {
+        addr,
+        backend,
+        stop,
+        threads,
+        metrics,
+    })
+}
+
+async fn run_shard(id: usize, cfg: Arc<Config>, repo: Arc<Repository>, addr: SocketAddr, stop: Arc<AtomicBool>, metrics: Arc<ShardMetrics>, ready: mpsc::Sender<Result<String, String>>) {
+    let backend = backend::select();
+    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics) {
+        Ok(s) => Rc::new(s),
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: {e}")));
+            return;
+        }
+    };
+    if let Err(e) = shard.warm_up() {
+        let _ = ready.send(Err(format!("shard {id}: {e}")));
+        return;
+    }
+    let listener = match glommio::net::TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: bind {addr}: {e}")));
+            return;
+        }
+    };
+    for slot in 0..shard.slots.len() {
+        glommio::spawn_local(shard.clone().run_batcher(slot)).detach();
+    }
+    let _ = ready.send(Ok(shard.backend_name()));
+    drop(ready);
+
+    let open = Rc::new(Cell::new(0usize));
+    // Read-side fds of open connections, to shut them down on stop.
+    let fds: Rc<RefCell<Vec<i32>>> = Rc::new(RefCell::new(Vec::new()));
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            while !stop.load(Ordering::Relaxed) {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                // EMFILE and friends: back off instead of spinning.
+                eprintln!("beast: shard {}: accept: {e}", shard.id);
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if open.get() >= cfg.connections_per_shard_max {
+            shard.metrics.connections_refused.inc();
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        shard.metrics.connections_accepted.inc();
+        open.set(open.get() + 1);
+        let fd = stream.as_raw_fd();
+        fds.borrow_mut().push(fd);
+        let (shard2, open2, fds2) = (shard.clone(), open.clone(), fds.clone());
+        glommio::spawn_local(async move {
+            conn::serve(shard2, stream).await;
+            open2.set(open2.get() - 1);
+            fds2.borrow_mut().retain(|&f| f != fd);
+        })
+        .detach();
+    }
+    drop(listener);
+    shard.stopping.set(true);
+    for &fd in fds.borrow().iter() {
+        // SAFETY: fd belongs to a live connection (removed from the list when it closes).
+        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+    }
+    let grace = Instant::now() + Duration::from_millis(cfg.shutdown_grace_ms);
+    while open.get() > 0 && Instant::now() < grace {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+}
