@@ -1,0 +1,213 @@
+//! Helpers shared by the integration tests: a real server on an ephemeral
+//! port with small seeded models, and raw-socket frame helpers.
+#![allow(dead_code)]
+
+use beast::config::Config;
+use beast::model::load::Repository;
+use beast::model::{Activation, BatchLimits, Combiner, EnsembleSpec, Model, OutputTransform};
+use beast::server::ServerHandle;
+use beast::wire::{self, CacheControl, Encoder, Input, RequestSpec, ResponseView};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const WIDTH: usize = 12;
+pub const CLASSES: usize = 5;
+
+/// Three small members of different shapes and an ensemble `ens` of them,
+/// plus `slow` (a long batching delay, for shutdown tests) and `m` v1 + v2.
+pub fn test_models(delay_us_slow: u64) -> Vec<Model> {
+    let mk = |name: &str, dims: &[usize], seed: u64| {
+        let mut m = Model::random(name, dims, Activation::Relu, OutputTransform::Softmax, seed);
+        m.batch = BatchLimits {
+            max_batch: 16,
+            max_queue_delay_us: 50,
+            queue_rows_max: 4096,
+        };
+        m
+    };
+    let mut slow = mk("slow", &[WIDTH, 8, CLASSES], 7);
+    slow.batch.max_queue_delay_us = delay_us_slow;
+    slow.batch.max_batch = 1024;
+    let mut m2 = mk("m", &[WIDTH, 24, CLASSES], 22);
+    m2.version = 2;
+    vec![
+        mk("a", &[WIDTH, 16, CLASSES], 1),
+        mk("b", &[WIDTH, 32, 16, CLASSES], 2),
+        mk("c", &[WIDTH, 8, CLASSES], 3),
+        slow,
+        mk("m", &[WIDTH, 24, CLASSES], 21),
+        m2,
+    ]
+}
+
+pub fn test_repository(delay_us_slow: u64) -> Repository {
+    let mut repo = Repository::default();
+    for m in test_models(delay_us_slow) {
+        repo.models.entry(m.name.clone()).or_default().push(Arc::new(m));
+    }
+    repo.ensembles.insert(
+        "ens".into(),
+        EnsembleSpec {
+            name: "ens".into(),
+            members: vec!["a".into(), "b".into(), "c".into()],
+            combiner: Combiner::Mean,
+            weights: vec![],
+        },
+    );
+    repo.ensembles.insert(
+        "wens".into(),
+        EnsembleSpec {
+            name: "wens".into(),
+            members: vec!["a".into(), "c".into()],
+            combiner: Combiner::WeightedMean,
+            weights: vec![1.0, 3.0],
+        },
+    );
+    repo
+}
+
+pub fn test_config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".into(),
+        cores: vec![0],
+        pin_shards: false,
+        shutdown_grace_ms: 5000,
+        ..Config::default()
+    }
+}
+
+pub fn start_server() -> ServerHandle {
+    start_with(test_config(), test_repository(300_000))
+}
+
+pub fn start_with(cfg: Config, repo: Repository) -> ServerHandle {
+    beast::server::start(cfg, Arc::new(repo)).expect("server starts")
+}
+
+/// Deterministic input rows.
+pub fn rows(seed: u64, n: usize, width: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n * width)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn spec<'a>(target: &'a str, rows: usize, width: usize, data: &'a [f32]) -> RequestSpec<'a> {
+    RequestSpec {
+        target,
+        version: None,
+        rows: rows as u32,
+        cols: width as u32,
+        input: Input::F32(data),
+        deadline_us: None,
+        domain: None,
+        cache: CacheControl::Use,
+    }
+}
+
+/// A raw connection that speaks frames by hand.
+pub struct Raw {
+    pub s: TcpStream,
+    enc: Encoder,
+}
+
+impl Raw {
+    pub fn connect(addr: std::net::SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw { s, enc: Encoder::new() }
+    }
+
+    pub fn from_stream(s: TcpStream) -> Raw {
+        Raw { s, enc: Encoder::new() }
+    }
+
+    pub fn send(&mut self, id: u64, r: &RequestSpec<'_>) {
+        let mut buf = Vec::new();
+        self.enc.request(id, r, &mut buf);
+        self.s.write_all(&buf).unwrap();
+    }
+
+    pub fn send_bytes(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    /// Next response body, or None when the server closed the connection.
+    pub fn recv_body(&mut self) -> Option<Vec<u8>> {
+        let mut len = [0u8; 4];
+        match self.s.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+            Err(e) => panic!("read: {e}"),
+        }
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        self.s.read_exact(&mut body).unwrap();
+        Some(body)
+    }
+
+    pub fn recv(&mut self) -> Owned {
+        let body = self.recv_body().expect("a response, not a closed connection");
+        Owned::from(&body)
+    }
+
+    /// True when the server has closed this connection (EOF within the timeout).
+    pub fn is_closed(&mut self) -> bool {
+        self.recv_body().is_none()
+    }
+}
+
+/// An owned copy of a decoded response.
+#[derive(Debug, Clone)]
+pub struct Owned {
+    pub id: u64,
+    pub status: wire::Status,
+    pub message: String,
+    pub rows: u32,
+    pub cols: u32,
+    pub output: Vec<f32>,
+    pub runs: Vec<(String, u32, u64)>,
+}
+
+impl From<&Vec<u8>> for Owned {
+    fn from(body: &Vec<u8>) -> Owned {
+        let v: ResponseView<'_> = wire::decode_response(body).expect("server sends valid responses");
+        Owned {
+            id: v.id,
+            status: v.status,
+            message: v.message.to_string(),
+            rows: v.rows,
+            cols: v.cols,
+            output: v.output_f32(),
+            runs: v.runs.iter().map(|(m, ver, f)| (m.to_string(), *ver, *f)).collect(),
+        }
+    }
+}
+
+/// Run a model directly on the CPU backend.
+pub fn direct(model: &Model, input: &[f32], rows: usize) -> Vec<f32> {
+    use beast::backend::Backend;
+    let mut b = beast::backend::cpu::CpuBackend::new();
+    let mut out = vec![0.0; rows * model.output_width];
+    b.run(model, input, rows, &mut out).unwrap();
+    out
+}
+
+pub fn model(name: &str) -> Model {
+    test_models(300_000).into_iter().find(|m| m.name == name && m.version == 1).unwrap()
+}
+
+pub fn assert_close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol, "element {i}: {x} vs {y} (tol {tol})");
+    }
+}
