@@ -44,8 +44,10 @@
 //!
 //! Per bucket, frequency with aging (a per-slot saturating counter in
 //! `meta`, bumped by readers with relaxed atomics): the victim is the slot
-//! with the lowest counter, and each eviction ages the other slots of the
-//! bucket by one. See docs/CACHE.md for the measurement against LRU.
+//! with the lowest counter (newcomers start at 0, so a one-hit wonder goes
+//! first); when even the victim was warm, the whole bucket is aged by the
+//! victim's count (a GCLOCK sweep in one step). See docs/CACHE.md for the
+//! measurement against an exact LRU.
 
 use super::key::CacheKey;
 use super::metrics::{bump, L2Counters, L2Stats};
@@ -719,15 +721,14 @@ impl L2Cache {
             let Some(v) = s.claim(slot) else { continue };
             if evicting {
                 bump(&self.counters.evictions);
-                // Age the bucket: every other slot loses one unit, so old
-                // favourites eventually make room.
-                for j in first..first + ways {
-                    if j != idx {
+                // Age the bucket only when no slot was cold: every slot
+                // loses what the victim had (a GCLOCK sweep in one step), so
+                // favourites keep their lead and stale ones drift down.
+                if victim_freq > 0 {
+                    for j in first..first + ways {
                         let m = s.word(s.slot_ptr(j), W_META);
                         let f = m.load(Ordering::Relaxed);
-                        if f > 0 {
-                            m.store(f - 1, Ordering::Relaxed);
-                        }
+                        m.store(f.saturating_sub(victim_freq), Ordering::Relaxed);
                     }
                 }
             }
