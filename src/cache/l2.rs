@@ -281,7 +281,16 @@ fn checksum(lo: u64, hi: u64, tag: u64, expires: u64, len_flags: u64, value: &[f
     h[16..24].copy_from_slice(&tag.to_le_bytes());
     h[24..32].copy_from_slice(&expires.to_le_bytes());
     h[32..40].copy_from_slice(&len_flags.to_le_bytes());
-    xxh3_64_with_seed(bytemuck::cast_slice(value), xxh3_64(&h))
+    let bytes: &[u8] = bytemuck::cast_slice(value);
+    if bytes.len() <= 128 {
+        // Small values (the common case): one hash over one stack buffer.
+        let mut b = [0u8; 168];
+        b[..40].copy_from_slice(&h);
+        b[40..40 + bytes.len()].copy_from_slice(bytes);
+        xxh3_64(&b[..40 + bytes.len()])
+    } else {
+        xxh3_64_with_seed(bytes, xxh3_64(&h))
+    }
 }
 
 impl Slots {
