@@ -1,0 +1,176 @@
+//! Cache keys: a 128-bit xxh3 fingerprint of everything that decides a
+//! prediction — the target name, the exact model versions (or the ensemble
+//! definition fingerprint), and the input's dtype, shape and bytes.
+//!
+//! Because the model versions are inside the key, a new model version can
+//! never be served a stale answer: its keys are simply different.
+//!
+//! Every field is written with a one-byte field tag and, for variable-length
+//! fields, a length prefix, so two different field sequences never feed the
+//! hasher the same byte stream (`("ab","c")` vs `("a","bc")`).
+//!
+//! # Collision probability
+//!
+//! xxh3-128 is not cryptographic, but its output is well distributed. With
+//! `n` distinct keys alive the birthday bound gives a probability of any
+//! collision of about `n² / 2^129`. For `n = 10^9` live keys that is about
+//! `1.5 · 10^-21`; a collision would serve the prediction of another input,
+//! so the cache should not be used where an adversary can choose inputs to
+//! collide on purpose (xxh3 is not collision-resistant against an attacker).
+//!
+//! The builder never allocates: the streaming `Xxh3Default` state lives on
+//! the stack.
+
+use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
+
+/// A 128-bit fingerprint of (target, models, input).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, PartialOrd, Ord)]
+pub struct CacheKey(pub u128);
+
+impl CacheKey {
+    /// Low 64 bits.
+    #[inline]
+    pub fn lo(self) -> u64 {
+        self.0 as u64
+    }
+    /// High 64 bits.
+    #[inline]
+    pub fn hi(self) -> u64 {
+        (self.0 >> 64) as u64
+    }
+    /// Rebuild from the two halves (as stored in the L2 file).
+    #[inline]
+    pub fn from_parts(lo: u64, hi: u64) -> Self {
+        CacheKey(((hi as u128) << 64) | lo as u128)
+    }
+}
+
+/// The 64-bit tag of a target name, stored beside each L2 entry so that
+/// [`crate::cache::L2Cache::purge_target`] can drop one target's entries.
+#[inline]
+pub fn target_tag(target: &str) -> u64 {
+    xxh3_64(target.as_bytes())
+}
+
+// Field tags: one byte before each field, so field boundaries are part of
+// the hashed stream.
+const TAG_TARGET: u8 = 1;
+const TAG_MODEL: u8 = 2;
+const TAG_ENSEMBLE: u8 = 3;
+const TAG_SHAPE: u8 = 4;
+const TAG_INPUT: u8 = 5;
+
+/// Streaming, allocation-free key builder.
+///
+/// ```
+/// use beast::cache::KeyBuilder;
+/// let input = [0u8; 16];
+/// let key = KeyBuilder::new("fraud")
+///     .model("fraud_mlp", 2)
+///     .shape(1, 4, 1)
+///     .input(&input)
+///     .finish();
+/// assert_ne!(key.0, 0);
+/// ```
+pub struct KeyBuilder {
+    hasher: Xxh3Default,
+}
+
+impl KeyBuilder {
+    /// Start a key for `target` (a model or ensemble name as the client asked).
+    #[inline]
+    pub fn new(target: &str) -> Self {
+        let mut hasher = Xxh3Default::new();
+        hasher.update(&[TAG_TARGET]);
+        hasher.update(&(target.len() as u64).to_le_bytes());
+        hasher.update(target.as_bytes());
+        KeyBuilder { hasher }
+    }
+
+    /// One model involved in the answer, with its exact version. Call once
+    /// per member, in a fixed order (the ensemble's member order).
+    #[inline]
+    pub fn model(mut self, name: &str, version: u64) -> Self {
+        self.hasher.update(&[TAG_MODEL]);
+        self.hasher.update(&(name.len() as u64).to_le_bytes());
+        self.hasher.update(name.as_bytes());
+        self.hasher.update(&version.to_le_bytes());
+        self
+    }
+
+    /// The fingerprint of an ensemble definition (members, versions,
+    /// combiner, policy) computed by the caller when the ensemble is loaded.
+    #[inline]
+    pub fn ensemble(mut self, fingerprint: u64) -> Self {
+        self.hasher.update(&[TAG_ENSEMBLE]);
+        self.hasher.update(&fingerprint.to_le_bytes());
+        self
+    }
+
+    /// Input shape and dtype (the caller's dtype tag, e.g. the wire enum value).
+    #[inline]
+    pub fn shape(mut self, rows: u32, cols: u32, dtype_tag: u8) -> Self {
+        let mut b = [0u8; 10];
+        b[0] = TAG_SHAPE;
+        b[1..5].copy_from_slice(&rows.to_le_bytes());
+        b[5..9].copy_from_slice(&cols.to_le_bytes());
+        b[9] = dtype_tag;
+        self.hasher.update(&b);
+        self
+    }
+
+    /// The raw input bytes.
+    #[inline]
+    pub fn input(mut self, bytes: &[u8]) -> Self {
+        self.hasher.update(&[TAG_INPUT]);
+        self.hasher.update(&(bytes.len() as u64).to_le_bytes());
+        self.hasher.update(bytes);
+        self
+    }
+
+    /// The 128-bit key.
+    #[inline]
+    pub fn finish(self) -> CacheKey {
+        CacheKey(self.hasher.digest128())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(t: &str, m: &str, v: u64, input: &[u8]) -> CacheKey {
+        KeyBuilder::new(t)
+            .model(m, v)
+            .shape(1, input.len() as u32 / 4, 1)
+            .input(input)
+            .finish()
+    }
+
+    #[test]
+    fn cache_key_deterministic_and_sensitive() {
+        let a = k("t", "m", 1, &[1, 2, 3, 4]);
+        assert_eq!(a, k("t", "m", 1, &[1, 2, 3, 4]));
+        assert_ne!(a, k("t", "m", 2, &[1, 2, 3, 4]), "version must change key");
+        assert_ne!(a, k("u", "m", 1, &[1, 2, 3, 4]), "target must change key");
+        assert_ne!(a, k("t", "n", 1, &[1, 2, 3, 4]), "model must change key");
+        assert_ne!(a, k("t", "m", 1, &[1, 2, 3, 5]), "input must change key");
+        let s1 = KeyBuilder::new("t").shape(2, 1, 1).input(&[0; 8]).finish();
+        let s2 = KeyBuilder::new("t").shape(1, 2, 1).input(&[0; 8]).finish();
+        assert_ne!(s1, s2, "shape must change key");
+        let d = KeyBuilder::new("t").shape(1, 2, 2).input(&[0; 8]).finish();
+        assert_ne!(s2, d, "dtype must change key");
+    }
+
+    #[test]
+    fn cache_key_field_boundaries() {
+        let a = KeyBuilder::new("ab").model("c", 1).finish();
+        let b = KeyBuilder::new("a").model("bc", 1).finish();
+        assert_ne!(a, b);
+        let e1 = KeyBuilder::new("t").ensemble(7).finish();
+        let e2 = KeyBuilder::new("t").ensemble(8).finish();
+        assert_ne!(e1, e2);
+        let kk = CacheKey(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        assert_eq!(CacheKey::from_parts(kk.lo(), kk.hi()), kk);
+    }
+}
