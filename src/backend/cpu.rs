@@ -122,7 +122,7 @@ impl CpuBackend {
             .iter()
             .map(|l| match self.kernel {
                 #[cfg(target_arch = "x86_64")]
-                CpuKernel::Avx2 => avx2::PANEL_LEN,
+                CpuKernel::Avx2 => avx2::panel_len(rows),
                 #[cfg(not(target_arch = "x86_64"))]
                 CpuKernel::Avx2 => 0,
                 CpuKernel::Portable => portable::panel_len(l.in_dim, l.out_dim),
@@ -143,7 +143,7 @@ impl CpuBackend {
                 // SAFETY: `CpuKernel::Avx2` is only constructed after
                 // `detect()` saw avx2, fma and f16c; `run` checked every
                 // length (x: rows×in, W: in×out, bias: out, y: rows×out) and
-                // `reserve` sized the panel to `avx2::PANEL_LEN`.
+                // `reserve` sized the panel to `avx2::panel_len(rows)`.
                 unsafe {
                     avx2::dense(
                         x,

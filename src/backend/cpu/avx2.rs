@@ -4,11 +4,13 @@
 //!   converted with `vcvtph2ps` straight from memory and FMA'd into a block
 //!   of accumulators (rows × column chunk) that stays in registers for the
 //!   whole k loop.
-//! - more rows: GEMM. For each 16-column strip and each `KC`-deep block of W,
-//!   the FP16 block is converted once into a `KC × 16` f32 panel (16 KiB,
-//!   L1-resident) and every 6-row block of the batch runs a 6×16 register
-//!   microkernel over it (12 ymm accumulators, 2 panel loads and 6
-//!   broadcasts per 12 FMAs). The conversion is thus amortised over the batch.
+//! - more rows: GEMM (Goto-style). For each `KC`-deep block, the batch's
+//!   slice of x is packed once (L2-resident, reused by every column strip);
+//!   for each 16-column strip the FP16 block of W is converted once into a
+//!   `KC × 16` f32 panel (16 KiB, L1-resident) and every row block (≤ 6
+//!   rows, sizes balanced) runs a 6×16 register microkernel over it (12 ymm
+//!   accumulators, 2 panel loads and 6 broadcasts per 12 FMAs). The FP16
+//!   conversion is thus amortised over the batch.
 //!
 //! Bias is loaded into the accumulators at the first k block; relu is
 //! applied in the store of the last.
@@ -17,7 +19,7 @@
 //! Every function here needs AVX2, FMA and F16C at run time (the caller
 //! checked them) and the lengths `run` checked: `x.len() >= rows*k`,
 //! `w.len() == k*n`, `bias.len() == n`, `y.len() >= rows*n`,
-//! `panel.len() >= PANEL_LEN`.
+//! `panel.len() >= panel_len(rows)`.
 
 use half::f16;
 use std::arch::x86_64::*;
@@ -28,8 +30,11 @@ const MR: usize = 6;
 const NR: usize = 16;
 /// Depth of a packed panel: `KC × NR × 4` bytes = 16 KiB, half of Zen 3's L1d.
 const KC: usize = 256;
-/// f32 elements of scratch the GEMM panel needs.
-pub(super) const PANEL_LEN: usize = KC * NR;
+/// f32 elements of scratch the GEMM needs at `rows` rows: the W panel
+/// (`KC × NR`) and the packed `rows × KC` slice of x.
+pub(super) fn panel_len(rows: usize) -> usize {
+    KC * NR + rows * KC
+}
 /// Up to this many rows the GEMV path (no packing) is faster.
 const GEMV_ROWS_MAX: usize = 4;
 
@@ -51,7 +56,7 @@ pub(super) unsafe fn dense(
     panel: &mut [f32],
 ) {
     debug_assert!(x.len() >= rows * k && w.len() == k * n && bias.len() == n);
-    debug_assert!(y.len() >= rows * n && panel.len() >= PANEL_LEN);
+    debug_assert!(y.len() >= rows * n && panel.len() >= panel_len(rows));
     if n == 0 || rows == 0 {
         return;
     }
@@ -189,6 +194,17 @@ unsafe fn gemv_chunk<const M: usize, const NV: usize>(
 
 // ---------------------------------------------------------------- GEMM
 
+/// Rows of the `i`-th of `blocks` row blocks, sizes as even as possible
+/// (8 rows → 4 + 4, not 6 + 2: a 2-row block wastes most of the FMA slots).
+#[inline]
+fn block_rows(rows: usize, blocks: usize, i: usize) -> usize {
+    rows / blocks + usize::from(i < rows % blocks)
+}
+
+/// Goto-style loop nest: for each `KC`-deep block, pack the batch's slice of
+/// x once (row block by row block, interleaved so the microkernel's
+/// broadcasts walk one contiguous stream), then for each 16-column strip
+/// convert the FP16 W block into an L1 panel and run every row block over it.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm(
@@ -202,26 +218,42 @@ unsafe fn gemm(
     relu: bool,
     panel: *mut f32,
 ) {
-    // SAFETY: module contract; jb < n, kb < k, ib < rows below.
+    let blocks = rows.div_ceil(MR);
+    let wpanel = panel;
+    // SAFETY: module contract; the panel holds KC*NR + rows*KC f32
+    // (`panel_len`); jb < n, kb < k, row blocks partition 0..rows.
     unsafe {
-        let mut jb = 0;
-        while jb < n {
-            let nc = NR.min(n - jb);
-            let mut kb = 0;
-            while kb < k {
-                let kc = KC.min(k - kb);
-                pack(w, n, kb, kc, jb, nc, panel);
-                let first = kb == 0;
-                let last = kb + kc == k;
+        let xpack = panel.add(KC * NR);
+        let mut kb = 0;
+        while kb < k {
+            let kc = KC.min(k - kb);
+            let first = kb == 0;
+            let last = kb + kc == k;
+            // Block of mr rows lives at xpack + ib*kc as [kc][mr].
+            let mut ib = 0;
+            for bi in 0..blocks {
+                let mr = block_rows(rows, blocks, bi);
+                let dst = xpack.add(ib * kc);
+                for r in 0..mr {
+                    let src = x.add((ib + r) * k + kb);
+                    for p in 0..kc {
+                        *dst.add(p * mr + r) = *src.add(p);
+                    }
+                }
+                ib += mr;
+            }
+            let mut jb = 0;
+            while jb < n {
+                let nc = NR.min(n - jb);
+                pack(w, n, kb, kc, jb, nc, wpanel);
                 let mut ib = 0;
-                while ib < rows {
-                    let mr = MR.min(rows - ib);
+                for bi in 0..blocks {
+                    let mr = block_rows(rows, blocks, bi);
                     tile(
                         mr,
                         kc,
-                        x.add(ib * k + kb),
-                        k,
-                        panel,
+                        xpack.add(ib * kc),
+                        wpanel,
                         y.add(ib * n + jb),
                         n,
                         nc,
@@ -230,9 +262,9 @@ unsafe fn gemm(
                     );
                     ib += mr;
                 }
-                kb += kc;
+                jb += NR;
             }
-            jb += NR;
+            kb += kc;
         }
     }
 }
@@ -282,7 +314,6 @@ unsafe fn tile(
     mr: usize,
     kc: usize,
     a: *const f32,
-    lda: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -290,15 +321,14 @@ unsafe fn tile(
     bias: Option<*const f32>,
     relu: bool,
 ) {
-    // SAFETY: c addresses mr rows × nc columns of y; a addresses mr rows ×
-    // kc of x; b is a kc × NR panel.
+    // SAFETY: c addresses mr rows × nc columns of y; a is a packed
+    // [kc][mr] block of x; b is a kc × NR panel.
     unsafe {
         if nc == NR {
             micro_dispatch(
                 mr,
                 kc,
                 a,
-                lda,
                 b,
                 c,
                 ldc,
@@ -322,7 +352,7 @@ unsafe fn tile(
         } else {
             std::ptr::null()
         };
-        micro_dispatch(mr, kc, a, lda, b, ct.as_mut_ptr(), NR, bt_ptr, relu);
+        micro_dispatch(mr, kc, a, b, ct.as_mut_ptr(), NR, bt_ptr, relu);
         for r in 0..mr {
             std::ptr::copy_nonoverlapping(ct.as_ptr().add(r * NR), c.add(r * ldc), nc);
         }
@@ -335,7 +365,6 @@ unsafe fn micro_dispatch(
     mr: usize,
     kc: usize,
     a: *const f32,
-    lda: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -345,12 +374,12 @@ unsafe fn micro_dispatch(
     // SAFETY: forwarded contract of `tile`.
     unsafe {
         match mr {
-            6 => micro::<6>(kc, a, lda, b, c, ldc, bias, relu),
-            5 => micro::<5>(kc, a, lda, b, c, ldc, bias, relu),
-            4 => micro::<4>(kc, a, lda, b, c, ldc, bias, relu),
-            3 => micro::<3>(kc, a, lda, b, c, ldc, bias, relu),
-            2 => micro::<2>(kc, a, lda, b, c, ldc, bias, relu),
-            _ => micro::<1>(kc, a, lda, b, c, ldc, bias, relu),
+            6 => micro::<6>(kc, a, b, c, ldc, bias, relu),
+            5 => micro::<5>(kc, a, b, c, ldc, bias, relu),
+            4 => micro::<4>(kc, a, b, c, ldc, bias, relu),
+            3 => micro::<3>(kc, a, b, c, ldc, bias, relu),
+            2 => micro::<2>(kc, a, b, c, ldc, bias, relu),
+            _ => micro::<1>(kc, a, b, c, ldc, bias, relu),
         }
     }
 }
@@ -362,14 +391,13 @@ unsafe fn micro_dispatch(
 unsafe fn micro<const M: usize>(
     kc: usize,
     a: *const f32,
-    lda: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
     bias: *const f32,
     relu: bool,
 ) {
-    // SAFETY: a: M rows (stride lda) × kc; b: kc × 16; c: M rows (stride
+    // SAFETY: a: packed x block [kc][M]; b: kc × 16; c: M rows (stride
     // ldc) × 16; bias (if not null): 16.
     unsafe {
         let mut c0 = [_mm256_setzero_ps(); M];
@@ -388,7 +416,7 @@ unsafe fn micro<const M: usize>(
             let w0 = _mm256_loadu_ps(b.add(p * NR));
             let w1 = _mm256_loadu_ps(b.add(p * NR + 8));
             for r in 0..M {
-                let av = _mm256_broadcast_ss(&*a.add(r * lda + p));
+                let av = _mm256_broadcast_ss(&*a.add(p * M + r));
                 c0[r] = _mm256_fmadd_ps(av, w0, c0[r]);
                 c1[r] = _mm256_fmadd_ps(av, w1, c1[r]);
             }
