@@ -1,0 +1,436 @@
+//! AVX2 + FMA + F16C dense kernel (x86_64).
+//!
+//! - 1..=`GEMV_ROWS_MAX` rows: memory-bound GEMV. Each W row is read once,
+//!   converted with `vcvtph2ps` straight from memory and FMA'd into a block
+//!   of accumulators (rows × column chunk) that stays in registers for the
+//!   whole k loop.
+//! - more rows: GEMM (Goto-style). For each `KC`-deep block, the batch's
+//!   slice of x is packed once (L2-resident, reused by every column strip);
+//!   for each 16-column strip the FP16 block of W is converted once into a
+//!   `KC × 16` f32 panel (16 KiB, L1-resident) and every row block (≤ 6
+//!   rows, sizes balanced) runs a 6×16 register microkernel over it (12 ymm
+//!   accumulators, 2 panel loads and 6 broadcasts per 12 FMAs). The FP16
+//!   conversion is thus amortised over the batch.
+//!
+//! Bias is loaded into the accumulators at the first k block; relu is
+//! applied in the store of the last.
+//!
+//! # Safety (whole module)
+//! Every function here needs AVX2, FMA and F16C at run time (the caller
+//! checked them) and the lengths `run` checked: `x.len() >= rows*k`,
+//! `w.len() == k*n`, `bias.len() == n`, `y.len() >= rows*n`,
+//! `panel.len() >= panel_len(rows)`.
+
+use half::f16;
+use std::arch::x86_64::*;
+
+/// Rows of the GEMM microkernel.
+const MR: usize = 6;
+/// Columns of the GEMM microkernel (two ymm).
+const NR: usize = 16;
+/// Depth of a packed panel: `KC × NR × 4` bytes = 16 KiB, half of Zen 3's L1d.
+const KC: usize = 256;
+/// f32 elements of scratch the GEMM needs at `rows` rows: the W panel
+/// (`KC × NR`) and the packed `rows × KC` slice of x.
+pub(super) fn panel_len(rows: usize) -> usize {
+    KC * NR + rows * KC
+}
+/// Up to this many rows the GEMV path (no packing) is faster.
+const GEMV_ROWS_MAX: usize = 4;
+
+/// `y[rows×n] = x[rows×k] @ W[k×n] + bias`, then `max(0, ·)` when `relu`.
+///
+/// # Safety
+/// See the module doc: AVX2+FMA+F16C present, lengths checked.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dense(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f16],
+    n: usize,
+    bias: &[f32],
+    y: &mut [f32],
+    relu: bool,
+    panel: &mut [f32],
+) {
+    debug_assert!(x.len() >= rows * k && w.len() == k * n && bias.len() == n);
+    debug_assert!(y.len() >= rows * n && panel.len() >= panel_len(rows));
+    if n == 0 || rows == 0 {
+        return;
+    }
+    if k == 0 {
+        for yr in y[..rows * n].chunks_exact_mut(n) {
+            for (v, &b) in yr.iter_mut().zip(bias) {
+                *v = if relu { b.max(0.0) } else { b };
+            }
+        }
+        return;
+    }
+    let (xp, wp, bp, yp) = (
+        x.as_ptr(),
+        w.as_ptr() as *const u16,
+        bias.as_ptr(),
+        y.as_mut_ptr(),
+    );
+    // SAFETY: module contract (features present, lengths checked above).
+    unsafe {
+        if rows <= GEMV_ROWS_MAX {
+            gemv_rows(xp, rows, k, wp, n, bp, yp, relu);
+        } else {
+            gemm(xp, rows, k, wp, n, bp, yp, relu, panel.as_mut_ptr());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- GEMV
+
+/// All columns of `rows` (1..=4) rows.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_rows(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const u16,
+    n: usize,
+    bias: *const f32,
+    y: *mut f32,
+    relu: bool,
+) {
+    // Chunk widths keep accumulators + one converted W vector + one
+    // broadcast within the 16 ymm registers.
+    // SAFETY: module contract; each call stays within columns < n.
+    unsafe {
+        match rows {
+            1 => gemv_cols::<1, 8>(x, k, w, n, bias, y, relu),
+            2 => gemv_cols::<2, 4>(x, k, w, n, bias, y, relu),
+            3 => gemv_cols::<3, 4>(x, k, w, n, bias, y, relu),
+            _ => gemv_cols::<4, 3>(x, k, w, n, bias, y, relu),
+        }
+    }
+}
+
+/// Walks the columns in chunks of `8*NV`, then of 8, then the scalar tail.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_cols<const M: usize, const NV: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const u16,
+    n: usize,
+    bias: *const f32,
+    y: *mut f32,
+    relu: bool,
+) {
+    let mut j = 0;
+    // SAFETY: every chunk [j, j + width) lies within [0, n).
+    unsafe {
+        while j + 8 * NV <= n {
+            gemv_chunk::<M, NV>(x, k, w, n, j, bias, y, relu);
+            j += 8 * NV;
+        }
+        while j + 8 <= n {
+            gemv_chunk::<M, 1>(x, k, w, n, j, bias, y, relu);
+            j += 8;
+        }
+        while j < n {
+            for r in 0..M {
+                let mut acc = *bias.add(j);
+                for p in 0..k {
+                    acc += *x.add(r * k + p) * f16::from_bits(*w.add(p * n + j)).to_f32();
+                }
+                *y.add(r * n + j) = if relu { acc.max(0.0) } else { acc };
+            }
+            j += 1;
+        }
+    }
+}
+
+/// Columns `j .. j + 8*NV` of `M` rows: accumulators stay in registers for
+/// the whole k loop; W is converted straight from memory.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_chunk<const M: usize, const NV: usize>(
+    x: *const f32,
+    k: usize,
+    w: *const u16,
+    n: usize,
+    j: usize,
+    bias: *const f32,
+    y: *mut f32,
+    relu: bool,
+) {
+    // SAFETY: j + 8*NV <= n, p < k, r < M <= rows (module contract).
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); NV]; M];
+        for row in acc.iter_mut() {
+            for (v, a) in row.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(bias.add(j + 8 * v));
+            }
+        }
+        for p in 0..k {
+            let wrow = w.add(p * n + j);
+            let mut wv = [_mm256_setzero_ps(); NV];
+            for (v, wv) in wv.iter_mut().enumerate() {
+                *wv = _mm256_cvtph_ps(_mm_loadu_si128(wrow.add(8 * v) as *const __m128i));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let xv = _mm256_broadcast_ss(&*x.add(r * k + p));
+                for (a, &wv) in row.iter_mut().zip(&wv) {
+                    *a = _mm256_fmadd_ps(xv, wv, *a);
+                }
+            }
+        }
+        let zero = _mm256_setzero_ps();
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &a) in row.iter().enumerate() {
+                let a = if relu { _mm256_max_ps(a, zero) } else { a };
+                _mm256_storeu_ps(y.add(r * n + j + 8 * v), a);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- GEMM
+
+/// Rows of the `i`-th of `blocks` row blocks, sizes as even as possible
+/// (8 rows → 4 + 4, not 6 + 2: a 2-row block wastes most of the FMA slots).
+#[inline]
+fn block_rows(rows: usize, blocks: usize, i: usize) -> usize {
+    rows / blocks + usize::from(i < rows % blocks)
+}
+
+/// Goto-style loop nest: for each `KC`-deep block, pack the batch's slice of
+/// x once (row block by row block, interleaved so the microkernel's
+/// broadcasts walk one contiguous stream), then for each 16-column strip
+/// convert the FP16 W block into an L1 panel and run every row block over it.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm(
+    x: *const f32,
+    rows: usize,
+    k: usize,
+    w: *const u16,
+    n: usize,
+    bias: *const f32,
+    y: *mut f32,
+    relu: bool,
+    panel: *mut f32,
+) {
+    let blocks = rows.div_ceil(MR);
+    let wpanel = panel;
+    // SAFETY: module contract; the panel holds KC*NR + rows*KC f32
+    // (`panel_len`); jb < n, kb < k, row blocks partition 0..rows.
+    unsafe {
+        let xpack = panel.add(KC * NR);
+        let mut kb = 0;
+        while kb < k {
+            let kc = KC.min(k - kb);
+            let first = kb == 0;
+            let last = kb + kc == k;
+            // Block of mr rows lives at xpack + ib*kc as [kc][mr].
+            let mut ib = 0;
+            for bi in 0..blocks {
+                let mr = block_rows(rows, blocks, bi);
+                let dst = xpack.add(ib * kc);
+                for r in 0..mr {
+                    let src = x.add((ib + r) * k + kb);
+                    for p in 0..kc {
+                        *dst.add(p * mr + r) = *src.add(p);
+                    }
+                }
+                ib += mr;
+            }
+            let mut jb = 0;
+            while jb < n {
+                let nc = NR.min(n - jb);
+                pack(w, n, kb, kc, jb, nc, wpanel);
+                let mut ib = 0;
+                for bi in 0..blocks {
+                    let mr = block_rows(rows, blocks, bi);
+                    tile(
+                        mr,
+                        kc,
+                        xpack.add(ib * kc),
+                        wpanel,
+                        y.add(ib * n + jb),
+                        n,
+                        nc,
+                        first.then(|| bias.add(jb)),
+                        relu && last,
+                    );
+                    ib += mr;
+                }
+                jb += NR;
+            }
+            kb += kc;
+        }
+    }
+}
+
+/// Converts `W[kb..kb+kc, jb..jb+nc]` into `panel[kc × NR]`, zero-padding
+/// columns past `nc` so the microkernel never needs a column mask.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pack(
+    w: *const u16,
+    n: usize,
+    kb: usize,
+    kc: usize,
+    jb: usize,
+    nc: usize,
+    panel: *mut f32,
+) {
+    // SAFETY: rows kb..kb+kc < k and columns jb..jb+nc <= n of W; panel
+    // holds KC*NR >= kc*NR.
+    unsafe {
+        if nc == NR {
+            for p in 0..kc {
+                let src = w.add((kb + p) * n + jb);
+                let lo = _mm256_cvtph_ps(_mm_loadu_si128(src as *const __m128i));
+                let hi = _mm256_cvtph_ps(_mm_loadu_si128(src.add(8) as *const __m128i));
+                _mm256_storeu_ps(panel.add(p * NR), lo);
+                _mm256_storeu_ps(panel.add(p * NR + 8), hi);
+            }
+        } else {
+            for p in 0..kc {
+                let src = w.add((kb + p) * n + jb);
+                let mut tmp = [0u16; NR];
+                std::ptr::copy_nonoverlapping(src, tmp.as_mut_ptr(), nc);
+                let lo = _mm256_cvtph_ps(_mm_loadu_si128(tmp.as_ptr() as *const __m128i));
+                let hi = _mm256_cvtph_ps(_mm_loadu_si128(tmp.as_ptr().add(8) as *const __m128i));
+                _mm256_storeu_ps(panel.add(p * NR), lo);
+                _mm256_storeu_ps(panel.add(p * NR + 8), hi);
+            }
+        }
+    }
+}
+
+/// One `mr × nc` tile of y. Full-width tiles run in place; a narrow last
+/// strip goes through a padded copy so the microkernel is always 16 wide.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile(
+    mr: usize,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    nc: usize,
+    bias: Option<*const f32>,
+    relu: bool,
+) {
+    // SAFETY: c addresses mr rows × nc columns of y; a is a packed
+    // [kc][mr] block of x; b is a kc × NR panel.
+    unsafe {
+        if nc == NR {
+            micro_dispatch(
+                mr,
+                kc,
+                a,
+                b,
+                c,
+                ldc,
+                bias.unwrap_or(std::ptr::null()),
+                relu,
+            );
+            return;
+        }
+        let mut ct = [0f32; MR * NR];
+        let mut bt = [0f32; NR];
+        match bias {
+            Some(bp) => std::ptr::copy_nonoverlapping(bp, bt.as_mut_ptr(), nc),
+            None => {
+                for r in 0..mr {
+                    std::ptr::copy_nonoverlapping(c.add(r * ldc), ct.as_mut_ptr().add(r * NR), nc);
+                }
+            }
+        }
+        let bt_ptr = if bias.is_some() {
+            bt.as_ptr()
+        } else {
+            std::ptr::null()
+        };
+        micro_dispatch(mr, kc, a, b, ct.as_mut_ptr(), NR, bt_ptr, relu);
+        for r in 0..mr {
+            std::ptr::copy_nonoverlapping(ct.as_ptr().add(r * NR), c.add(r * ldc), nc);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro_dispatch(
+    mr: usize,
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    relu: bool,
+) {
+    // SAFETY: forwarded contract of `tile`.
+    unsafe {
+        match mr {
+            6 => micro::<6>(kc, a, b, c, ldc, bias, relu),
+            5 => micro::<5>(kc, a, b, c, ldc, bias, relu),
+            4 => micro::<4>(kc, a, b, c, ldc, bias, relu),
+            3 => micro::<3>(kc, a, b, c, ldc, bias, relu),
+            2 => micro::<2>(kc, a, b, c, ldc, bias, relu),
+            _ => micro::<1>(kc, a, b, c, ldc, bias, relu),
+        }
+    }
+}
+
+/// `M × 16` register-blocked microkernel: `c = (bias or c) + a @ b`.
+/// `bias` null means accumulate onto `c` (a later k block).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn micro<const M: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    relu: bool,
+) {
+    // SAFETY: a: packed x block [kc][M]; b: kc × 16; c: M rows (stride
+    // ldc) × 16; bias (if not null): 16.
+    unsafe {
+        let mut c0 = [_mm256_setzero_ps(); M];
+        let mut c1 = [_mm256_setzero_ps(); M];
+        if bias.is_null() {
+            for r in 0..M {
+                c0[r] = _mm256_loadu_ps(c.add(r * ldc));
+                c1[r] = _mm256_loadu_ps(c.add(r * ldc + 8));
+            }
+        } else {
+            let (b0, b1) = (_mm256_loadu_ps(bias), _mm256_loadu_ps(bias.add(8)));
+            c0 = [b0; M];
+            c1 = [b1; M];
+        }
+        for p in 0..kc {
+            let w0 = _mm256_loadu_ps(b.add(p * NR));
+            let w1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            for r in 0..M {
+                let av = _mm256_broadcast_ss(&*a.add(p * M + r));
+                c0[r] = _mm256_fmadd_ps(av, w0, c0[r]);
+                c1[r] = _mm256_fmadd_ps(av, w1, c1[r]);
+            }
+        }
+        if relu {
+            let zero = _mm256_setzero_ps();
+            for r in 0..M {
+                c0[r] = _mm256_max_ps(c0[r], zero);
+                c1[r] = _mm256_max_ps(c1[r], zero);
+            }
+        }
+        for r in 0..M {
+            _mm256_storeu_ps(c.add(r * ldc), c0[r]);
+            _mm256_storeu_ps(c.add(r * ldc + 8), c1[r]);
+        }
+    }
+}
