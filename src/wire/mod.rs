@@ -15,7 +15,10 @@ mod beast_generated;
 
 pub mod frame;
 
-pub use frame::{check_frame, FrameCheck, FRAME_HEADER_LEN};
+use beast_generated::beast::wire as fb;
+pub use frame::{
+    check_frame, FrameCheck, FrameError, FrameReader, FRAME_HEADER_LEN, MAX_FRAME_BYTES_DEFAULT,
+};
 
 /// Response status, on the wire as a `ubyte` enum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -222,22 +225,112 @@ impl ResponseView<'_> {
     }
 }
 
+/// Verifier limits. A `Message` nests at most Message → Response → runs →
+/// Run → string; 16 leaves room for the next message kinds. Tables: one per
+/// Run plus two; no ensemble has a thousand members.
+pub const VERIFY_DEPTH_MAX: usize = 16;
+pub const VERIFY_TABLES_MAX: usize = 1024;
+
+fn verify(body: &[u8]) -> Result<fb::Message<'_>, DecodeError> {
+    let opts = flatbuffers::VerifierOptions {
+        max_depth: VERIFY_DEPTH_MAX,
+        max_tables: VERIFY_TABLES_MAX,
+        // A well-formed buffer's apparent size is about its length (shared
+        // vtables are counted once per table); the bound stops a small
+        // frame with aliased offsets from costing more than a few passes.
+        max_apparent_size: body.len().saturating_mul(4).max(1 << 16),
+        ignore_missing_null_terminator: false,
+    };
+    fb::root_as_message_with_opts(&opts, body).map_err(|_| DecodeError::Verify)
+}
+
 /// Decode and verify a request frame body (without the length prefix).
 pub fn decode_request(body: &[u8]) -> Result<RequestView<'_>, DecodeError> {
-    let _ = body;
-    todo!("wire helper")
+    let req = verify(body)?
+        .body_as_request()
+        .ok_or(DecodeError::WrongKind)?;
+    let target = req.target().ok_or(DecodeError::Missing("target"))?;
+    let input = req.input().ok_or(DecodeError::Missing("input"))?.bytes();
+    // The verifier accepts any value of an enum's underlying type; an
+    // unknown one is a malformed message, not something to guess at.
+    let dtype = match req.dtype() {
+        fb::DType::F32 => DType::F32,
+        fb::DType::F16 => DType::F16,
+        _ => return Err(DecodeError::Verify),
+    };
+    let cache = match req.cache() {
+        fb::CacheControl::Use => CacheControl::Use,
+        fb::CacheControl::Bypass => CacheControl::Bypass,
+        fb::CacheControl::Refresh => CacheControl::Refresh,
+        _ => return Err(DecodeError::Verify),
+    };
+    let (rows, cols) = (req.rows(), req.cols());
+    // u64: rows * cols * 4 cannot overflow, whatever the sender claims.
+    let expected = rows as u64 * cols as u64 * dtype.size() as u64;
+    if rows == 0 || cols == 0 || input.len() as u64 != expected {
+        return Err(DecodeError::Shape);
+    }
+    Ok(RequestView {
+        id: req.id(),
+        target,
+        version: non_zero(req.version()),
+        rows,
+        cols,
+        dtype,
+        input,
+        deadline_us: non_zero(req.deadline_us()),
+        domain: req.domain().filter(|d| !d.is_empty()),
+        cache,
+    })
 }
 
 /// Decode and verify a response frame body (without the length prefix).
 pub fn decode_response(body: &[u8]) -> Result<ResponseView<'_>, DecodeError> {
-    let _ = body;
-    todo!("wire helper")
+    let resp = verify(body)?
+        .body_as_response()
+        .ok_or(DecodeError::WrongKind)?;
+    let status = Status::from_wire(resp.status().0).ok_or(DecodeError::Verify)?;
+    let output = resp.output().map(|v| v.bytes()).unwrap_or(&[]);
+    let (rows, cols) = (resp.rows(), resp.cols());
+    if output.len() as u64 != rows as u64 * cols as u64 * 4 {
+        return Err(DecodeError::Shape);
+    }
+    let runs = resp
+        .runs()
+        .map(|v| {
+            v.iter()
+                .map(|r| (r.model().unwrap_or(""), r.version(), r.flops()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(ResponseView {
+        id: resp.id(),
+        status,
+        message: resp.message().unwrap_or(""),
+        rows,
+        cols,
+        output,
+        timings: Timings {
+            queue_us: resp.queue_us(),
+            compute_us: resp.compute_us(),
+            total_us: resp.total_us(),
+        },
+        cached: resp.cached(),
+        partial: resp.partial(),
+        runs,
+    })
+}
+
+fn non_zero<T: Default + PartialEq>(v: T) -> Option<T> {
+    (v != T::default()).then_some(v)
 }
 
 /// Reusable encoder: owns one flatbuffers builder, reset per message, so a
 /// warmed-up encoder does not allocate.
 pub struct Encoder {
     fbb: flatbuffers::FlatBufferBuilder<'static>,
+    /// Scratch for the Run offsets of one response, kept between messages.
+    runs: Vec<flatbuffers::WIPOffset<fb::Run<'static>>>,
 }
 
 impl Default for Encoder {
@@ -250,6 +343,7 @@ impl Encoder {
     pub fn new() -> Self {
         Encoder {
             fbb: flatbuffers::FlatBufferBuilder::with_capacity(4096),
+            runs: Vec::new(),
         }
     }
 
@@ -261,13 +355,118 @@ impl Encoder {
         output: &[f32],
         out: &mut Vec<u8>,
     ) {
-        let _ = (h, runs, output, out, &mut self.fbb);
-        todo!("wire helper")
+        debug_assert!(
+            h.status != Status::Ok || output.len() == h.rows as usize * h.cols as usize,
+            "output length must be rows * cols"
+        );
+        let fbb = &mut self.fbb;
+        fbb.reset();
+        self.runs.clear();
+        for r in runs {
+            let model = fbb.create_string(r.model);
+            let run = fb::Run::create(
+                fbb,
+                &fb::RunArgs {
+                    model: Some(model),
+                    version: r.version,
+                    flops: r.flops,
+                },
+            );
+            self.runs.push(run);
+        }
+        let runs = (!runs.is_empty()).then(|| fbb.create_vector(&self.runs));
+        let message = (!h.message.is_empty()).then(|| fbb.create_string(h.message));
+        let output = (!output.is_empty()).then(|| fbb.create_vector(le_bytes(output)));
+        let resp = fb::Response::create(
+            fbb,
+            &fb::ResponseArgs {
+                id: h.id,
+                status: fb::Status(h.status as u8),
+                message,
+                rows: h.rows,
+                cols: h.cols,
+                output,
+                queue_us: h.timings.queue_us,
+                compute_us: h.timings.compute_us,
+                total_us: h.timings.total_us,
+                cached: h.cached,
+                partial: h.partial,
+                runs,
+            },
+        );
+        finish(fbb, fb::Body::Response, resp.as_union_value(), out);
     }
 
     /// Append a whole request frame (u32 LE length + body) to `out`.
     pub fn request(&mut self, id: u64, r: &RequestSpec<'_>, out: &mut Vec<u8>) {
-        let _ = (id, r, out);
-        todo!("wire helper")
+        let fbb = &mut self.fbb;
+        fbb.reset();
+        let target = fbb.create_string(r.target);
+        let domain = r.domain.map(|d| fbb.create_string(d));
+        let (dtype, input) = match r.input {
+            Input::F32(x) => (fb::DType::F32, fbb.create_vector(le_bytes(x))),
+            Input::F16(x) => (fb::DType::F16, fbb.create_vector(le_bytes(x))),
+        };
+        let cache = match r.cache {
+            CacheControl::Use => fb::CacheControl::Use,
+            CacheControl::Bypass => fb::CacheControl::Bypass,
+            CacheControl::Refresh => fb::CacheControl::Refresh,
+        };
+        let req = fb::Request::create(
+            fbb,
+            &fb::RequestArgs {
+                id,
+                target: Some(target),
+                version: r.version.unwrap_or(0),
+                rows: r.rows,
+                cols: r.cols,
+                dtype,
+                input: Some(input),
+                deadline_us: r.deadline_us.unwrap_or(0),
+                domain,
+                cache,
+            },
+        );
+        finish(fbb, fb::Body::Request, req.as_union_value(), out);
     }
+}
+
+impl Status {
+    /// The status for a wire value; `None` for a value this build does not know.
+    pub fn from_wire(v: u8) -> Option<Status> {
+        Status::ALL.get(v as usize).copied()
+    }
+}
+
+// Tensors go on the wire as little-endian bytes, cast in place. A big-endian
+// port would byte-swap here (and in `read_f32_into`, which already is
+// endian-neutral); until someone needs one, refuse to build rather than
+// send wrong numbers.
+#[cfg(target_endian = "big")]
+compile_error!("beast's wire encoder assumes a little-endian target");
+
+fn le_bytes<T: bytemuck::Pod>(x: &[T]) -> &[u8] {
+    bytemuck::cast_slice(x)
+}
+
+fn finish(
+    fbb: &mut flatbuffers::FlatBufferBuilder<'static>,
+    body_type: fb::Body,
+    body: flatbuffers::WIPOffset<flatbuffers::UnionWIPOffset>,
+    out: &mut Vec<u8>,
+) {
+    let msg = fb::Message::create(
+        fbb,
+        &fb::MessageArgs {
+            body_type,
+            body: Some(body),
+        },
+    );
+    fbb.finish(msg, None);
+    let data = fbb.finished_data();
+    // The builder itself refuses buffers of 2 GiB or more, so this fits.
+    let len = data.len() as u32;
+    out.reserve(FRAME_HEADER_LEN + data.len());
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(data);
 }
