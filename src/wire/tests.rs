@@ -166,7 +166,7 @@ fn response_round_trip_every_status() {
 fn status_wire_values() {
     for s in Status::ALL {
         assert_eq!(Status::from_wire(s as u8), Some(s));
-        assert_eq!(fb::Status(s as u8).variant_name().is_some(), true);
+        assert!(fb::Status(s as u8).variant_name().is_some());
     }
     assert_eq!(Status::from_wire(6), None);
 }
