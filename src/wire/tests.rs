@@ -563,3 +563,20 @@ const PROTOCOL_DOC_HEX: &str = "
 0050  00 00 80 3f 00 00 00 40 04 00 00 00 64 65 6d 6f
 0060  00 00 00 00
 ";
+
+/// A frame written by tools/python/beast_client.py (flatbuffers PyPI
+/// builder, whose layout differs from Rust's): the server must read it.
+#[test]
+fn python_encoded_request_decodes() {
+    let hex = "78000000100000000000000008000a0009000400080000001c00000000011600280020001c0000001800140000001000080004001600000030000000fa00000000000000180000000200000001000000200000000500000000000000080000000000803f0000004002000000657500000400000064656d6f00000000";
+    let frame: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let v = decode_request(body(&frame)).unwrap();
+    assert_eq!((v.id, v.target, v.rows, v.cols), (5, "demo", 1, 2));
+    assert_eq!((v.deadline_us, v.domain, v.dtype), (Some(250), Some("eu"), DType::F32));
+    let mut x = [0f32; 2];
+    v.read_f32_into(&mut x);
+    assert_eq!(x, [1.0, 2.0]);
+}
