@@ -575,7 +575,10 @@ fn python_encoded_request_decodes() {
         .collect();
     let v = decode_request(body(&frame)).unwrap();
     assert_eq!((v.id, v.target, v.rows, v.cols), (5, "demo", 1, 2));
-    assert_eq!((v.deadline_us, v.domain, v.dtype), (Some(250), Some("eu"), DType::F32));
+    assert_eq!(
+        (v.deadline_us, v.domain, v.dtype),
+        (Some(250), Some("eu"), DType::F32)
+    );
     let mut x = [0f32; 2];
     v.read_f32_into(&mut x);
     assert_eq!(x, [1.0, 2.0]);
