@@ -87,6 +87,11 @@ impl FrameReader {
         self.end - self.start
     }
 
+    /// Bytes the buffer holds now (it grows to fit one whole frame).
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// The next whole frame body, if one is buffered. `Ok(None)`: feed more.
     /// The body is valid until the next call that takes `&mut self`.
     pub fn next_frame(&mut self) -> Result<Option<&[u8]>, FrameError> {

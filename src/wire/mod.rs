@@ -265,9 +265,7 @@ pub fn decode_request(body: &[u8]) -> Result<RequestView<'_>, DecodeError> {
         _ => return Err(DecodeError::Verify),
     };
     let (rows, cols) = (req.rows(), req.cols());
-    // u64: rows * cols * 4 cannot overflow, whatever the sender claims.
-    let expected = rows as u64 * cols as u64 * dtype.size() as u64;
-    if rows == 0 || cols == 0 || input.len() as u64 != expected {
+    if rows == 0 || cols == 0 || tensor_bytes(rows, cols, dtype.size()) != Some(input.len()) {
         return Err(DecodeError::Shape);
     }
     Ok(RequestView {
@@ -292,7 +290,7 @@ pub fn decode_response(body: &[u8]) -> Result<ResponseView<'_>, DecodeError> {
     let status = Status::from_wire(resp.status().0).ok_or(DecodeError::Verify)?;
     let output = resp.output().map(|v| v.bytes()).unwrap_or(&[]);
     let (rows, cols) = (resp.rows(), resp.cols());
-    if output.len() as u64 != rows as u64 * cols as u64 * 4 {
+    if tensor_bytes(rows, cols, 4) != Some(output.len()) {
         return Err(DecodeError::Shape);
     }
     let runs = resp
@@ -319,6 +317,13 @@ pub fn decode_response(body: &[u8]) -> Result<ResponseView<'_>, DecodeError> {
         partial: resp.partial(),
         runs,
     })
+}
+
+/// rows × cols × elem_size, or `None` if it overflows whatever the sender claims.
+fn tensor_bytes(rows: u32, cols: u32, elem_size: usize) -> Option<usize> {
+    (rows as usize)
+        .checked_mul(cols as usize)?
+        .checked_mul(elem_size)
 }
 
 fn non_zero<T: Default + PartialEq>(v: T) -> Option<T> {
@@ -470,3 +475,6 @@ fn finish(
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(data);
 }
+
+#[cfg(test)]
+mod tests;

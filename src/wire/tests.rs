@@ -1,0 +1,585 @@
+//! Encode → decode on both sides, and decode of hostile bytes.
+
+use super::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+fn spec<'a>(input: Input<'a>, rows: u32, cols: u32) -> RequestSpec<'a> {
+    RequestSpec {
+        target: "fraud_mlp",
+        version: None,
+        rows,
+        cols,
+        input,
+        deadline_us: None,
+        domain: None,
+        cache: CacheControl::Use,
+    }
+}
+
+fn encode_request(id: u64, r: &RequestSpec<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    Encoder::new().request(id, r, &mut out);
+    out
+}
+
+/// The body of the single frame in `frame`, checking the header.
+fn body(frame: &[u8]) -> &[u8] {
+    match check_frame(frame, MAX_FRAME_BYTES_DEFAULT) {
+        FrameCheck::Complete { body_len } => {
+            assert_eq!(FRAME_HEADER_LEN + body_len, frame.len());
+            &frame[FRAME_HEADER_LEN..]
+        }
+        other => panic!("not one whole frame: {other:?}"),
+    }
+}
+
+#[test]
+fn request_round_trip_f32_all_fields() {
+    let input = [1.0f32, -2.5, 3.25, f32::MAX, f32::MIN_POSITIVE, 0.0];
+    let mut enc = Encoder::new();
+    for cache in [
+        CacheControl::Use,
+        CacheControl::Bypass,
+        CacheControl::Refresh,
+    ] {
+        let r = RequestSpec {
+            target: "ens/ranker",
+            version: Some(7),
+            rows: 2,
+            cols: 3,
+            input: Input::F32(&input),
+            deadline_us: Some(1500),
+            domain: Some("checkout"),
+            cache,
+        };
+        let mut out = vec![0xAA]; // appends, never overwrites
+        enc.request(u64::MAX - 1, &r, &mut out);
+        assert_eq!(out[0], 0xAA);
+        let v = decode_request(body(&out[1..])).unwrap();
+        assert_eq!(v.id, u64::MAX - 1);
+        assert_eq!(v.target, "ens/ranker");
+        assert_eq!(v.version, Some(7));
+        assert_eq!((v.rows, v.cols, v.dtype), (2, 3, DType::F32));
+        assert_eq!(v.deadline_us, Some(1500));
+        assert_eq!(v.domain, Some("checkout"));
+        assert_eq!(v.cache, cache);
+        assert_eq!(v.input, bytemuck::cast_slice::<f32, u8>(&input));
+        let mut back = [0f32; 6];
+        v.read_f32_into(&mut back);
+        assert_eq!(back, input);
+    }
+}
+
+#[test]
+fn request_round_trip_f16_optional_absent() {
+    let vals = [0.5f32, -1.0, 65504.0, 0.0];
+    let bits: Vec<u16> = vals
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_bits())
+        .collect();
+    let frame = encode_request(3, &spec(Input::F16(&bits), 1, 4));
+    let v = decode_request(body(&frame)).unwrap();
+    assert_eq!(v.id, 3);
+    assert_eq!(v.version, None);
+    assert_eq!(v.deadline_us, None);
+    assert_eq!(v.domain, None);
+    assert_eq!(v.cache, CacheControl::Use);
+    assert_eq!(v.dtype, DType::F16);
+    assert_eq!(v.input.len(), 8);
+    let mut back = [0f32; 4];
+    v.read_f32_into(&mut back);
+    assert_eq!(back, vals);
+}
+
+#[test]
+fn decode_reads_unaligned_buffers() {
+    let input = [1.0f32, 2.0, 3.0];
+    let frame = encode_request(9, &spec(Input::F32(&input), 1, 3));
+    for shift in 1..8 {
+        let mut buf = vec![0u8; shift];
+        buf.extend_from_slice(body(&frame));
+        let v = decode_request(&buf[shift..]).unwrap();
+        let mut back = [0f32; 3];
+        v.read_f32_into(&mut back);
+        assert_eq!(back, input);
+    }
+}
+
+#[test]
+fn response_round_trip_every_status() {
+    let mut enc = Encoder::new();
+    let mut out = Vec::new();
+    for (i, status) in Status::ALL.into_iter().enumerate() {
+        out.clear();
+        let ok = status == Status::Ok;
+        let output = [0.25f32, 0.75, -1.0, 1e-30];
+        let runs = [
+            RunInfo {
+                model: "a",
+                version: 1,
+                flops: 1 << 40,
+            },
+            RunInfo {
+                model: "b",
+                version: 2,
+                flops: 3,
+            },
+        ];
+        let h = ResponseHeader {
+            id: i as u64,
+            status,
+            message: if ok { "" } else { status.label() },
+            rows: if ok { 2 } else { 0 },
+            cols: if ok { 2 } else { 0 },
+            timings: Timings {
+                queue_us: 1,
+                compute_us: 2,
+                total_us: 4,
+            },
+            cached: i % 2 == 0,
+            partial: i % 3 == 0,
+        };
+        enc.response(
+            &h,
+            if ok { &runs } else { &[] },
+            if ok { &output } else { &[] },
+            &mut out,
+        );
+        let v = decode_response(body(&out)).unwrap();
+        assert_eq!(v.id, i as u64);
+        assert_eq!(v.status, status);
+        assert_eq!(v.message, h.message);
+        assert_eq!((v.rows, v.cols), (h.rows, h.cols));
+        assert_eq!(v.timings, h.timings);
+        assert_eq!((v.cached, v.partial), (h.cached, h.partial));
+        if ok {
+            assert_eq!(v.output_f32(), output);
+            assert_eq!(v.runs, vec![("a", 1, 1 << 40), ("b", 2, 3)]);
+        } else {
+            assert!(v.output.is_empty());
+            assert!(v.runs.is_empty());
+        }
+    }
+}
+
+#[test]
+fn status_wire_values() {
+    for s in Status::ALL {
+        assert_eq!(Status::from_wire(s as u8), Some(s));
+        assert!(fb::Status(s as u8).variant_name().is_some());
+    }
+    assert_eq!(Status::from_wire(6), None);
+}
+
+#[test]
+fn decode_request_rejects_response_and_vice_versa() {
+    let mut out = Vec::new();
+    let h = ResponseHeader {
+        id: 1,
+        status: Status::NotFound,
+        message: "no such model",
+        rows: 0,
+        cols: 0,
+        timings: Timings::default(),
+        cached: false,
+        partial: false,
+    };
+    Encoder::new().response(&h, &[], &[], &mut out);
+    assert_eq!(
+        decode_request(body(&out)).unwrap_err(),
+        DecodeError::WrongKind
+    );
+    let req = encode_request(1, &spec(Input::F32(&[1.0]), 1, 1));
+    assert_eq!(
+        decode_response(body(&req)).unwrap_err(),
+        DecodeError::WrongKind
+    );
+}
+
+#[test]
+fn decode_request_rejects_bad_shapes() {
+    let x = [0f32; 8];
+    for (rows, cols, n) in [
+        (2, 3, 5),
+        (2, 3, 7),
+        (0, 3, 0),
+        (3, 0, 0),
+        (0, 0, 0),
+        (u32::MAX, u32::MAX, 6),
+    ] {
+        let frame = encode_request(1, &spec(Input::F32(&x[..n]), rows, cols));
+        assert_eq!(
+            decode_request(body(&frame)).unwrap_err(),
+            DecodeError::Shape,
+            "{rows}x{cols} n={n}"
+        );
+    }
+    // F16 data declared with the F32 element count: half the bytes.
+    let frame = encode_request(1, &spec(Input::F16(&[0u16; 6]), 2, 6));
+    assert_eq!(
+        decode_request(body(&frame)).unwrap_err(),
+        DecodeError::Shape
+    );
+}
+
+/// Build a Message by hand, for what the Encoder cannot produce.
+fn raw_request(target: Option<&str>, input: Option<&[u8]>, dtype: u8, cache: u8) -> Vec<u8> {
+    let mut fbb = flatbuffers::FlatBufferBuilder::new();
+    let target = target.map(|t| fbb.create_string(t));
+    let input = input.map(|i| fbb.create_vector(i));
+    let req = fb::Request::create(
+        &mut fbb,
+        &fb::RequestArgs {
+            target,
+            input,
+            rows: 1,
+            cols: 1,
+            dtype: fb::DType(dtype),
+            cache: fb::CacheControl(cache),
+            ..Default::default()
+        },
+    );
+    let msg = fb::Message::create(
+        &mut fbb,
+        &fb::MessageArgs {
+            body_type: fb::Body::Request,
+            body: Some(req.as_union_value()),
+        },
+    );
+    fbb.finish(msg, None);
+    fbb.finished_data().to_vec()
+}
+
+#[test]
+fn decode_request_rejects_missing_and_unknown() {
+    let four = [0u8; 4];
+    assert!(decode_request(&raw_request(Some("m"), Some(&four), 0, 0)).is_ok());
+    assert_eq!(
+        decode_request(&raw_request(None, Some(&four), 0, 0)).unwrap_err(),
+        DecodeError::Missing("target")
+    );
+    assert_eq!(
+        decode_request(&raw_request(Some("m"), None, 0, 0)).unwrap_err(),
+        DecodeError::Missing("input")
+    );
+    assert_eq!(
+        decode_request(&raw_request(Some("m"), Some(&four), 2, 0)).unwrap_err(),
+        DecodeError::Verify
+    );
+    assert_eq!(
+        decode_request(&raw_request(Some("m"), Some(&four), 0, 3)).unwrap_err(),
+        DecodeError::Verify
+    );
+    // A message with no body, and a body kind from the future (Feedback = 3).
+    let mut fbb = flatbuffers::FlatBufferBuilder::new();
+    let msg = fb::Message::create(
+        &mut fbb,
+        &fb::MessageArgs {
+            body_type: fb::Body::NONE,
+            body: None,
+        },
+    );
+    fbb.finish(msg, None);
+    assert_eq!(
+        decode_request(fbb.finished_data()).unwrap_err(),
+        DecodeError::WrongKind
+    );
+    let mut fbb = flatbuffers::FlatBufferBuilder::new();
+    let req = fb::Request::create(&mut fbb, &fb::RequestArgs::default());
+    let msg = fb::Message::create(
+        &mut fbb,
+        &fb::MessageArgs {
+            body_type: fb::Body(3),
+            body: Some(req.as_union_value()),
+        },
+    );
+    fbb.finish(msg, None);
+    assert_eq!(
+        decode_request(fbb.finished_data()).unwrap_err(),
+        DecodeError::WrongKind
+    );
+    assert_eq!(
+        decode_response(fbb.finished_data()).unwrap_err(),
+        DecodeError::WrongKind
+    );
+}
+
+#[test]
+fn decode_rejects_every_truncation() {
+    let x = [1f32; 8];
+    let req = encode_request(
+        42,
+        &RequestSpec {
+            domain: Some("d"),
+            version: Some(2),
+            ..spec(Input::F32(&x), 2, 4)
+        },
+    );
+    let req = body(&req);
+    let full = decode_request(req).unwrap();
+    // Cutting only the trailing alignment padding leaves a valid buffer; any
+    // prefix that decodes must then decode to the same message.
+    for n in 0..req.len() {
+        if let Ok(v) = decode_request(&req[..n]) {
+            assert!(n + 8 > req.len(), "prefix {n} of {} decoded", req.len());
+            assert_eq!(format!("{v:?}"), format!("{full:?}"));
+        }
+    }
+    let mut resp = Vec::new();
+    let h = ResponseHeader {
+        id: 1,
+        status: Status::Ok,
+        message: "",
+        rows: 2,
+        cols: 4,
+        timings: Timings::default(),
+        cached: true,
+        partial: false,
+    };
+    Encoder::new().response(
+        &h,
+        &[RunInfo {
+            model: "m",
+            version: 1,
+            flops: 9,
+        }],
+        &x,
+        &mut resp,
+    );
+    let resp = body(&resp);
+    let full = decode_response(resp).unwrap();
+    for n in 0..resp.len() {
+        if let Ok(v) = decode_response(&resp[..n]) {
+            assert!(n + 8 > resp.len(), "prefix {n} of {} decoded", resp.len());
+            assert_eq!(format!("{v:?}"), format!("{full:?}"));
+        }
+    }
+}
+
+#[test]
+fn decode_never_panics_on_random_bytes() {
+    let mut rng = StdRng::seed_from_u64(0xBEA57);
+    let x = [0.5f32; 4];
+    let valid_req = encode_request(
+        7,
+        &RequestSpec {
+            domain: Some("dom"),
+            ..spec(Input::F32(&x), 1, 4)
+        },
+    );
+    let mut valid_resp = Vec::new();
+    let h = ResponseHeader {
+        id: 7,
+        status: Status::Ok,
+        message: "",
+        rows: 1,
+        cols: 4,
+        timings: Timings::default(),
+        cached: false,
+        partial: true,
+    };
+    Encoder::new().response(
+        &h,
+        &[RunInfo {
+            model: "m",
+            version: 1,
+            flops: 9,
+        }],
+        &x,
+        &mut valid_resp,
+    );
+    let mut buf = Vec::new();
+    for i in 0..20_000 {
+        buf.clear();
+        if i % 2 == 0 {
+            // Pure noise, of every small length.
+            let len = rng.random_range(0..256);
+            buf.extend((0..len).map(|_| rng.random::<u8>()));
+        } else {
+            // A valid message with a few bytes flipped: reaches deep paths.
+            let src = if i % 4 == 1 { &valid_req } else { &valid_resp };
+            buf.extend_from_slice(body(src));
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..buf.len());
+                buf[at] = rng.random();
+            }
+        }
+        let _ = decode_request(&buf);
+        let _ = decode_response(&buf);
+    }
+}
+
+#[test]
+fn check_frame_states() {
+    let max = 16;
+    assert_eq!(check_frame(&[], max), FrameCheck::Incomplete);
+    assert_eq!(check_frame(&[3, 0, 0], max), FrameCheck::Incomplete);
+    assert_eq!(
+        check_frame(&[3, 0, 0, 0, 1, 2], max),
+        FrameCheck::Incomplete
+    );
+    assert_eq!(
+        check_frame(&[3, 0, 0, 0, 1, 2, 3], max),
+        FrameCheck::Complete { body_len: 3 }
+    );
+    assert_eq!(
+        check_frame(&[3, 0, 0, 0, 1, 2, 3, 9], max),
+        FrameCheck::Complete { body_len: 3 }
+    );
+    assert_eq!(
+        check_frame(&[0, 0, 0, 0, 1], max),
+        FrameCheck::Invalid { declared: 0 }
+    );
+    assert_eq!(
+        check_frame(&[17, 0, 0, 0], max),
+        FrameCheck::Invalid { declared: 17 }
+    );
+    assert_eq!(check_frame(&[16, 0, 0, 0], max), FrameCheck::Incomplete);
+    assert_eq!(
+        check_frame(&[0xff; 4], max),
+        FrameCheck::Invalid { declared: u32::MAX }
+    );
+}
+
+#[test]
+fn frame_reader_reassembles_any_split() {
+    let mut enc = Encoder::new();
+    let mut stream = Vec::new();
+    let inputs: Vec<Vec<f32>> = (1..40)
+        .map(|n| (0..n * 50).map(|i| i as f32).collect())
+        .collect();
+    for (id, x) in inputs.iter().enumerate() {
+        enc.request(
+            id as u64,
+            &spec(Input::F32(x), 1, x.len() as u32),
+            &mut stream,
+        );
+    }
+    let mut rng = StdRng::seed_from_u64(1);
+    for chunk_max in [1usize, 3, 7, 100, 4096, 1 << 20] {
+        // A small initial capacity forces growth and compaction.
+        let mut fr = FrameReader::with_capacity(MAX_FRAME_BYTES_DEFAULT, 16);
+        let mut rest = &stream[..];
+        let mut got = 0usize;
+        while !rest.is_empty() {
+            let n = rng.random_range(1..=chunk_max).min(rest.len());
+            if got % 2 == 0 {
+                fr.feed(&rest[..n]);
+            } else {
+                let mut src = &rest[..n];
+                while fr.read_from(&mut src).unwrap() > 0 {}
+            }
+            rest = &rest[n..];
+            while let Some(b) = fr.next_frame().unwrap() {
+                let v = decode_request(b).unwrap();
+                assert_eq!(v.id, got as u64);
+                assert_eq!(v.input, bytemuck::cast_slice::<f32, u8>(&inputs[got]));
+                got += 1;
+            }
+        }
+        assert_eq!(got, inputs.len());
+        assert_eq!(fr.buffered(), 0);
+    }
+}
+
+#[test]
+fn frame_reader_rejects_bad_lengths() {
+    let mut fr = FrameReader::new(8);
+    fr.feed(&9u32.to_le_bytes());
+    assert_eq!(
+        fr.next_frame(),
+        Err(FrameError {
+            declared: 9,
+            max_frame: 8
+        })
+    );
+    let mut fr = FrameReader::new(8);
+    fr.feed(&[0, 0, 0, 0]);
+    assert_eq!(
+        fr.next_frame(),
+        Err(FrameError {
+            declared: 0,
+            max_frame: 8
+        })
+    );
+    // The reader never grows past one frame for a caller that drains it.
+    let mut fr = FrameReader::with_capacity(8, 4);
+    fr.feed(&[8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(fr.next_frame(), Ok(Some(&[1u8, 2, 3, 4, 5, 6, 7, 8][..])));
+    assert!(fr.capacity() <= 12);
+}
+
+#[test]
+fn encoder_reuse_does_not_grow() {
+    let mut enc = Encoder::new();
+    let x = [1f32; 64];
+    let mut out = Vec::with_capacity(1 << 16);
+    enc.request(1, &spec(Input::F32(&x), 8, 8), &mut out);
+    let first = out.clone();
+    let cap = out.capacity();
+    for _ in 0..100 {
+        out.clear();
+        enc.request(1, &spec(Input::F32(&x), 8, 8), &mut out);
+    }
+    assert_eq!(out, first, "reused encoder must be deterministic");
+    assert_eq!(out.capacity(), cap);
+}
+
+/// The worked example in docs/PROTOCOL.md. If this changes, update the doc.
+#[test]
+fn protocol_doc_hex_example() {
+    let frame = encode_request(
+        1,
+        &RequestSpec {
+            target: "demo",
+            version: None,
+            rows: 1,
+            cols: 2,
+            input: Input::F32(&[1.0, 2.0]),
+            deadline_us: None,
+            domain: None,
+            cache: CacheControl::Use,
+        },
+    );
+    let hex: Vec<String> = frame
+        .chunks(16)
+        .enumerate()
+        .map(|(i, c)| {
+            let bytes: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{:04x}  {}", i * 16, bytes.join(" "))
+        })
+        .collect();
+    let hex = hex.join("\n");
+    println!("{hex}");
+    assert_eq!(hex, PROTOCOL_DOC_HEX.trim());
+}
+
+const PROTOCOL_DOC_HEX: &str = "
+0000  60 00 00 00 0c 00 00 00 08 00 0e 00 07 00 08 00
+0010  08 00 00 00 00 00 00 01 18 00 00 00 00 00 12 00
+0020  1c 00 14 00 04 00 00 00 08 00 0c 00 00 00 10 00
+0030  12 00 00 00 24 00 00 00 01 00 00 00 02 00 00 00
+0040  0c 00 00 00 01 00 00 00 00 00 00 00 08 00 00 00
+0050  00 00 80 3f 00 00 00 40 04 00 00 00 64 65 6d 6f
+0060  00 00 00 00
+";
+
+/// A frame written by tools/python/beast_client.py (flatbuffers PyPI
+/// builder, whose layout differs from Rust's): the server must read it.
+#[test]
+fn python_encoded_request_decodes() {
+    let hex = "78000000100000000000000008000a0009000400080000001c00000000011600280020001c0000001800140000001000080004001600000030000000fa00000000000000180000000200000001000000200000000500000000000000080000000000803f0000004002000000657500000400000064656d6f00000000";
+    let frame: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let v = decode_request(body(&frame)).unwrap();
+    assert_eq!((v.id, v.target, v.rows, v.cols), (5, "demo", 1, 2));
+    assert_eq!(
+        (v.deadline_us, v.domain, v.dtype),
+        (Some(250), Some("eu"), DType::F32)
+    );
+    let mut x = [0f32; 2];
+    v.read_f32_into(&mut x);
+    assert_eq!(x, [1.0, 2.0]);
+}
