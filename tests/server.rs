@@ -304,7 +304,8 @@ fn shutdown_answers_every_request_in_flight() {
     server.stop();
     for p in pending {
         let r = p.wait().expect("in-flight request answered during shutdown");
-        assert_eq!(r.outputs, direct(&model("slow"), &x, 1));
+        // 50 rows ran as one batch: same numbers within the backend tolerance.
+        assert_close(&r.outputs, &direct(&model("slow"), &x, 1), 2e-3);
     }
     let addr = server.addr;
     let totals = server.wait();
