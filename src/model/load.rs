@@ -101,9 +101,13 @@ fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &Batc
     let toml_path = mdir.join("model.toml");
     let text = match fs::read_to_string(&toml_path) {
         Ok(t) => t,
-        Err(e) => {
-            return repo.refuse(format!("{}: {e}", toml_path.display()));
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return repo.refuse(format!(
+                "{}: missing (every model folder needs one)",
+                toml_path.display()
+            ));
         }
+        Err(e) => return repo.refuse(format!("{}: {e}", toml_path.display())),
     };
     let man = match manifest::parse_model_manifest(&text, defaults) {
         Ok(m) => m,

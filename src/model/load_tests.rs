@@ -243,6 +243,39 @@ fn f32_weights_are_converted_to_owned_f16() {
 }
 
 #[test]
+fn unaligned_f16_tensor_is_copied() {
+    // A hand-written file whose header length is odd puts the F16 data at an
+    // odd offset: the loader must copy it rather than cast a misaligned slice.
+    let r = TempRepo::new("unaligned");
+    r.write(
+        "u/model.toml",
+        "input_width = 2\noutput = \"identity\"\nlayers = [{ units = 1, activation = \"identity\" }]\n",
+    );
+    let header = r#"{"layers.0.bias":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"layers.0.weight":{"dtype":"F16","shape":[2,1],"data_offsets":[2,6]}}"#;
+    let header = if header.len() % 2 == 0 {
+        format!("{header} ")
+    } else {
+        header.to_string()
+    };
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    for x in [0.5f32, 1.5, -2.0] {
+        bytes.extend(f16::from_f32(x).to_le_bytes());
+    }
+    fs::create_dir_all(r.path().join("u/1")).unwrap();
+    fs::write(r.path().join("u/1/weights.safetensors"), bytes).unwrap();
+    let repo = r.load();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let m = repo.model("u", None).unwrap();
+    assert!(!m.layers[0].weight.is_mapped());
+    assert_eq!(
+        m.layers[0].weight(),
+        &[f16::from_f32(1.5), f16::from_f32(-2.0)]
+    );
+    assert_eq!(m.layers[0].bias, vec![0.5]);
+}
+
+#[test]
 fn versions_are_sorted_and_latest_is_default() {
     let r = base_repo("versions");
     for v in ["10", "2", "1"] {
@@ -390,7 +423,7 @@ fn refuses_models_without_versions_and_empty_repos() {
 
     let r = base_repo("notoml");
     fs::create_dir_all(r.path().join("stray/1")).unwrap();
-    refused(&r, "stray/model.toml", &[]);
+    refused(&r, "stray/model.toml", &["missing"]);
 
     let r = TempRepo::new("empty");
     let repo = r.load();
@@ -528,7 +561,7 @@ fn committed_digits_ensemble_matches_recorded_accuracy() {
         let v: Vec<f32> = line.split(',').map(|s| s.parse().unwrap()).collect();
         // the wire carries FP16 rows
         let x: Vec<f32> = v[..64].iter().map(|&a| f16::from_f32(a).to_f32()).collect();
-        let mut p = vec![0f32; 10];
+        let mut p = [0f32; 10];
         for m in &members {
             for (a, b) in p.iter_mut().zip(forward(m, &x)) {
                 *a += b / members.len() as f32;
