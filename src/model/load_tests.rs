@@ -481,6 +481,18 @@ fn refuses_bad_ensembles() {
         assert!(repo.ensembles.contains_key("good"));
         assert_eq!(repo.models.len(), 3);
     }
+    // an ensemble over a refused model is refused too
+    let r = base_repo("ensrefused");
+    r.write("bad/model.toml", "input_width = 4\n");
+    r.write(
+        "ensembles.toml",
+        "[ensembles.e]\nmembers = [\"ok\", \"bad\"]\n",
+    );
+    let repo = r.load();
+    assert_eq!(repo.errors.len(), 2, "{:?}", repo.errors);
+    assert!(repo.errors[1].contains("ensembles.e.members[1]: unknown model \"bad\""));
+    assert!(repo.ensembles.is_empty() && repo.model("ok", None).is_some());
+
     let r = base_repo("enssyntax");
     r.write("ensembles.toml", "[ensembles.e\n");
     refused(&r, "ensembles.toml", &["TOML syntax error at line 1"]);

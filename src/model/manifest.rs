@@ -111,7 +111,7 @@ pub fn parse_toml(text: &str) -> Result<Table, String> {
         let at = e
             .span()
             .map(|s| {
-                let before = &text[..s.start.min(text.len())];
+                let before = text.get(..s.start).unwrap_or(text);
                 let line = before.matches('\n').count() + 1;
                 let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
                 format!(" at line {line}, column {col}")
