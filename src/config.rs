@@ -241,10 +241,7 @@ impl Config {
             self.batch.max_queue_delay_us <= 1_000_000,
             "batch.max_queue_delay_us: must be <= 1 s",
         );
-        check(
-            self.cache.l1_entries >= 8,
-            "cache.l1_entries: must be >= 8",
-        );
+        check(self.cache.l1_entries >= 8, "cache.l1_entries: must be >= 8");
         check(
             (1..=1024).contains(&self.cache.value_f32_max),
             "cache.value_f32_max: must be in 1..=1024",
@@ -292,8 +289,12 @@ mod tests {
     fn unknown_keys_are_refused() {
         let e = toml::from_str::<Config>("listn = \"x\"").unwrap_err();
         assert!(e.to_string().contains("listn"), "{e}");
-        let c: Config = toml::from_str("listen = \"0.0.0.0:9000\"\n[batch]\nmax_batch = 8").unwrap();
+        let c: Config =
+            toml::from_str("listen = \"0.0.0.0:9000\"\n[batch]\nmax_batch = 8").unwrap();
         assert_eq!(c.batch.max_batch, 8);
-        assert_eq!(c.batch.queue_rows_max, BatchLimits::default().queue_rows_max);
+        assert_eq!(
+            c.batch.queue_rows_max,
+            BatchLimits::default().queue_rows_max
+        );
     }
 }
