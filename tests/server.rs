@@ -306,9 +306,10 @@ fn a_full_queue_answers_overloaded_at_once() {
     slow[0] = std::sync::Arc::new(m);
     let server = start_with(test_config(), repo);
     let mut raw = Raw::connect(server.addr);
-    let x = rows(1, 3, WIDTH);
     let t0 = Instant::now();
     for id in 0..4 {
+        // Distinct inputs: identical ones would wait on each other (coalescing), not queue.
+        let x = rows(id, 3, WIDTH);
         raw.send(id, &spec("slow", 3, WIDTH, &x));
     }
     // 3 + 3 rows fit; the third and fourth requests (9 and 12 rows) do not.
