@@ -393,3 +393,15 @@ fn two_shards_share_the_port() {
     let totals = server.shutdown();
     assert_eq!(totals.connections_accepted, 8);
 }
+
+#[test]
+fn a_port_in_use_is_refused() {
+    let server = start_server();
+    let mut cfg = test_config();
+    cfg.listen = server.addr.to_string();
+    let err = beast::server::start(cfg, std::sync::Arc::new(test_repository(300_000)))
+        .err()
+        .expect("a second server on the same port must not start");
+    assert!(err.contains("listen"), "{err}");
+    server.shutdown();
+}

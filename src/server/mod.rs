@@ -107,6 +107,10 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             .ok_or("placeholder socket has no address")?;
         Some(s)
     } else {
+        // SO_REUSEPORT would let this server silently share the port with
+        // another process of the same user (splitting its traffic): bind
+        // once without it to make sure the port is really free.
+        std::net::TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))?;
         None
     };
     let cpus = cfg.shard_cpus();
