@@ -225,8 +225,12 @@ mod tests {
     fn unknown_keys_are_refused() {
         let e = toml::from_str::<Config>("listn = \"x\"").unwrap_err();
         assert!(e.to_string().contains("listn"), "{e}");
-        let c: Config = toml::from_str("listen = \"0.0.0.0:9000\"\n[batch]\nmax_batch = 8").unwrap();
+        let c: Config =
+            toml::from_str("listen = \"0.0.0.0:9000\"\n[batch]\nmax_batch = 8").unwrap();
         assert_eq!(c.batch.max_batch, 8);
-        assert_eq!(c.batch.queue_rows_max, BatchLimits::default().queue_rows_max);
+        assert_eq!(
+            c.batch.queue_rows_max,
+            BatchLimits::default().queue_rows_max
+        );
     }
 }

@@ -9,9 +9,21 @@ use std::path::Path;
 pub fn bench_models() -> Vec<Model> {
     use super::{Activation::Relu, OutputTransform::Softmax};
     vec![
-        Model::random("bench_a", &[256, 512, 512, 16], Relu, Softmax, BENCH_SEEDS[0]),
+        Model::random(
+            "bench_a",
+            &[256, 512, 512, 16],
+            Relu,
+            Softmax,
+            BENCH_SEEDS[0],
+        ),
         Model::random("bench_b", &[256, 1024, 16], Relu, Softmax, BENCH_SEEDS[1]),
-        Model::random("bench_c", &[256, 256, 256, 256, 16], Relu, Softmax, BENCH_SEEDS[2]),
+        Model::random(
+            "bench_c",
+            &[256, 256, 256, 256, 16],
+            Relu,
+            Softmax,
+            BENCH_SEEDS[2],
+        ),
     ]
 }
 
