@@ -11,6 +11,7 @@
 //! requests), answers everything in flight, closes, and exits; the process
 //! then exits 0.
 
+pub mod admin;
 mod conn;
 mod notify;
 mod shard;
@@ -18,7 +19,7 @@ mod slab;
 
 use crate::backend;
 use crate::config::Config;
-use crate::metrics::{ShardMetrics, Totals};
+use crate::metrics::{ShardMetrics, Targets, Totals};
 use crate::model::load::Repository;
 use glommio::{LocalExecutorBuilder, Placement};
 use shard::Shard;
@@ -36,6 +37,10 @@ pub struct ServerHandle {
     pub addr: SocketAddr,
     /// Name of the backend each shard uses.
     pub backend: String,
+    /// The admin HTTP port's address (the real port when 0 was asked for);
+    /// `None` when `admin_listen` is off.
+    pub admin_addr: Option<SocketAddr>,
+    admin: Option<admin::Admin>,
     stop: Arc<AtomicBool>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
@@ -61,6 +66,9 @@ impl ServerHandle {
     pub fn wait(self) -> Totals {
         for t in self.threads {
             let _ = t.join();
+        }
+        if let Some(a) = self.admin {
+            a.shutdown();
         }
         Totals::sum(&self.metrics)
     }
@@ -94,10 +102,18 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
     let mut threads = Vec::new();
-    let mut metrics = Vec::new();
+    // Metrics: sized once for every target name, labelled by CPU.
+    crate::metrics::trace::epoch();
+    let targets = Arc::new(Targets::from_repo(&repo));
+    let metrics: Vec<Arc<ShardMetrics>> = cpus.iter().map(|&cpu| Arc::new(ShardMetrics::new(cpu, targets.clone(), cfg.trace_sample_rate, cfg.trace_ring_records))).collect();
+    // The admin port answers /healthz while the shards warm up.
+    let admin = match cfg.admin_addr()? {
+        Some(a) => Some(admin::Admin::spawn(a, Arc::new(admin::AdminState::new(metrics.clone(), repo.clone(), stop.clone(), cfg.trace_sample_rate)))?),
+        None => None,
+    };
+    let stop_admin = |admin: Option<admin::Admin>| admin.map(admin::Admin::shutdown);
     for (id, &cpu) in cpus.iter().enumerate() {
-        let m = Arc::new(ShardMetrics::default());
-        metrics.push(m.clone());
+        let m = metrics[id].clone();
         let (cfg, repo, stop2, ready) = (cfg.clone(), repo.clone(), stop.clone(), ready_tx.clone());
         let placement = if cfg.pin_shards { Placement::Fixed(cpu) } else { Placement::Unbound };
         let builder = LocalExecutorBuilder::new(placement)
@@ -110,6 +126,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             Ok(h) => threads.push(h),
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
+                stop_admin(admin);
                 return Err(format!("shard {id} on cpu {cpu}: cannot start executor: {e}"));
             }
         }
@@ -128,14 +145,21 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
                 for t in threads {
                     let _ = t.join();
                 }
+                stop_admin(admin);
                 return Err(e);
             }
         }
     }
     drop(placeholder);
+    if let Some(a) = &admin {
+        let _ = a.state.backend.set(backend.clone());
+        a.state.ready.store(true, Ordering::Release);
+    }
     Ok(ServerHandle {
         addr,
         backend,
+        admin_addr: admin.as_ref().map(|a| a.addr),
+        admin,
         stop,
         threads,
         metrics,
@@ -201,7 +225,9 @@ async fn run_shard(id: usize, cfg: Arc<Config>, repo: Arc<Repository>, addr: Soc
         fds.borrow_mut().push(fd);
         let (shard2, open2, fds2) = (shard.clone(), open.clone(), fds.clone());
         glommio::spawn_local(async move {
+            let m = shard2.metrics.clone();
             conn::serve(shard2, stream).await;
+            m.connections_closed.inc();
             open2.set(open2.get() - 1);
             fds2.borrow_mut().retain(|&f| f != fd);
         })

@@ -12,7 +12,7 @@ use crate::backend::Backend;
 use crate::batch::{Queue, Queued, Readiness};
 use crate::config::{Config, ENSEMBLE_MEMBERS_MAX};
 use crate::ensemble::{Accumulator, EnsemblePlan};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{ShardMetrics, Shed};
 use crate::model::load::Repository;
 use crate::model::Model;
 use crate::wire::{self, Encoder, RequestView, ResponseHeader, RunInfo, Status, Timings};
@@ -158,7 +158,8 @@ impl Shard {
 
     /// Answer an error at once.
     pub fn respond_error(&self, conn: &Conn, id: u64, status: Status, message: &str, arrival: Instant) {
-        self.metrics.response(status);
+        let total_us = micros(arrival.elapsed());
+        self.metrics.record_response(id, status, arrival, total_us, 0, 0);
         if conn.dead.get() {
             return;
         }
@@ -169,7 +170,7 @@ impl Shard {
             rows: 0,
             cols: 0,
             timings: Timings {
-                total_us: micros(arrival.elapsed()),
+                total_us,
                 ..Timings::default()
             },
             cached: false,
@@ -191,15 +192,18 @@ impl Shard {
     /// One whole frame body from a connection. Never panics on bad bytes:
     /// every problem becomes a response with a status.
     pub fn handle_frame(&self, conn: &Rc<Conn>, body: &[u8], arrival: Instant) {
+        self.metrics.begin_request();
         let req = match wire::decode_request(body) {
             Ok(r) => r,
             // The id is unreadable: answer with id 0 (docs/PROTOCOL.md).
             Err(e) => return self.respond_error(conn, 0, Status::BadRequest, e.message(), arrival),
         };
         if conn.in_flight.get() >= self.cfg.in_flight_per_connection_max {
+            self.metrics.record_shed(Shed::ConnInFlight);
             return self.respond_error(conn, req.id, Status::Overloaded, "too many requests in flight on this connection", arrival);
         }
         if self.stopping.get() {
+            self.metrics.record_shed(Shed::ShuttingDown);
             return self.respond_error(conn, req.id, Status::Overloaded, "server is shutting down", arrival);
         }
         let rows = req.rows as usize;
@@ -209,6 +213,9 @@ impl Shard {
         match self.targets.get(req.target) {
             None => self.respond_error_fmt(conn, req.id, Status::NotFound, arrival, format_args!("unknown target '{}'", req.target)),
             Some(TargetRef::Model(versions)) => {
+                if let Some(&(_, s)) = versions.first() {
+                    self.metrics.set_target_slot(s);
+                }
                 let slot = match req.version {
                     None => versions.last().map(|v| v.1),
                     Some(want) => versions.iter().find(|v| v.0 == want).map(|v| v.1),
@@ -222,6 +229,7 @@ impl Shard {
                 self.submit_model(conn, &req, slot, arrival);
             }
             Some(TargetRef::Ensemble(p)) => {
+                self.metrics.set_target_plan(*p);
                 if req.version.is_some() {
                     return self.respond_error(conn, req.id, Status::BadRequest, "a version applies to a model, not to an ensemble", arrival);
                 }
@@ -269,6 +277,7 @@ impl Shard {
         let mut q = s.queue.borrow_mut();
         if q.push(job, input, arrival).is_err() {
             drop((q, scratch));
+            self.metrics.record_shed(Shed::QueueFull);
             return self.respond_error_fmt(conn, req.id, Status::Overloaded, arrival, format_args!("queue of model '{}' is full", s.model.name));
         }
         conn.in_flight.set(conn.in_flight.get() + 1);
@@ -284,11 +293,13 @@ impl Shard {
         // Single-threaded: checking every queue first makes the enqueue all-or-nothing.
         if let Some(i) = set.iter().find(|&i| !self.slots[plan.members[i]].queue.borrow().has_room(rows)) {
             let name = &self.slots[plan.members[i]].model.name;
+            self.metrics.record_shed(Shed::QueueFull);
             return self.respond_error_fmt(conn, req.id, Status::Overloaded, arrival, format_args!("queue of member '{name}' of '{}' is full", plan.name));
         }
         let mut pending = self.pending.borrow_mut();
         let Some(k) = pending.acquire() else {
             drop(pending);
+            self.metrics.record_shed(Shed::EnsembleSlots);
             return self.respond_error(conn, req.id, Status::Overloaded, "too many ensemble requests in flight on this shard", arrival);
         };
         let e = pending.get_mut(k);
@@ -333,6 +344,7 @@ impl Shard {
             let queue_us = micros(started.saturating_duration_since(q.enqueued));
             match q.job {
                 Job::Direct { conn, id, arrival, deadline } => {
+                    self.metrics.set_target_slot(slot);
                     conn.in_flight.set(conn.in_flight.get() - 1);
                     if !ok {
                         self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
@@ -370,6 +382,7 @@ impl Shard {
         if e.remaining > 0 {
             return;
         }
+        self.metrics.set_target_plan(e.plan);
         let conn = e.conn.take().expect("pending entry has a connection");
         let arrival = e.arrival.expect("pending entry has an arrival");
         conn.in_flight.set(conn.in_flight.get() - 1);
@@ -405,8 +418,8 @@ impl Shard {
 
     #[allow(clippy::too_many_arguments)]
     fn respond_ok(&self, conn: &Conn, id: u64, rows: usize, cols: usize, out: &[f32], runs: &[RunInfo<'_>], arrival: Instant, queue_us: u32, compute_us: u32) {
-        self.metrics.response(Status::Ok);
-        self.metrics.queue_us.add(queue_us as u64);
+        let total_us = micros(arrival.elapsed());
+        self.metrics.record_response(id, Status::Ok, arrival, total_us, queue_us, compute_us);
         if conn.dead.get() {
             return;
         }
@@ -419,7 +432,7 @@ impl Shard {
             timings: Timings {
                 queue_us,
                 compute_us,
-                total_us: micros(arrival.elapsed()),
+                total_us,
             },
             cached: false,
             partial: false,
@@ -462,9 +475,7 @@ impl Shard {
                 .run(&s.model, &input, rows, &mut output)
                 .is_ok();
             let compute = started.elapsed();
-            self.metrics.batches.inc();
-            self.metrics.batch_rows.add(rows as u64);
-            self.metrics.compute_us.add(compute.as_micros() as u64);
+            self.metrics.record_batch(slot, rows, compute);
             self.dispatch(slot, &mut jobs, &output, started, compute, ok);
             // Let connections read what arrived during the compute, so the
             // next batch is as full as the load allows.
