@@ -21,25 +21,33 @@ fn fetch(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 /// Value of the sample `name{labels...}` (labels must match exactly, in any order).
 fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).find_map(|l| {
-        let (series, v) = l.rsplit_once(' ')?;
-        let (n, ls) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.strip_suffix('}')?),
-            None => (series, ""),
-        };
-        if n != name {
-            return None;
-        }
-        let mut got: Vec<(String, String)> = ls
-            .split(',')
-            .filter(|p| !p.is_empty())
-            .filter_map(|p| p.split_once('=').map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string())))
-            .collect();
-        let mut want: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        got.sort();
-        want.sort();
-        (got == want).then(|| v.parse().ok()).flatten()
-    })
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .find_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (n, ls) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let mut got: Vec<(String, String)> = ls
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    p.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                })
+                .collect();
+            let mut want: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            got.sort();
+            want.sort();
+            (got == want).then(|| v.parse().ok()).flatten()
+        })
 }
 
 /// Cumulative bucket counts of one histogram series, in exposition order.
@@ -60,7 +68,10 @@ fn send_mix(addr: std::net::SocketAddr) {
     for _ in 0..5 {
         client.predict(&spec("a", 1, WIDTH, &x)).unwrap();
     }
-    assert!(matches!(client.predict(&spec("nope", 1, WIDTH, &x)), Err(ClientError::NotFound(_))));
+    assert!(matches!(
+        client.predict(&spec("nope", 1, WIDTH, &x)),
+        Err(ClientError::NotFound(_))
+    ));
     let x3 = rows(2, 3, WIDTH);
     client.predict(&spec("ens", 3, WIDTH, &x3)).unwrap();
     client.predict(&spec("ens", 1, WIDTH, &x)).unwrap();
@@ -68,17 +79,28 @@ fn send_mix(addr: std::net::SocketAddr) {
     v2.version = Some(2);
     client.predict(&v2).unwrap();
     let narrow = rows(3, 1, WIDTH - 1);
-    assert!(matches!(client.predict(&spec("b", 1, WIDTH - 1, &narrow)), Err(ClientError::BadRequest(_))));
+    assert!(matches!(
+        client.predict(&spec("b", 1, WIDTH - 1, &narrow)),
+        Err(ClientError::BadRequest(_))
+    ));
 }
 
 #[test]
 fn metrics_count_requests_by_target_and_status() {
     let server = start_server();
-    let admin = server.admin_addr.expect("test_config turns the admin port on");
+    let admin = server
+        .admin_addr
+        .expect("test_config turns the admin port on");
     send_mix(server.addr);
     let (code, text) = fetch(admin, "/metrics");
     assert_eq!(code, 200);
-    let req = |t: &str, s: &str| value(&text, "beast_requests_total", &[("target", t), ("status", s)]);
+    let req = |t: &str, s: &str| {
+        value(
+            &text,
+            "beast_requests_total",
+            &[("target", t), ("status", s)],
+        )
+    };
     assert_eq!(req("a", "ok"), Some(5.0));
     assert_eq!(req("a", "not_found"), Some(0.0));
     assert_eq!(req("_unknown", "not_found"), Some(1.0));
@@ -86,34 +108,88 @@ fn metrics_count_requests_by_target_and_status() {
     assert_eq!(req("m", "ok"), Some(1.0));
     assert_eq!(req("b", "bad_request"), Some(1.0));
     assert_eq!(req("slow", "ok"), Some(0.0));
-    assert_eq!(value(&text, "beast_core_requests_total", &[("core", "0")]), Some(10.0));
-    assert_eq!(value(&text, "beast_in_flight_requests", &[("core", "0")]), Some(0.0));
+    assert_eq!(
+        value(&text, "beast_core_requests_total", &[("core", "0")]),
+        Some(10.0)
+    );
+    assert_eq!(
+        value(&text, "beast_in_flight_requests", &[("core", "0")]),
+        Some(0.0)
+    );
     assert_eq!(value(&text, "beast_up", &[]), Some(1.0));
     assert!(text.contains("beast_build_info{version=\""), "{text}");
     assert!(value(&text, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
     assert!(value(&text, "process_cpu_seconds_total", &[]).is_some());
-    assert_eq!(value(&text, "beast_connections_total", &[("core", "0")]), Some(1.0));
+    assert_eq!(
+        value(&text, "beast_connections_total", &[("core", "0")]),
+        Some(1.0)
+    );
     assert_eq!(value(&text, "beast_cache_misses_total", &[]), Some(0.0));
-    assert_eq!(value(&text, "beast_requests_shed_total", &[("reason", "queue_full")]), Some(0.0));
+    assert_eq!(
+        value(
+            &text,
+            "beast_requests_shed_total",
+            &[("reason", "queue_full")]
+        ),
+        Some(0.0)
+    );
 
     // Histograms: _count equals the requests, buckets are cumulative.
     for (t, n) in [("a", 5.0), ("ens", 2.0), ("_unknown", 1.0)] {
         let b = buckets(&text, "beast_request_duration_seconds", ("target", t));
         assert!(b.len() > 10, "{t}: {b:?}");
-        assert!(b.windows(2).all(|w| w[0].1 <= w[1].1), "{t}: not monotone: {b:?}");
+        assert!(
+            b.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{t}: not monotone: {b:?}"
+        );
         assert_eq!(b.last().unwrap(), &("+Inf".to_string(), n));
-        assert_eq!(value(&text, "beast_request_duration_seconds_count", &[("target", t)]), Some(n));
-        assert!(value(&text, "beast_request_duration_seconds_sum", &[("target", t)]).unwrap() > 0.0);
+        assert_eq!(
+            value(
+                &text,
+                "beast_request_duration_seconds_count",
+                &[("target", t)]
+            ),
+            Some(n)
+        );
+        assert!(
+            value(
+                &text,
+                "beast_request_duration_seconds_sum",
+                &[("target", t)]
+            )
+            .unwrap()
+                > 0.0
+        );
     }
-    assert_eq!(value(&text, "beast_queue_duration_seconds_count", &[("target", "a")]), Some(5.0));
+    assert_eq!(
+        value(
+            &text,
+            "beast_queue_duration_seconds_count",
+            &[("target", "a")]
+        ),
+        Some(5.0)
+    );
     // Model `a` ran its own 5 rows and 4 rows as a member of `ens`.
-    assert_eq!(value(&text, "beast_batch_size_sum", &[("model", "a")]), Some(9.0));
+    assert_eq!(
+        value(&text, "beast_batch_size_sum", &[("model", "a")]),
+        Some(9.0)
+    );
     let batches = value(&text, "beast_batch_size_count", &[("model", "a")]).unwrap();
     assert!((2.0..=7.0).contains(&batches), "{batches}");
-    assert_eq!(value(&text, "beast_compute_duration_seconds_count", &[("model", "a")]), Some(batches));
+    assert_eq!(
+        value(
+            &text,
+            "beast_compute_duration_seconds_count",
+            &[("model", "a")]
+        ),
+        Some(batches)
+    );
     let bs = buckets(&text, "beast_batch_size", ("model", "a"));
     let les: Vec<&str> = bs.iter().map(|(l, _)| l.as_str()).collect();
-    assert_eq!(les, ["1", "2", "4", "8", "16", "32", "64", "128", "256", "512", "1024", "+Inf"]);
+    assert_eq!(
+        les,
+        ["1", "2", "4", "8", "16", "32", "64", "128", "256", "512", "1024", "+Inf"]
+    );
 
     // The JSON stats agree.
     let (code, body) = fetch(admin, "/v1/stats");
@@ -138,17 +214,29 @@ fn health_readiness_models_and_unknown_paths() {
     let (code, body) = fetch(admin, "/v1/models");
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let ens = v["ensembles"].as_array().unwrap().iter().find(|e| e["name"] == "ens").expect("ens is listed");
+    let ens = v["ensembles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "ens")
+        .expect("ens is listed");
     assert_eq!(ens["members"], serde_json::json!(["a", "b", "c"]));
     let models = v["models"].as_array().unwrap();
     for name in ["a", "b", "c"] {
-        let m = models.iter().find(|m| m["name"] == name).unwrap_or_else(|| panic!("{name} is listed"));
+        let m = models
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is listed"));
         assert_eq!(m["input_width"], WIDTH);
         assert_eq!(m["output_width"], CLASSES);
         assert!(m["flops_per_row"].as_u64().unwrap() > 0);
         assert_eq!(m["batch"]["max_batch"], 16);
     }
-    let m_versions: Vec<u64> = models.iter().filter(|m| m["name"] == "m").map(|m| m["version"].as_u64().unwrap()).collect();
+    let m_versions: Vec<u64> = models
+        .iter()
+        .filter(|m| m["name"] == "m")
+        .map(|m| m["version"].as_u64().unwrap())
+        .collect();
     assert_eq!(m_versions, [1, 2]);
     assert!(v["refused"].as_array().unwrap().is_empty());
 
@@ -184,7 +272,10 @@ fn bad_http_does_not_kill_the_admin_thread() {
     assert!(raw_exchange(admin, b"\x00\x01\x02 garbage\r\n\r\n").starts_with("HTTP/1.1 400"));
     assert!(raw_exchange(admin, b"GET\r\n\r\n").starts_with("HTTP/1.1 400"));
     assert!(raw_exchange(admin, b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
-    assert!(raw_exchange(admin, b"GET /debug/trace?seconds=-1 HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 400"));
+    assert!(
+        raw_exchange(admin, b"GET /debug/trace?seconds=-1 HTTP/1.1\r\n\r\n")
+            .starts_with("HTTP/1.1 400")
+    );
     // A head larger than the limit, with no end: answered 400, not buffered forever.
     let big = vec![b'A'; 64 << 10];
     let r = raw_exchange(admin, &big);
@@ -200,7 +291,10 @@ fn bad_http_does_not_kill_the_admin_thread() {
 
 #[test]
 fn promtool_accepts_the_exposition() {
-    let found = std::process::Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success());
+    let found = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !found {
         eprintln!("\n==================================================================");
         eprintln!("SKIPPED: promtool is not on PATH, so the exposition was not checked");
@@ -218,11 +312,23 @@ fn promtool_accepts_the_exposition() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!("promtool check metrics: {} {}", out.status, report.trim());
-    assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}\n---\n{text}");
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool: {report}\n---\n{text}"
+    );
     server.shutdown();
 }
 
@@ -248,7 +354,10 @@ fn traces_have_every_stage_with_sane_durations() {
     let events = v["traceEvents"].as_array().unwrap();
     let slices: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "X").collect();
     for stage in ["request", "queue", "compute", "respond"] {
-        assert!(slices.iter().any(|e| e["name"] == stage), "no {stage} event in {body}");
+        assert!(
+            slices.iter().any(|e| e["name"] == stage),
+            "no {stage} event in {body}"
+        );
     }
     // 10 requests, 8 of them ok (4 slices each), 2 errors (1 slice each).
     assert_eq!(slices.iter().filter(|e| e["name"] == "request").count(), 10);
@@ -259,12 +368,25 @@ fn traces_have_every_stage_with_sane_durations() {
         assert_eq!(e["pid"], 1);
         assert!(e["args"]["target"].is_string());
     }
-    assert!(slices.iter().any(|e| e["name"] == "compute" && e["args"]["target"] == "a"));
+    assert!(slices
+        .iter()
+        .any(|e| e["name"] == "compute" && e["args"]["target"] == "a"));
     // Stages nest inside their request.
-    for r in slices.iter().filter(|e| e["name"] == "request" && e["args"]["status"] == "ok") {
-        let (ts, end) = (r["ts"].as_f64().unwrap(), r["ts"].as_f64().unwrap() + r["dur"].as_f64().unwrap());
-        for s in slices.iter().filter(|e| e["name"] != "request" && e["args"]["id"] == r["args"]["id"] && e["tid"] == r["tid"]) {
-            let (s0, s1) = (s["ts"].as_f64().unwrap(), s["ts"].as_f64().unwrap() + s["dur"].as_f64().unwrap());
+    for r in slices
+        .iter()
+        .filter(|e| e["name"] == "request" && e["args"]["status"] == "ok")
+    {
+        let (ts, end) = (
+            r["ts"].as_f64().unwrap(),
+            r["ts"].as_f64().unwrap() + r["dur"].as_f64().unwrap(),
+        );
+        for s in slices.iter().filter(|e| {
+            e["name"] != "request" && e["args"]["id"] == r["args"]["id"] && e["tid"] == r["tid"]
+        }) {
+            let (s0, s1) = (
+                s["ts"].as_f64().unwrap(),
+                s["ts"].as_f64().unwrap() + s["dur"].as_f64().unwrap(),
+            );
             assert!(s0 >= ts - 1e-6 && s1 <= end + 1e-6, "{s} outside {r}");
         }
     }
