@@ -195,8 +195,10 @@ impl Targets {
 /// Number of wire statuses (index = `Status as usize`).
 pub const STATUSES: usize = Status::ALL.len();
 
-/// One shard's metrics.
+/// One shard's metrics. Aligned so two shards' hot counters never share
+/// a cache line (each is written by a different core).
 #[derive(Debug)]
+#[repr(align(128))]
 pub struct ShardMetrics {
     /// The CPU this shard was configured for (label `core`).
     pub core: usize,

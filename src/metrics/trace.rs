@@ -81,7 +81,7 @@ impl Default for TraceRing {
 impl TraceRing {
     /// `rate` in 0..=1; `capacity` records (no storage when `rate` is 0).
     pub fn new(rate: f64, capacity: usize, seed: u64) -> TraceRing {
-        let threshold = if !(rate > 0.0) || capacity == 0 {
+        let threshold = if rate.is_nan() || rate <= 0.0 || capacity == 0 {
             0
         } else if rate >= 1.0 {
             u64::MAX
