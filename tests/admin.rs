@@ -9,11 +9,38 @@ use beast::config::Config;
 use beast::metrics::stats::Stats;
 use beast::server::admin::get;
 use common::*;
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
+
+/// Counts the allocations of threads that opt in, so a test can prove the
+/// recording hooks allocate nothing while other tests run in parallel.
+struct CountingAlloc;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        if COUNTING.try_with(|c| c.get()).unwrap_or(false) {
+            let _ = ALLOCS.try_with(|a| a.set(a.get() + 1));
+        }
+        // SAFETY: forwarded unchanged.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        // SAFETY: forwarded unchanged.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 fn fetch(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     get(&addr.to_string(), path, T).unwrap_or_else(|e| panic!("GET {path}: {e}"))
@@ -395,6 +422,38 @@ fn traces_have_every_stage_with_sane_durations() {
     let (_, now) = fetch(admin, "/debug/trace?seconds=0");
     let v: serde_json::Value = serde_json::from_str(&now).unwrap();
     assert_eq!(v["otherData"]["records"], 10);
+
+    // `beast trace` writes the same JSON to a file.
+    let out = std::env::temp_dir().join(format!(
+        "beast-trace-{}-{}.json",
+        std::process::id(),
+        admin.port()
+    ));
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_beast"))
+        .args([
+            "trace",
+            "--admin",
+            &admin.to_string(),
+            "--seconds",
+            "0",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&out);
+    assert_eq!(file["otherData"]["records"], 10);
+    assert!(file["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "compute"));
     server.shutdown();
 }
 
@@ -415,4 +474,38 @@ fn tracing_off_records_nothing_and_admin_can_be_off() {
     let server = start_with(cfg, test_repository(300_000));
     assert!(server.admin_addr.is_none());
     server.shutdown();
+}
+
+#[test]
+fn recording_hooks_do_not_allocate() {
+    use beast::metrics::{CacheTier, ShardMetrics, Shed, Targets};
+    use beast::wire::Status;
+    let repo = test_repository(300_000);
+    let m = ShardMetrics::new(0, std::sync::Arc::new(Targets::from_repo(&repo)), 1.0, 256);
+    let now = std::time::Instant::now();
+    COUNTING.with(|c| c.set(true));
+    for i in 0..10_000u64 {
+        m.begin_request();
+        m.set_target_slot((i % 7) as usize);
+        m.record_response(i, Status::Ok, now, (i % 5000) as u32, 3, 4);
+        m.set_target_plan((i % 2) as usize);
+        m.record_response(i, Status::ALL[(i % 6) as usize], now, 10, 0, 0);
+        m.record_batch(
+            (i % 7) as usize,
+            (i % 40) as usize,
+            Duration::from_micros(i % 900),
+        );
+        m.record_shed(Shed::QueueFull);
+        m.record_cache_hit(CacheTier::L2);
+        m.record_cache_miss();
+        m.record_cache_coalesced();
+    }
+    COUNTING.with(|c| c.set(false));
+    assert_eq!(ALLOCS.with(|a| a.get()), 0, "the hot-path hooks allocated");
+    assert_eq!(m.trace.written(), 20_000);
+    // The counter does count: one allocation is seen.
+    COUNTING.with(|c| c.set(true));
+    drop(std::hint::black_box(vec![1u8; 16]));
+    COUNTING.with(|c| c.set(false));
+    assert_eq!(ALLOCS.with(|a| a.get()), 1);
 }
