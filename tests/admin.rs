@@ -89,12 +89,16 @@ fn buckets(text: &str, name: &str, label: (&str, &str)) -> Vec<(String, f64)> {
         .collect()
 }
 
+/// Ten requests, every input different (so the prediction cache never
+/// answers and every row is computed): 5 ok for `a`, 1 unknown target,
+/// 2 ok for `ens` (4 rows), 1 ok for `m` v2, 1 bad request for `b`.
 fn send_mix(addr: std::net::SocketAddr) {
     let client = Client::connect(addr).unwrap();
-    let x = rows(1, 1, WIDTH);
-    for _ in 0..5 {
+    for seed in 10..15 {
+        let x = rows(seed, 1, WIDTH);
         client.predict(&spec("a", 1, WIDTH, &x)).unwrap();
     }
+    let x = rows(1, 1, WIDTH);
     assert!(matches!(
         client.predict(&spec("nope", 1, WIDTH, &x)),
         Err(ClientError::NotFound(_))
@@ -102,7 +106,8 @@ fn send_mix(addr: std::net::SocketAddr) {
     let x3 = rows(2, 3, WIDTH);
     client.predict(&spec("ens", 3, WIDTH, &x3)).unwrap();
     client.predict(&spec("ens", 1, WIDTH, &x)).unwrap();
-    let mut v2 = spec("m", 1, WIDTH, &x);
+    let x4 = rows(4, 1, WIDTH);
+    let mut v2 = spec("m", 1, WIDTH, &x4);
     v2.version = Some(2);
     client.predict(&v2).unwrap();
     let narrow = rows(3, 1, WIDTH - 1);
@@ -151,7 +156,13 @@ fn metrics_count_requests_by_target_and_status() {
         value(&text, "beast_connections_total", &[("core", "0")]),
         Some(1.0)
     );
-    assert_eq!(value(&text, "beast_cache_misses_total", &[]), Some(0.0));
+    assert!(value(&text, "beast_cache_misses_total", &[]).unwrap() > 0.0);
+    for tier in ["l1", "l2"] {
+        assert_eq!(
+            value(&text, "beast_cache_hits_total", &[("tier", tier)]),
+            Some(0.0)
+        );
+    }
     assert_eq!(
         value(
             &text,
@@ -227,6 +238,27 @@ fn metrics_count_requests_by_target_and_status() {
     assert!(a.p50_seconds.unwrap() > 0.0 && a.p99_seconds.unwrap() >= a.p50_seconds.unwrap());
     assert_eq!(stats.cores.len(), 1);
     assert_eq!(stats.cores[0].requests, 10);
+
+    // Asking again for an answer already computed is a cache hit, and the
+    // request is still counted under its target.
+    let client = Client::connect(server.addr).unwrap();
+    client
+        .predict(&spec("a", 1, WIDTH, &rows(10, 1, WIDTH)))
+        .unwrap();
+    let (_, text) = fetch(admin, "/metrics");
+    let hits: f64 = ["l1", "l2"]
+        .iter()
+        .map(|t| value(&text, "beast_cache_hits_total", &[("tier", t)]).unwrap())
+        .sum();
+    assert_eq!(hits, 1.0);
+    assert_eq!(
+        value(
+            &text,
+            "beast_requests_total",
+            &[("target", "a"), ("status", "ok")]
+        ),
+        Some(6.0)
+    );
     server.shutdown();
 }
 

@@ -8,7 +8,10 @@
 //! figure (from the actual send) is printed beside it. If the generator
 //! itself could not keep the schedule, the report says so.
 
-use beast::wire::{check_frame, decode_response, CacheControl, Encoder, FrameCheck, Input, RequestSpec, Status, FRAME_HEADER_LEN};
+use beast::wire::{
+    check_frame, decode_response, CacheControl, Encoder, FrameCheck, Input, RequestSpec, Status,
+    FRAME_HEADER_LEN,
+};
 use clap::Parser;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -25,7 +28,10 @@ use std::time::{Duration, Instant};
 static GLOBAL: MiMalloc = MiMalloc;
 
 #[derive(Parser, Clone, Debug)]
-#[command(name = "beast-bench", about = "Open-loop load generator for beast (coordinated-omission corrected)")]
+#[command(
+    name = "beast-bench",
+    about = "Open-loop load generator for beast (coordinated-omission corrected)"
+)]
 struct Args {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:7878")]
@@ -122,7 +128,12 @@ fn main() -> ExitCode {
     let cpus: Vec<usize> = if args.cpus.trim().is_empty() {
         vec![usize::MAX]
     } else {
-        match args.cpus.split(',').map(|s| s.trim().parse::<usize>()).collect() {
+        match args
+            .cpus
+            .split(',')
+            .map(|s| s.trim().parse::<usize>())
+            .collect()
+        {
             Ok(v) => v,
             Err(_) => {
                 eprintln!("beast-bench: --cpus: expected e.g. 1 or 1,3");
@@ -134,7 +145,10 @@ fn main() -> ExitCode {
         eprintln!("beast-bench: need connections >= threads, in-flight >= 1, rate > 0");
         return ExitCode::FAILURE;
     }
-    let addr = match std::net::ToSocketAddrs::to_socket_addrs(&args.server).ok().and_then(|mut a| a.next()) {
+    let addr = match std::net::ToSocketAddrs::to_socket_addrs(&args.server)
+        .ok()
+        .and_then(|mut a| a.next())
+    {
         Some(a) => a,
         None => {
             eprintln!("beast-bench: cannot resolve {}", args.server);
@@ -148,7 +162,11 @@ fn main() -> ExitCode {
         .map(|(t, &cpu)| {
             let args = args.clone();
             let nthreads = cpus.len();
-            let placement = if cpu == usize::MAX { Placement::Unbound } else { Placement::Fixed(cpu) };
+            let placement = if cpu == usize::MAX {
+                Placement::Unbound
+            } else {
+                Placement::Fixed(cpu)
+            };
             LocalExecutorBuilder::new(placement)
                 .name("beast-bench")
                 .io_memory(512 << 10)
@@ -175,7 +193,10 @@ fn main() -> ExitCode {
     print_report(&args, &total, cpu_s);
     let bad = total.sent - total.ok + total.unanswered;
     if total.sent == 0 || bad as f64 > args.max_error_fraction * total.sent as f64 {
-        eprintln!("beast-bench: FAIL: {bad} of {} requests erred or went unanswered", total.sent);
+        eprintln!(
+            "beast-bench: FAIL: {bad} of {} requests erred or went unanswered",
+            total.sent
+        );
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
@@ -212,16 +233,28 @@ struct ConnState {
     done_sending: Cell<bool>,
 }
 
-async fn run_thread(t: usize, nthreads: usize, args: Args, addr: std::net::SocketAddr, start: Instant) -> Result<Report, String> {
+async fn run_thread(
+    t: usize,
+    nthreads: usize,
+    args: Args,
+    addr: std::net::SocketAddr,
+    start: Instant,
+) -> Result<Report, String> {
     let pool = Rc::new(input_pool(&args));
-    let my_conns: Vec<usize> = (0..args.connections).filter(|c| c % nthreads == t).collect();
+    let my_conns: Vec<usize> = (0..args.connections)
+        .filter(|c| c % nthreads == t)
+        .collect();
     let per_conn_rate = args.rate / args.connections as f64;
     let mut tasks = Vec::new();
     for c in my_conns {
-        let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         let (args, pool) = (args.clone(), pool.clone());
-        tasks.push(glommio::spawn_local(async move { run_conn(c, stream, args, pool, per_conn_rate, start).await }));
+        tasks.push(glommio::spawn_local(async move {
+            run_conn(c, stream, args, pool, per_conn_rate, start).await
+        }));
     }
     let mut report = Report::new();
     for task in tasks {
@@ -230,7 +263,14 @@ async fn run_thread(t: usize, nthreads: usize, args: Args, addr: std::net::Socke
     Ok(report)
 }
 
-async fn run_conn(c: usize, reader: TcpStream, args: Args, pool: Rc<Vec<f32>>, rate: f64, start: Instant) -> Result<Report, String> {
+async fn run_conn(
+    c: usize,
+    reader: TcpStream,
+    args: Args,
+    pool: Rc<Vec<f32>>,
+    rate: f64,
+    start: Instant,
+) -> Result<Report, String> {
     // SAFETY: dup gives us a second fd on the socket for the writer half.
     let wfd = unsafe { libc::dup(reader.as_raw_fd()) };
     if wfd < 0 {
@@ -254,7 +294,13 @@ async fn run_conn(c: usize, reader: TcpStream, args: Args, pool: Rc<Vec<f32>>, r
     let end = measure_from + Duration::from_secs_f64(args.duration);
     let mut enc = Encoder::new();
     let mut out = Vec::with_capacity(64 << 10);
-    let f16_pool: Vec<u16> = if args.f16 { pool.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect() } else { Vec::new() };
+    let f16_pool: Vec<u16> = if args.f16 {
+        pool.iter()
+            .map(|&x| half::f16::from_f32(x).to_bits())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let row_len = args.rows * args.width;
     let mut i: u64 = 0;
     loop {
@@ -274,9 +320,15 @@ async fn run_conn(c: usize, reader: TcpStream, args: Args, pool: Rc<Vec<f32>>, r
             if intended > now || intended >= end {
                 break;
             }
-            let Some(slot) = st.free.borrow_mut().pop() else { break };
+            let Some(slot) = st.free.borrow_mut().pop() else {
+                break;
+            };
             let p = (i as usize % args.distinct.max(1)) * row_len;
-            let input = if args.f16 { Input::F16(&f16_pool[p..p + row_len]) } else { Input::F32(&pool[p..p + row_len]) };
+            let input = if args.f16 {
+                Input::F16(&f16_pool[p..p + row_len])
+            } else {
+                Input::F32(&pool[p..p + row_len])
+            };
             let spec = RequestSpec {
                 target: &args.target,
                 version: None,
@@ -285,7 +337,11 @@ async fn run_conn(c: usize, reader: TcpStream, args: Args, pool: Rc<Vec<f32>>, r
                 input,
                 deadline_us: None,
                 domain: None,
-                cache: if args.no_cache { CacheControl::Bypass } else { CacheControl::Use },
+                cache: if args.no_cache {
+                    CacheControl::Bypass
+                } else {
+                    CacheControl::Use
+                },
             };
             let measured = intended >= measure_from;
             st.slots.borrow_mut()[slot] = Some((intended, now, measured));
@@ -293,7 +349,9 @@ async fn run_conn(c: usize, reader: TcpStream, args: Args, pool: Rc<Vec<f32>>, r
             if measured {
                 let mut r = st.report.borrow_mut();
                 r.sent += 1;
-                r.send_lag_max_us = r.send_lag_max_us.max(now.duration_since(intended).as_micros() as u64);
+                r.send_lag_max_us = r
+                    .send_lag_max_us
+                    .max(now.duration_since(intended).as_micros() as u64);
             }
             i += 1;
         }
@@ -302,7 +360,10 @@ async fn run_conn(c: usize, reader: TcpStream, args: Args, pool: Rc<Vec<f32>>, r
             st.freed.wait().await;
             continue;
         }
-        writer.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+        writer
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
     }
     st.done_sending.set(true);
     // Give outstanding requests a grace period, then count them unanswered.
@@ -310,7 +371,12 @@ async fn run_conn(c: usize, reader: TcpStream, args: Args, pool: Rc<Vec<f32>>, r
     while st.free.borrow().len() < k && Instant::now() < grace {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
-    let unanswered = st.slots.borrow().iter().filter(|s| matches!(s, Some((_, _, true)))).count() as u64;
+    let unanswered = st
+        .slots
+        .borrow()
+        .iter()
+        .filter(|s| matches!(s, Some((_, _, true))))
+        .count() as u64;
     // SAFETY: the fd is valid; shutting down ends the receiver's read.
     unsafe { libc::shutdown(writer.as_raw_fd(), libc::SHUT_RDWR) };
     let _ = recv.await;
@@ -344,8 +410,12 @@ async fn receive(mut reader: TcpStream, st: Rc<ConnState>) {
                                 r.by_status[v.status as usize] += 1;
                                 if v.status == Status::Ok {
                                     r.ok += 1;
-                                    let _ = r.corrected.record(now.duration_since(intended).as_micros().max(1) as u64);
-                                    let _ = r.uncorrected.record(now.duration_since(sent).as_micros().max(1) as u64);
+                                    let _ = r.corrected.record(
+                                        now.duration_since(intended).as_micros().max(1) as u64,
+                                    );
+                                    let _ = r
+                                        .uncorrected
+                                        .record(now.duration_since(sent).as_micros().max(1) as u64);
                                     r.server_queue_us += v.timings.queue_us as u64;
                                     r.server_compute_us += v.timings.compute_us as u64;
                                 }
@@ -378,9 +448,15 @@ fn print_report(args: &Args, r: &Report, cpu_s: f64) {
     let qs = [0.5, 0.9, 0.95, 0.99, 0.999];
     let lag_ms = r.send_lag_max_us as f64 / 1000.0;
     // The generator kept its schedule if no send lagged by more than 1 ms.
-    let generator_limited = lag_ms > 1.0 && r.corrected.value_at_quantile(0.5) as f64 / 1000.0 <= lag_ms;
+    let generator_limited =
+        lag_ms > 1.0 && r.corrected.value_at_quantile(0.5) as f64 / 1000.0 <= lag_ms;
     if args.json {
-        let pct = |h: &Histogram<u64>| qs.iter().map(|&q| format!("\"p{}\": {:.3}", q * 100.0, ms(h, q))).collect::<Vec<_>>().join(", ");
+        let pct = |h: &Histogram<u64>| {
+            qs.iter()
+                .map(|&q| format!("\"p{}\": {:.3}", q * 100.0, ms(h, q)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         println!(
             "{{\"target\": \"{}\", \"rows\": {}, \"connections\": {}, \"in_flight\": {}, \"offered_rps\": {:.1}, \"achieved_rps\": {:.1}, \"sent\": {}, \"ok\": {}, \"errors\": {{{}}}, \"unanswered\": {}, \"latency_ms\": {{{}, \"max\": {:.3}}}, \"uncorrected_ms\": {{{}, \"max\": {:.3}}}, \"send_lag_max_ms\": {:.3}, \"client_cpu_s\": {:.2}, \"server_mean_queue_us\": {:.1}, \"server_mean_compute_us\": {:.1}}}",
             args.target,
@@ -406,15 +482,53 @@ fn print_report(args: &Args, r: &Report, cpu_s: f64) {
     }
     println!("beast-bench: target {} ({} row(s)/request), {} connections x {} in flight, {:.0}s measured after {:.0}s warm-up", args.target, args.rows, args.connections, args.in_flight, args.duration, args.warmup);
     println!("  offered   {:>12.0} req/s", args.rate);
-    println!("  achieved  {:>12.0} req/s ({} ok of {} sent)", achieved, r.ok, r.sent);
+    println!(
+        "  achieved  {:>12.0} req/s ({} ok of {} sent)",
+        achieved, r.ok, r.sent
+    );
     println!("  latency (ms)      p50      p90      p95      p99    p99.9      max");
     for (name, h) in [("corrected", &r.corrected), ("uncorrected", &r.uncorrected)] {
-        println!("  {:<12} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}", name, ms(h, 0.5), ms(h, 0.9), ms(h, 0.95), ms(h, 0.99), ms(h, 0.999), h.max() as f64 / 1000.0);
+        println!(
+            "  {:<12} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
+            name,
+            ms(h, 0.5),
+            ms(h, 0.9),
+            ms(h, 0.95),
+            ms(h, 0.99),
+            ms(h, 0.999),
+            h.max() as f64 / 1000.0
+        );
     }
-    let errs: Vec<String> = Status::ALL.iter().skip(1).filter(|s| r.by_status[**s as usize] > 0).map(|s| format!("{} {}", s.label(), r.by_status[*s as usize])).collect();
-    println!("  errors    {}; unanswered {}", if errs.is_empty() { "none".to_string() } else { errs.join(", ") }, r.unanswered);
-    println!("  server    mean queue {:.1} us, mean compute {:.1} us (per request, as reported)", r.server_queue_us as f64 / r.ok.max(1) as f64, r.server_compute_us as f64 / r.ok.max(1) as f64);
-    println!("  generator cpu {:.2} s, max send lag {:.3} ms{}", cpu_s, lag_ms, if generator_limited { "  <-- the generator could not keep the schedule: results are a lower bound on the server" } else { "" });
+    let errs: Vec<String> = Status::ALL
+        .iter()
+        .skip(1)
+        .filter(|s| r.by_status[**s as usize] > 0)
+        .map(|s| format!("{} {}", s.label(), r.by_status[*s as usize]))
+        .collect();
+    println!(
+        "  errors    {}; unanswered {}",
+        if errs.is_empty() {
+            "none".to_string()
+        } else {
+            errs.join(", ")
+        },
+        r.unanswered
+    );
+    println!(
+        "  server    mean queue {:.1} us, mean compute {:.1} us (per request, as reported)",
+        r.server_queue_us as f64 / r.ok.max(1) as f64,
+        r.server_compute_us as f64 / r.ok.max(1) as f64
+    );
+    println!(
+        "  generator cpu {:.2} s, max send lag {:.3} ms{}",
+        cpu_s,
+        lag_ms,
+        if generator_limited {
+            "  <-- the generator could not keep the schedule: results are a lower bound on the server"
+        } else {
+            ""
+        }
+    );
 }
 
 /// The same single-waiter notify the server uses, local to this tool.

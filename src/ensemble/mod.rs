@@ -54,6 +54,10 @@ pub struct EnsemblePlan {
     pub selection: Selection,
     pub input_width: usize,
     pub output_width: usize,
+    /// Hash of the definition (members, combiner, weights, selection):
+    /// part of the ensemble's cache key, so a changed definition never
+    /// answers from entries of the old one.
+    pub fingerprint: u64,
 }
 
 impl EnsemblePlan {
@@ -74,14 +78,27 @@ impl EnsemblePlan {
             Combiner::Mean => vec![1.0; members.len()],
             Combiner::WeightedMean => spec.weights.clone(),
         };
-        if weights.len() != members.len() || weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().sum::<f32>() <= 0.0 {
+        if weights.len() != members.len()
+            || weights.iter().any(|w| !w.is_finite() || *w < 0.0)
+            || weights.iter().sum::<f32>() <= 0.0
+        {
             return Err(format!(
                 "ensemble {}: weights must be {} finite non-negative numbers with a positive sum",
                 spec.name,
                 members.len()
             ));
         }
+        let mut fp = xxhash_rust::xxh3::Xxh3Default::new();
+        for m in &spec.members {
+            fp.update(&(m.len() as u64).to_le_bytes());
+            fp.update(m.as_bytes());
+        }
+        fp.update(&[spec.combiner as u8]);
+        for w in &weights {
+            fp.update(&w.to_le_bytes());
+        }
         Ok(EnsemblePlan {
+            fingerprint: fp.digest(),
             name: spec.name.clone(),
             members,
             weights,
@@ -160,7 +177,10 @@ mod tests {
             weights: vec![1.0],
         };
         assert!(EnsemblePlan::new(&spec, vec![0, 1], 4, 2).is_err());
-        let spec = EnsembleSpec { weights: vec![1.0, 2.0], ..spec };
+        let spec = EnsembleSpec {
+            weights: vec![1.0, 2.0],
+            ..spec
+        };
         let p = EnsemblePlan::new(&spec, vec![0, 1], 4, 2).unwrap();
         assert_eq!(p.select(), MemberSet(0b11));
         assert_eq!(p.select().iter().collect::<Vec<_>>(), vec![0, 1]);

@@ -218,10 +218,12 @@ pub struct ShardMetrics {
     pub compute_us: Counter,
     /// By [`Shed`] reason.
     pub shed: [Counter; 4],
-    /// By [`CacheTier`].
-    pub cache_hits: [Counter; 2],
+    pub cache_hits_l1: Counter,
+    pub cache_hits_l2: Counter,
     pub cache_misses: Counter,
+    /// Requests answered by waiting on an identical one in flight.
     pub cache_coalesced: Counter,
+    pub cache_inserts: Counter,
     /// Target of the request being handled (see the module doc).
     current: AtomicU64,
     /// target × status.
@@ -278,9 +280,11 @@ impl ShardMetrics {
             queue_us: Counter::default(),
             compute_us: Counter::default(),
             shed: Default::default(),
-            cache_hits: Default::default(),
+            cache_hits_l1: Counter::default(),
+            cache_hits_l2: Counter::default(),
             cache_misses: Counter::default(),
             cache_coalesced: Counter::default(),
+            cache_inserts: Counter::default(),
             trace: TraceRing::new(trace_sample_rate, trace_ring_records, core as u64 + 1),
         }
     }
@@ -369,7 +373,15 @@ impl ShardMetrics {
 
     #[inline]
     pub fn record_cache_hit(&self, tier: CacheTier) {
-        self.cache_hits[tier as usize].inc();
+        self.cache_hits(tier).inc();
+    }
+
+    /// The hit counter of `tier`.
+    pub fn cache_hits(&self, tier: CacheTier) -> &Counter {
+        match tier {
+            CacheTier::L1 => &self.cache_hits_l1,
+            CacheTier::L2 => &self.cache_hits_l2,
+        }
     }
 
     #[inline]
@@ -437,6 +449,10 @@ pub struct Totals {
     pub connections_dropped: u64,
     pub batches: u64,
     pub batch_rows: u64,
+    pub cache_hits_l1: u64,
+    pub cache_hits_l2: u64,
+    pub cache_misses: u64,
+    pub cache_coalesced: u64,
 }
 
 impl Totals {
@@ -450,6 +466,10 @@ impl Totals {
             t.connections_dropped += m.connections_dropped.get();
             t.batches += m.batches.get();
             t.batch_rows += m.batch_rows.get();
+            t.cache_hits_l1 += m.cache_hits_l1.get();
+            t.cache_hits_l2 += m.cache_hits_l2.get();
+            t.cache_misses += m.cache_misses.get();
+            t.cache_coalesced += m.cache_coalesced.get();
         }
         t
     }

@@ -230,7 +230,7 @@ pub fn render(shards: &[Arc<ShardMetrics>], info: &Info) -> String {
             o,
             "beast_cache_hits_total",
             &[("tier", t.label())],
-            sum(shards, |m| m.cache_hits[t as usize].get()),
+            sum(shards, |m| m.cache_hits(t).get()),
         );
     }
     header(
@@ -256,6 +256,18 @@ pub fn render(shards: &[Arc<ShardMetrics>], info: &Info) -> String {
         "beast_cache_coalesced_total",
         &[],
         sum(shards, |m| m.cache_coalesced.get()),
+    );
+    header(
+        o,
+        "beast_cache_inserts_total",
+        "counter",
+        "Answers written into the prediction cache.",
+    );
+    sample(
+        o,
+        "beast_cache_inserts_total",
+        &[],
+        sum(shards, |m| m.cache_inserts.get()),
     );
 
     let per_core =

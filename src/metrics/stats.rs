@@ -75,6 +75,7 @@ pub struct CacheStats {
     pub hits: BTreeMap<String, u64>,
     pub misses: u64,
     pub coalesced: u64,
+    pub inserts: u64,
 }
 
 fn seconds(us: Option<f64>) -> Option<f64> {
@@ -166,11 +167,12 @@ pub fn snapshot(
     for t in CacheTier::ALL {
         st.cache.hits.insert(
             t.label().to_string(),
-            shards.iter().map(|s| s.cache_hits[t as usize].get()).sum(),
+            shards.iter().map(|s| s.cache_hits(t).get()).sum(),
         );
     }
     st.cache.misses = shards.iter().map(|s| s.cache_misses.get()).sum();
     st.cache.coalesced = shards.iter().map(|s| s.cache_coalesced.get()).sum();
+    st.cache.inserts = shards.iter().map(|s| s.cache_inserts.get()).sum();
     st
 }
 

@@ -78,7 +78,9 @@ pub(crate) struct Admin {
 impl Admin {
     /// Bind `addr` and start serving.
     pub fn spawn(addr: SocketAddr, state: Arc<AdminState>) -> Result<Admin, String> {
-        let listener = TcpListener::bind(addr).map_err(|e| format!("admin_listen {addr}: {e}"))?;
+        let listener = TcpListener::bind(addr).map_err(|e| {
+            format!("admin_listen {addr}: {e} (set admin_listen to another ADDR:PORT, or \"off\")")
+        })?;
         let addr = listener
             .local_addr()
             .map_err(|e| format!("admin_listen {addr}: {e}"))?;

@@ -12,6 +12,7 @@
 //! then exits 0.
 
 pub mod admin;
+mod cache;
 mod conn;
 mod notify;
 mod shard;
@@ -21,6 +22,7 @@ use crate::backend;
 use crate::config::Config;
 use crate::metrics::{ShardMetrics, Targets, Totals};
 use crate::model::load::Repository;
+pub use cache::CacheShared;
 use glommio::{LocalExecutorBuilder, Placement};
 use shard::Shard;
 use std::cell::{Cell, RefCell};
@@ -41,6 +43,8 @@ pub struct ServerHandle {
     /// `None` when `admin_listen` is off.
     pub admin_addr: Option<SocketAddr>,
     admin: Option<admin::Admin>,
+    /// The prediction cache shared by all shards (purges go here).
+    pub cache: Arc<CacheShared>,
     stop: Arc<AtomicBool>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
@@ -70,6 +74,7 @@ impl ServerHandle {
         if let Some(a) = self.admin {
             a.shutdown();
         }
+        self.cache.flush();
         Totals::sum(&self.metrics)
     }
 
@@ -83,21 +88,44 @@ impl ServerHandle {
 /// Start one shard per configured CPU and return once all listen.
 pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String> {
     cfg.validate()?;
-    let mut addr: SocketAddr = cfg.listen.parse().map_err(|e| format!("listen {}: {e}", cfg.listen))?;
+    let mut addr: SocketAddr = cfg
+        .listen
+        .parse()
+        .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
     // With port 0 every shard would get a different port: bind (without
     // listening, so it never takes a connection) to learn one, and hold it
     // until the shards have bound it too.
     let placeholder = if addr.port() == 0 {
-        let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(|e| format!("socket: {e}"))?;
-        s.set_reuse_port(true).map_err(|e| format!("SO_REUSEPORT: {e}"))?;
-        s.set_reuse_address(true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
-        s.bind(&addr.into()).map_err(|e| format!("bind {addr}: {e}"))?;
-        addr = s.local_addr().ok().and_then(|a| a.as_socket()).ok_or("placeholder socket has no address")?;
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        s.set_reuse_port(true)
+            .map_err(|e| format!("SO_REUSEPORT: {e}"))?;
+        s.set_reuse_address(true)
+            .map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+        s.bind(&addr.into())
+            .map_err(|e| format!("bind {addr}: {e}"))?;
+        addr = s
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or("placeholder socket has no address")?;
         Some(s)
     } else {
+        // SO_REUSEPORT would let this server silently share the port with
+        // another process of the same user (splitting its traffic): bind
+        // once without it to make sure the port is really free.
+        std::net::TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))?;
         None
     };
     let cpus = cfg.shard_cpus();
+    let cache = Arc::new(CacheShared::open(
+        &cfg,
+        repo.models.keys().chain(repo.ensembles.keys()).cloned(),
+    ));
     let cfg = Arc::new(cfg);
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
@@ -105,29 +133,62 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     // Metrics: sized once for every target name, labelled by CPU.
     crate::metrics::trace::epoch();
     let targets = Arc::new(Targets::from_repo(&repo));
-    let metrics: Vec<Arc<ShardMetrics>> = cpus.iter().map(|&cpu| Arc::new(ShardMetrics::new(cpu, targets.clone(), cfg.trace_sample_rate, cfg.trace_ring_records))).collect();
+    let metrics: Vec<Arc<ShardMetrics>> = cpus
+        .iter()
+        .map(|&cpu| {
+            Arc::new(ShardMetrics::new(
+                cpu,
+                targets.clone(),
+                cfg.trace_sample_rate,
+                cfg.trace_ring_records,
+            ))
+        })
+        .collect();
     // The admin port answers /healthz while the shards warm up.
     let admin = match cfg.admin_addr()? {
-        Some(a) => Some(admin::Admin::spawn(a, Arc::new(admin::AdminState::new(metrics.clone(), repo.clone(), stop.clone(), cfg.trace_sample_rate)))?),
+        Some(a) => Some(admin::Admin::spawn(
+            a,
+            Arc::new(admin::AdminState::new(
+                metrics.clone(),
+                repo.clone(),
+                stop.clone(),
+                cfg.trace_sample_rate,
+            )),
+        )?),
         None => None,
     };
     let stop_admin = |admin: Option<admin::Admin>| admin.map(admin::Admin::shutdown);
     for (id, &cpu) in cpus.iter().enumerate() {
         let m = metrics[id].clone();
-        let (cfg, repo, stop2, ready) = (cfg.clone(), repo.clone(), stop.clone(), ready_tx.clone());
-        let placement = if cfg.pin_shards { Placement::Fixed(cpu) } else { Placement::Unbound };
+        let start = ShardStart {
+            id,
+            cfg: cfg.clone(),
+            repo: repo.clone(),
+            addr,
+            stop: stop.clone(),
+            metrics: m,
+            ready: ready_tx.clone(),
+            cache: cache.clone(),
+        };
+        let placement = if cfg.pin_shards {
+            Placement::Fixed(cpu)
+        } else {
+            Placement::Unbound
+        };
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("beast-shard-{id}"))
             .io_memory(cfg.io_memory_bytes);
         let spawned = builder.spawn(move || async move {
-            run_shard(id, cfg, repo, addr, stop2, m, ready).await;
+            run_shard(start).await;
         });
         match spawned {
             Ok(h) => threads.push(h),
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
                 stop_admin(admin);
-                return Err(format!("shard {id} on cpu {cpu}: cannot start executor: {e}"));
+                return Err(format!(
+                    "shard {id} on cpu {cpu}: cannot start executor: {e}"
+                ));
             }
         }
     }
@@ -157,6 +218,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     }
     Ok(ServerHandle {
         addr,
+        cache,
         backend,
         admin_addr: admin.as_ref().map(|a| a.addr),
         admin,
@@ -166,9 +228,32 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     })
 }
 
-async fn run_shard(id: usize, cfg: Arc<Config>, repo: Arc<Repository>, addr: SocketAddr, stop: Arc<AtomicBool>, metrics: Arc<ShardMetrics>, ready: mpsc::Sender<Result<String, String>>) {
+/// Everything a shard thread starts from.
+struct ShardStart {
+    id: usize,
+    cfg: Arc<Config>,
+    repo: Arc<Repository>,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<ShardMetrics>,
+    /// Reports the backend name once listening, or why the shard could not start.
+    ready: mpsc::Sender<Result<String, String>>,
+    cache: Arc<CacheShared>,
+}
+
+async fn run_shard(start: ShardStart) {
+    let ShardStart {
+        id,
+        cfg,
+        repo,
+        addr,
+        stop,
+        metrics,
+        ready,
+        cache,
+    } = start;
     let backend = backend::select();
-    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics) {
+    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics, cache) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: {e}")));
@@ -242,5 +327,18 @@ async fn run_shard(id: usize, cfg: Arc<Config>, repo: Arc<Repository>, addr: Soc
     let grace = Instant::now() + Duration::from_millis(cfg.shutdown_grace_ms);
     while open.get() > 0 && Instant::now() < grace {
         glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the batchers see the stop and return, so every reference to the
+    // shard (and through it the L2 file and its lock) is dropped.
+    for s in &shard.slots {
+        s.wake.notify();
+    }
+    glommio::timer::sleep(Duration::from_millis(1)).await;
+    if Rc::strong_count(&shard) > 1 {
+        eprintln!(
+            "beast: shard {}: {} task(s) still hold the shard at exit",
+            shard.id,
+            Rc::strong_count(&shard) - 1
+        );
     }
 }
