@@ -109,6 +109,15 @@ enum Cmd {
 enum CacheCmd {
     /// Print the L2 file's header, occupancy and entries per target (safe beside a running server).
     Inspect { file: PathBuf },
+    /// Drop every cached answer of a target on a running server (through its admin port).
+    Purge {
+        /// The server's admin address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: String,
+        /// Model or ensemble name.
+        #[arg(long)]
+        target: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -145,6 +154,24 @@ fn main() -> ExitCode {
         Cmd::Cache {
             cmd: CacheCmd::Inspect { file },
         } => beast::cache::inspect(&file).map(|report| print!("{report}")),
+        Cmd::Cache {
+            cmd: CacheCmd::Purge { admin, target },
+        } => {
+            let path = format!("/v1/cache/purge?target={target}");
+            match beast::server::admin::request(
+                "POST",
+                &admin,
+                &path,
+                std::time::Duration::from_secs(10),
+            ) {
+                Ok((200, body)) => {
+                    println!("{}", body.trim());
+                    Ok(())
+                }
+                Ok((code, body)) => Err(format!("{admin}: {code}: {}", body.trim())),
+                Err(e) => Err(e),
+            }
+        }
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(

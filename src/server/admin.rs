@@ -43,6 +43,8 @@ pub(crate) struct AdminState {
     pub backend: OnceLock<String>,
     pub started: Instant,
     pub trace_sample_rate: f64,
+    /// The prediction cache, for `POST /v1/cache/purge`.
+    pub cache: Arc<super::CacheShared>,
     exit: AtomicBool,
     handlers: AtomicUsize,
 }
@@ -53,6 +55,7 @@ impl AdminState {
         repo: Arc<Repository>,
         stop: Arc<AtomicBool>,
         trace_sample_rate: f64,
+        cache: Arc<super::CacheShared>,
     ) -> AdminState {
         AdminState {
             metrics,
@@ -62,6 +65,7 @@ impl AdminState {
             backend: OnceLock::new(),
             started: Instant::now(),
             trace_sample_rate,
+            cache,
             exit: AtomicBool::new(false),
             handlers: AtomicUsize::new(0),
         }
@@ -219,7 +223,12 @@ fn handle(mut stream: TcpStream, st: &AdminState) {
     let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
     let (code, ctype, body) = match read_head(&mut stream).as_deref().and_then(parse_head) {
         None => (400, "text/plain", "bad request\n".to_string()),
-        Some(r) if r.method != "GET" => (405, "text/plain", "only GET\n".to_string()),
+        Some(r) if r.method == "POST" && r.path == "/v1/cache/purge" => purge(&r, st),
+        Some(r) if r.method != "GET" => (
+            405,
+            "text/plain",
+            "only GET (and POST /v1/cache/purge)\n".to_string(),
+        ),
         Some(r) => route(&r, st),
     };
     let _ = write_response(&mut stream, code, ctype, body.as_bytes());
@@ -227,6 +236,26 @@ fn handle(mut stream: TcpStream, st: &AdminState) {
 }
 
 const JSON: &str = "application/json";
+
+/// `POST /v1/cache/purge?target=NAME`: drop every cached answer of NAME on
+/// every core (its L1 entries become unreachable, its L2 slots are cleared).
+fn purge(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
+    match query_param(r.query, "target") {
+        None => (
+            400,
+            "text/plain",
+            "target: required, e.g. /v1/cache/purge?target=digits\n".into(),
+        ),
+        Some(t) => match st.cache.purge(t) {
+            Ok(n) => (
+                200,
+                JSON,
+                serde_json::json!({"target": t, "l2_entries_removed": n}).to_string(),
+            ),
+            Err(e) => (404, "text/plain", format!("{e}\n")),
+        },
+    }
+}
 
 fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
     match r.path {
@@ -365,6 +394,16 @@ fn trace_json(st: &AdminState, secs: f64) -> serde_json::Value {
 
 /// A minimal HTTP GET for the tools and tests: returns (status code, body).
 pub fn get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    request("GET", addr, path, timeout)
+}
+
+/// A minimal HTTP request without a body (GET, POST): (status code, body).
+pub fn request(
+    method: &str,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
     let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .map_err(|e| format!("{addr}: {e}"))?
         .next()
@@ -375,7 +414,7 @@ pub fn get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), S
         .map_err(|e| e.to_string())?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .map_err(|e| format!("send: {e}"))?;
     let mut raw = Vec::new();

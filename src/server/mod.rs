@@ -153,6 +153,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
                 repo.clone(),
                 stop.clone(),
                 cfg.trace_sample_rate,
+                cache.clone(),
             )),
         )?),
         None => None,
