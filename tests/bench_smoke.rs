@@ -1,0 +1,122 @@
+//! beast-bench against a real in-process server: a short open-loop run
+//! must reach its offered rate with no errors and print valid JSON, and a
+//! run against an unknown target must fail.
+
+mod common;
+#[path = "../tools/bench/json.rs"]
+mod json;
+
+use std::process::Command;
+
+fn bench(addr: std::net::SocketAddr, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_beast-bench"))
+        .args([
+            "--server",
+            &addr.to_string(),
+            "--width",
+            "12",
+            "-c",
+            "4",
+            "-k",
+            "8",
+            "--warmup",
+            "0.3",
+            "--json",
+        ])
+        .args(extra)
+        .output()
+        .expect("run beast-bench")
+}
+
+#[test]
+fn open_loop_run_reaches_its_rate_and_prints_json() {
+    let server = common::start_server();
+    let out = bench(
+        server.addr,
+        &[
+            "--target",
+            "ens:3,a:1",
+            "--rate",
+            "2000",
+            "--duration",
+            "1",
+            "--arrivals",
+            "poisson",
+            "--distinct",
+            "64",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let j = json::parse(line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
+    let num = |k: &str| {
+        j.get(k)
+            .and_then(|v| v.num())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    let (offered, achieved) = (num("offered_rps"), num("achieved_rps"));
+    assert_eq!(offered, 2000.0);
+    // Poisson arrivals: the count in 1 s varies by ~sqrt(2000) ≈ 2%.
+    assert!(
+        (achieved / offered - 1.0).abs() < 0.10,
+        "achieved {achieved} of {offered}"
+    );
+    assert_eq!(num("error_count"), 0.0, "{line}");
+    assert_eq!(num("unanswered"), 0.0, "{line}");
+    assert_eq!(j.get("mode").and_then(|v| v.str()), Some("open/poisson"));
+    let lat = j.get("latency_ms").expect("latency_ms");
+    let p50 = lat.get("p50").and_then(|v| v.num()).unwrap();
+    let p99 = lat.get("p99").and_then(|v| v.num()).unwrap();
+    assert!(p50 > 0.0 && p99 >= p50, "{line}");
+    assert!(j
+        .get("server")
+        .and_then(|s| s.get("total_p50_us"))
+        .and_then(|v| v.num())
+        .is_some());
+}
+
+#[test]
+fn unknown_target_fails_the_run() {
+    let server = common::start_server();
+    let out = bench(
+        server.addr,
+        &[
+            "--target",
+            "no_such_model",
+            "--rate",
+            "500",
+            "--duration",
+            "0.5",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a run with only errors must fail; stderr: {stderr}"
+    );
+    assert!(stderr.contains("FAIL"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let j = json::parse(
+        stdout
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON line"),
+    )
+    .unwrap();
+    assert!(
+        j.get("errors")
+            .and_then(|e| e.get("not_found"))
+            .and_then(|v| v.num())
+            .unwrap()
+            > 0.0
+    );
+}
