@@ -46,6 +46,56 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Batching defaults for models whose model.toml does not set them.
     pub batch: BatchDefaults,
+    /// The prediction cache.
+    pub cache: CacheSettings,
+}
+
+/// Prediction cache settings (docs/CACHE.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Master switch; per-target switches are in `targets`.
+    pub enabled: bool,
+    /// L1 entries per core (rounded to whole 8-way sets).
+    pub l1_entries: usize,
+    /// L2 file shared by all cores and kept across restarts; "" = no L2.
+    /// A relative path is relative to the working directory.
+    pub l2_path: PathBuf,
+    /// Size of the L2 file.
+    pub l2_bytes: u64,
+    /// Largest cacheable answer in f32s (rows × outputs); larger answers are computed every time.
+    pub value_f32_max: usize,
+    /// Distinct keys being computed at once per core that later identical requests can wait on.
+    pub coalesce_keys_max: usize,
+    /// Requests that may wait on one in-flight key.
+    pub coalesce_waiters_per_key_max: usize,
+    /// Per-target overrides: `[cache.targets.NAME] enabled = false`, `ttl_s = 60`.
+    pub targets: std::collections::BTreeMap<String, TargetCache>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct TargetCache {
+    /// `None`: follow `cache.enabled`.
+    pub enabled: Option<bool>,
+    /// Entries expire this many seconds after insertion (0 = never). Targets
+    /// with a TTL are kept in L2 only (L1 entries carry no expiry).
+    pub ttl_s: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            enabled: true,
+            l1_entries: 16 * 1024,
+            l2_path: PathBuf::from("beast-l2.cache"),
+            l2_bytes: 64 << 20,
+            value_f32_max: 16,
+            coalesce_keys_max: 4096,
+            coalesce_waiters_per_key_max: 256,
+            targets: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -99,6 +149,7 @@ impl Default for Config {
             io_memory_bytes: 512 << 10,
             shutdown_grace_ms: 10_000,
             batch: BatchDefaults::default(),
+            cache: CacheSettings::default(),
         }
     }
 }
@@ -190,6 +241,19 @@ impl Config {
             self.batch.max_queue_delay_us <= 1_000_000,
             "batch.max_queue_delay_us: must be <= 1 s",
         );
+        check(self.cache.l1_entries >= 8, "cache.l1_entries: must be >= 8");
+        check(
+            (1..=1024).contains(&self.cache.value_f32_max),
+            "cache.value_f32_max: must be in 1..=1024",
+        );
+        check(
+            self.cache.l2_path.as_os_str().is_empty() || self.cache.l2_bytes >= 1 << 20,
+            "cache.l2_bytes: must be >= 1 MiB",
+        );
+        check(
+            self.cache.coalesce_keys_max >= 1 && self.cache.coalesce_waiters_per_key_max >= 1,
+            "cache.coalesce_keys_max and cache.coalesce_waiters_per_key_max: must be >= 1",
+        );
         if errs.is_empty() {
             Ok(())
         } else {
@@ -225,8 +289,12 @@ mod tests {
     fn unknown_keys_are_refused() {
         let e = toml::from_str::<Config>("listn = \"x\"").unwrap_err();
         assert!(e.to_string().contains("listn"), "{e}");
-        let c: Config = toml::from_str("listen = \"0.0.0.0:9000\"\n[batch]\nmax_batch = 8").unwrap();
+        let c: Config =
+            toml::from_str("listen = \"0.0.0.0:9000\"\n[batch]\nmax_batch = 8").unwrap();
         assert_eq!(c.batch.max_batch, 8);
-        assert_eq!(c.batch.queue_rows_max, BatchLimits::default().queue_rows_max);
+        assert_eq!(
+            c.batch.queue_rows_max,
+            BatchLimits::default().queue_rows_max
+        );
     }
 }

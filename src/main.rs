@@ -18,7 +18,11 @@ use std::sync::Arc;
 static GLOBAL: MiMalloc = MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "beast", version, about = "Bare-metal inference server for FP16 model ensembles")]
+#[command(
+    name = "beast",
+    version,
+    about = "Bare-metal inference server for FP16 model ensembles"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -109,7 +113,12 @@ fn main() -> ExitCode {
             no_cache,
         }),
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
-            .map(|()| eprintln!("beast: wrote bench_a, bench_b, bench_c and ensemble bench_ens to {}", out.display()))
+            .map(|()| {
+                eprintln!(
+                    "beast: wrote bench_a, bench_b, bench_c and ensemble bench_ens to {}",
+                    out.display()
+                )
+            })
             .map_err(|e| format!("{}: {e}", out.display())),
     };
     match result {
@@ -127,7 +136,8 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || format!("--cores: cannot read '{part}' (expected e.g. 0,2-3)");
         if let Some((a, b)) = part.split_once('-') {
-            let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+            let (a, b): (usize, usize) =
+                (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
             if a > b {
                 return Err(bad());
             }
@@ -142,7 +152,12 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     Ok(out)
 }
 
-fn serve(models: Option<PathBuf>, listen: Option<String>, cores: Option<String>, config: Option<PathBuf>) -> Result<(), String> {
+fn serve(
+    models: Option<PathBuf>,
+    listen: Option<String>,
+    cores: Option<String>,
+    config: Option<PathBuf>,
+) -> Result<(), String> {
     let mut cfg = match &config {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
@@ -159,12 +174,17 @@ fn serve(models: Option<PathBuf>, listen: Option<String>, cores: Option<String>,
     cfg.validate()?;
     let repo = beast::model::load::load_repository(&cfg.models_dir, &cfg.batch.limits())?;
     if repo.models.is_empty() {
-        return Err(format!("{}: no model could be loaded", cfg.models_dir.display()));
+        return Err(format!(
+            "{}: no model could be loaded",
+            cfg.models_dir.display()
+        ));
     }
     eprintln!("beast: models from {}", cfg.models_dir.display());
     for versions in repo.models.values() {
         for m in versions {
-            let dims: Vec<String> = std::iter::once(m.input_width.to_string()).chain(m.layers.iter().map(|l| l.out_dim.to_string())).collect();
+            let dims: Vec<String> = std::iter::once(m.input_width.to_string())
+                .chain(m.layers.iter().map(|l| l.out_dim.to_string()))
+                .collect();
             eprintln!(
                 "beast:   model {} v{}: {} {:?}, {:.2} MFLOP/row, max_batch {}, max_queue_delay_us {}",
                 m.name,
@@ -178,7 +198,12 @@ fn serve(models: Option<PathBuf>, listen: Option<String>, cores: Option<String>,
         }
     }
     for e in repo.ensembles.values() {
-        eprintln!("beast:   ensemble {}: {:?} of [{}]", e.name, e.combiner, e.members.join(", "));
+        eprintln!(
+            "beast:   ensemble {}: {:?} of [{}]",
+            e.name,
+            e.combiner,
+            e.members.join(", ")
+        );
     }
     for e in &repo.errors {
         eprintln!("beast:   refused: {e}");
@@ -186,9 +211,16 @@ fn serve(models: Option<PathBuf>, listen: Option<String>, cores: Option<String>,
     let cpus = cfg.shard_cpus();
     let handle = beast::server::start(cfg, Arc::new(repo))?;
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, handle.stop_flag()).map_err(|e| format!("signal handler: {e}"))?;
+        signal_hook::flag::register(sig, handle.stop_flag())
+            .map_err(|e| format!("signal handler: {e}"))?;
     }
-    eprintln!("beast: listening on {} with {} shard(s) on CPUs {:?}, backend {}", handle.addr, cpus.len(), cpus, handle.backend);
+    eprintln!(
+        "beast: listening on {} with {} shard(s) on CPUs {:?}, backend {}",
+        handle.addr,
+        cpus.len(),
+        cpus,
+        handle.backend
+    );
     let totals = handle.wait();
     eprintln!(
         "beast: stopped after {} responses ({} ok), {} batches, mean batch {:.1} rows",
@@ -221,8 +253,15 @@ fn predict(a: PredictArgs) -> Result<(), String> {
         (None, Some(p)) => read_rows(p)?,
         _ => return Err("give --input 0.1,0.2,... or --input-file rows.csv|rows.npy".into()),
     };
-    let f16: Vec<u16> = data.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect();
-    let input = if a.f16 { Input::F16(&f16) } else { Input::F32(&data) };
+    let f16: Vec<u16> = data
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_bits())
+        .collect();
+    let input = if a.f16 {
+        Input::F16(&f16)
+    } else {
+        Input::F32(&data)
+    };
     let spec = RequestSpec {
         target: &a.target,
         version: a.version,
@@ -231,13 +270,22 @@ fn predict(a: PredictArgs) -> Result<(), String> {
         input,
         deadline_us: a.deadline_us,
         domain: a.domain.as_deref(),
-        cache: if a.no_cache { CacheControl::Bypass } else { CacheControl::Use },
+        cache: if a.no_cache {
+            CacheControl::Bypass
+        } else {
+            CacheControl::Use
+        },
     };
     let client = Client::connect(&a.server).map_err(|e| format!("connect {}: {e}", a.server))?;
     let p = client.predict(&spec).map_err(|e| format!("{e}"))?;
     for r in 0..p.rows as usize {
         let row = &p.outputs[r * p.cols as usize..(r + 1) * p.cols as usize];
-        let argmax = row.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|x| x.0).unwrap_or(0);
+        let argmax = row
+            .iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .map(|x| x.0)
+            .unwrap_or(0);
         let vals: Vec<String> = row.iter().map(|v| format!("{v:.6}")).collect();
         println!("row {r}: argmax {argmax}  [{}]", vals.join(", "));
     }
@@ -257,7 +305,10 @@ fn parse_row(s: &str) -> Result<Vec<f32>, String> {
     s.split(',')
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<f32>().map_err(|_| format!("'{t}' is not a number")))
+        .map(|t| {
+            t.parse::<f32>()
+                .map_err(|_| format!("'{t}' is not a number"))
+        })
         .collect()
 }
 
@@ -266,7 +317,8 @@ fn read_rows(path: &Path) -> Result<(usize, usize, Vec<f32>), String> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if ext.eq_ignore_ascii_case("npy") {
         let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        return beast::client::npy::read_f32_matrix(&bytes).map_err(|e| format!("{}: {e}", path.display()));
+        return beast::client::npy::read_f32_matrix(&bytes)
+            .map_err(|e| format!("{}: {e}", path.display()));
     }
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut data = Vec::new();
@@ -281,7 +333,12 @@ fn read_rows(path: &Path) -> Result<(usize, usize, Vec<f32>), String> {
                 if cols == 0 {
                     cols = row.len();
                 } else if row.len() != cols {
-                    return Err(format!("{}: line {}: {} values, expected {cols}", path.display(), i + 1, row.len()));
+                    return Err(format!(
+                        "{}: line {}: {} values, expected {cols}",
+                        path.display(),
+                        i + 1,
+                        row.len()
+                    ));
                 }
                 data.extend(row);
                 rows += 1;

@@ -18,8 +18,15 @@ fn prediction_equals_the_cpu_backend() {
             assert_eq!((p.rows as usize, p.cols as usize), (n, CLASSES));
             // One request alone forms its own batch, so the server runs
             // exactly what a direct call runs: the same bits.
-            assert_eq!(p.outputs, direct(&model(name), &x, n), "model {name}, {n} rows");
-            assert_eq!(p.runs, vec![(name.to_string(), 1, model(name).flops_per_row() * n as u64)]);
+            assert_eq!(
+                p.outputs,
+                direct(&model(name), &x, n),
+                "model {name}, {n} rows"
+            );
+            assert_eq!(
+                p.runs,
+                vec![(name.to_string(), 1, model(name).flops_per_row() * n as u64)]
+            );
         }
     }
     server.shutdown();
@@ -30,8 +37,14 @@ fn f16_input_is_converted() {
     let server = start_server();
     let client = Client::connect(server.addr).unwrap();
     let x = rows(5, 2, WIDTH);
-    let bits: Vec<u16> = x.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
-    let rounded: Vec<f32> = bits.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect();
+    let bits: Vec<u16> = x
+        .iter()
+        .map(|&v| half::f16::from_f32(v).to_bits())
+        .collect();
+    let rounded: Vec<f32> = bits
+        .iter()
+        .map(|&b| half::f16::from_bits(b).to_f32())
+        .collect();
     let mut s = spec("a", 2, WIDTH, &x);
     s.input = Input::F16(&bits);
     let p = client.predict(&s).unwrap();
@@ -45,8 +58,13 @@ fn ensemble_is_the_mean_of_its_members() {
     let client = Client::connect(server.addr).unwrap();
     let x = rows(9, 4, WIDTH);
     let p = client.predict(&spec("ens", 4, WIDTH, &x)).unwrap();
-    let members: Vec<Vec<f32>> = ["a", "b", "c"].iter().map(|m| direct(&model(m), &x, 4)).collect();
-    let mean: Vec<f32> = (0..4 * CLASSES).map(|i| members.iter().map(|m| m[i]).sum::<f32>() / 3.0).collect();
+    let members: Vec<Vec<f32>> = ["a", "b", "c"]
+        .iter()
+        .map(|m| direct(&model(m), &x, 4))
+        .collect();
+    let mean: Vec<f32> = (0..4 * CLASSES)
+        .map(|i| members.iter().map(|m| m[i]).sum::<f32>() / 3.0)
+        .collect();
     assert_close(&p.outputs, &mean, 1e-6);
     let names: Vec<&str> = p.runs.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(names, ["a", "b", "c"]);
@@ -56,7 +74,9 @@ fn ensemble_is_the_mean_of_its_members() {
     }
     // Weighted: (1·a + 3·c) / 4.
     let p = client.predict(&spec("wens", 4, WIDTH, &x)).unwrap();
-    let w: Vec<f32> = (0..4 * CLASSES).map(|i| (members[0][i] + 3.0 * members[2][i]) / 4.0).collect();
+    let w: Vec<f32> = (0..4 * CLASSES)
+        .map(|i| (members[0][i] + 3.0 * members[2][i]) / 4.0)
+        .collect();
     assert_close(&p.outputs, &w, 1e-6);
     server.shutdown();
 }
@@ -110,7 +130,9 @@ fn many_requests_in_flight_on_one_connection_come_back_matched() {
         let expect = match i % 4 {
             3 => {
                 let m: Vec<Vec<f32>> = models.iter().map(|m| direct(m, x, 1)).collect();
-                (0..CLASSES).map(|k| m.iter().map(|v| v[k]).sum::<f32>() / 3.0).collect()
+                (0..CLASSES)
+                    .map(|k| m.iter().map(|v| v[k]).sum::<f32>() / 3.0)
+                    .collect()
             }
             j => direct(&models[j], x, 1),
         };
@@ -121,7 +143,10 @@ fn many_requests_in_flight_on_one_connection_come_back_matched() {
     writer.join().unwrap();
     assert!(seen.iter().all(|&s| s));
     let totals = server.shutdown();
-    assert!(totals.batches < totals.batch_rows, "requests were batched together");
+    assert!(
+        totals.batches < totals.batch_rows,
+        "requests were batched together"
+    );
 }
 
 #[test]
@@ -165,12 +190,19 @@ fn bad_requests_get_a_status_and_the_connection_keeps_serving() {
         let len = 8 + (seed % 200) as usize;
         let mut frame = (len as u32).to_le_bytes().to_vec();
         for _ in 0..len {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             frame.push((seed >> 56) as u8);
         }
         raw.send_bytes(&frame);
         let r = raw.recv();
-        assert_eq!(r.status, Status::BadRequest, "random body answered {:?}", r.status);
+        assert_eq!(
+            r.status,
+            Status::BadRequest,
+            "random body answered {:?}",
+            r.status
+        );
     }
 
     // A valid frame, truncated inside its body, then completed: framing
@@ -222,7 +254,10 @@ fn a_bad_length_prefix_closes_only_that_connection() {
     assert!(raw.is_closed());
 
     assert!(good.predict(&spec("a", 1, WIDTH, &x)).is_ok());
-    assert!(Client::connect(server.addr).unwrap().predict(&spec("ens", 1, WIDTH, &x)).is_ok());
+    assert!(Client::connect(server.addr)
+        .unwrap()
+        .predict(&spec("ens", 1, WIDTH, &x))
+        .is_ok());
     let totals = server.shutdown();
     assert!(totals.connections_dropped >= 3);
 }
@@ -256,8 +291,18 @@ fn a_full_queue_answers_overloaded_at_once() {
     let mut repo = test_repository(500_000);
     // Shrink `slow`'s queue to 8 rows.
     let slow = repo.models.get_mut("slow").unwrap();
-    let mut m = beast::model::Model::random("slow", &[WIDTH, 8, CLASSES], beast::model::Activation::Relu, beast::model::OutputTransform::Softmax, 7);
-    m.batch = beast::model::BatchLimits { max_batch: 8, max_queue_delay_us: 500_000, queue_rows_max: 8 };
+    let mut m = beast::model::Model::random(
+        "slow",
+        &[WIDTH, 8, CLASSES],
+        beast::model::Activation::Relu,
+        beast::model::OutputTransform::Softmax,
+        7,
+    );
+    m.batch = beast::model::BatchLimits {
+        max_batch: 8,
+        max_queue_delay_us: 500_000,
+        queue_rows_max: 8,
+    };
     slow[0] = std::sync::Arc::new(m);
     let server = start_with(test_config(), repo);
     let mut raw = Raw::connect(server.addr);
@@ -269,7 +314,10 @@ fn a_full_queue_answers_overloaded_at_once() {
     // 3 + 3 rows fit; the third and fourth requests (9 and 12 rows) do not.
     let first = raw.recv();
     assert_eq!(first.status, Status::Overloaded);
-    assert!(t0.elapsed() < Duration::from_millis(400), "OVERLOADED must not wait for the queue");
+    assert!(
+        t0.elapsed() < Duration::from_millis(400),
+        "OVERLOADED must not wait for the queue"
+    );
     assert_eq!(raw.recv().status, Status::Overloaded);
     assert_eq!(raw.recv().status, Status::Ok);
     assert_eq!(raw.recv().status, Status::Ok);
@@ -284,7 +332,10 @@ fn deadline_exceeded_when_the_answer_is_late() {
     // `slow` waits 300 ms to fill a batch: a 20 ms budget cannot be met.
     let mut s = spec("slow", 1, WIDTH, &x);
     s.deadline_us = Some(20_000);
-    assert!(matches!(client.predict(&s), Err(ClientError::DeadlineExceeded(_))));
+    assert!(matches!(
+        client.predict(&s),
+        Err(ClientError::DeadlineExceeded(_))
+    ));
     // A generous budget is met.
     let mut s = spec("a", 1, WIDTH, &x);
     s.deadline_us = Some(5_000_000);
@@ -298,12 +349,16 @@ fn shutdown_answers_every_request_in_flight() {
     let client = Client::connect(server.addr).unwrap();
     let x = rows(42, 1, WIDTH);
     // `slow` holds requests for 300 ms: they are in flight when stop comes.
-    let pending: Vec<_> = (0..50).map(|_| client.send(&spec("slow", 1, WIDTH, &x)).unwrap()).collect();
+    let pending: Vec<_> = (0..50)
+        .map(|_| client.send(&spec("slow", 1, WIDTH, &x)).unwrap())
+        .collect();
     std::thread::sleep(Duration::from_millis(100));
     let t0 = Instant::now();
     server.stop();
     for p in pending {
-        let r = p.wait().expect("in-flight request answered during shutdown");
+        let r = p
+            .wait()
+            .expect("in-flight request answered during shutdown");
         // 50 rows ran as one batch: same numbers within the backend tolerance.
         assert_close(&r.outputs, &direct(&model("slow"), &x, 1), 2e-3);
     }
@@ -317,14 +372,20 @@ fn shutdown_answers_every_request_in_flight() {
 
 #[test]
 fn two_shards_share_the_port() {
-    if std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) < 2 {
+    if std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        < 2
+    {
         return;
     }
     let mut cfg = test_config();
     cfg.cores = vec![0, 1];
     let server = start_with(cfg, test_repository(300_000));
     let x = rows(8, 1, WIDTH);
-    let clients: Vec<Client> = (0..8).map(|_| Client::connect(server.addr).unwrap()).collect();
+    let clients: Vec<Client> = (0..8)
+        .map(|_| Client::connect(server.addr).unwrap())
+        .collect();
     for c in &clients {
         assert_eq!(c.predict(&spec("ens", 1, WIDTH, &x)).unwrap().rows, 1);
     }

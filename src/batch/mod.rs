@@ -133,7 +133,8 @@ impl<J> Queue<J> {
         let cap = self.limits.queue_rows_max;
         input_out.resize(rows * w, 0.0);
         let first = rows.min(cap - self.head_row);
-        input_out[..first * w].copy_from_slice(&self.ring[self.head_row * w..(self.head_row + first) * w]);
+        input_out[..first * w]
+            .copy_from_slice(&self.ring[self.head_row * w..(self.head_row + first) * w]);
         if first < rows {
             input_out[first * w..].copy_from_slice(&self.ring[..(rows - first) * w]);
         }
@@ -161,7 +162,10 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(q.readiness(t0), Readiness::Empty);
         q.push(1, &[1.0, 2.0], t0).unwrap();
-        assert_eq!(q.readiness(t0), Readiness::At(t0 + Duration::from_micros(100)));
+        assert_eq!(
+            q.readiness(t0),
+            Readiness::At(t0 + Duration::from_micros(100))
+        );
         assert_eq!(q.readiness(t0 + Duration::from_micros(100)), Readiness::Now);
         q.push(2, &[3.0, 4.0, 5.0, 6.0, 7.0, 8.0], t0).unwrap();
         assert_eq!(q.readiness(t0), Readiness::Now);
@@ -193,10 +197,12 @@ mod tests {
                 if !q.has_room(rows) {
                     break;
                 }
-                let data: Vec<f32> = (0..rows * 2).map(|_| {
-                    next += 1.0;
-                    next
-                }).collect();
+                let data: Vec<f32> = (0..rows * 2)
+                    .map(|_| {
+                        next += 1.0;
+                        next
+                    })
+                    .collect();
                 expect.extend_from_slice(&data);
                 q.push(round, &data, t).unwrap();
             }

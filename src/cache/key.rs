@@ -59,6 +59,7 @@ const TAG_MODEL: u8 = 2;
 const TAG_ENSEMBLE: u8 = 3;
 const TAG_SHAPE: u8 = 4;
 const TAG_INPUT: u8 = 5;
+const TAG_GENERATION: u8 = 6;
 
 /// Streaming, allocation-free key builder.
 ///
@@ -104,6 +105,15 @@ impl KeyBuilder {
     pub fn ensemble(mut self, fingerprint: u64) -> Self {
         self.hasher.update(&[TAG_ENSEMBLE]);
         self.hasher.update(&fingerprint.to_le_bytes());
+        self
+    }
+
+    /// The target's purge generation: bumping it (an admin purge) makes
+    /// every older entry of the target unreachable on every core at once.
+    #[inline]
+    pub fn generation(mut self, generation: u64) -> Self {
+        self.hasher.update(&[TAG_GENERATION]);
+        self.hasher.update(&generation.to_le_bytes());
         self
     }
 

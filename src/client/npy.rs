@@ -14,7 +14,10 @@ pub fn read_f32_matrix(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>), String>
             if bytes.len() < 12 {
                 return Err("truncated header".into());
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
         v => return Err(format!("unsupported .npy version {v}")),
     };
@@ -49,11 +52,15 @@ pub fn read_f32_matrix(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>), String>
     let data = &bytes[hstart + hlen..];
     let n = rows * cols;
     let out: Vec<f32> = match dtype {
-        "<f4" => chunks(data, 4, n)?.map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        "<f4" => chunks(data, 4, n)?
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         "<f8" => chunks(data, 8, n)?
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
-        "<f2" => chunks(data, 2, n)?.map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        "<f2" => chunks(data, 2, n)?
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
         d => return Err(format!("dtype {d} not supported (use <f2, <f4 or <f8)")),
     };
     Ok((rows, cols, out))
@@ -61,7 +68,11 @@ pub fn read_f32_matrix(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>), String>
 
 fn chunks(data: &[u8], size: usize, n: usize) -> Result<std::slice::ChunksExact<'_, u8>, String> {
     if data.len() < size * n {
-        return Err(format!("data has {} bytes, shape needs {}", data.len(), size * n));
+        return Err(format!(
+            "data has {} bytes, shape needs {}",
+            data.len(),
+            size * n
+        ));
     }
     Ok(data[..size * n].chunks_exact(size))
 }
@@ -85,16 +96,32 @@ mod tests {
 
     #[test]
     fn reads_f4_and_f8() {
-        let d: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert_eq!(read_f32_matrix(&npy("<f4", "(2, 3)", &d)).unwrap(), (2, 3, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]));
-        let d: Vec<u8> = [0.5f64, -1.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert_eq!(read_f32_matrix(&npy("<f8", "(2,)", &d)).unwrap(), (1, 2, vec![0.5, -1.0]));
+        let d: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(
+            read_f32_matrix(&npy("<f4", "(2, 3)", &d)).unwrap(),
+            (2, 3, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+        );
+        let d: Vec<u8> = [0.5f64, -1.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        assert_eq!(
+            read_f32_matrix(&npy("<f8", "(2,)", &d)).unwrap(),
+            (1, 2, vec![0.5, -1.0])
+        );
     }
 
     #[test]
     fn refuses_bad_files() {
         assert!(read_f32_matrix(b"hello world").is_err());
-        assert!(read_f32_matrix(&npy("<i4", "(1,)", &[0; 4])).unwrap_err().contains("dtype"));
-        assert!(read_f32_matrix(&npy("<f4", "(2, 3)", &[0; 8])).unwrap_err().contains("bytes"));
+        assert!(read_f32_matrix(&npy("<i4", "(1,)", &[0; 4]))
+            .unwrap_err()
+            .contains("dtype"));
+        assert!(read_f32_matrix(&npy("<f4", "(2, 3)", &[0; 8]))
+            .unwrap_err()
+            .contains("bytes"));
     }
 }

@@ -74,7 +74,10 @@ impl EnsemblePlan {
             Combiner::Mean => vec![1.0; members.len()],
             Combiner::WeightedMean => spec.weights.clone(),
         };
-        if weights.len() != members.len() || weights.iter().any(|w| !w.is_finite() || *w < 0.0) || weights.iter().sum::<f32>() <= 0.0 {
+        if weights.len() != members.len()
+            || weights.iter().any(|w| !w.is_finite() || *w < 0.0)
+            || weights.iter().sum::<f32>() <= 0.0
+        {
             return Err(format!(
                 "ensemble {}: weights must be {} finite non-negative numbers with a positive sum",
                 spec.name,
@@ -160,7 +163,10 @@ mod tests {
             weights: vec![1.0],
         };
         assert!(EnsemblePlan::new(&spec, vec![0, 1], 4, 2).is_err());
-        let spec = EnsembleSpec { weights: vec![1.0, 2.0], ..spec };
+        let spec = EnsembleSpec {
+            weights: vec![1.0, 2.0],
+            ..spec
+        };
         let p = EnsemblePlan::new(&spec, vec![0, 1], 4, 2).unwrap();
         assert_eq!(p.select(), MemberSet(0b11));
         assert_eq!(p.select().iter().collect::<Vec<_>>(), vec![0, 1]);

@@ -1,7 +1,8 @@
 //! The standard benchmark models, built deterministically from a seed.
-//! INTERFACE CONTRACT (model helper implements).
 
+use super::manifest::{LayerSpec, ModelManifest, LAYER_NORM_EPS_DEFAULT};
 use super::Model;
+use half::f16;
 use std::path::Path;
 
 /// `bench_a` 256→512→512→16, `bench_b` 256→1024→16,
@@ -9,9 +10,21 @@ use std::path::Path;
 pub fn bench_models() -> Vec<Model> {
     use super::{Activation::Relu, OutputTransform::Softmax};
     vec![
-        Model::random("bench_a", &[256, 512, 512, 16], Relu, Softmax, BENCH_SEEDS[0]),
+        Model::random(
+            "bench_a",
+            &[256, 512, 512, 16],
+            Relu,
+            Softmax,
+            BENCH_SEEDS[0],
+        ),
         Model::random("bench_b", &[256, 1024, 16], Relu, Softmax, BENCH_SEEDS[1]),
-        Model::random("bench_c", &[256, 256, 256, 256, 16], Relu, Softmax, BENCH_SEEDS[2]),
+        Model::random(
+            "bench_c",
+            &[256, 256, 256, 256, 16],
+            Relu,
+            Softmax,
+            BENCH_SEEDS[2],
+        ),
     ]
 }
 
@@ -20,7 +33,95 @@ pub const BENCH_SEEDS: [u64; 3] = [0xA, 0xB, 0xC];
 
 /// Write the bench models as a repository (`model.toml` + `1/weights.safetensors`
 /// each, and `ensembles.toml` with `bench_ens` = the three, mean).
+/// The bytes are deterministic: same models, same files, every run.
 pub fn write_demo_repository(out: &Path) -> std::io::Result<()> {
-    let _ = out;
-    todo!("model helper")
+    let models = bench_models();
+    for m in &models {
+        write_model(out, m)?;
+    }
+    let names: Vec<String> = models.iter().map(|m| format!("\"{}\"", m.name)).collect();
+    std::fs::write(
+        out.join("ensembles.toml"),
+        format!(
+            "[ensembles.bench_ens]\nmembers = [{}]\ncombiner = \"mean\"\n",
+            names.join(", ")
+        ),
+    )
+}
+
+/// Write one model as `<out>/<name>/model.toml` and
+/// `<out>/<name>/<version>/weights.safetensors` (FP16 weights and biases;
+/// layer-norm parameters when present).
+pub fn write_model(out: &Path, m: &Model) -> std::io::Result<()> {
+    let dir = out.join(&m.name);
+    let vdir = dir.join(m.version.to_string());
+    std::fs::create_dir_all(&vdir)?;
+    let man = ModelManifest {
+        input_width: m.input_width,
+        output: m.output,
+        layer_norm_eps: m
+            .layers
+            .iter()
+            .find_map(|l| l.layer_norm.as_ref().map(|n| n.eps))
+            .unwrap_or(LAYER_NORM_EPS_DEFAULT),
+        layers: m
+            .layers
+            .iter()
+            .map(|l| LayerSpec {
+                units: l.out_dim,
+                activation: l.activation,
+                layer_norm: l.layer_norm.is_some(),
+            })
+            .collect(),
+        batch: m.batch,
+    };
+    std::fs::write(dir.join("model.toml"), man.to_toml())?;
+    let mut tensors: Vec<(String, F16Tensor)> = Vec::new();
+    for (i, l) in m.layers.iter().enumerate() {
+        tensors.push((
+            format!("layers.{i}.weight"),
+            F16Tensor::new(vec![l.in_dim, l.out_dim], l.weight().iter().copied()),
+        ));
+        let f32s = |name: &str, v: &[f32]| {
+            (
+                format!("layers.{i}.{name}"),
+                F16Tensor::new(vec![v.len()], v.iter().map(|&x| f16::from_f32(x))),
+            )
+        };
+        tensors.push(f32s("bias", &l.bias));
+        if let Some(n) = &l.layer_norm {
+            tensors.push(f32s("ln_gamma", &n.gamma));
+            tensors.push(f32s("ln_beta", &n.beta));
+        }
+    }
+    safetensors::serialize_to_file(tensors, None, &vdir.join(super::load::WEIGHTS_FILE))
+        .map_err(std::io::Error::other)
+}
+
+/// An owned FP16 tensor in little-endian bytes, for the safetensors writer.
+struct F16Tensor {
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl F16Tensor {
+    fn new(shape: Vec<usize>, values: impl Iterator<Item = f16>) -> F16Tensor {
+        let bytes = values.flat_map(|x| x.to_le_bytes()).collect();
+        F16Tensor { shape, bytes }
+    }
+}
+
+impl safetensors::View for F16Tensor {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F16
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
 }

@@ -1,9 +1,21 @@
 //! Loading a model repository folder: `<dir>/<model>/model.toml`,
 //! `<dir>/<model>/<version>/weights.safetensors`, `<dir>/ensembles.toml`.
-//! INTERFACE CONTRACT (model helper implements).
+//! The format is documented in docs/MODELS.md.
+//!
+//! FP16 weights are used in place: the safetensors file is memory-mapped and
+//! each weight becomes an `F16Storage::Mapped` window into it (the header is
+//! parsed by the `safetensors` crate, which validates the offsets). F32
+//! weights are converted once into owned FP16. Nothing is trusted: every
+//! shape, dtype and value is checked, a bad model/version/ensemble is refused
+//! with a one-line error naming the file and the field, and the rest load.
 
-use super::{BatchLimits, EnsembleSpec, Model};
+use super::manifest::{self, ModelManifest};
+use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model};
+use half::f16;
+use safetensors::tensor::{Dtype, TensorInfo};
+use safetensors::SafeTensors;
 use std::collections::BTreeMap;
+use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,6 +28,9 @@ pub struct Repository {
     /// One line per model/version/ensemble that was refused, naming the
     /// file and field (already logged; kept for /v1/models and tests).
     pub errors: Vec<String>,
+    /// Things skipped without refusing anything (a folder that is not a
+    /// version number); already logged.
+    pub warnings: Vec<String>,
 }
 
 impl Repository {
@@ -27,12 +42,386 @@ impl Repository {
             Some(v) => versions.iter().find(|m| m.version == v),
         }
     }
+
+    fn refuse(&mut self, e: String) {
+        eprintln!("beast: refused: {e}");
+        self.errors.push(e);
+    }
+
+    fn warn(&mut self, w: String) {
+        eprintln!("beast: warning: {w}");
+        self.warnings.push(w);
+    }
 }
+
+/// The name of the weights file inside a version folder.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+/// The tensor dtypes a weights file may use.
+pub const ACCEPTED_DTYPES: &str = "F16, F32";
 
 /// Load every model and ensemble under `dir`. A bad model, version or
 /// ensemble is refused (recorded in `errors`) while the rest load; only an
 /// unreadable `dir` is an error.
 pub fn load_repository(dir: &Path, defaults: &BatchLimits) -> Result<Repository, String> {
-    let _ = (dir, defaults);
-    todo!("model helper")
+    let mut repo = Repository::default();
+    let rd = fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut model_dirs = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = entry.path();
+        // Files at the top level (ensembles.toml, evaluation data) are not models.
+        if !path.is_dir() {
+            continue;
+        }
+        match entry.file_name().into_string() {
+            Ok(name) if name.starts_with('.') => {}
+            Ok(name) => model_dirs.push(name),
+            Err(_) => repo.warn(format!(
+                "{}: folder name is not UTF-8, ignored",
+                path.display()
+            )),
+        }
+    }
+    model_dirs.sort();
+    for name in model_dirs {
+        load_model_dir(&mut repo, dir, &name, defaults);
+    }
+    load_ensembles(&mut repo, dir);
+    if repo.models.is_empty() && repo.errors.is_empty() {
+        repo.refuse(format!(
+            "{}: empty repository (no <model>/model.toml found)",
+            dir.display()
+        ));
+    }
+    Ok(repo)
 }
+
+fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &BatchLimits) {
+    let mdir = dir.join(name);
+    let toml_path = mdir.join("model.toml");
+    let text = match fs::read_to_string(&toml_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return repo.refuse(format!(
+                "{}: missing (every model folder needs one)",
+                toml_path.display()
+            ));
+        }
+        Err(e) => return repo.refuse(format!("{}: {e}", toml_path.display())),
+    };
+    let man = match manifest::parse_model_manifest(&text, defaults) {
+        Ok(m) => m,
+        Err(e) => return repo.refuse(format!("{}: {e}", toml_path.display())),
+    };
+    let rd = match fs::read_dir(&mdir) {
+        Ok(r) => r,
+        Err(e) => return repo.refuse(format!("{}: {e}", mdir.display())),
+    };
+    let mut versions: Vec<u32> = Vec::new();
+    for entry in rd.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let fname = entry.file_name();
+        let s = fname.to_string_lossy();
+        if s.starts_with('.') {
+            continue;
+        }
+        match s.parse::<u32>() {
+            // Only canonical spellings: "01" and "1" would otherwise be the same version.
+            Ok(v) if v >= 1 && v.to_string() == s => versions.push(v),
+            _ => repo.warn(format!(
+                "{}: not a version folder (a positive integer), ignored",
+                path.display()
+            )),
+        }
+    }
+    versions.sort_unstable();
+    if versions.is_empty() {
+        return repo.refuse(format!(
+            "{}: no versions found (expected <model>/<N>/{WEIGHTS_FILE}, N a positive integer)",
+            mdir.display()
+        ));
+    }
+    let mut loaded = Vec::new();
+    for v in versions {
+        let wpath = mdir.join(v.to_string()).join(WEIGHTS_FILE);
+        match load_weights(&wpath, name, v, &man) {
+            Ok(m) => loaded.push(Arc::new(m)),
+            Err(e) => repo.refuse(format!("{}: {e}", wpath.display())),
+        }
+    }
+    if !loaded.is_empty() {
+        repo.models.insert(name.to_string(), loaded);
+    }
+}
+
+/// Build one model version from its weights file and manifest. Errors name
+/// the tensor; the caller prefixes the file.
+fn load_weights(
+    path: &Path,
+    name: &str,
+    version: u32,
+    man: &ModelManifest,
+) -> Result<Model, String> {
+    let file = fs::File::open(path).map_err(|e| e.to_string())?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    if len < 8 {
+        return Err(format!("{len} bytes: too short for a safetensors file"));
+    }
+    // SAFETY: the map is read-only and the loader's contract is that a
+    // version folder is never modified in place (a new version is a new
+    // folder); the bytes are validated below before any use.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("mmap: {e}"))?;
+    let map = Arc::new(map);
+    let (header_len, meta) = SafeTensors::read_metadata(&map[..])
+        .map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let data_start = 8 + header_len;
+    let tensors = meta.tensors();
+
+    let mut expected: Vec<String> = Vec::new();
+    let mut layers = Vec::with_capacity(man.layers.len());
+    for (i, ((in_dim, out_dim), spec)) in man.layer_dims().into_iter().zip(&man.layers).enumerate()
+    {
+        let get = |suffix: &str, shape: &[usize]| -> Result<&TensorInfo, String> {
+            let tname = format!("layers.{i}.{suffix}");
+            let info = tensors.get(&tname).copied().ok_or_else(|| {
+                format!("tensor {tname}: missing (model.toml says shape {shape:?})")
+            })?;
+            if info.shape != shape {
+                return Err(format!(
+                    "tensor {tname}: shape {:?} but model.toml says {shape:?}",
+                    info.shape
+                ));
+            }
+            if !matches!(info.dtype, Dtype::F16 | Dtype::F32) {
+                return Err(format!(
+                    "tensor {tname}: dtype {:?} not accepted (accepted: {ACCEPTED_DTYPES})",
+                    info.dtype
+                ));
+            }
+            Ok(info)
+        };
+        let wname = format!("layers.{i}.weight");
+        let winfo = get("weight", &[in_dim, out_dim])?;
+        let weight = f16_storage(&map, data_start, winfo, &wname)?;
+        let bias = f32_vec(
+            &map,
+            data_start,
+            get("bias", &[out_dim])?,
+            &format!("layers.{i}.bias"),
+        )?;
+        expected.push(wname);
+        expected.push(format!("layers.{i}.bias"));
+        let layer_norm = if spec.layer_norm {
+            let gamma = f32_vec(
+                &map,
+                data_start,
+                get("ln_gamma", &[out_dim])?,
+                &format!("layers.{i}.ln_gamma"),
+            )?;
+            let beta = f32_vec(
+                &map,
+                data_start,
+                get("ln_beta", &[out_dim])?,
+                &format!("layers.{i}.ln_beta"),
+            )?;
+            expected.push(format!("layers.{i}.ln_gamma"));
+            expected.push(format!("layers.{i}.ln_beta"));
+            Some(LayerNorm {
+                gamma,
+                beta,
+                eps: man.layer_norm_eps,
+            })
+        } else {
+            None
+        };
+        layers.push(Dense {
+            in_dim,
+            out_dim,
+            weight,
+            bias,
+            layer_norm,
+            activation: spec.activation,
+        });
+    }
+    // Extra tensors are refused: a file with layer-norm parameters for a
+    // layer that model.toml declares without layer norm (or a layer too many)
+    // would otherwise load and compute something other than what was trained.
+    let mut extra: Vec<&String> = tensors.keys().filter(|k| !expected.contains(k)).collect();
+    if !extra.is_empty() {
+        extra.sort();
+        return Err(format!(
+            "tensor {}: not expected by model.toml (expected only {})",
+            extra[0],
+            expected_summary(man)
+        ));
+    }
+    Ok(Model {
+        name: name.to_string(),
+        version,
+        input_width: man.input_width,
+        output_width: man.output_width(),
+        layers,
+        output: man.output,
+        batch: man.batch,
+    })
+}
+
+fn expected_summary(man: &ModelManifest) -> String {
+    let n = man.layers.len();
+    let ln = man.layers.iter().any(|l| l.layer_norm);
+    format!(
+        "layers.{{0..{}}}.weight/bias{}",
+        n - 1,
+        if ln {
+            " and ln_gamma/ln_beta where layer_norm = true"
+        } else {
+            ""
+        }
+    )
+}
+
+fn tensor_bytes<'a>(map: &'a [u8], data_start: usize, info: &TensorInfo) -> &'a [u8] {
+    // read_metadata has checked that the offsets lie within the buffer.
+    &map[data_start + info.data_offsets.0..data_start + info.data_offsets.1]
+}
+
+/// F16 → a window into the map (zero copy) when 2-byte aligned, else a copy;
+/// F32 → converted to owned FP16. Refuses NaN/inf and values beyond FP16.
+fn f16_storage(
+    map: &Arc<memmap2::Mmap>,
+    data_start: usize,
+    info: &TensorInfo,
+    tname: &str,
+) -> Result<F16Storage, String> {
+    let bytes = tensor_bytes(map, data_start, info);
+    match info.dtype {
+        Dtype::F16 => {
+            let offset = data_start + info.data_offsets.0;
+            let aligned = (map.as_ptr() as usize + offset) % std::mem::align_of::<f16>() == 0;
+            let storage = if aligned && cfg!(target_endian = "little") {
+                F16Storage::Mapped {
+                    map: Arc::clone(map),
+                    offset,
+                    len: bytes.len() / 2,
+                }
+            } else {
+                F16Storage::Owned(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                )
+            };
+            if let Some(j) = storage.as_slice().iter().position(|x| !x.is_finite()) {
+                return Err(format!(
+                    "tensor {tname}: element {j} is {} (weights must be finite)",
+                    storage.as_slice()[j]
+                ));
+            }
+            Ok(storage)
+        }
+        _ => {
+            let mut out = Vec::with_capacity(bytes.len() / 4);
+            for (j, c) in bytes.chunks_exact(4).enumerate() {
+                let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                let h = f16::from_f32(x);
+                if !x.is_finite() {
+                    return Err(format!(
+                        "tensor {tname}: element {j} is {x} (weights must be finite)"
+                    ));
+                }
+                if !h.is_finite() {
+                    return Err(format!(
+                        "tensor {tname}: element {j} = {x} overflows FP16 (|w| > 65504)"
+                    ));
+                }
+                out.push(h);
+            }
+            Ok(F16Storage::Owned(out))
+        }
+    }
+}
+
+/// A small per-feature vector (bias, layer-norm parameters), F16 or F32 → f32.
+fn f32_vec(
+    map: &[u8],
+    data_start: usize,
+    info: &TensorInfo,
+    tname: &str,
+) -> Result<Vec<f32>, String> {
+    let bytes = tensor_bytes(map, data_start, info);
+    let v: Vec<f32> = match info.dtype {
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    };
+    if let Some(j) = v.iter().position(|x| !x.is_finite()) {
+        return Err(format!(
+            "tensor {tname}: element {j} is {} (values must be finite)",
+            v[j]
+        ));
+    }
+    Ok(v)
+}
+
+fn load_ensembles(repo: &mut Repository, dir: &Path) {
+    let path = dir.join("ensembles.toml");
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => return repo.refuse(format!("{}: {e}", path.display())),
+    };
+    let entries = match manifest::parse_ensembles(&text) {
+        Ok(e) => e,
+        Err(e) => return repo.refuse(format!("{}: {e}", path.display())),
+    };
+    for (name, spec) in entries {
+        match spec.and_then(|s| check_ensemble(repo, s)) {
+            Ok(s) => {
+                repo.ensembles.insert(name, s);
+            }
+            Err(e) => repo.refuse(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+/// Checks that need the loaded models: members exist, widths agree, no name clash.
+fn check_ensemble(repo: &Repository, spec: EnsembleSpec) -> Result<EnsembleSpec, String> {
+    let path = format!("ensembles.{}", spec.name);
+    if repo.models.contains_key(&spec.name) {
+        return Err(format!(
+            "{path}: name collides with a model of the same name (the ensemble is refused)"
+        ));
+    }
+    let mut first: Option<&Arc<Model>> = None;
+    for (i, m) in spec.members.iter().enumerate() {
+        let Some(model) = repo.model(m, None) else {
+            return Err(format!(
+                "{path}.members[{i}]: unknown model \"{m}\" (not in the repository, or refused)"
+            ));
+        };
+        if let Some(f) = first {
+            if model.input_width != f.input_width || model.output_width != f.output_width {
+                return Err(format!(
+                    "{path}.members[{i}]: \"{m}\" is {}→{} but \"{}\" is {}→{} (members must agree on input and output widths)",
+                    model.input_width, model.output_width, f.name, f.input_width, f.output_width
+                ));
+            }
+        } else {
+            first = Some(model);
+        }
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+#[path = "load_tests.rs"]
+mod tests;

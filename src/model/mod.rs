@@ -173,7 +173,10 @@ impl Model {
         seed: u64,
     ) -> Model {
         use rand::{Rng, SeedableRng};
-        assert!(dims.len() >= 2, "a model needs an input and an output width");
+        assert!(
+            dims.len() >= 2,
+            "a model needs an input and an output width"
+        );
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut layers = Vec::with_capacity(dims.len() - 1);
         for i in 0..dims.len() - 1 {

@@ -92,7 +92,8 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
             start = 0;
         }
         if end >= FRAME_HEADER_LEN {
-            let need = FRAME_HEADER_LEN + u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            let need =
+                FRAME_HEADER_LEN + u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
             if need > buf.len() {
                 buf.resize(need, 0);
             }

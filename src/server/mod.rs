@@ -75,16 +75,31 @@ impl ServerHandle {
 /// Start one shard per configured CPU and return once all listen.
 pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String> {
     cfg.validate()?;
-    let mut addr: SocketAddr = cfg.listen.parse().map_err(|e| format!("listen {}: {e}", cfg.listen))?;
+    let mut addr: SocketAddr = cfg
+        .listen
+        .parse()
+        .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
     // With port 0 every shard would get a different port: bind (without
     // listening, so it never takes a connection) to learn one, and hold it
     // until the shards have bound it too.
     let placeholder = if addr.port() == 0 {
-        let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(|e| format!("socket: {e}"))?;
-        s.set_reuse_port(true).map_err(|e| format!("SO_REUSEPORT: {e}"))?;
-        s.set_reuse_address(true).map_err(|e| format!("SO_REUSEADDR: {e}"))?;
-        s.bind(&addr.into()).map_err(|e| format!("bind {addr}: {e}"))?;
-        addr = s.local_addr().ok().and_then(|a| a.as_socket()).ok_or("placeholder socket has no address")?;
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .map_err(|e| format!("socket: {e}"))?;
+        s.set_reuse_port(true)
+            .map_err(|e| format!("SO_REUSEPORT: {e}"))?;
+        s.set_reuse_address(true)
+            .map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+        s.bind(&addr.into())
+            .map_err(|e| format!("bind {addr}: {e}"))?;
+        addr = s
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or("placeholder socket has no address")?;
         Some(s)
     } else {
         None
@@ -99,7 +114,11 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
         let m = Arc::new(ShardMetrics::default());
         metrics.push(m.clone());
         let (cfg, repo, stop2, ready) = (cfg.clone(), repo.clone(), stop.clone(), ready_tx.clone());
-        let placement = if cfg.pin_shards { Placement::Fixed(cpu) } else { Placement::Unbound };
+        let placement = if cfg.pin_shards {
+            Placement::Fixed(cpu)
+        } else {
+            Placement::Unbound
+        };
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("beast-shard-{id}"))
             .io_memory(cfg.io_memory_bytes);
@@ -110,7 +129,9 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             Ok(h) => threads.push(h),
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
-                return Err(format!("shard {id} on cpu {cpu}: cannot start executor: {e}"));
+                return Err(format!(
+                    "shard {id} on cpu {cpu}: cannot start executor: {e}"
+                ));
             }
         }
     }
@@ -142,7 +163,15 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     })
 }
 
-async fn run_shard(id: usize, cfg: Arc<Config>, repo: Arc<Repository>, addr: SocketAddr, stop: Arc<AtomicBool>, metrics: Arc<ShardMetrics>, ready: mpsc::Sender<Result<String, String>>) {
+async fn run_shard(
+    id: usize,
+    cfg: Arc<Config>,
+    repo: Arc<Repository>,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<ShardMetrics>,
+    ready: mpsc::Sender<Result<String, String>>,
+) {
     let backend = backend::select();
     let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics) {
         Ok(s) => Rc::new(s),

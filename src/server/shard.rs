@@ -157,7 +157,14 @@ impl Shard {
     }
 
     /// Answer an error at once.
-    pub fn respond_error(&self, conn: &Conn, id: u64, status: Status, message: &str, arrival: Instant) {
+    pub fn respond_error(
+        &self,
+        conn: &Conn,
+        id: u64,
+        status: Status,
+        message: &str,
+        arrival: Instant,
+    ) {
         self.metrics.response(status);
         if conn.dead.get() {
             return;
@@ -181,7 +188,14 @@ impl Shard {
         conn.writer_wake.notify();
     }
 
-    fn respond_error_fmt(&self, conn: &Conn, id: u64, status: Status, arrival: Instant, args: std::fmt::Arguments<'_>) {
+    fn respond_error_fmt(
+        &self,
+        conn: &Conn,
+        id: u64,
+        status: Status,
+        arrival: Instant,
+        args: std::fmt::Arguments<'_>,
+    ) {
         let mut msg = self.message.borrow_mut();
         msg.clear();
         let _ = msg.write_fmt(args);
@@ -197,24 +211,61 @@ impl Shard {
             Err(e) => return self.respond_error(conn, 0, Status::BadRequest, e.message(), arrival),
         };
         if conn.in_flight.get() >= self.cfg.in_flight_per_connection_max {
-            return self.respond_error(conn, req.id, Status::Overloaded, "too many requests in flight on this connection", arrival);
+            return self.respond_error(
+                conn,
+                req.id,
+                Status::Overloaded,
+                "too many requests in flight on this connection",
+                arrival,
+            );
         }
         if self.stopping.get() {
-            return self.respond_error(conn, req.id, Status::Overloaded, "server is shutting down", arrival);
+            return self.respond_error(
+                conn,
+                req.id,
+                Status::Overloaded,
+                "server is shutting down",
+                arrival,
+            );
         }
         let rows = req.rows as usize;
         if rows > self.cfg.rows_per_request_max {
-            return self.respond_error_fmt(conn, req.id, Status::BadRequest, arrival, format_args!("{rows} rows exceed the limit of {} per request", self.cfg.rows_per_request_max));
+            return self.respond_error_fmt(
+                conn,
+                req.id,
+                Status::BadRequest,
+                arrival,
+                format_args!(
+                    "{rows} rows exceed the limit of {} per request",
+                    self.cfg.rows_per_request_max
+                ),
+            );
         }
         match self.targets.get(req.target) {
-            None => self.respond_error_fmt(conn, req.id, Status::NotFound, arrival, format_args!("unknown target '{}'", req.target)),
+            None => self.respond_error_fmt(
+                conn,
+                req.id,
+                Status::NotFound,
+                arrival,
+                format_args!("unknown target '{}'", req.target),
+            ),
             Some(TargetRef::Model(versions)) => {
                 let slot = match req.version {
                     None => versions.last().map(|v| v.1),
                     Some(want) => versions.iter().find(|v| v.0 == want).map(|v| v.1),
                 };
                 let Some(slot) = slot else {
-                    return self.respond_error_fmt(conn, req.id, Status::NotFound, arrival, format_args!("model '{}' has no version {}", req.target, req.version.unwrap_or(0)));
+                    return self.respond_error_fmt(
+                        conn,
+                        req.id,
+                        Status::NotFound,
+                        arrival,
+                        format_args!(
+                            "model '{}' has no version {}",
+                            req.target,
+                            req.version.unwrap_or(0)
+                        ),
+                    );
                 };
                 if !self.read_input(conn, &req, self.slots[slot].model.input_width, arrival) {
                     return;
@@ -223,7 +274,13 @@ impl Shard {
             }
             Some(TargetRef::Ensemble(p)) => {
                 if req.version.is_some() {
-                    return self.respond_error(conn, req.id, Status::BadRequest, "a version applies to a model, not to an ensemble", arrival);
+                    return self.respond_error(
+                        conn,
+                        req.id,
+                        Status::BadRequest,
+                        "a version applies to a model, not to an ensemble",
+                        arrival,
+                    );
                 }
                 if !self.read_input(conn, &req, self.plans[*p].input_width, arrival) {
                     return;
@@ -235,9 +292,24 @@ impl Shard {
 
     /// Check the width and convert the input into `scratch`; answers the
     /// error and returns false when the input is unusable.
-    fn read_input(&self, conn: &Conn, req: &RequestView<'_>, width: usize, arrival: Instant) -> bool {
+    fn read_input(
+        &self,
+        conn: &Conn,
+        req: &RequestView<'_>,
+        width: usize,
+        arrival: Instant,
+    ) -> bool {
         if req.cols as usize != width {
-            self.respond_error_fmt(conn, req.id, Status::BadRequest, arrival, format_args!("input has {} columns but '{}' takes {width}", req.cols, req.target));
+            self.respond_error_fmt(
+                conn,
+                req.id,
+                Status::BadRequest,
+                arrival,
+                format_args!(
+                    "input has {} columns but '{}' takes {width}",
+                    req.cols, req.target
+                ),
+            );
             return false;
         }
         let mut scratch = self.scratch.borrow_mut();
@@ -246,14 +318,25 @@ impl Shard {
         req.read_f32_into(&mut scratch[..n]);
         if let Some(i) = scratch[..n].iter().position(|x| !x.is_finite()) {
             drop(scratch);
-            self.respond_error_fmt(conn, req.id, Status::BadRequest, arrival, format_args!("input is not finite (NaN or infinity) at row {}, column {}", i / width, i % width));
+            self.respond_error_fmt(
+                conn,
+                req.id,
+                Status::BadRequest,
+                arrival,
+                format_args!(
+                    "input is not finite (NaN or infinity) at row {}, column {}",
+                    i / width,
+                    i % width
+                ),
+            );
             return false;
         }
         true
     }
 
     fn deadline(req: &RequestView<'_>, arrival: Instant) -> Option<Instant> {
-        req.deadline_us.map(|us| arrival + Duration::from_micros(us))
+        req.deadline_us
+            .map(|us| arrival + Duration::from_micros(us))
     }
 
     fn submit_model(&self, conn: &Rc<Conn>, req: &RequestView<'_>, slot: usize, arrival: Instant) {
@@ -269,10 +352,18 @@ impl Shard {
         let mut q = s.queue.borrow_mut();
         if q.push(job, input, arrival).is_err() {
             drop((q, scratch));
-            return self.respond_error_fmt(conn, req.id, Status::Overloaded, arrival, format_args!("queue of model '{}' is full", s.model.name));
+            return self.respond_error_fmt(
+                conn,
+                req.id,
+                Status::Overloaded,
+                arrival,
+                format_args!("queue of model '{}' is full", s.model.name),
+            );
         }
         conn.in_flight.set(conn.in_flight.get() + 1);
-        if q.readiness(arrival) == Readiness::Now || q.rows_queued() == input.len() / s.model.input_width {
+        if q.readiness(arrival) == Readiness::Now
+            || q.rows_queued() == input.len() / s.model.input_width
+        {
             s.wake.notify();
         }
     }
@@ -282,14 +373,29 @@ impl Shard {
         let set = plan.select();
         let rows = req.rows as usize;
         // Single-threaded: checking every queue first makes the enqueue all-or-nothing.
-        if let Some(i) = set.iter().find(|&i| !self.slots[plan.members[i]].queue.borrow().has_room(rows)) {
+        if let Some(i) = set
+            .iter()
+            .find(|&i| !self.slots[plan.members[i]].queue.borrow().has_room(rows))
+        {
             let name = &self.slots[plan.members[i]].model.name;
-            return self.respond_error_fmt(conn, req.id, Status::Overloaded, arrival, format_args!("queue of member '{name}' of '{}' is full", plan.name));
+            return self.respond_error_fmt(
+                conn,
+                req.id,
+                Status::Overloaded,
+                arrival,
+                format_args!("queue of member '{name}' of '{}' is full", plan.name),
+            );
         }
         let mut pending = self.pending.borrow_mut();
         let Some(k) = pending.acquire() else {
             drop(pending);
-            return self.respond_error(conn, req.id, Status::Overloaded, "too many ensemble requests in flight on this shard", arrival);
+            return self.respond_error(
+                conn,
+                req.id,
+                Status::Overloaded,
+                "too many ensemble requests in flight on this shard",
+                arrival,
+            );
         };
         let e = pending.get_mut(k);
         e.conn = Some(conn.clone());
@@ -309,7 +415,14 @@ impl Shard {
         for i in set.iter() {
             let s = &self.slots[plan.members[i]];
             let mut q = s.queue.borrow_mut();
-            let pushed = q.push(Job::Member { pending: k, member: i as u8 }, input, arrival);
+            let pushed = q.push(
+                Job::Member {
+                    pending: k,
+                    member: i as u8,
+                },
+                input,
+                arrival,
+            );
             debug_assert!(pushed.is_ok(), "room was checked");
             if q.readiness(arrival) == Readiness::Now || q.rows_queued() == rows {
                 s.wake.notify();
@@ -320,7 +433,15 @@ impl Shard {
 
     /// Answer each job of a finished batch. `output` holds the batch's
     /// rows in job order; `result` is the backend's verdict for all of them.
-    fn dispatch(&self, slot: usize, jobs: &mut Vec<Queued<Job>>, output: &[f32], started: Instant, compute: Duration, ok: bool) {
+    fn dispatch(
+        &self,
+        slot: usize,
+        jobs: &mut Vec<Queued<Job>>,
+        output: &[f32],
+        started: Instant,
+        compute: Duration,
+        ok: bool,
+    ) {
         let s = &self.slots[slot];
         let out_w = s.model.output_width;
         let compute_us = micros(compute);
@@ -332,14 +453,25 @@ impl Shard {
             off += q.rows * out_w;
             let queue_us = micros(started.saturating_duration_since(q.enqueued));
             match q.job {
-                Job::Direct { conn, id, arrival, deadline } => {
+                Job::Direct {
+                    conn,
+                    id,
+                    arrival,
+                    deadline,
+                } => {
                     conn.in_flight.set(conn.in_flight.get() - 1);
                     if !ok {
                         self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
                         continue;
                     }
                     if deadline.is_some_and(|d| now > d) {
-                        self.respond_error(&conn, id, Status::DeadlineExceeded, "deadline passed before the answer was ready", arrival);
+                        self.respond_error(
+                            &conn,
+                            id,
+                            Status::DeadlineExceeded,
+                            "deadline passed before the answer was ready",
+                            arrival,
+                        );
                         continue;
                     }
                     let runs = [RunInfo {
@@ -347,15 +479,28 @@ impl Shard {
                         version: s.model.version,
                         flops: flops_row * q.rows as u64,
                     }];
-                    self.respond_ok(&conn, id, q.rows, out_w, out, &runs, arrival, queue_us, compute_us);
+                    self.respond_ok(
+                        &conn, id, q.rows, out_w, out, &runs, arrival, queue_us, compute_us,
+                    );
                 }
-                Job::Member { pending, member } => self.member_done(pending, member as usize, out, ok, queue_us, compute_us, now),
+                Job::Member { pending, member } => {
+                    self.member_done(pending, member as usize, out, ok, queue_us, compute_us, now)
+                }
             }
         }
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn member_done(&self, k: usize, member: usize, out: &[f32], ok: bool, queue_us: u32, compute_us: u32, now: Instant) {
+    fn member_done(
+        &self,
+        k: usize,
+        member: usize,
+        out: &[f32],
+        ok: bool,
+        queue_us: u32,
+        compute_us: u32,
+        now: Instant,
+    ) {
         let mut pending = self.pending.borrow_mut();
         let e = pending.get_mut(k);
         let plan = &self.plans[e.plan];
@@ -377,7 +522,10 @@ impl Shard {
         let error = if e.failed {
             Some((Status::Internal, "backend failed"))
         } else if e.deadline.is_some_and(|d| now > d) {
-            Some((Status::DeadlineExceeded, "deadline passed before the answer was ready"))
+            Some((
+                Status::DeadlineExceeded,
+                "deadline passed before the answer was ready",
+            ))
         } else {
             None
         };
@@ -386,7 +534,11 @@ impl Shard {
             drop(pending);
             return self.respond_error(&conn, id, status, message, arrival);
         }
-        let mut runs = [RunInfo { model: "", version: 0, flops: 0 }; ENSEMBLE_MEMBERS_MAX];
+        let mut runs = [RunInfo {
+            model: "",
+            version: 0,
+            flops: 0,
+        }; ENSEMBLE_MEMBERS_MAX];
         let n = plan.members.len();
         for (r, &slot) in runs.iter_mut().zip(&plan.members) {
             let m = &self.slots[slot].model;
@@ -399,12 +551,33 @@ impl Shard {
         let (rows, q_us, c_us) = (e.rows as usize, e.queue_us, e.compute_us);
         let out_w = plan.output_width;
         let combined = e.acc.finish();
-        self.respond_ok(&conn, id, rows, out_w, combined, &runs[..n], arrival, q_us, c_us);
+        self.respond_ok(
+            &conn,
+            id,
+            rows,
+            out_w,
+            combined,
+            &runs[..n],
+            arrival,
+            q_us,
+            c_us,
+        );
         pending.release(k);
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn respond_ok(&self, conn: &Conn, id: u64, rows: usize, cols: usize, out: &[f32], runs: &[RunInfo<'_>], arrival: Instant, queue_us: u32, compute_us: u32) {
+    fn respond_ok(
+        &self,
+        conn: &Conn,
+        id: u64,
+        rows: usize,
+        cols: usize,
+        out: &[f32],
+        runs: &[RunInfo<'_>],
+        arrival: Instant,
+        queue_us: u32,
+        compute_us: u32,
+    ) {
         self.metrics.response(Status::Ok);
         self.metrics.queue_us.add(queue_us as u64);
         if conn.dead.get() {

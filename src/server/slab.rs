@@ -36,5 +36,4 @@ impl<T: Default> Slab<T> {
     pub fn get_mut(&mut self, i: usize) -> &mut T {
         &mut self.items[i]
     }
-
 }

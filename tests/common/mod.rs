@@ -45,7 +45,10 @@ pub fn test_models(delay_us_slow: u64) -> Vec<Model> {
 pub fn test_repository(delay_us_slow: u64) -> Repository {
     let mut repo = Repository::default();
     for m in test_models(delay_us_slow) {
-        repo.models.entry(m.name.clone()).or_default().push(Arc::new(m));
+        repo.models
+            .entry(m.name.clone())
+            .or_default()
+            .push(Arc::new(m));
     }
     repo.ensembles.insert(
         "ens".into(),
@@ -123,11 +126,17 @@ impl Raw {
         let s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s.set_nodelay(true).unwrap();
-        Raw { s, enc: Encoder::new() }
+        Raw {
+            s,
+            enc: Encoder::new(),
+        }
     }
 
     pub fn from_stream(s: TcpStream) -> Raw {
-        Raw { s, enc: Encoder::new() }
+        Raw {
+            s,
+            enc: Encoder::new(),
+        }
     }
 
     pub fn send(&mut self, id: u64, r: &RequestSpec<'_>) {
@@ -155,7 +164,9 @@ impl Raw {
     }
 
     pub fn recv(&mut self) -> Owned {
-        let body = self.recv_body().expect("a response, not a closed connection");
+        let body = self
+            .recv_body()
+            .expect("a response, not a closed connection");
         Owned::from(&body)
     }
 
@@ -179,7 +190,8 @@ pub struct Owned {
 
 impl From<&Vec<u8>> for Owned {
     fn from(body: &Vec<u8>) -> Owned {
-        let v: ResponseView<'_> = wire::decode_response(body).expect("server sends valid responses");
+        let v: ResponseView<'_> =
+            wire::decode_response(body).expect("server sends valid responses");
         Owned {
             id: v.id,
             status: v.status,
@@ -187,7 +199,11 @@ impl From<&Vec<u8>> for Owned {
             rows: v.rows,
             cols: v.cols,
             output: v.output_f32(),
-            runs: v.runs.iter().map(|(m, ver, f)| (m.to_string(), *ver, *f)).collect(),
+            runs: v
+                .runs
+                .iter()
+                .map(|(m, ver, f)| (m.to_string(), *ver, *f))
+                .collect(),
         }
     }
 }
@@ -202,7 +218,10 @@ pub fn direct(model: &Model, input: &[f32], rows: usize) -> Vec<f32> {
 }
 
 pub fn model(name: &str) -> Model {
-    test_models(300_000).into_iter().find(|m| m.name == name && m.version == 1).unwrap()
+    test_models(300_000)
+        .into_iter()
+        .find(|m| m.name == name && m.version == 1)
+        .unwrap()
 }
 
 pub fn assert_close(a: &[f32], b: &[f32], tol: f32) {

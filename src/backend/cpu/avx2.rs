@@ -325,16 +325,7 @@ unsafe fn tile(
     // [kc][mr] block of x; b is a kc × NR panel.
     unsafe {
         if nc == NR {
-            micro_dispatch(
-                mr,
-                kc,
-                a,
-                b,
-                c,
-                ldc,
-                bias.unwrap_or(std::ptr::null()),
-                relu,
-            );
+            micro_dispatch(mr, kc, a, b, c, ldc, bias.unwrap_or(std::ptr::null()), relu);
             return;
         }
         let mut ct = [0f32; MR * NR];

@@ -1,0 +1,591 @@
+//! Tests of repository loading: the demo round trip, every refusal, F32
+//! conversion, versions, and the committed `models/` digits ensemble.
+
+use super::*;
+use crate::model::demo::{bench_models, write_demo_repository, write_model};
+use crate::model::{Activation, Combiner, OutputTransform};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A fresh, empty folder under the system temp dir, removed on drop.
+struct TempRepo(PathBuf);
+
+impl TempRepo {
+    fn new(tag: &str) -> TempRepo {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "beast-model-test-{}-{}-{tag}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempRepo(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+    fn write(&self, rel: &str, text: &str) {
+        let p = self.0.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+    fn load(&self) -> Repository {
+        load_repository(&self.0, &BatchLimits::default()).unwrap()
+    }
+}
+
+impl Drop for TempRepo {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A tensor with any dtype and raw bytes, to write files the loader must refuse.
+struct Raw {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for Raw {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn f32_raw(shape: &[usize], v: impl Iterator<Item = f32>) -> Raw {
+    Raw {
+        dtype: Dtype::F32,
+        shape: shape.to_vec(),
+        bytes: v.flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+fn f16_raw(shape: &[usize], v: impl Iterator<Item = f32>) -> Raw {
+    Raw {
+        dtype: Dtype::F16,
+        shape: shape.to_vec(),
+        bytes: v.flat_map(|x| f16::from_f32(x).to_le_bytes()).collect(),
+    }
+}
+
+fn write_st(repo: &TempRepo, rel: &str, tensors: Vec<(&str, Raw)>) {
+    let p = repo.path().join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    safetensors::serialize_to_file(tensors, None, &p).unwrap();
+}
+
+const TINY_TOML: &str = r#"input_width = 4
+output = "softmax"
+layers = [
+  { units = 3, activation = "relu" },
+  { units = 2, activation = "identity" },
+]
+"#;
+
+/// The tensors of TINY_TOML's model, F16, with a hook to change them.
+fn tiny_tensors() -> Vec<(&'static str, Raw)> {
+    vec![
+        (
+            "layers.0.weight",
+            f16_raw(&[4, 3], (0..12).map(|i| i as f32 * 0.1)),
+        ),
+        ("layers.0.bias", f16_raw(&[3], [0.1, 0.2, 0.3].into_iter())),
+        (
+            "layers.1.weight",
+            f16_raw(&[3, 2], (0..6).map(|i| i as f32 * -0.2)),
+        ),
+        ("layers.1.bias", f16_raw(&[2], [0.0, 1.0].into_iter())),
+    ]
+}
+
+/// A repository with a good model `ok` (v1) and an ensemble over it, plus
+/// whatever the test adds.
+fn base_repo(tag: &str) -> TempRepo {
+    let r = TempRepo::new(tag);
+    r.write("ok/model.toml", TINY_TOML);
+    write_st(&r, "ok/1/weights.safetensors", tiny_tensors());
+    r
+}
+
+/// Loads `r`, asserts that `ok` still loaded and that exactly one error names
+/// `file` and contains every `needle`; returns the error.
+fn refused(r: &TempRepo, file: &str, needles: &[&str]) -> String {
+    let repo = r.load();
+    assert!(
+        repo.model("ok", None).is_some(),
+        "good model must still load: {:?}",
+        repo.errors
+    );
+    assert_eq!(repo.errors.len(), 1, "{:?}", repo.errors);
+    let e = repo.errors[0].clone();
+    let want = r.path().join(file).display().to_string();
+    assert!(e.starts_with(&want), "error should name {want}: {e}");
+    for n in needles {
+        assert!(e.contains(n), "error should contain {n:?}: {e}");
+    }
+    e
+}
+
+#[test]
+fn demo_repository_round_trips_bit_exactly_and_mapped() {
+    let r = TempRepo::new("demo");
+    write_demo_repository(r.path()).unwrap();
+    let repo = r.load();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let want = bench_models();
+    assert_eq!(repo.models.len(), want.len());
+    for w in &want {
+        let got = repo.model(&w.name, None).unwrap();
+        assert_eq!(got.version, 1);
+        assert_eq!(
+            (got.input_width, got.output_width),
+            (w.input_width, w.output_width)
+        );
+        assert_eq!(got.output, OutputTransform::Softmax);
+        assert_eq!(got.batch, w.batch);
+        assert_eq!(got.layers.len(), w.layers.len());
+        for (g, e) in got.layers.iter().zip(&w.layers) {
+            assert!(g.weight.is_mapped(), "F16 weights must be used in place");
+            assert_eq!(
+                (g.in_dim, g.out_dim, g.activation),
+                (e.in_dim, e.out_dim, e.activation)
+            );
+            let gb: Vec<u16> = g.weight().iter().map(|x| x.to_bits()).collect();
+            let eb: Vec<u16> = e.weight().iter().map(|x| x.to_bits()).collect();
+            assert!(gb == eb, "weights differ in {}", w.name);
+            // biases travel as FP16: equal to the FP16 rounding of the originals
+            let eb: Vec<f32> = e.bias.iter().map(|&b| f16::from_f32(b).to_f32()).collect();
+            assert_eq!(g.bias, eb);
+        }
+    }
+    let ens = &repo.ensembles["bench_ens"];
+    assert_eq!(ens.members, ["bench_a", "bench_b", "bench_c"]);
+    assert_eq!(ens.combiner, Combiner::Mean);
+
+    // Deterministic bytes: a second write is identical.
+    let r2 = TempRepo::new("demo2");
+    write_demo_repository(r2.path()).unwrap();
+    for rel in [
+        "ensembles.toml",
+        "bench_a/model.toml",
+        "bench_c/1/weights.safetensors",
+    ] {
+        assert!(
+            fs::read(r.path().join(rel)).unwrap() == fs::read(r2.path().join(rel)).unwrap(),
+            "{rel}"
+        );
+    }
+}
+
+#[test]
+fn layer_norm_round_trips() {
+    let r = TempRepo::new("ln");
+    let mut m = Model::random(
+        "ln",
+        &[8, 6, 3],
+        Activation::Gelu,
+        OutputTransform::Sigmoid,
+        7,
+    );
+    m.layers[0].layer_norm = Some(LayerNorm {
+        gamma: vec![1.0, 0.5, 2.0, 1.0, 1.0, 0.25],
+        beta: vec![0.0, 0.5, -1.0, 0.0, 0.125, 0.0],
+        eps: 1e-3,
+    });
+    write_model(r.path(), &m).unwrap();
+    let repo = r.load();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let got = repo.model("ln", Some(1)).unwrap();
+    let ln = got.layers[0].layer_norm.as_ref().unwrap();
+    assert_eq!(ln.gamma, m.layers[0].layer_norm.as_ref().unwrap().gamma);
+    assert_eq!(ln.eps, 1e-3);
+    assert!(got.layers[1].layer_norm.is_none());
+    assert_eq!(got.output, OutputTransform::Sigmoid);
+}
+
+#[test]
+fn f32_weights_are_converted_to_owned_f16() {
+    let r = base_repo("f32");
+    r.write("f/model.toml", TINY_TOML);
+    let w0: Vec<f32> = (0..12).map(|i| i as f32 * 0.123_456_7).collect();
+    write_st(
+        &r,
+        "f/1/weights.safetensors",
+        vec![
+            ("layers.0.weight", f32_raw(&[4, 3], w0.iter().copied())),
+            ("layers.0.bias", f32_raw(&[3], [0.1, 0.2, 0.3].into_iter())),
+            (
+                "layers.1.weight",
+                f32_raw(&[3, 2], (0..6).map(|i| i as f32)),
+            ),
+            ("layers.1.bias", f16_raw(&[2], [0.0, 1.0].into_iter())),
+        ],
+    );
+    let repo = r.load();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let m = repo.model("f", None).unwrap();
+    assert!(!m.layers[0].weight.is_mapped());
+    let want: Vec<f16> = w0.iter().map(|&x| f16::from_f32(x)).collect();
+    assert_eq!(m.layers[0].weight(), &want[..]);
+    assert_eq!(m.layers[0].bias, vec![0.1, 0.2, 0.3]); // F32 biases stay exact
+    assert!(repo.model("ok", None).unwrap().layers[0].weight.is_mapped());
+}
+
+#[test]
+fn unaligned_f16_tensor_is_copied() {
+    // A hand-written file whose header length is odd puts the F16 data at an
+    // odd offset: the loader must copy it rather than cast a misaligned slice.
+    let r = TempRepo::new("unaligned");
+    r.write(
+        "u/model.toml",
+        "input_width = 2\noutput = \"identity\"\nlayers = [{ units = 1, activation = \"identity\" }]\n",
+    );
+    let header = r#"{"layers.0.bias":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"layers.0.weight":{"dtype":"F16","shape":[2,1],"data_offsets":[2,6]}}"#;
+    let header = if header.len() % 2 == 0 {
+        format!("{header} ")
+    } else {
+        header.to_string()
+    };
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    for x in [0.5f32, 1.5, -2.0] {
+        bytes.extend(f16::from_f32(x).to_le_bytes());
+    }
+    fs::create_dir_all(r.path().join("u/1")).unwrap();
+    fs::write(r.path().join("u/1/weights.safetensors"), bytes).unwrap();
+    let repo = r.load();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let m = repo.model("u", None).unwrap();
+    assert!(!m.layers[0].weight.is_mapped());
+    assert_eq!(
+        m.layers[0].weight(),
+        &[f16::from_f32(1.5), f16::from_f32(-2.0)]
+    );
+    assert_eq!(m.layers[0].bias, vec![0.5]);
+}
+
+#[test]
+fn versions_are_sorted_and_latest_is_default() {
+    let r = base_repo("versions");
+    for v in ["10", "2", "1"] {
+        write_st(&r, &format!("ok/{v}/weights.safetensors"), tiny_tensors());
+    }
+    fs::create_dir_all(r.path().join("ok/latest")).unwrap();
+    fs::create_dir_all(r.path().join("ok/0")).unwrap();
+    let repo = r.load();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let vs: Vec<u32> = repo.models["ok"].iter().map(|m| m.version).collect();
+    assert_eq!(vs, [1, 2, 10]);
+    assert_eq!(repo.model("ok", None).unwrap().version, 10);
+    assert_eq!(repo.model("ok", Some(2)).unwrap().version, 2);
+    assert!(repo.model("ok", Some(3)).is_none());
+    assert_eq!(repo.warnings.len(), 2, "{:?}", repo.warnings);
+    assert!(repo
+        .warnings
+        .iter()
+        .any(|w| w.contains("ok/latest") && w.contains("ignored")));
+}
+
+#[test]
+fn refuses_bad_model_toml() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "\"identity\" }",
+            &[
+                "layers[1].activation: unknown variant \"relux\"",
+                "expected one of",
+            ],
+        ),
+        ("units = 3", &["layers[0].units: must be >= 1"]),
+        ("[[[", &["TOML syntax error at line"]),
+        ("max_batch = 0", &["batching.max_batch: must be >= 1"]),
+        (
+            "queue_rows_max = 4",
+            &["batching.queue_rows_max: 4 must be >= max_batch (64)"],
+        ),
+        ("input_width = 4", &["input_width: missing"]),
+    ];
+    for (i, (what, needles)) in cases.iter().enumerate() {
+        let r = base_repo("toml");
+        let text = match *what {
+            "\"identity\" }" => TINY_TOML.replace("\"identity\" }", "\"relux\" }"),
+            "units = 3" => TINY_TOML.replace("units = 3", "units = 0"),
+            "[[[" => TINY_TOML.replace("layers = [", "layers = [[["),
+            "input_width = 4" => TINY_TOML.replace("input_width = 4", ""),
+            other => format!("{TINY_TOML}\n[batching]\n{other}\n"),
+        };
+        r.write("bad/model.toml", &text);
+        write_st(&r, "bad/1/weights.safetensors", tiny_tensors());
+        let e = refused(&r, "bad/model.toml", needles);
+        assert!(e.contains("bad/model.toml: "), "case {i}: {e}");
+    }
+}
+
+#[test]
+fn refuses_bad_weights() {
+    type Mutate = fn(&mut Vec<(&'static str, Raw)>);
+    let cases: &[(Mutate, &[&str])] = &[
+        (
+            |t| t[0].1 = f16_raw(&[4, 5], (0..20).map(|_| 0.0)),
+            &["tensor layers.0.weight: shape [4, 5] but model.toml says [4, 3]"],
+        ),
+        (|t| drop(t.remove(3)), &["tensor layers.1.bias: missing"]),
+        (
+            |t| {
+                t[2].1 = Raw {
+                    dtype: Dtype::I32,
+                    shape: vec![3, 2],
+                    bytes: vec![0; 24],
+                }
+            },
+            &["tensor layers.1.weight: dtype I32 not accepted (accepted: F16, F32)"],
+        ),
+        (
+            |t| {
+                t[1].1 = Raw {
+                    dtype: Dtype::BF16,
+                    shape: vec![3],
+                    bytes: vec![0; 6],
+                }
+            },
+            &["tensor layers.0.bias: dtype BF16 not accepted"],
+        ),
+        (
+            |t| t.push(("layers.0.ln_gamma", f16_raw(&[3], [1.0; 3].into_iter()))),
+            &["tensor layers.0.ln_gamma: not expected by model.toml"],
+        ),
+        (
+            |t| {
+                t[0].1 = f16_raw(
+                    &[4, 3],
+                    (0..12).map(|i| if i == 5 { f32::NAN } else { 0.0 }),
+                )
+            },
+            &["tensor layers.0.weight: element 5 is NaN", "finite"],
+        ),
+        (
+            |t| {
+                t[2].1 = f32_raw(
+                    &[3, 2],
+                    (0..6).map(|i| if i == 1 { f32::INFINITY } else { 0.0 }),
+                )
+            },
+            &["tensor layers.1.weight: element 1 is inf"],
+        ),
+        (
+            |t| t[2].1 = f32_raw(&[3, 2], (0..6).map(|i| if i == 1 { 1e6 } else { 0.0 })),
+            &["tensor layers.1.weight: element 1 = 1000000 overflows FP16"],
+        ),
+    ];
+    for (mutate, needles) in cases {
+        let r = base_repo("weights");
+        r.write("bad/model.toml", TINY_TOML);
+        let mut t = tiny_tensors();
+        mutate(&mut t);
+        write_st(&r, "bad/1/weights.safetensors", t);
+        refused(&r, "bad/1/weights.safetensors", needles);
+    }
+    // not a safetensors file at all
+    let r = base_repo("garbage");
+    r.write("bad/model.toml", TINY_TOML);
+    r.write("bad/1/weights.safetensors", "{\"hello\": 1}");
+    refused(
+        &r,
+        "bad/1/weights.safetensors",
+        &["not a valid safetensors file"],
+    );
+    // a bad version is refused while a good version of the same model loads
+    let r = base_repo("badversion");
+    r.write("ok/2/weights.safetensors", "short");
+    let e = refused(&r, "ok/2/weights.safetensors", &["too short"]);
+    assert!(!e.is_empty());
+    assert_eq!(r.load().model("ok", None).unwrap().version, 1);
+}
+
+#[test]
+fn refuses_models_without_versions_and_empty_repos() {
+    let r = base_repo("noversion");
+    r.write("nov/model.toml", TINY_TOML);
+    fs::create_dir_all(r.path().join("nov/v1")).unwrap();
+    refused(&r, "nov", &["no versions found"]);
+    assert_eq!(r.load().warnings.len(), 1);
+
+    let r = base_repo("notoml");
+    fs::create_dir_all(r.path().join("stray/1")).unwrap();
+    refused(&r, "stray/model.toml", &["missing"]);
+
+    let r = TempRepo::new("empty");
+    let repo = r.load();
+    assert_eq!(repo.errors.len(), 1);
+    assert!(
+        repo.errors[0].contains("empty repository"),
+        "{:?}",
+        repo.errors
+    );
+
+    assert!(load_repository(&r.path().join("missing"), &BatchLimits::default()).is_err());
+}
+
+#[test]
+fn refuses_bad_ensembles() {
+    let wide = TINY_TOML.replace("units = 2", "units = 5");
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[ensembles.e]\nmembers = [\"ok\", \"nope\"]\n",
+            &["ensembles.e.members[1]: unknown model \"nope\""],
+        ),
+        (
+            "[ensembles.e]\nmembers = [\"ok\", \"wide\"]\n",
+            &["ensembles.e.members[1]: \"wide\" is 4→5 but \"ok\" is 4→2"],
+        ),
+        (
+            "[ensembles.e]\nmembers = [\"ok\", \"ok2\"]\ncombiner = \"weighted_mean\"\nweights = [1.0, 2.0, 3.0]\n",
+            &["ensembles.e.weights: 3 weights for 2 members"],
+        ),
+        (
+            "[ensembles.e]\nmembers = [\"ok\", \"ok2\"]\ncombiner = \"majority\"\n",
+            &["ensembles.e.combiner: unknown variant \"majority\""],
+        ),
+        (
+            "[ensembles.ok2]\nmembers = [\"ok\"]\n",
+            &["ensembles.ok2: name collides with a model"],
+        ),
+    ];
+    for (text, needles) in cases {
+        let r = base_repo("ens");
+        r.write("ok2/model.toml", TINY_TOML);
+        write_st(&r, "ok2/1/weights.safetensors", tiny_tensors());
+        r.write("wide/model.toml", &wide);
+        let mut t = tiny_tensors();
+        t[2].1 = f16_raw(&[3, 5], (0..15).map(|_| 0.5));
+        t[3].1 = f16_raw(&[5], (0..5).map(|_| 0.5));
+        write_st(&r, "wide/1/weights.safetensors", t);
+        // a good ensemble beside the bad one still loads
+        r.write(
+            "ensembles.toml",
+            &format!("[ensembles.good]\nmembers = [\"ok\", \"ok2\"]\n\n{text}"),
+        );
+        refused(&r, "ensembles.toml", needles);
+        let repo = r.load();
+        assert!(repo.ensembles.contains_key("good"));
+        assert_eq!(repo.models.len(), 3);
+    }
+    // an ensemble over a refused model is refused too
+    let r = base_repo("ensrefused");
+    r.write("bad/model.toml", "input_width = 4\n");
+    r.write(
+        "ensembles.toml",
+        "[ensembles.e]\nmembers = [\"ok\", \"bad\"]\n",
+    );
+    let repo = r.load();
+    assert_eq!(repo.errors.len(), 2, "{:?}", repo.errors);
+    assert!(repo.errors[1].contains("ensembles.e.members[1]: unknown model \"bad\""));
+    assert!(repo.ensembles.is_empty() && repo.model("ok", None).is_some());
+
+    let r = base_repo("enssyntax");
+    r.write("ensembles.toml", "[ensembles.e\n");
+    refused(&r, "ensembles.toml", &["TOML syntax error at line 1"]);
+}
+
+// ---- the committed models/ folder ----
+
+/// Held-out accuracy of the `digits` ensemble as printed by
+/// `tools/export_sklearn.py` and recorded in docs/MODELS.md.
+const DIGITS_ENSEMBLE_ACCURACY_PCT: f64 = 98.33;
+
+/// A plain f32 forward pass (FP16 weights widened), independent of the backends.
+fn forward(m: &Model, x: &[f32]) -> Vec<f32> {
+    let mut h = x.to_vec();
+    for l in &m.layers {
+        let w = l.weight();
+        let mut y = l.bias.clone();
+        for (i, &xi) in h.iter().enumerate() {
+            for (j, yj) in y.iter_mut().enumerate() {
+                *yj += xi * w[i * l.out_dim + j].to_f32();
+            }
+        }
+        if let Some(n) = &l.layer_norm {
+            let mean = y.iter().sum::<f32>() / y.len() as f32;
+            let var = y.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / y.len() as f32;
+            for (j, v) in y.iter_mut().enumerate() {
+                *v = (*v - mean) / (var + n.eps).sqrt() * n.gamma[j] + n.beta[j];
+            }
+        }
+        for v in y.iter_mut() {
+            *v = match l.activation {
+                Activation::Identity => *v,
+                Activation::Relu => v.max(0.0),
+                Activation::Tanh => v.tanh(),
+                Activation::Sigmoid => 1.0 / (1.0 + (-*v).exp()),
+                Activation::Gelu => {
+                    0.5 * *v * (1.0 + (0.797_884_6 * (*v + 0.044_715 * *v * *v * *v)).tanh())
+                }
+            };
+        }
+        h = y;
+    }
+    match m.output {
+        OutputTransform::Identity => h,
+        OutputTransform::Sigmoid => h.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
+        OutputTransform::Softmax => {
+            let mx = h.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = h.iter().map(|v| (v - mx).exp()).collect();
+            let s: f32 = e.iter().sum();
+            e.iter().map(|v| v / s).collect()
+        }
+    }
+}
+
+#[test]
+fn committed_digits_ensemble_matches_recorded_accuracy() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let repo = load_repository(&dir, &BatchLimits::default()).unwrap();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let ens = &repo.ensembles["digits"];
+    assert_eq!(ens.members.len(), 3);
+    assert_eq!(ens.combiner, Combiner::Mean);
+    let members: Vec<&Arc<Model>> = ens
+        .members
+        .iter()
+        .map(|n| repo.model(n, None).unwrap())
+        .collect();
+    for m in &members {
+        assert_eq!((m.input_width, m.output_width), (64, 10), "{}", m.name);
+        assert!(m.layers.iter().all(|l| l.weight.is_mapped()));
+    }
+    let csv = fs::read_to_string(dir.join("digits_holdout.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!((header.len(), header[64]), (65, "label"));
+    let (mut rows, mut correct) = (0usize, 0usize);
+    for line in lines {
+        let v: Vec<f32> = line.split(',').map(|s| s.parse().unwrap()).collect();
+        // the wire carries FP16 rows
+        let x: Vec<f32> = v[..64].iter().map(|&a| f16::from_f32(a).to_f32()).collect();
+        let mut p = [0f32; 10];
+        for m in &members {
+            for (a, b) in p.iter_mut().zip(forward(m, &x)) {
+                *a += b / members.len() as f32;
+            }
+        }
+        let pred = (0..10).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+        correct += (pred == v[64] as usize) as usize;
+        rows += 1;
+    }
+    let acc = correct as f64 / rows as f64 * 100.0;
+    assert!(
+        (acc - DIGITS_ENSEMBLE_ACCURACY_PCT).abs() <= 0.2,
+        "ensemble accuracy {acc:.2}% over {rows} rows, recorded {DIGITS_ENSEMBLE_ACCURACY_PCT}%"
+    );
+}
