@@ -414,10 +414,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
                     }
                 };
                 let p95 = s.report.corrected.value_at_quantile(0.95) as f64 / 1000.0;
-                let ok = s.report.sent > 0
-                    && p95 <= slo
-                    && s.achieved >= 0.95 * rate
-                    && s.bad() as f64 <= args.max_error_fraction * s.report.sent as f64;
+                let ok = p95 <= slo && s.achieved >= 0.95 * rate && !s.failed(args.max_error_fraction);
                 s.slo_ok = Some(ok);
                 if let Err(e) = emit(&s) {
                     failure = Some(e);
@@ -474,14 +471,14 @@ fn run(args: &Args) -> Result<ExitCode, String> {
             };
             let s = one_run(args, &base, &label, *rate)?;
             emit(&s)?;
-            if s.report.sent == 0 || s.bad() as f64 > args.max_error_fraction * s.report.sent as f64
-            {
+            if s.failed(args.max_error_fraction) {
                 eprintln!(
-                    "beast-bench: FAIL [{label}]: {} of {} requests erred ({}) or went unanswered ({})",
+                    "beast-bench: FAIL [{label}]: {} of {} requests erred ({}), went unanswered ({}) or were never sent ({})",
                     s.bad(),
-                    s.report.sent,
+                    s.report.sent + s.report.unsent,
                     s.report.errors(),
-                    s.report.unanswered
+                    s.report.unanswered,
+                    s.report.unsent
                 );
                 code = ExitCode::FAILURE;
             }
@@ -545,7 +542,11 @@ fn one_run(args: &Args, base: &Plan, label: &str, rate: Option<f64>) -> Result<S
     Ok(Summary {
         label: label.to_string(),
         mode,
-        targets: args.target.clone(),
+        // A trace names its own targets.
+        targets: match &base.mode {
+            Mode::Trace(_) => base.targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","),
+            _ => args.target.clone(),
+        },
         rows: args.rows,
         connections: args.connections,
         in_flight: args.in_flight,

@@ -81,6 +81,9 @@ pub struct Report {
     pub cached: u64,
     pub by_status: [u64; 6],
     pub unanswered: u64,
+    /// Requests due in the measured window that never got a window slot
+    /// before the run ended (the schedule fell behind).
+    pub unsent: u64,
     /// Times a due request found its connection's window full.
     pub window_full: u64,
     pub server_queue_us: u64,
@@ -102,6 +105,7 @@ impl Report {
             cached: 0,
             by_status: [0; 6],
             unanswered: 0,
+            unsent: 0,
             window_full: 0,
             server_queue_us: 0,
             server_compute_us: 0,
@@ -122,6 +126,7 @@ impl Report {
             self.by_status[i] += o.by_status[i];
         }
         self.unanswered += o.unanswered;
+        self.unsent += o.unsent;
         self.window_full += o.window_full;
         self.server_queue_us += o.server_queue_us;
         self.server_compute_us += o.server_compute_us;
@@ -413,28 +418,7 @@ async fn run_conn(
                     row,
                 ));
             }
-            // Advance the schedule.
-            due = match &mut sched {
-                Schedule::Open {
-                    next_s,
-                    rate,
-                    arrivals,
-                } => {
-                    *next_s += arrivals.gap_s(*rate, &mut rng);
-                    let (t, r) = draw(&mut rng);
-                    Some((start + Duration::from_secs_f64(*next_s), t, r))
-                }
-                Schedule::Closed => {
-                    let (t, r) = draw(&mut rng);
-                    Some((now, t, r))
-                }
-                Schedule::Trace { entries, i } => {
-                    *i += 1;
-                    entries
-                        .get(*i)
-                        .map(|&(o, t, r)| (start + Duration::from_micros(o), t, r))
-                }
-            };
+            due = advance(&mut sched, &mut rng, &draw, start, now);
         }
         if !out.is_empty() {
             writer
@@ -455,6 +439,18 @@ async fn run_conn(
             unblocked_at = Instant::now();
         }
     }
+    // Requests the schedule wanted sent in the measured window but that were
+    // still waiting for a window slot when the run ended.
+    let mut unsent = 0;
+    if !matches!(sched, Schedule::Closed) {
+        while let Some((intended, _, _)) = due {
+            if intended >= end {
+                break;
+            }
+            unsent += (intended >= measure_from) as u64;
+            due = advance(&mut sched, &mut rng, &draw, start, end);
+        }
+    }
     // Give outstanding requests a grace period, then count them unanswered.
     let grace = Instant::now() + Duration::from_secs(2);
     while st.free.borrow().len() < k && Instant::now() < grace {
@@ -471,8 +467,34 @@ async fn run_conn(
     let _ = recv.await;
     let mut r = std::mem::replace(&mut *st.report.borrow_mut(), Report::new());
     r.unanswered = unanswered;
+    r.unsent = unsent;
     r.trace = trace;
     Ok(r)
+}
+
+/// The request after the one just sent (`now`: its send time, for the closed loop).
+fn advance(
+    sched: &mut Schedule,
+    rng: &mut Rng,
+    draw: &impl Fn(&mut Rng) -> (u32, u32),
+    start: Instant,
+    now: Instant,
+) -> Option<(Instant, u32, u32)> {
+    match sched {
+        Schedule::Open { next_s, rate, arrivals } => {
+            *next_s += arrivals.gap_s(*rate, rng);
+            let (t, r) = draw(rng);
+            Some((start + Duration::from_secs_f64(*next_s), t, r))
+        }
+        Schedule::Closed => {
+            let (t, r) = draw(rng);
+            Some((now, t, r))
+        }
+        Schedule::Trace { entries, i } => {
+            *i += 1;
+            entries.get(*i).map(|&(o, t, r)| (start + Duration::from_micros(o), t, r))
+        }
+    }
 }
 
 async fn receive(mut reader: TcpStream, st: Rc<ConnState>) {

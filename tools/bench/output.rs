@@ -38,8 +38,14 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Requests that failed: errors, unanswered, and due but never sent.
     pub fn bad(&self) -> u64 {
-        self.report.sent.saturating_sub(self.report.ok)
+        self.report.sent.saturating_sub(self.report.ok) + self.report.unsent
+    }
+    /// Whether the run fails `--max-error-fraction` (or sent nothing).
+    pub fn failed(&self, max_error_fraction: f64) -> bool {
+        let due = self.report.sent + self.report.unsent;
+        self.report.sent == 0 || self.bad() as f64 > max_error_fraction * due as f64
     }
 }
 
@@ -113,13 +119,19 @@ pub fn print_table(s: &Summary) {
         .map(|st| format!("{} {}", st.label(), r.by_status[*st as usize]))
         .collect();
     println!(
-        "  errors    {}; unanswered {}",
+        "  errors    {}; unanswered {}; unsent {}{}",
         if errs.is_empty() {
             "none".to_string()
         } else {
             errs.join(", ")
         },
-        r.unanswered
+        r.unanswered,
+        r.unsent,
+        if r.unsent > 0 {
+            " (due in the measured window, still queued behind a full window at the end)"
+        } else {
+            ""
+        }
     );
     println!(
         "  server    total p50 {} us, p99 {} us; mean queue {:.1} us, mean compute {:.1} us; cached {:.1}% of ok",
@@ -216,7 +228,7 @@ pub fn json(s: &Summary) -> String {
         None => "null".into(),
     };
     format!(
-        "{{\"label\": {}, \"mode\": {}, \"target\": {}, \"rows\": {}, \"connections\": {}, \"in_flight\": {}, \"threads\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"offered_rps\": {}, \"achieved_rps\": {}, \"sent\": {}, \"ok\": {}, \"errors\": {{{}}}, \"error_count\": {}, \"unanswered\": {}, \"cached_fraction\": {}, \"latency_ms\": {}, \"uncorrected_ms\": {}, \"send_lag_ms\": {}, \"window_full\": {}, \"client_cpu_s\": {}, \"client_thread_cpu_max_pct\": {}, \"generator_limited\": {}, \"generator_limited_reason\": {}, \"server\": {{\"total_p50_us\": {}, \"total_p99_us\": {}, \"mean_queue_us\": {}, \"mean_compute_us\": {}}}, \"admin\": {}, \"slo_ok\": {}}}",
+        "{{\"label\": {}, \"mode\": {}, \"target\": {}, \"rows\": {}, \"connections\": {}, \"in_flight\": {}, \"threads\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"offered_rps\": {}, \"achieved_rps\": {}, \"sent\": {}, \"ok\": {}, \"errors\": {{{}}}, \"error_count\": {}, \"unanswered\": {}, \"unsent\": {}, \"cached_fraction\": {}, \"latency_ms\": {}, \"uncorrected_ms\": {}, \"send_lag_ms\": {}, \"window_full\": {}, \"client_cpu_s\": {}, \"client_thread_cpu_max_pct\": {}, \"generator_limited\": {}, \"generator_limited_reason\": {}, \"server\": {{\"total_p50_us\": {}, \"total_p99_us\": {}, \"mean_queue_us\": {}, \"mean_compute_us\": {}}}, \"admin\": {}, \"slo_ok\": {}}}",
         jstr(&s.label),
         jstr(&s.mode),
         jstr(&s.targets),
@@ -233,6 +245,7 @@ pub fn json(s: &Summary) -> String {
         errors,
         r.errors(),
         r.unanswered,
+        r.unsent,
         jnum(r.cached as f64 / r.ok.max(1) as f64),
         jpct(&r.corrected),
         jpct(&r.uncorrected),
@@ -251,7 +264,7 @@ pub fn json(s: &Summary) -> String {
     )
 }
 
-pub const CSV_HEADER: &str = "label,mode,target,rows,connections,in_flight,threads,offered_rps,achieved_rps,sent,ok,errors,unanswered,p50_ms,p90_ms,p95_ms,p99_ms,p999_ms,max_ms,uncorrected_p50_ms,uncorrected_p99_ms,send_lag_p99_ms,send_lag_max_ms,window_full,client_cpu_s,client_thread_cpu_max_pct,generator_limited,server_total_p50_us,server_total_p99_us,server_mean_queue_us,server_mean_compute_us,cached_fraction,admin_mean_batch_size,admin_cache_hit_ratio,slo_ok";
+pub const CSV_HEADER: &str = "label,mode,target,rows,connections,in_flight,threads,offered_rps,achieved_rps,sent,ok,errors,unanswered,unsent,p50_ms,p90_ms,p95_ms,p99_ms,p999_ms,max_ms,uncorrected_p50_ms,uncorrected_p99_ms,send_lag_p99_ms,send_lag_max_ms,window_full,client_cpu_s,client_thread_cpu_max_pct,generator_limited,server_total_p50_us,server_total_p99_us,server_mean_queue_us,server_mean_compute_us,cached_fraction,admin_mean_batch_size,admin_cache_hit_ratio,slo_ok";
 
 pub fn csv(s: &Summary) -> String {
     let r = &s.report;
@@ -273,6 +286,7 @@ pub fn csv(s: &Summary) -> String {
         r.ok.to_string(),
         r.errors().to_string(),
         r.unanswered.to_string(),
+        r.unsent.to_string(),
         f(ms(&r.corrected, 0.5)),
         f(ms(&r.corrected, 0.9)),
         f(ms(&r.corrected, 0.95)),
