@@ -5,7 +5,8 @@
 #   perf/run-all.sh            # full: 2 s warm-up + 10 s per rate
 #   perf/run-all.sh --quick    # short: 0.3 s warm-up + 1 s per rate
 #
-# Environment: SERVER_CPU (default 0), BENCH_CPUS (default 1), PORT
+# Environment: NO_BUILD=1 (use the binaries in target/release as they are),
+# SERVER_CPU (default 0), BENCH_CPUS (default 1), PORT
 # (default 7990), BEAST_ADMIN (ADDR:PORT of the admin port, optional),
 # SCENARIOS (glob, default perf/scenarios/*.env), OUT (results file).
 #
@@ -19,7 +20,7 @@ QUICK=0
 for a in "$@"; do
     case "$a" in
         --quick) QUICK=1 ;;
-        -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,17p "$0"; exit 0 ;;
         *) echo "run-all.sh: unknown argument '$a' (try --quick)" >&2; exit 2 ;;
     esac
 done
@@ -29,8 +30,10 @@ BENCH_CPUS=${BENCH_CPUS:-1}
 PORT=${PORT:-7990}
 ADDR=127.0.0.1:$PORT
 
-echo "run-all: building release" >&2
-cargo build --release --bin beast --bin beast-bench >&2
+if [ "${NO_BUILD:-0}" != 1 ]; then
+    echo "run-all: building release" >&2
+    cargo build --release --bin beast --bin beast-bench >&2
+fi
 
 SHA=$(git rev-parse --short HEAD)
 DIRTY=$(git status --porcelain --untracked-files=no | grep -q . && echo " (with uncommitted changes)" || true)

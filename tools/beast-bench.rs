@@ -167,9 +167,9 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
     if args.in_flight == 0 {
         return Err("--in-flight must be at least 1".into());
     }
-    if !(args.duration > 0.0 && args.duration.is_finite())
-        || !(args.warmup >= 0.0 && args.warmup.is_finite())
-    {
+    // Written so that NaN fails too.
+    let positive = |x: f64| x > 0.0 && x.is_finite();
+    if !positive(args.duration) || !(positive(args.warmup) || args.warmup == 0.0) {
         return Err("--duration must be > 0 and --warmup >= 0 seconds".into());
     }
     if !(args.rate > 0.0 && args.rate.is_finite()) {
@@ -367,7 +367,7 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         Some(s) => {
             let range = search::parse_range(s)?;
             let slo = args.slo_p95_ms.ok_or("--search needs --slo-p95-ms")?;
-            if !(slo > 0.0) {
+            if !(slo > 0.0 && slo.is_finite()) {
                 return Err("--slo-p95-ms must be > 0".into());
             }
             Some((range, slo))
@@ -414,7 +414,8 @@ fn run(args: &Args) -> Result<ExitCode, String> {
                     }
                 };
                 let p95 = s.report.corrected.value_at_quantile(0.95) as f64 / 1000.0;
-                let ok = p95 <= slo && s.achieved >= 0.95 * rate && !s.failed(args.max_error_fraction);
+                let ok =
+                    p95 <= slo && s.achieved >= 0.95 * rate && !s.failed(args.max_error_fraction);
                 s.slo_ok = Some(ok);
                 if let Err(e) = emit(&s) {
                     failure = Some(e);
@@ -544,7 +545,12 @@ fn one_run(args: &Args, base: &Plan, label: &str, rate: Option<f64>) -> Result<S
         mode,
         // A trace names its own targets.
         targets: match &base.mode {
-            Mode::Trace(_) => base.targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","),
+            Mode::Trace(_) => base
+                .targets
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
             _ => args.target.clone(),
         },
         rows: args.rows,

@@ -33,7 +33,7 @@ pub fn scrape(addr: &str) -> Result<Scrape, String> {
     s.read_to_string(&mut text)
         .map_err(|e| format!("--admin {addr}: {e}"))?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or(("", &text));
-    if !head.is_empty() && !head.split(' ').nth(1).is_some_and(|c| c == "200") {
+    if !head.is_empty() && head.split(' ').nth(1) != Some("200") {
         return Err(format!(
             "--admin {addr}: {}",
             head.lines().next().unwrap_or("bad response")

@@ -481,7 +481,11 @@ fn advance(
     now: Instant,
 ) -> Option<(Instant, u32, u32)> {
     match sched {
-        Schedule::Open { next_s, rate, arrivals } => {
+        Schedule::Open {
+            next_s,
+            rate,
+            arrivals,
+        } => {
             *next_s += arrivals.gap_s(*rate, rng);
             let (t, r) = draw(rng);
             Some((start + Duration::from_secs_f64(*next_s), t, r))
@@ -492,7 +496,9 @@ fn advance(
         }
         Schedule::Trace { entries, i } => {
             *i += 1;
-            entries.get(*i).map(|&(o, t, r)| (start + Duration::from_micros(o), t, r))
+            entries
+                .get(*i)
+                .map(|&(o, t, r)| (start + Duration::from_micros(o), t, r))
         }
     }
 }
