@@ -120,3 +120,66 @@ fn unknown_target_fails_the_run() {
             > 0.0
     );
 }
+
+#[test]
+fn recorded_trace_replays_with_its_timing() {
+    let server = common::start_server();
+    let trace = std::env::temp_dir().join(format!("beast-bench-smoke-{}.csv", std::process::id()));
+    let trace_s = trace.to_str().expect("utf-8 temp path");
+    let out = bench(
+        server.addr,
+        &[
+            "--target",
+            "a:1,c:1",
+            "--rate",
+            "1000",
+            "--duration",
+            "0.5",
+            "--zipf",
+            "1.0",
+            "--distinct",
+            "1000",
+            "--record-trace",
+            trace_s,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "record: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&trace).expect("trace written");
+    assert!(text.starts_with("offset_us,target,row_index\n"));
+    // 0.3 s warm-up + 0.5 s at 1000 req/s.
+    let n = text.lines().count() - 1;
+    assert!((780..=820).contains(&n), "{n} requests recorded");
+    // The helper passes --warmup 0.3: the replay measures the entries after it.
+    let measured = text
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            l.split(',')
+                .next()
+                .and_then(|o| o.parse::<u64>().ok())
+                .is_some_and(|o| o >= 300_000)
+        })
+        .count();
+    assert!(measured > 400, "{measured}");
+    let out = bench(server.addr, &["--trace", trace_s, "--distinct", "1000"]);
+    let _ = std::fs::remove_file(&trace);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "replay: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json::parse(
+        stdout
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON line"),
+    )
+    .unwrap();
+    assert_eq!(j.get("mode").and_then(|v| v.str()), Some("trace"));
+    assert_eq!(j.get("ok").and_then(|v| v.num()), Some(measured as f64));
+}
