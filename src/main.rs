@@ -80,6 +80,17 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Look into a prediction cache file.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Print the L2 file's header, occupancy and entries per target (safe beside a running server).
+    Inspect { file: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -112,6 +123,9 @@ fn main() -> ExitCode {
             f16,
             no_cache,
         }),
+        Cmd::Cache {
+            cmd: CacheCmd::Inspect { file },
+        } => beast::cache::inspect(&file).map(|report| print!("{report}")),
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(

@@ -306,9 +306,10 @@ fn a_full_queue_answers_overloaded_at_once() {
     slow[0] = std::sync::Arc::new(m);
     let server = start_with(test_config(), repo);
     let mut raw = Raw::connect(server.addr);
-    let x = rows(1, 3, WIDTH);
     let t0 = Instant::now();
     for id in 0..4 {
+        // Distinct inputs: identical ones would wait on each other (coalescing), not queue.
+        let x = rows(id, 3, WIDTH);
         raw.send(id, &spec("slow", 3, WIDTH, &x));
     }
     // 3 + 3 rows fit; the third and fourth requests (9 and 12 rows) do not.
@@ -391,4 +392,16 @@ fn two_shards_share_the_port() {
     }
     let totals = server.shutdown();
     assert_eq!(totals.connections_accepted, 8);
+}
+
+#[test]
+fn a_port_in_use_is_refused() {
+    let server = start_server();
+    let mut cfg = test_config();
+    cfg.listen = server.addr.to_string();
+    let err = beast::server::start(cfg, std::sync::Arc::new(test_repository(300_000)))
+        .err()
+        .expect("a second server on the same port must not start");
+    assert!(err.contains("listen"), "{err}");
+    server.shutdown();
 }

@@ -6,6 +6,7 @@
 //! Knows nothing of requests, sockets or ensembles: it sees rows.
 
 pub mod cpu;
+pub mod cuda;
 pub mod reference;
 
 use crate::model::Model;
@@ -49,8 +50,80 @@ pub trait Backend {
     ) -> Result<(), BackendError>;
 }
 
-/// The backend a shard uses: today the CPU backend (CUDA comes behind the
-/// `cuda` feature and falls back to this when no device is found).
+/// The backend a shard uses, chosen by `BEAST_BACKEND`:
+/// - `cpu`: the CPU backend;
+/// - `cuda`: the CUDA backend on device `BEAST_CUDA_DEVICE` (default 0);
+/// - `auto` (the default when built with the `cuda` feature; `cpu` otherwise):
+///   CUDA if it starts, else the CPU backend.
+///
+/// Never fails: when CUDA was asked for (or `auto`) and does not start, or
+/// the name is unknown, it logs one line per process
+/// (`beast: backend: CUDA unavailable (<reason>), using CPU`) and returns
+/// the CPU backend. A CUDA failure is remembered, so the other shards do not
+/// retry it.
 pub fn select() -> Box<dyn Backend> {
-    Box::new(cpu::CpuBackend::new())
+    let default = if cfg!(feature = "cuda") {
+        "auto"
+    } else {
+        "cpu"
+    };
+    let name = std::env::var("BEAST_BACKEND").unwrap_or_else(|_| default.to_string());
+    if name == "cpu" {
+        return Box::new(cpu::CpuBackend::new());
+    } else if name != "cuda" && name != "auto" {
+        log_once(&format!(
+            "beast: backend: unknown BEAST_BACKEND={name:?} (cpu, cuda, auto), using CPU"
+        ));
+        return Box::new(cpu::CpuBackend::new());
+    }
+    // `auto` and `cuda` both try CUDA here so that `auto` logs its fallback.
+    match select_named("cuda") {
+        Ok(b) => b,
+        Err(reason) => {
+            log_once(&format!(
+                "beast: backend: CUDA unavailable ({reason}), using CPU"
+            ));
+            Box::new(cpu::CpuBackend::new())
+        }
+    }
+}
+
+/// The backend named `cpu`, `cuda` or `auto` (see [`select`]); `Err` with the
+/// reason when `cuda` does not start or the name is unknown. `auto` never
+/// fails (it falls back to the CPU without logging).
+pub fn select_named(name: &str) -> Result<Box<dyn Backend>, String> {
+    use std::sync::OnceLock;
+    /// Why CUDA did not start, the first time it was tried in this process.
+    static CUDA_FAILED: OnceLock<String> = OnceLock::new();
+    match name {
+        "cpu" => Ok(Box::new(cpu::CpuBackend::new())),
+        "cuda" | "auto" => {
+            let cuda = match CUDA_FAILED.get() {
+                Some(reason) => Err(reason.clone()),
+                None => {
+                    let ordinal = std::env::var("BEAST_CUDA_DEVICE")
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    cuda::CudaBackend::new(ordinal)
+                        .map_err(|reason| CUDA_FAILED.get_or_init(|| reason).clone())
+                }
+            };
+            match cuda {
+                Ok(b) => Ok(Box::new(b)),
+                Err(_) if name == "auto" => Ok(Box::new(cpu::CpuBackend::new())),
+                Err(reason) => Err(reason),
+            }
+        }
+        other => Err(format!("unknown backend {other:?} (cpu, cuda, auto)")),
+    }
+}
+
+/// Prints `line` to stderr the first time it is called in this process.
+fn log_once(line: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        eprintln!("{line}");
+    }
 }

@@ -54,6 +54,10 @@ pub struct EnsemblePlan {
     pub selection: Selection,
     pub input_width: usize,
     pub output_width: usize,
+    /// Hash of the definition (members, combiner, weights, selection):
+    /// part of the ensemble's cache key, so a changed definition never
+    /// answers from entries of the old one.
+    pub fingerprint: u64,
 }
 
 impl EnsemblePlan {
@@ -84,7 +88,17 @@ impl EnsemblePlan {
                 members.len()
             ));
         }
+        let mut fp = xxhash_rust::xxh3::Xxh3Default::new();
+        for m in &spec.members {
+            fp.update(&(m.len() as u64).to_le_bytes());
+            fp.update(m.as_bytes());
+        }
+        fp.update(&[spec.combiner as u8]);
+        for w in &weights {
+            fp.update(&w.to_le_bytes());
+        }
         Ok(EnsemblePlan {
+            fingerprint: fp.digest(),
             name: spec.name.clone(),
             members,
             weights,

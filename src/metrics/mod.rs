@@ -40,6 +40,12 @@ pub struct ShardMetrics {
     pub batch_rows: Counter,
     pub queue_us: Counter,
     pub compute_us: Counter,
+    pub cache_hits_l1: Counter,
+    pub cache_hits_l2: Counter,
+    pub cache_misses: Counter,
+    /// Requests answered by waiting on an identical one in flight.
+    pub cache_coalesced: Counter,
+    pub cache_inserts: Counter,
 }
 
 impl ShardMetrics {
@@ -57,6 +63,10 @@ pub struct Totals {
     pub connections_dropped: u64,
     pub batches: u64,
     pub batch_rows: u64,
+    pub cache_hits_l1: u64,
+    pub cache_hits_l2: u64,
+    pub cache_misses: u64,
+    pub cache_coalesced: u64,
 }
 
 impl Totals {
@@ -70,6 +80,10 @@ impl Totals {
             t.connections_dropped += m.connections_dropped.get();
             t.batches += m.batches.get();
             t.batch_rows += m.batch_rows.get();
+            t.cache_hits_l1 += m.cache_hits_l1.get();
+            t.cache_hits_l2 += m.cache_hits_l2.get();
+            t.cache_misses += m.cache_misses.get();
+            t.cache_coalesced += m.cache_coalesced.get();
         }
         t
     }

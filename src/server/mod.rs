@@ -11,6 +11,7 @@
 //! requests), answers everything in flight, closes, and exits; the process
 //! then exits 0.
 
+mod cache;
 mod conn;
 mod notify;
 mod shard;
@@ -20,6 +21,7 @@ use crate::backend;
 use crate::config::Config;
 use crate::metrics::{ShardMetrics, Totals};
 use crate::model::load::Repository;
+pub use cache::CacheShared;
 use glommio::{LocalExecutorBuilder, Placement};
 use shard::Shard;
 use std::cell::{Cell, RefCell};
@@ -36,6 +38,8 @@ pub struct ServerHandle {
     pub addr: SocketAddr,
     /// Name of the backend each shard uses.
     pub backend: String,
+    /// The prediction cache shared by all shards (purges go here).
+    pub cache: Arc<CacheShared>,
     stop: Arc<AtomicBool>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
@@ -62,6 +66,7 @@ impl ServerHandle {
         for t in self.threads {
             let _ = t.join();
         }
+        self.cache.flush();
         Totals::sum(&self.metrics)
     }
 
@@ -102,9 +107,17 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             .ok_or("placeholder socket has no address")?;
         Some(s)
     } else {
+        // SO_REUSEPORT would let this server silently share the port with
+        // another process of the same user (splitting its traffic): bind
+        // once without it to make sure the port is really free.
+        std::net::TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))?;
         None
     };
     let cpus = cfg.shard_cpus();
+    let cache = Arc::new(CacheShared::open(
+        &cfg,
+        repo.models.keys().chain(repo.ensembles.keys()).cloned(),
+    ));
     let cfg = Arc::new(cfg);
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
@@ -113,7 +126,16 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     for (id, &cpu) in cpus.iter().enumerate() {
         let m = Arc::new(ShardMetrics::default());
         metrics.push(m.clone());
-        let (cfg, repo, stop2, ready) = (cfg.clone(), repo.clone(), stop.clone(), ready_tx.clone());
+        let start = ShardStart {
+            id,
+            cfg: cfg.clone(),
+            repo: repo.clone(),
+            addr,
+            stop: stop.clone(),
+            metrics: m,
+            ready: ready_tx.clone(),
+            cache: cache.clone(),
+        };
         let placement = if cfg.pin_shards {
             Placement::Fixed(cpu)
         } else {
@@ -123,7 +145,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             .name(&format!("beast-shard-{id}"))
             .io_memory(cfg.io_memory_bytes);
         let spawned = builder.spawn(move || async move {
-            run_shard(id, cfg, repo, addr, stop2, m, ready).await;
+            run_shard(start).await;
         });
         match spawned {
             Ok(h) => threads.push(h),
@@ -156,6 +178,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     drop(placeholder);
     Ok(ServerHandle {
         addr,
+        cache,
         backend,
         stop,
         threads,
@@ -163,17 +186,32 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     })
 }
 
-async fn run_shard(
+/// Everything a shard thread starts from.
+struct ShardStart {
     id: usize,
     cfg: Arc<Config>,
     repo: Arc<Repository>,
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     metrics: Arc<ShardMetrics>,
+    /// Reports the backend name once listening, or why the shard could not start.
     ready: mpsc::Sender<Result<String, String>>,
-) {
+    cache: Arc<CacheShared>,
+}
+
+async fn run_shard(start: ShardStart) {
+    let ShardStart {
+        id,
+        cfg,
+        repo,
+        addr,
+        stop,
+        metrics,
+        ready,
+        cache,
+    } = start;
     let backend = backend::select();
-    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics) {
+    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics, cache) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: {e}")));
@@ -245,5 +283,18 @@ async fn run_shard(
     let grace = Instant::now() + Duration::from_millis(cfg.shutdown_grace_ms);
     while open.get() > 0 && Instant::now() < grace {
         glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the batchers see the stop and return, so every reference to the
+    // shard (and through it the L2 file and its lock) is dropped.
+    for s in &shard.slots {
+        s.wake.notify();
+    }
+    glommio::timer::sleep(Duration::from_millis(1)).await;
+    if Rc::strong_count(&shard) > 1 {
+        eprintln!(
+            "beast: shard {}: {} task(s) still hold the shard at exit",
+            shard.id,
+            Rc::strong_count(&shard) - 1
+        );
     }
 }

@@ -5,17 +5,21 @@
 //! Nothing here is shared with another core except the immutable models
 //! (`Arc<Model>`) and the metrics counters this shard alone writes.
 
+use super::cache::{CacheShared, Joined, ShardCache, TargetPolicy};
 use super::conn::Conn;
 use super::notify::Notify;
 use super::slab::Slab;
 use crate::backend::Backend;
 use crate::batch::{Queue, Queued, Readiness};
+use crate::cache::CacheKey;
 use crate::config::{Config, ENSEMBLE_MEMBERS_MAX};
-use crate::ensemble::{Accumulator, EnsemblePlan};
+use crate::ensemble::{Accumulator, EnsemblePlan, MemberSet};
 use crate::metrics::ShardMetrics;
 use crate::model::load::Repository;
 use crate::model::Model;
-use crate::wire::{self, Encoder, RequestView, ResponseHeader, RunInfo, Status, Timings};
+use crate::wire::{
+    self, CacheControl, Encoder, RequestView, ResponseHeader, RunInfo, Status, Timings,
+};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -31,9 +35,18 @@ pub(crate) enum Job {
         id: u64,
         arrival: Instant,
         deadline: Option<Instant>,
+        /// Cache the answer under this key.
+        key: Option<CacheKey>,
+        /// Identical requests wait on this one (coalescing).
+        leader: bool,
     },
     /// One member's share of an ensemble request.
-    Member { pending: usize, member: u8 },
+    Member {
+        pending: usize,
+        member: u8,
+        /// The member-level cache key.
+        key: Option<CacheKey>,
+    },
 }
 
 /// One loaded (model, version) on this shard.
@@ -41,6 +54,7 @@ pub(crate) struct ModelSlot {
     pub model: Arc<Model>,
     pub queue: RefCell<Queue<Job>>,
     pub wake: Notify,
+    cache: TargetPolicy,
 }
 
 /// What a target name resolves to.
@@ -58,11 +72,15 @@ struct EnsemblePending {
     plan: usize,
     rows: u32,
     remaining: u8,
+    /// Members whose output was computed (not read from the cache).
+    computed: MemberSet,
     failed: bool,
     arrival: Option<Instant>,
     deadline: Option<Instant>,
     queue_us: u32,
     compute_us: u32,
+    key: Option<CacheKey>,
+    leader: bool,
     acc: Accumulator,
 }
 
@@ -73,6 +91,9 @@ pub(crate) struct Shard {
     pub slots: Vec<ModelSlot>,
     targets: HashMap<String, TargetRef>,
     plans: Vec<EnsemblePlan>,
+    /// Cache policy of each plan (same index).
+    plan_cache: Vec<TargetPolicy>,
+    cache: ShardCache,
     backend: RefCell<Box<dyn Backend>>,
     encoder: RefCell<Encoder>,
     pending: RefCell<Slab<EnsemblePending>>,
@@ -91,7 +112,9 @@ impl Shard {
         repo: &Repository,
         backend: Box<dyn Backend>,
         metrics: Arc<ShardMetrics>,
+        cache_shared: Arc<CacheShared>,
     ) -> Result<Shard, String> {
+        let cache = ShardCache::new(&cfg, cache_shared)?;
         let mut slots = Vec::new();
         let mut targets = HashMap::new();
         for (name, versions) in &repo.models {
@@ -102,11 +125,13 @@ impl Shard {
                     model: m.clone(),
                     queue: RefCell::new(Queue::new(m.batch, m.input_width)),
                     wake: Notify::default(),
+                    cache: cache.policy(&cfg, name),
                 });
             }
             targets.insert(name.clone(), TargetRef::Model(v));
         }
         let mut plans = Vec::new();
+        let mut plan_cache = Vec::new();
         for (name, spec) in &repo.ensembles {
             let mut members = Vec::new();
             for m in &spec.members {
@@ -119,6 +144,7 @@ impl Shard {
             let plan = EnsemblePlan::new(spec, members, first.input_width, first.output_width)?;
             targets.insert(name.clone(), TargetRef::Ensemble(plans.len()));
             plans.push(plan);
+            plan_cache.push(cache.policy(&cfg, name));
         }
         Ok(Shard {
             id,
@@ -127,6 +153,8 @@ impl Shard {
             slots,
             targets,
             plans,
+            plan_cache,
+            cache,
             backend: RefCell::new(backend),
             encoder: RefCell::new(Encoder::new()),
             scratch: RefCell::new(Vec::new()),
@@ -341,17 +369,8 @@ impl Shard {
 
     fn submit_model(&self, conn: &Rc<Conn>, req: &RequestView<'_>, slot: usize, arrival: Instant) {
         let s = &self.slots[slot];
-        let scratch = self.scratch.borrow();
-        let input = &scratch[..req.rows as usize * s.model.input_width];
-        let job = Job::Direct {
-            conn: conn.clone(),
-            id: req.id,
-            arrival,
-            deadline: Self::deadline(req, arrival),
-        };
-        let mut q = s.queue.borrow_mut();
-        if q.push(job, input, arrival).is_err() {
-            drop((q, scratch));
+        let rows = req.rows as usize;
+        if !s.queue.borrow().has_room(rows) {
             return self.respond_error_fmt(
                 conn,
                 req.id,
@@ -360,10 +379,60 @@ impl Shard {
                 format_args!("queue of model '{}' is full", s.model.name),
             );
         }
+        let deadline = Self::deadline(req, arrival);
+        let out_len = rows * s.model.output_width;
+        let key = self.cache.key(&s.model.name, s.cache, req, out_len, |k| {
+            k.model(&s.model.name, s.model.version as u64)
+        });
+        let mut leader = false;
+        if let (Some(k), CacheControl::Use) = (key, req.cache) {
+            let mut buf = self.cache.buf.borrow_mut();
+            if self
+                .cache
+                .get(&self.metrics, k, s.cache, &mut buf[..out_len])
+            {
+                let runs = [RunInfo {
+                    model: &s.model.name,
+                    version: s.model.version,
+                    flops: 0,
+                }];
+                let t = Timings::default();
+                return self.respond_ok(
+                    conn,
+                    req.id,
+                    rows,
+                    s.model.output_width,
+                    &buf[..out_len],
+                    &runs,
+                    arrival,
+                    t,
+                    true,
+                );
+            }
+            match self
+                .cache
+                .join(&self.metrics, k, conn, req.id, arrival, deadline)
+            {
+                Joined::Waiting => return,
+                Joined::Leader => leader = true,
+                Joined::Alone => {}
+            }
+        }
+        let scratch = self.scratch.borrow();
+        let input = &scratch[..rows * s.model.input_width];
+        let job = Job::Direct {
+            conn: conn.clone(),
+            id: req.id,
+            arrival,
+            deadline,
+            key,
+            leader,
+        };
+        let mut q = s.queue.borrow_mut();
+        let pushed = q.push(job, input, arrival);
+        debug_assert!(pushed.is_ok(), "room was checked");
         conn.in_flight.set(conn.in_flight.get() + 1);
-        if q.readiness(arrival) == Readiness::Now
-            || q.rows_queued() == input.len() / s.model.input_width
-        {
+        if q.readiness(arrival) == Readiness::Now || q.rows_queued() == rows {
             s.wake.notify();
         }
     }
@@ -386,6 +455,52 @@ impl Shard {
                 format_args!("queue of member '{name}' of '{}' is full", plan.name),
             );
         }
+        let deadline = Self::deadline(req, arrival);
+        let out_len = rows * plan.output_width;
+        let key = self
+            .cache
+            .key(&plan.name, self.plan_cache[p], req, out_len, |mut k| {
+                k = k.ensemble(plan.fingerprint);
+                for &m in &plan.members {
+                    let m = &self.slots[m].model;
+                    k = k.model(&m.name, m.version as u64);
+                }
+                k
+            });
+        let mut leader = false;
+        if let (Some(k), CacheControl::Use) = (key, req.cache) {
+            let mut buf = self.cache.buf.borrow_mut();
+            if self
+                .cache
+                .get(&self.metrics, k, self.plan_cache[p], &mut buf[..out_len])
+            {
+                let mut runs = [RunInfo {
+                    model: "",
+                    version: 0,
+                    flops: 0,
+                }; ENSEMBLE_MEMBERS_MAX];
+                for (r, &slot) in runs.iter_mut().zip(&plan.members) {
+                    let m = &self.slots[slot].model;
+                    *r = RunInfo {
+                        model: &m.name,
+                        version: m.version,
+                        flops: 0,
+                    };
+                }
+                let t = Timings::default();
+                return self.respond_ok(
+                    conn,
+                    req.id,
+                    rows,
+                    plan.output_width,
+                    &buf[..out_len],
+                    &runs[..plan.members.len()],
+                    arrival,
+                    t,
+                    true,
+                );
+            }
+        }
         let mut pending = self.pending.borrow_mut();
         let Some(k) = pending.acquire() else {
             drop(pending);
@@ -397,42 +512,85 @@ impl Shard {
                 arrival,
             );
         };
-        let e = pending.get_mut(k);
-        e.conn = Some(conn.clone());
-        e.id = req.id;
-        e.plan = p;
-        e.rows = req.rows;
-        e.remaining = set.len() as u8;
-        e.failed = false;
-        e.arrival = Some(arrival);
-        e.deadline = Self::deadline(req, arrival);
-        e.queue_us = 0;
-        e.compute_us = 0;
-        e.acc.reset(rows * plan.output_width);
         drop(pending);
+        if let (Some(key), CacheControl::Use) = (key, req.cache) {
+            match self
+                .cache
+                .join(&self.metrics, key, conn, req.id, arrival, deadline)
+            {
+                Joined::Waiting => {
+                    self.pending.borrow_mut().release(k);
+                    return;
+                }
+                Joined::Leader => leader = true,
+                Joined::Alone => {}
+            }
+        }
+        {
+            let mut pending = self.pending.borrow_mut();
+            let e = pending.get_mut(k);
+            e.conn = Some(conn.clone());
+            e.id = req.id;
+            e.plan = p;
+            e.rows = req.rows;
+            e.remaining = set.len() as u8;
+            e.computed = MemberSet::default();
+            e.failed = false;
+            e.arrival = Some(arrival);
+            e.deadline = deadline;
+            e.queue_us = 0;
+            e.compute_us = 0;
+            e.key = key;
+            e.leader = leader;
+            e.acc.reset(out_len);
+        }
+        conn.in_flight.set(conn.in_flight.get() + 1);
         let scratch = self.scratch.borrow();
         let input = &scratch[..rows * plan.input_width];
+        let mut done_from_cache = 0;
         for i in set.iter() {
             let s = &self.slots[plan.members[i]];
-            let mut q = s.queue.borrow_mut();
-            let pushed = q.push(
-                Job::Member {
-                    pending: k,
-                    member: i as u8,
-                },
-                input,
-                arrival,
+            // Member-level entries are the ones a direct request to the
+            // member would use, so ensembles sharing a member share them.
+            let member_key = self.cache.key(
+                &s.model.name,
+                s.cache,
+                req,
+                rows * s.model.output_width,
+                |k| k.model(&s.model.name, s.model.version as u64),
             );
+            if let (Some(mk), CacheControl::Use) = (member_key, req.cache) {
+                let mut buf = self.cache.buf.borrow_mut();
+                let n = rows * s.model.output_width;
+                if self.cache.get(&self.metrics, mk, s.cache, &mut buf[..n]) {
+                    let mut pending = self.pending.borrow_mut();
+                    let e = pending.get_mut(k);
+                    e.acc.add(&buf[..n], plan.weights[i]);
+                    e.remaining -= 1;
+                    done_from_cache += 1;
+                    continue;
+                }
+            }
+            let mut q = s.queue.borrow_mut();
+            let job = Job::Member {
+                pending: k,
+                member: i as u8,
+                key: member_key,
+            };
+            let pushed = q.push(job, input, arrival);
             debug_assert!(pushed.is_ok(), "room was checked");
             if q.readiness(arrival) == Readiness::Now || q.rows_queued() == rows {
                 s.wake.notify();
             }
         }
-        conn.in_flight.set(conn.in_flight.get() + 1);
+        if done_from_cache == set.len() {
+            drop(scratch);
+            self.finish_ensemble(k, Instant::now());
+        }
     }
 
     /// Answer each job of a finished batch. `output` holds the batch's
-    /// rows in job order; `result` is the backend's verdict for all of them.
+    /// rows in job order; `ok` is the backend's verdict for all of them.
     fn dispatch(
         &self,
         slot: usize,
@@ -458,13 +616,29 @@ impl Shard {
                     id,
                     arrival,
                     deadline,
+                    key,
+                    leader,
                 } => {
                     conn.in_flight.set(conn.in_flight.get() - 1);
+                    let runs = [RunInfo {
+                        model: &s.model.name,
+                        version: s.model.version,
+                        flops: flops_row * q.rows as u64,
+                    }];
+                    if let (true, Some(k)) = (ok, key) {
+                        self.cache.insert(&self.metrics, k, s.cache, out);
+                    }
+                    if let (true, Some(k)) = (leader, key) {
+                        let t = Timings {
+                            queue_us,
+                            compute_us,
+                            total_us: 0,
+                        };
+                        self.release_waiters(k, ok, q.rows, out_w, out, &runs, t, now);
+                    }
                     if !ok {
                         self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
-                        continue;
-                    }
-                    if deadline.is_some_and(|d| now > d) {
+                    } else if deadline.is_some_and(|d| now > d) {
                         self.respond_error(
                             &conn,
                             id,
@@ -472,20 +646,57 @@ impl Shard {
                             "deadline passed before the answer was ready",
                             arrival,
                         );
-                        continue;
+                    } else {
+                        let t = Timings {
+                            queue_us,
+                            compute_us,
+                            total_us: 0,
+                        };
+                        self.respond_ok(&conn, id, q.rows, out_w, out, &runs, arrival, t, false);
                     }
-                    let runs = [RunInfo {
-                        model: &s.model.name,
-                        version: s.model.version,
-                        flops: flops_row * q.rows as u64,
-                    }];
-                    self.respond_ok(
-                        &conn, id, q.rows, out_w, out, &runs, arrival, queue_us, compute_us,
-                    );
                 }
-                Job::Member { pending, member } => {
+                Job::Member {
+                    pending,
+                    member,
+                    key,
+                } => {
+                    if let (true, Some(k)) = (ok, key) {
+                        self.cache.insert(&self.metrics, k, s.cache, out);
+                    }
                     self.member_done(pending, member as usize, out, ok, queue_us, compute_us, now)
                 }
+            }
+        }
+    }
+
+    /// Answer the requests that waited on an identical one (coalescing).
+    #[allow(clippy::too_many_arguments)]
+    fn release_waiters(
+        &self,
+        key: CacheKey,
+        ok: bool,
+        rows: usize,
+        cols: usize,
+        out: &[f32],
+        runs: &[RunInfo<'_>],
+        t: Timings,
+        now: Instant,
+    ) {
+        let mut co = self.cache.coalescer.borrow_mut();
+        for w in co.complete(key) {
+            w.conn.in_flight.set(w.conn.in_flight.get() - 1);
+            if !ok {
+                self.respond_error(&w.conn, w.id, Status::Internal, "backend failed", w.arrival);
+            } else if w.deadline.is_some_and(|d| now > d) {
+                self.respond_error(
+                    &w.conn,
+                    w.id,
+                    Status::DeadlineExceeded,
+                    "deadline passed before the answer was ready",
+                    w.arrival,
+                );
+            } else {
+                self.respond_ok(&w.conn, w.id, rows, cols, out, runs, w.arrival, t, true);
             }
         }
     }
@@ -509,59 +720,82 @@ impl Shard {
         } else {
             e.failed = true;
         }
+        e.computed.0 |= 1 << member;
         e.queue_us = e.queue_us.max(queue_us);
         e.compute_us = e.compute_us.saturating_add(compute_us);
         e.remaining -= 1;
-        if e.remaining > 0 {
-            return;
+        if e.remaining == 0 {
+            drop(pending);
+            self.finish_ensemble(k, now);
         }
+    }
+
+    /// Every selected member has answered (or came from the cache):
+    /// combine, cache, answer the waiters and the request, free the entry.
+    fn finish_ensemble(&self, k: usize, now: Instant) {
+        let mut pending = self.pending.borrow_mut();
+        let e = pending.get_mut(k);
+        let plan = &self.plans[e.plan];
         let conn = e.conn.take().expect("pending entry has a connection");
         let arrival = e.arrival.expect("pending entry has an arrival");
         conn.in_flight.set(conn.in_flight.get() - 1);
-        let id = e.id;
-        let error = if e.failed {
-            Some((Status::Internal, "backend failed"))
-        } else if e.deadline.is_some_and(|d| now > d) {
-            Some((
-                Status::DeadlineExceeded,
-                "deadline passed before the answer was ready",
-            ))
-        } else {
-            None
-        };
-        if let Some((status, message)) = error {
-            pending.release(k);
-            drop(pending);
-            return self.respond_error(&conn, id, status, message, arrival);
-        }
         let mut runs = [RunInfo {
             model: "",
             version: 0,
             flops: 0,
         }; ENSEMBLE_MEMBERS_MAX];
         let n = plan.members.len();
-        for (r, &slot) in runs.iter_mut().zip(&plan.members) {
+        for (i, (r, &slot)) in runs.iter_mut().zip(&plan.members).enumerate() {
             let m = &self.slots[slot].model;
+            let computed = e.computed.contains(i);
             *r = RunInfo {
                 model: &m.name,
                 version: m.version,
-                flops: m.flops_per_row() * e.rows as u64,
+                flops: if computed {
+                    m.flops_per_row() * e.rows as u64
+                } else {
+                    0
+                },
             };
         }
-        let (rows, q_us, c_us) = (e.rows as usize, e.queue_us, e.compute_us);
-        let out_w = plan.output_width;
+        let (id, rows, out_w, failed) = (e.id, e.rows as usize, plan.output_width, e.failed);
+        let t = Timings {
+            queue_us: e.queue_us,
+            compute_us: e.compute_us,
+            total_us: 0,
+        };
+        let (key, leader, deadline) = (e.key, e.leader, e.deadline);
         let combined = e.acc.finish();
-        self.respond_ok(
-            &conn,
-            id,
-            rows,
-            out_w,
-            combined,
-            &runs[..n],
-            arrival,
-            q_us,
-            c_us,
-        );
+        if let (false, Some(key)) = (failed, key) {
+            self.cache
+                .insert(&self.metrics, key, self.plan_cache[e.plan], combined);
+        }
+        if let (true, Some(key)) = (leader, key) {
+            self.release_waiters(key, !failed, rows, out_w, combined, &runs[..n], t, now);
+        }
+        if failed {
+            self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
+        } else if deadline.is_some_and(|d| now > d) {
+            self.respond_error(
+                &conn,
+                id,
+                Status::DeadlineExceeded,
+                "deadline passed before the answer was ready",
+                arrival,
+            );
+        } else {
+            self.respond_ok(
+                &conn,
+                id,
+                rows,
+                out_w,
+                combined,
+                &runs[..n],
+                arrival,
+                t,
+                false,
+            );
+        }
         pending.release(k);
     }
 
@@ -575,11 +809,11 @@ impl Shard {
         out: &[f32],
         runs: &[RunInfo<'_>],
         arrival: Instant,
-        queue_us: u32,
-        compute_us: u32,
+        t: Timings,
+        cached: bool,
     ) {
         self.metrics.response(Status::Ok);
-        self.metrics.queue_us.add(queue_us as u64);
+        self.metrics.queue_us.add(t.queue_us as u64);
         if conn.dead.get() {
             return;
         }
@@ -590,11 +824,10 @@ impl Shard {
             rows: rows as u32,
             cols: cols as u32,
             timings: Timings {
-                queue_us,
-                compute_us,
                 total_us: micros(arrival.elapsed()),
+                ..t
             },
-            cached: false,
+            cached,
             partial: false,
         };
         self.encoder
@@ -615,6 +848,10 @@ impl Shard {
             let readiness = s.queue.borrow().readiness(Instant::now());
             match readiness {
                 Readiness::Empty => {
+                    if self.stopping.get() {
+                        // Shutdown: nothing queued, nothing can arrive.
+                        return;
+                    }
                     s.wake.wait().await;
                     continue;
                 }

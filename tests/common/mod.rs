@@ -72,13 +72,24 @@ pub fn test_repository(delay_us_slow: u64) -> Repository {
 }
 
 pub fn test_config() -> Config {
-    Config {
+    let mut c = Config {
         listen: "127.0.0.1:0".into(),
         cores: vec![0],
         pin_shards: false,
         shutdown_grace_ms: 5000,
         ..Config::default()
-    }
+    };
+    // Tests run many servers at once: no shared L2 file unless a test asks.
+    c.cache.l2_path = "".into();
+    c
+}
+
+/// A fresh, empty folder under the system temp dir.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("beast-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }
 
 pub fn start_server() -> ServerHandle {

@@ -1,0 +1,61 @@
+//! Stand-in for the CUDA backend when built without the `cuda` feature: same
+//! names, `new` always fails, and no value of it can exist.
+
+use crate::backend::{Backend, BackendError};
+use crate::model::Model;
+
+/// How activations are fed to the FP16 GEMM (see the real backend).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Split,
+    Half,
+}
+
+impl Precision {
+    /// `BEAST_CUDA_PRECISION=half` picks `Half`; anything else `Split`.
+    pub fn from_env() -> Precision {
+        match std::env::var("BEAST_CUDA_PRECISION").as_deref() {
+            Ok("half") => Precision::Half,
+            _ => Precision::Split,
+        }
+    }
+}
+
+/// Uninhabited: the stub can never be constructed.
+pub struct CudaBackend {
+    never: std::convert::Infallible,
+}
+
+impl CudaBackend {
+    pub fn new(device_ordinal: usize) -> Result<CudaBackend, String> {
+        Self::with_precision(device_ordinal, Precision::from_env())
+    }
+
+    pub fn with_precision(_device_ordinal: usize, _p: Precision) -> Result<CudaBackend, String> {
+        Err("built without the cuda feature".to_string())
+    }
+
+    pub fn device_name(&self) -> &str {
+        match self.never {}
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        match self.never {}
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &str {
+        match self.never {}
+    }
+
+    fn run(
+        &mut self,
+        _model: &Model,
+        _input: &[f32],
+        _rows: usize,
+        _output: &mut [f32],
+    ) -> Result<(), BackendError> {
+        match self.never {}
+    }
+}

@@ -1,0 +1,291 @@
+//! The prediction cache as the request path uses it: one `ShardCache` per
+//! shard (its L1 table, its coalescer, a value buffer) over the server-wide
+//! `CacheShared` (the L2 file and the per-target purge generations).
+//!
+//! Order on the request path: key → L1 → L2 (a hit fills L1) → coalesce
+//! (the first miss computes, identical later misses wait for it) → compute
+//! → insert into L2 and L1 → answer the waiters.
+
+use super::conn::Conn;
+use crate::cache::{
+    target_tag, unix_now, Begin, CacheKey, CoalesceConfig, Coalescer, KeyBuilder, L1Cache,
+    L1Config, L2Cache, L2Config,
+};
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::wire::{CacheControl, DType, RequestView};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Server-wide cache state: shared by every shard and the admin port.
+pub struct CacheShared {
+    pub l2: Option<Arc<L2Cache>>,
+    /// Target name → purge generation (part of every key of the target).
+    generations: BTreeMap<String, usize>,
+    counters: Vec<AtomicU64>,
+}
+
+impl CacheShared {
+    /// Open the L2 file (if configured) and index the targets. An L2 that
+    /// cannot be opened (unwritable path, held by another server) is logged
+    /// and left out: the server still runs with its L1 tables.
+    pub fn open(cfg: &Config, targets: impl Iterator<Item = String>) -> CacheShared {
+        let mut l2 = None;
+        if cfg.cache.enabled && !cfg.cache.l2_path.as_os_str().is_empty() {
+            let l2cfg = L2Config {
+                total_bytes: cfg.cache.l2_bytes,
+                ways: 8,
+                value_f32_max: cfg.cache.value_f32_max as u32,
+            };
+            match L2Cache::open(&cfg.cache.l2_path, l2cfg) {
+                Ok((c, report)) => {
+                    eprintln!(
+                        "beast: cache: L2 {} ({} MiB): {}{} entries",
+                        cfg.cache.l2_path.display(),
+                        cfg.cache.l2_bytes >> 20,
+                        if report.created {
+                            "created, "
+                        } else {
+                            "reopened, "
+                        },
+                        report.entries
+                    );
+                    l2 = Some(Arc::new(c));
+                }
+                Err(e) => eprintln!("beast: cache: L2 disabled: {e}"),
+            }
+        }
+        let generations: BTreeMap<String, usize> =
+            targets.enumerate().map(|(i, t)| (t, i)).collect();
+        CacheShared {
+            l2,
+            counters: (0..generations.len()).map(|_| AtomicU64::new(0)).collect(),
+            generations,
+        }
+    }
+
+    /// Drop every cached answer of `target` on every core: its generation
+    /// moves on (older L1 entries become unreachable) and its L2 slots are
+    /// cleared. Returns the L2 entries removed.
+    pub fn purge(&self, target: &str) -> Result<u64, String> {
+        let &g = self
+            .generations
+            .get(target)
+            .ok_or_else(|| format!("unknown target '{target}'"))?;
+        self.counters[g].fetch_add(1, Ordering::SeqCst);
+        Ok(self
+            .l2
+            .as_ref()
+            .map_or(0, |l2| l2.purge_target(target_tag(target))))
+    }
+
+    fn generation(&self, index: usize) -> u64 {
+        self.counters
+            .get(index)
+            .map_or(0, |g| g.load(Ordering::Relaxed))
+    }
+
+    /// Write the L2 file back to disk (clean shutdown).
+    pub fn flush(&self) {
+        if let Some(l2) = &self.l2 {
+            if let Err(e) = l2.flush() {
+                eprintln!("beast: cache: L2 flush: {e}");
+            }
+        }
+    }
+}
+
+/// How one target is cached, resolved once per shard.
+#[derive(Clone, Copy)]
+pub(crate) struct TargetPolicy {
+    pub enabled: bool,
+    pub ttl_s: u64,
+    pub tag: u64,
+    /// Index of the target's purge generation in `CacheShared`.
+    generation: usize,
+}
+
+impl TargetPolicy {
+    pub fn disabled() -> Self {
+        TargetPolicy {
+            enabled: false,
+            ttl_s: 0,
+            tag: 0,
+            generation: usize::MAX,
+        }
+    }
+}
+
+/// A request waiting for an identical one in flight.
+pub(crate) struct Waiter {
+    pub conn: Rc<Conn>,
+    pub id: u64,
+    pub arrival: Instant,
+    pub deadline: Option<Instant>,
+}
+
+/// What `join` decided for a miss.
+pub(crate) enum Joined {
+    /// Queued behind an identical request: nothing more to do now.
+    Waiting,
+    /// First of its kind: compute, then release the waiters.
+    Leader,
+    /// Coalescing is full: compute without it.
+    Alone,
+}
+
+pub(crate) struct ShardCache {
+    enabled: bool,
+    shared: Arc<CacheShared>,
+    l1: RefCell<L1Cache>,
+    pub coalescer: RefCell<Coalescer<Waiter>>,
+    value_max: usize,
+    /// A value read from L1/L2 lands here (value_max f32s).
+    pub buf: RefCell<Vec<f32>>,
+}
+
+impl ShardCache {
+    pub fn new(cfg: &Config, shared: Arc<CacheShared>) -> Result<ShardCache, String> {
+        let c = &cfg.cache;
+        let l1 = L1Cache::new(L1Config {
+            sets: (c.l1_entries / 8).max(1),
+            ways: 8,
+            value_f32_max: c.value_f32_max,
+        })?;
+        let coalescer = Coalescer::new(CoalesceConfig {
+            keys_max: c.coalesce_keys_max,
+            waiters_per_key_max: c.coalesce_waiters_per_key_max,
+            waiters_total_max: c.coalesce_keys_max * 4,
+        })?;
+        Ok(ShardCache {
+            enabled: c.enabled,
+            shared,
+            l1: RefCell::new(l1),
+            coalescer: RefCell::new(coalescer),
+            value_max: c.value_f32_max,
+            buf: RefCell::new(vec![0.0; c.value_f32_max]),
+        })
+    }
+
+    /// The policy of `target` from the config's per-target overrides.
+    pub fn policy(&self, cfg: &Config, target: &str) -> TargetPolicy {
+        let o = cfg.cache.targets.get(target).copied().unwrap_or_default();
+        let enabled = self.enabled && o.enabled.unwrap_or(true);
+        match self.shared.generations.get(target) {
+            Some(&g) if enabled => TargetPolicy {
+                enabled,
+                ttl_s: o.ttl_s,
+                tag: target_tag(target),
+                generation: g,
+            },
+            _ => TargetPolicy::disabled(),
+        }
+    }
+
+    /// The key of this request's input for `target` (the model or ensemble
+    /// whose answer is cached: for ensemble members, the member) under
+    /// `policy`, or `None` when the answer
+    /// is not to be cached (disabled, bypass, or larger than a slot).
+    /// `models` adds the exact models (and versions) behind the answer.
+    pub fn key(
+        &self,
+        target: &str,
+        policy: TargetPolicy,
+        req: &RequestView<'_>,
+        out_len: usize,
+        models: impl FnOnce(KeyBuilder) -> KeyBuilder,
+    ) -> Option<CacheKey> {
+        if !policy.enabled || req.cache == CacheControl::Bypass || out_len > self.value_max {
+            return None;
+        }
+        let dtype = match req.dtype {
+            DType::F32 => 0,
+            DType::F16 => 1,
+        };
+        let k = models(KeyBuilder::new(target))
+            .generation(self.shared.generation(policy.generation))
+            .shape(req.rows, req.cols, dtype)
+            .input(req.input);
+        Some(k.finish())
+    }
+
+    /// Look `key` up in L1 then L2; a hit fills `out` exactly.
+    pub fn get(
+        &self,
+        m: &ShardMetrics,
+        key: CacheKey,
+        policy: TargetPolicy,
+        out: &mut [f32],
+    ) -> bool {
+        // Targets with a TTL live in L2 only: L1 entries carry no expiry.
+        if policy.ttl_s == 0 && self.l1.borrow_mut().get(&key, out) == Some(out.len()) {
+            m.cache_hits_l1.inc();
+            return true;
+        }
+        if let Some(l2) = &self.shared.l2 {
+            if l2.get(&key, out) == Some(out.len()) {
+                m.cache_hits_l2.inc();
+                if policy.ttl_s == 0 {
+                    self.l1.borrow_mut().insert(key, out);
+                }
+                return true;
+            }
+        }
+        m.cache_misses.inc();
+        false
+    }
+
+    /// Store a computed answer in L2 and L1.
+    pub fn insert(&self, m: &ShardMetrics, key: CacheKey, policy: TargetPolicy, value: &[f32]) {
+        if let Some(l2) = &self.shared.l2 {
+            let expires = if policy.ttl_s > 0 {
+                unix_now() + policy.ttl_s
+            } else {
+                0
+            };
+            l2.insert(&key, policy.tag, value, expires);
+        }
+        if policy.ttl_s == 0 {
+            self.l1.borrow_mut().insert(key, value);
+        }
+        m.cache_inserts.inc();
+    }
+
+    /// After a miss: lead the computation of `key`, or wait behind the
+    /// request already computing it.
+    pub fn join(
+        &self,
+        m: &ShardMetrics,
+        key: CacheKey,
+        conn: &Rc<Conn>,
+        id: u64,
+        arrival: Instant,
+        deadline: Option<Instant>,
+    ) -> Joined {
+        let mut co = self.coalescer.borrow_mut();
+        match co.begin(key) {
+            Begin::Leader => Joined::Leader,
+            Begin::Full => Joined::Alone,
+            Begin::Follower => {
+                let w = Waiter {
+                    conn: conn.clone(),
+                    id,
+                    arrival,
+                    deadline,
+                };
+                match co.add_waiter(key, w) {
+                    Ok(()) => {
+                        conn.in_flight.set(conn.in_flight.get() + 1);
+                        m.cache_coalesced.inc();
+                        Joined::Waiting
+                    }
+                    Err(_) => Joined::Alone,
+                }
+            }
+        }
+    }
+}

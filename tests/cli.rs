@@ -1,0 +1,228 @@
+//! The README's commands, run as a user runs them: the real `beast` binary,
+//! a real socket, SIGTERM at the end.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BEAST: &str = env!("CARGO_BIN_EXE_beast");
+
+/// `beast serve` on an ephemeral port; returns the child and its address.
+fn serve(
+    args: &[&str],
+    dir: &std::path::Path,
+) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    // Keep the cache file out of the working tree.
+    let cfg = dir.join("beast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[cache]\nl2_path = \"{}\"\nl2_bytes = 1048576\n",
+            dir.join("l2.cache").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BEAST)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "0",
+            "--config",
+        ])
+        .arg(&cfg)
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut log = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("server did not start; log: {log:#?}"));
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap().to_string();
+            return (child, addr, rx);
+        }
+        log.push(line);
+    }
+}
+
+fn sigterm_and_wait(mut child: Child, rx: std::sync::mpsc::Receiver<String>) -> Vec<String> {
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "beast serve exited with {status}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "beast serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rx.try_iter().collect()
+}
+
+#[test]
+fn serve_the_shipped_models_predict_and_stop_on_sigterm() {
+    let dir = common::temp_dir("cli-serve");
+    let (child, addr, rx) = serve(&[], &dir);
+    // Four held-out digits through `beast predict --input-file`.
+    let csv = dir.join("rows.csv");
+    let holdout = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/models/digits_holdout.csv"
+    ))
+    .unwrap();
+    let mut labels = Vec::new();
+    let mut rows = String::new();
+    for line in holdout.lines().skip(1).take(4) {
+        let (features, label) = line.rsplit_once(',').unwrap();
+        rows.push_str(features);
+        rows.push('\n');
+        labels.push(label.trim().parse::<usize>().unwrap());
+    }
+    std::fs::write(&csv, rows).unwrap();
+    let out = Command::new(BEAST)
+        .args([
+            "predict",
+            "--server",
+            &addr,
+            "--target",
+            "digits",
+            "--input-file",
+        ])
+        .arg(&csv)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let argmax: Vec<usize> = text
+        .lines()
+        .filter_map(|l| l.split("argmax ").nth(1))
+        .map(|s| s.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(argmax, labels, "output:\n{text}");
+    assert!(
+        text.contains("digits_small v1, digits_medium v1, digits_large v1"),
+        "{text}"
+    );
+
+    // One row with --input, and an error reported with a non-zero exit.
+    let one = holdout.lines().nth(1).unwrap().rsplit_once(',').unwrap().0;
+    let out = Command::new(BEAST)
+        .args([
+            "predict",
+            "--server",
+            &addr,
+            "--target",
+            "digits_small",
+            "--input",
+            one,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = Command::new(BEAST)
+        .args([
+            "predict", "--server", &addr, "--target", "nope", "--input", "1,2",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+
+    let log = sigterm_and_wait(child, rx);
+    assert!(log.iter().any(|l| l.contains("stopped after")), "{log:#?}");
+}
+
+#[test]
+fn demo_models_are_served() {
+    let dir = common::temp_dir("cli-demo");
+    let models = dir.join("models");
+    let st = Command::new(BEAST)
+        .args(["demo-models", "--out"])
+        .arg(&models)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for m in ["bench_a", "bench_b", "bench_c"] {
+        assert!(models
+            .join(m)
+            .join("1")
+            .join("weights.safetensors")
+            .exists());
+    }
+    let (child, addr, rx) = serve(&["--models", models.to_str().unwrap()], &dir);
+    let row = vec!["0.5"; 256].join(",");
+    let out = Command::new(BEAST)
+        .args([
+            "predict",
+            "--server",
+            &addr,
+            "--target",
+            "bench_ens",
+            "--input",
+            &row,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bench_a v1, bench_b v1, bench_c v1"));
+    sigterm_and_wait(child, rx);
+}
+
+#[test]
+fn a_bad_repository_is_reported_with_file_and_field() {
+    let dir = common::temp_dir("cli-bad");
+    let models = dir.join("models");
+    std::fs::create_dir_all(models.join("broken/1")).unwrap();
+    std::fs::write(
+        models.join("broken/model.toml"),
+        "input_width = 4\noutput = \"softmax\"\nlayers = [{ units = 2, activation = \"relux\" }]\n",
+    )
+    .unwrap();
+    let out = Command::new(BEAST)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "0",
+            "--models",
+        ])
+        .arg(&models)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a repository with no loadable model must not serve"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broken/model.toml") && err.contains("activation"),
+        "{err}"
+    );
+}
