@@ -38,18 +38,22 @@ fi
 SHA=$(git rev-parse --short HEAD)
 DIRTY=$(git status --porcelain --untracked-files=no | grep -q . && echo " (with uncommitted changes)" || true)
 OUT=${OUT:-perf/results/$(date -u +%Y-%m-%d)-$SHA.md}
-MODELS=$(mktemp -d /tmp/beast-bench-models.XXXXXX)
-LOG=$(mktemp /tmp/beast-bench-server.XXXXXX.log)
+# The server runs in a fresh folder: its L2 cache file (created in its
+# working directory) starts cold every time and stays out of the checkout.
+WORK=$(mktemp -d /tmp/beast-run-all.XXXXXX)
+MODELS=$WORK/models
+LOG=$WORK/server.log
 target/release/beast demo-models --out "$MODELS" >&2
 
-taskset -c "$SERVER_CPU" target/release/beast serve --models "$MODELS" --cores "$SERVER_CPU" --listen "$ADDR" >"$LOG" 2>&1 &
+BEAST=$PWD/target/release/beast
+(cd "$WORK" && exec taskset -c "$SERVER_CPU" "$BEAST" serve --models "$MODELS" --cores "$SERVER_CPU" --listen "$ADDR") >"$LOG" 2>&1 &
 SERVER_PID=$!
 stop_server() {
     if kill -0 "$SERVER_PID" 2>/dev/null; then
         kill -TERM "$SERVER_PID"
         wait "$SERVER_PID" || true
     fi
-    rm -rf "$MODELS"
+    rm -rf "$WORK"
 }
 trap stop_server EXIT
 for _ in $(seq 100); do
@@ -68,13 +72,25 @@ MODEL_NAME=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
     echo "- machine: $MODEL_NAME; $(nproc) CPUs online; $(uname -r)"
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (a shared machine inflates tails: compare ratios within one file)"
     echo "- mode: $([ "$QUICK" = 1 ] && echo "--quick (1 s per rate: indicative only)" || echo "full (10 s per rate after 2 s warm-up)")"
-    echo "- server: \`taskset -c $SERVER_CPU target/release/beast serve --models MODELS --cores $SERVER_CPU --listen $ADDR\`, models from \`target/release/beast demo-models --out MODELS\`"
+    echo "- server: \`taskset -c $SERVER_CPU target/release/beast serve --models MODELS --cores $SERVER_CPU --listen $ADDR\` run in a fresh folder (cold L2 cache), models from \`target/release/beast demo-models --out MODELS\`"
     echo "- server start-up log:"
     echo
     echo '```'
     cat "$LOG"
     echo '```'
 } >"$OUT"
+
+# "cpuN total idle" jiffies for the server and generator cores, to show how
+# busy other processes kept them (a shared machine's usual trouble).
+core_ticks() {
+    awk -v cpus=" $SERVER_CPU ${BENCH_CPUS//,/ } " '$1 ~ /^cpu[0-9]+$/ {
+        n = substr($1, 4); if (index(cpus, " " n " ") == 0) next
+        t = 0; for (i = 2; i <= NF; i++) t += $i
+        printf "%s %d %d\n", $1, t, $5 + $6 }' /proc/stat
+}
+idle_report() { # before after
+    join <(echo "$1") <(echo "$2") | awk '{ d = $4 - $2; printf "%s %.0f%% idle; ", $1, (d > 0 ? 100 * ($5 - $3) / d : 0) }'
+}
 
 FAILED=0
 for f in ${SCENARIOS:-perf/scenarios/*.env}; do
@@ -84,10 +100,12 @@ for f in ${SCENARIOS:-perf/scenarios/*.env}; do
     CMD="target/release/beast-bench --server $ADDR --cpus $BENCH_CPUS $BENCH_ARGS --sweep $SWEEP $DUR $ADMIN_ARGS"
     echo "run-all: $(basename "$f"): $DESCRIPTION" >&2
     echo "run-all: $CMD" >&2
+    BEFORE=$(core_ticks)
     set +e
     TABLE=$($CMD 2>&1)
     RC=$?
     set -e
+    IDLE=$(idle_report "$BEFORE" "$(core_ticks)")
     echo "$TABLE" >&2
     {
         echo
@@ -100,6 +118,8 @@ for f in ${SCENARIOS:-perf/scenarios/*.env}; do
         echo '```'
         echo "$TABLE"
         echo '```'
+        echo
+        echo "Cores during this scenario (whole machine, all processes): $IDLE"
         [ "$RC" = 0 ] || echo "beast-bench exited $RC: at least one rate had errors or unanswered requests beyond --max-error-fraction (see the tables)."
     } >>"$OUT"
     [ "$RC" = 0 ] || FAILED=$((FAILED + 1))
