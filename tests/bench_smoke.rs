@@ -77,6 +77,17 @@ fn open_loop_run_reaches_its_rate_and_prints_json() {
     let p50 = lat.get("p50").and_then(|v| v.num()).unwrap();
     let p99 = lat.get("p99").and_then(|v| v.num()).unwrap();
     assert!(p50 > 0.0 && p99 >= p50, "{line}");
+    // The mix ens:3,a:1 is reported per target too, in proportion.
+    let Some(json::Json::Arr(per)) = j.get("per_target") else {
+        panic!("no per_target in {line}")
+    };
+    let ok_of = |i: usize| per[i].get("ok").and_then(|v| v.num()).unwrap_or(0.0);
+    assert_eq!(per.len(), 2, "{line}");
+    assert_eq!(per[0].get("target").and_then(|v| v.str()), Some("ens"));
+    assert!(
+        (ok_of(0) / (ok_of(0) + ok_of(1)) - 0.75).abs() < 0.06,
+        "{line}"
+    );
     assert!(j
         .get("server")
         .and_then(|s| s.get("total_p50_us"))

@@ -567,6 +567,7 @@ fn one_run(args: &Args, base: &Plan, label: &str, rate: Option<f64>) -> Result<S
         generator_limited,
         admin,
         slo_ok: None,
+        target_names: base.targets.iter().map(|t| t.name.clone()).collect(),
     })
 }
 

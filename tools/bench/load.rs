@@ -91,6 +91,25 @@ pub struct Report {
     /// CPU seconds of each generator thread over the measured window.
     pub thread_cpu_s: Vec<f64>,
     pub trace: Vec<(u64, u32, u32)>,
+    /// Per target of a mix (empty when there is one target).
+    pub per_target: Vec<TargetStats>,
+}
+
+/// One target's share of a mixed run.
+pub struct TargetStats {
+    pub corrected: Histogram<u64>,
+    pub ok: u64,
+    pub errors: u64,
+}
+
+impl TargetStats {
+    fn new() -> Self {
+        TargetStats {
+            corrected: hist(),
+            ok: 0,
+            errors: 0,
+        }
+    }
 }
 
 impl Report {
@@ -111,6 +130,7 @@ impl Report {
             server_compute_us: 0,
             thread_cpu_s: Vec::new(),
             trace: Vec::new(),
+            per_target: Vec::new(),
         }
     }
     pub fn merge(&mut self, o: Report) {
@@ -132,6 +152,15 @@ impl Report {
         self.server_compute_us += o.server_compute_us;
         self.thread_cpu_s.extend(o.thread_cpu_s);
         self.trace.extend(o.trace);
+        if self.per_target.is_empty() {
+            self.per_target = o.per_target;
+        } else {
+            for (a, b) in self.per_target.iter_mut().zip(o.per_target) {
+                let _ = a.corrected.add(&b.corrected);
+                a.ok += b.ok;
+                a.errors += b.errors;
+            }
+        }
     }
     pub fn errors(&self) -> u64 {
         self.by_status[1..].iter().sum()
@@ -241,11 +270,15 @@ async fn sleep_until(t: Instant) {
     }
 }
 
+/// (intended send, actual send, measured?, target index).
+type Outstanding = (Instant, Instant, bool, u32);
+
 /// Per-connection bookkeeping shared by its sender and receiver tasks.
 struct ConnState {
-    /// Slot → (intended send, actual send, measured?) of an outstanding
-    /// request; the wire id is slot + 1 (the protocol reserves id 0).
-    slots: RefCell<Vec<Option<(Instant, Instant, bool)>>>,
+    /// Slot → (intended send, actual send, measured?, target) of an
+    /// outstanding request; the wire id is slot + 1 (the protocol reserves
+    /// id 0).
+    slots: RefCell<Vec<Option<Outstanding>>>,
     free: RefCell<Vec<usize>>,
     freed: Notify,
     report: RefCell<Report>,
@@ -283,7 +316,13 @@ async fn run_conn(
         slots: RefCell::new(vec![None; k]),
         free: RefCell::new((0..k).rev().collect()),
         freed: Notify::default(),
-        report: RefCell::new(Report::new()),
+        report: RefCell::new({
+            let mut r = Report::new();
+            if plan.targets.len() > 1 {
+                r.per_target = plan.targets.iter().map(|_| TargetStats::new()).collect();
+            }
+            r
+        }),
     });
     let recv = glommio::spawn_local(receive(reader, st.clone()));
     let (w0, w1) = window(&plan);
@@ -401,7 +440,7 @@ async fn run_conn(
                 cache,
             };
             let measured = intended >= measure_from;
-            st.slots.borrow_mut()[slot] = Some((intended, now, measured));
+            st.slots.borrow_mut()[slot] = Some((intended, now, measured, t));
             enc.request(slot as u64 + 1, &spec, &mut out);
             if measured {
                 let mut r = st.report.borrow_mut();
@@ -460,7 +499,7 @@ async fn run_conn(
         .slots
         .borrow()
         .iter()
-        .filter(|s| matches!(s, Some((_, _, true))))
+        .filter(|s| matches!(s, Some((_, _, true, _))))
         .count() as u64;
     // SAFETY: the fd is valid; shutting it down ends the receiver's read.
     unsafe { libc::shutdown(writer.as_raw_fd(), libc::SHUT_RDWR) };
@@ -520,18 +559,26 @@ async fn receive(mut reader: TcpStream, st: Rc<ConnState>) {
                     if let Ok(v) = decode_response(body) {
                         let slot = (v.id as usize).wrapping_sub(1);
                         let entry = st.slots.borrow_mut().get_mut(slot).and_then(|s| s.take());
-                        if let Some((intended, sent, measured)) = entry {
+                        if let Some((intended, sent, measured, t)) = entry {
                             st.free.borrow_mut().push(slot);
                             st.freed.notify();
                             if measured {
                                 let mut r = st.report.borrow_mut();
                                 r.by_status[v.status as usize] += 1;
+                                let corrected =
+                                    now.duration_since(intended).as_micros().max(1) as u64;
+                                if let Some(ts) = r.per_target.get_mut(t as usize) {
+                                    if v.status == Status::Ok {
+                                        ts.ok += 1;
+                                        let _ = ts.corrected.record(corrected);
+                                    } else {
+                                        ts.errors += 1;
+                                    }
+                                }
                                 if v.status == Status::Ok {
                                     r.ok += 1;
                                     r.cached += v.cached as u64;
-                                    let _ = r.corrected.record(
-                                        now.duration_since(intended).as_micros().max(1) as u64,
-                                    );
+                                    let _ = r.corrected.record(corrected);
                                     let _ = r
                                         .uncorrected
                                         .record(now.duration_since(sent).as_micros().max(1) as u64);

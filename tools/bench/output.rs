@@ -35,6 +35,8 @@ pub struct Summary {
     pub admin: Option<Delta>,
     /// Search only: whether this run met the SLO.
     pub slo_ok: Option<bool>,
+    /// Names of the targets, by index (for the per-target figures of a mix).
+    pub target_names: Vec<String>,
 }
 
 impl Summary {
@@ -141,6 +143,17 @@ pub fn print_table(s: &Summary) {
         r.server_compute_us as f64 / r.ok.max(1) as f64,
         100.0 * r.cached as f64 / r.ok.max(1) as f64
     );
+    for (name, t) in s.target_names.iter().zip(&r.per_target) {
+        println!(
+            "  target    {:<14} ok {:>9} errors {:>6}  p50 {:>8.3}  p99 {:>8.3}  p99.9 {:>8.3} ms",
+            name,
+            t.ok,
+            t.errors,
+            ms(&t.corrected, 0.5),
+            ms(&t.corrected, 0.99),
+            ms(&t.corrected, 0.999)
+        );
+    }
     if let Some(a) = &s.admin {
         let mb = a.mean_batch.map_or("n/a".into(), |m| {
             format!("{m:.2} ({:.0} batches)", a.batches.unwrap_or(0.0))
@@ -228,7 +241,7 @@ pub fn json(s: &Summary) -> String {
         None => "null".into(),
     };
     format!(
-        "{{\"label\": {}, \"mode\": {}, \"target\": {}, \"rows\": {}, \"connections\": {}, \"in_flight\": {}, \"threads\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"offered_rps\": {}, \"achieved_rps\": {}, \"sent\": {}, \"ok\": {}, \"errors\": {{{}}}, \"error_count\": {}, \"unanswered\": {}, \"unsent\": {}, \"cached_fraction\": {}, \"latency_ms\": {}, \"uncorrected_ms\": {}, \"send_lag_ms\": {}, \"window_full\": {}, \"client_cpu_s\": {}, \"client_thread_cpu_max_pct\": {}, \"generator_limited\": {}, \"generator_limited_reason\": {}, \"server\": {{\"total_p50_us\": {}, \"total_p99_us\": {}, \"mean_queue_us\": {}, \"mean_compute_us\": {}}}, \"admin\": {}, \"slo_ok\": {}}}",
+        "{{\"label\": {}, \"mode\": {}, \"target\": {}, \"rows\": {}, \"connections\": {}, \"in_flight\": {}, \"threads\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"offered_rps\": {}, \"achieved_rps\": {}, \"sent\": {}, \"ok\": {}, \"errors\": {{{}}}, \"error_count\": {}, \"unanswered\": {}, \"unsent\": {}, \"cached_fraction\": {}, \"latency_ms\": {}, \"uncorrected_ms\": {}, \"send_lag_ms\": {}, \"window_full\": {}, \"client_cpu_s\": {}, \"client_thread_cpu_max_pct\": {}, \"generator_limited\": {}, \"generator_limited_reason\": {}, \"server\": {{\"total_p50_us\": {}, \"total_p99_us\": {}, \"mean_queue_us\": {}, \"mean_compute_us\": {}}}, \"admin\": {}, \"slo_ok\": {}, \"per_target\": [{}]}}",
         jstr(&s.label),
         jstr(&s.mode),
         jstr(&s.targets),
@@ -261,6 +274,18 @@ pub fn json(s: &Summary) -> String {
         jnum(r.server_compute_us as f64 / r.ok.max(1) as f64),
         admin,
         s.slo_ok.map_or("null".into(), |b| b.to_string()),
+        s.target_names
+            .iter()
+            .zip(&r.per_target)
+            .map(|(n, t)| format!(
+                "{{\"target\": {}, \"ok\": {}, \"errors\": {}, \"latency_ms\": {}}}",
+                jstr(n),
+                t.ok,
+                t.errors,
+                jpct(&t.corrected)
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
     )
 }
 
@@ -580,6 +605,7 @@ mod tests {
             generator_limited: None,
             admin: None,
             slo_ok: Some(true),
+            target_names: vec!["a".into(), "b".into()],
         };
         let j = super::super::json::parse(&json(&s)).unwrap();
         assert_eq!(j.get("offered_rps").and_then(|v| v.num()), Some(1000.0));
@@ -597,6 +623,10 @@ mod tests {
             Some(1.5)
         );
         assert_eq!(j.get("admin"), Some(&super::super::json::Json::Null));
+        assert_eq!(
+            j.get("per_target"),
+            Some(&super::super::json::Json::Arr(vec![]))
+        );
         // CSV: as many fields as the header, quotes respected.
         let line = csv(&s);
         let (mut fields, mut quoted) = (1, false);
