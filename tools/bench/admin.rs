@@ -105,6 +105,37 @@ pub fn delta(before: &Scrape, after: &Scrape) -> Delta {
 mod tests {
     use super::*;
 
+    /// A one-shot HTTP server answering each connection with `responses[i]`.
+    fn serve(responses: Vec<&'static str>) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for r in responses {
+                let (mut s, _) = l.accept().unwrap();
+                let mut req = [0u8; 512];
+                let n = s.read(&mut req).unwrap();
+                assert!(req[..n].starts_with(b"GET /metrics HTTP/1.0\r\n"));
+                s.write_all(r.as_bytes()).unwrap();
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn scrapes_over_http_and_reports_bad_status() {
+        let addr = serve(vec![
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nbeast_cache_hits_total 3\nbeast_cache_misses_total 1\n",
+            "HTTP/1.0 404 Not Found\r\n\r\n",
+        ]);
+        let m = scrape(&addr).unwrap();
+        assert_eq!(
+            (m["beast_cache_hits_total"], m["beast_cache_misses_total"]),
+            (3.0, 1.0)
+        );
+        let e = scrape(&addr).unwrap_err();
+        assert!(e.contains("404") && e.starts_with("--admin"), "{e}");
+    }
+
     #[test]
     fn parses_and_differences_prometheus_text() {
         let before = parse_metrics("# HELP x\nbeast_batch_size_sum{core=\"0\"} 10\nbeast_batch_size_sum{core=\"1\"} 20\nbeast_batch_size_count 10\nbeast_cache_hits_total 5\nother 1\n");
