@@ -464,9 +464,12 @@ pub fn plot(path: &Path, runs: &[&Summary], title: &str) -> Result<(), String> {
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..xmax, (ymin..ymax).log_scale())
         .map_err(|e| err(&e))?;
+    let whole = |x: &f64| format!("{x:.0}");
     c.configure_mesh()
         .x_desc("offered rate (req/s)")
+        .x_label_formatter(&whole)
         .y_desc("latency (ms)")
+        .y_label_formatter(&|y: &f64| format!("{y}"))
         .draw()
         .map_err(|e| err(&e))?;
     for (q, name, color) in series {
@@ -498,7 +501,9 @@ pub fn plot(path: &Path, runs: &[&Summary], title: &str) -> Result<(), String> {
         .map_err(|e| err(&e))?;
     a.configure_mesh()
         .x_desc("offered rate (req/s)")
+        .x_label_formatter(&whole)
         .y_desc("achieved (req/s)")
+        .y_label_formatter(&whole)
         .draw()
         .map_err(|e| err(&e))?;
     a.draw_series(LineSeries::new(
