@@ -147,6 +147,15 @@ struct Args {
     admin: Option<String>,
 }
 
+/// Limits on the flags, so that a typo fails with a message rather than an
+/// allocation failure: slots per connection, connections, distinct inputs
+/// (a Zipf table is 8 bytes each; rows travel as u32 in traces), and the
+/// input bytes of one request.
+const IN_FLIGHT_MAX: usize = 1 << 16;
+const CONNECTIONS_MAX: usize = 1 << 14;
+const DISTINCT_MAX: usize = 1 << 26;
+const REQUEST_BYTES_MAX: usize = 4 << 20;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
@@ -164,8 +173,11 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
     if args.rows == 0 {
         return Err("--rows must be at least 1".into());
     }
-    if args.in_flight == 0 {
-        return Err("--in-flight must be at least 1".into());
+    if args.in_flight == 0 || args.in_flight > IN_FLIGHT_MAX {
+        return Err(format!("--in-flight must be within 1..={IN_FLIGHT_MAX}"));
+    }
+    if args.connections > CONNECTIONS_MAX {
+        return Err(format!("--connections must be at most {CONNECTIONS_MAX}"));
     }
     // Written so that NaN fails too.
     let positive = |x: f64| x > 0.0 && x.is_finite();
@@ -223,6 +235,19 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
         return Err("--width must be at least 1".into());
     }
     let mut targets = dist::parse_targets(&args.target, default_width)?;
+    // The server refuses frames over its limit (4 MiB by default); say so here.
+    if let Some(t) = targets
+        .iter()
+        .find(|t| args.rows.saturating_mul(t.width).saturating_mul(4) > REQUEST_BYTES_MAX)
+    {
+        return Err(format!(
+            "--rows {} x width {} of '{}' makes requests over {} MiB, the server's default frame limit",
+            args.rows,
+            t.width,
+            t.name,
+            REQUEST_BYTES_MAX >> 20
+        ));
+    }
     let mut trace_entries = None;
     if let Some(p) = &args.trace {
         let entries = inputs::read_trace(p)?;
@@ -294,6 +319,9 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
             (pools, n)
         }
     };
+    if distinct > DISTINCT_MAX {
+        return Err(format!("--distinct must be at most {DISTINCT_MAX}"));
+    }
     let row_dist = match args.zipf {
         Some(s) => RowDist::Zipf(Arc::new(Zipf::new(distinct, s)?)),
         None => RowDist::Uniform(distinct),
