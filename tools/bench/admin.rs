@@ -27,7 +27,10 @@ pub fn scrape(addr: &str) -> Result<Scrape, String> {
     let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(2))
         .map_err(|e| format!("--admin {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+    // One write: a server that answers after the first read and closes
+    // would otherwise reset the connection on the unread rest.
+    let req = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    s.write_all(req.as_bytes())
         .map_err(|e| format!("--admin {addr}: {e}"))?;
     let mut text = String::new();
     s.read_to_string(&mut text)
@@ -112,9 +115,15 @@ mod tests {
         std::thread::spawn(move || {
             for r in responses {
                 let (mut s, _) = l.accept().unwrap();
-                let mut req = [0u8; 512];
-                let n = s.read(&mut req).unwrap();
-                assert!(req[..n].starts_with(b"GET /metrics HTTP/1.0\r\n"));
+                // Read the whole request head before answering.
+                let mut req = Vec::new();
+                let mut buf = [0u8; 512];
+                while !req.ends_with(b"\r\n\r\n") {
+                    let n = s.read(&mut buf).unwrap();
+                    assert!(n > 0, "request cut short");
+                    req.extend_from_slice(&buf[..n]);
+                }
+                assert!(req.starts_with(b"GET /metrics HTTP/1.0\r\n"));
                 s.write_all(r.as_bytes()).unwrap();
             }
         });
