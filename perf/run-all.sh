@@ -38,6 +38,7 @@ fi
 SHA=$(git rev-parse --short HEAD)
 DIRTY=$(git status --porcelain --untracked-files=no | grep -q . && echo " (with uncommitted changes)" || true)
 OUT=${OUT:-perf/results/$(date -u +%Y-%m-%d)-$SHA.md}
+mkdir -p "$(dirname "$OUT")"
 # The server runs in a fresh folder: its L2 cache file (created in its
 # working directory) starts cold every time and stays out of the checkout.
 WORK=$(mktemp -d /tmp/beast-run-all.XXXXXX)
