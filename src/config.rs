@@ -46,6 +46,15 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Batching defaults for models whose model.toml does not set them.
     pub batch: BatchDefaults,
+    /// Admin HTTP port (/metrics, /healthz, /readyz, /v1/models, /v1/stats,
+    /// /debug/trace), served by a plain thread off the shards. "" or "off"
+    /// disables it; port 0 picks a free port.
+    pub admin_listen: String,
+    /// Fraction of requests (0..=1) whose stage timings go into the trace
+    /// ring; 0 turns tracing off (no ring is allocated).
+    pub trace_sample_rate: f64,
+    /// Trace records kept per shard (oldest overwritten), when tracing is on.
+    pub trace_ring_records: usize,
     /// The prediction cache.
     pub cache: CacheSettings,
 }
@@ -149,6 +158,9 @@ impl Default for Config {
             io_memory_bytes: 512 << 10,
             shutdown_grace_ms: 10_000,
             batch: BatchDefaults::default(),
+            admin_listen: "127.0.0.1:9464".to_string(),
+            trace_sample_rate: 0.0,
+            trace_ring_records: 16384,
             cache: CacheSettings::default(),
         }
     }
@@ -171,6 +183,17 @@ impl Config {
             .map(|n| n.get())
             .unwrap_or(1);
         (0..n).collect()
+    }
+
+    /// The admin port's address; `None` when it is disabled.
+    pub fn admin_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        match self.admin_listen.trim() {
+            "" | "off" => Ok(None),
+            a => a
+                .parse()
+                .map(Some)
+                .map_err(|e| format!("admin_listen {a}: {e}")),
+        }
     }
 
     /// Check every limit and the relations between them, once.
@@ -241,6 +264,18 @@ impl Config {
             self.batch.max_queue_delay_us <= 1_000_000,
             "batch.max_queue_delay_us: must be <= 1 s",
         );
+        check(
+            self.admin_addr().is_ok(),
+            "admin_listen: expected ADDR:PORT, \"\" or \"off\"",
+        );
+        check(
+            (0.0..=1.0).contains(&self.trace_sample_rate),
+            "trace_sample_rate: must be within 0..=1",
+        );
+        check(
+            (1..=1 << 22).contains(&self.trace_ring_records),
+            "trace_ring_records: must be within 1..=4194304",
+        );
         check(self.cache.l1_entries >= 8, "cache.l1_entries: must be >= 8");
         check(
             (1..=1024).contains(&self.cache.value_f32_max),
@@ -283,6 +318,23 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().contains("listen"));
+        for (admin, ok) in [
+            ("off", true),
+            ("", true),
+            ("127.0.0.1:0", true),
+            ("nope", false),
+        ] {
+            let c = Config {
+                admin_listen: admin.into(),
+                ..Config::default()
+            };
+            assert_eq!(c.validate().is_ok(), ok, "{admin}");
+        }
+        let c = Config {
+            trace_sample_rate: 1.5,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("trace_sample_rate"));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //!   the repository shipped in `models/`).
 //! - `beast predict` — ask a running server for one prediction.
 //! - `beast demo-models --out DIR` — write the standard benchmark models.
+//! - `beast trace --admin ADDR --seconds N --out trace.json` — record sampled
+//!   request traces from a running server (Chrome trace JSON, for Perfetto).
 
 use beast::client::Client;
 use beast::config::Config;
@@ -38,6 +40,9 @@ enum Cmd {
         /// Address to listen on, ADDR:PORT (default 127.0.0.1:7878).
         #[arg(long)]
         listen: Option<String>,
+        /// Admin HTTP address for /metrics and friends, ADDR:PORT or "off" (default 127.0.0.1:9464).
+        #[arg(long)]
+        admin_listen: Option<String>,
         /// CPUs to run shards on, e.g. "0" or "0,2-3" (default: all).
         #[arg(long)]
         cores: Option<String>,
@@ -80,6 +85,19 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Record sampled request traces for N seconds into Chrome trace-event
+    /// JSON (open in https://ui.perfetto.dev). Needs trace_sample_rate > 0.
+    Trace {
+        /// The server's admin address, ADDR:PORT.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: String,
+        /// How long to record (0: whatever the trace rings hold now).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Output file.
+        #[arg(long, default_value = "trace.json")]
+        out: PathBuf,
+    },
     /// Look into a prediction cache file.
     Cache {
         #[command(subcommand)]
@@ -91,6 +109,15 @@ enum Cmd {
 enum CacheCmd {
     /// Print the L2 file's header, occupancy and entries per target (safe beside a running server).
     Inspect { file: PathBuf },
+    /// Drop every cached answer of a target on a running server (through its admin port).
+    Purge {
+        /// The server's admin address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: String,
+        /// Model or ensemble name.
+        #[arg(long)]
+        target: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -99,9 +126,10 @@ fn main() -> ExitCode {
         Cmd::Serve {
             models,
             listen,
+            admin_listen,
             cores,
             config,
-        } => serve(models, listen, cores, config),
+        } => serve(models, listen, admin_listen, cores, config),
         Cmd::Predict {
             server,
             target,
@@ -126,6 +154,24 @@ fn main() -> ExitCode {
         Cmd::Cache {
             cmd: CacheCmd::Inspect { file },
         } => beast::cache::inspect(&file).map(|report| print!("{report}")),
+        Cmd::Cache {
+            cmd: CacheCmd::Purge { admin, target },
+        } => {
+            let path = format!("/v1/cache/purge?target={target}");
+            match beast::server::admin::request(
+                "POST",
+                &admin,
+                &path,
+                std::time::Duration::from_secs(10),
+            ) {
+                Ok((200, body)) => {
+                    println!("{}", body.trim());
+                    Ok(())
+                }
+                Ok((code, body)) => Err(format!("{admin}: {code}: {}", body.trim())),
+                Err(e) => Err(e),
+            }
+        }
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(
@@ -134,6 +180,11 @@ fn main() -> ExitCode {
                 )
             })
             .map_err(|e| format!("{}: {e}", out.display())),
+        Cmd::Trace {
+            admin,
+            seconds,
+            out,
+        } => trace(&admin, seconds, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,6 +220,7 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
 fn serve(
     models: Option<PathBuf>,
     listen: Option<String>,
+    admin_listen: Option<String>,
     cores: Option<String>,
     config: Option<PathBuf>,
 ) -> Result<(), String> {
@@ -181,6 +233,9 @@ fn serve(
     }
     if let Some(l) = listen {
         cfg.listen = l;
+    }
+    if let Some(a) = admin_listen {
+        cfg.admin_listen = a;
     }
     if let Some(c) = cores {
         cfg.cores = parse_cores(&c)?;
@@ -235,6 +290,9 @@ fn serve(
         cpus,
         handle.backend
     );
+    if let Some(a) = handle.admin_addr {
+        eprintln!("beast: admin port on http://{a} (/metrics, /healthz, /readyz, /v1/models, /v1/stats, /debug/trace)");
+    }
     let totals = handle.wait();
     eprintln!(
         "beast: stopped after {} responses ({} ok), {} batches, mean batch {:.1} rows",
@@ -243,6 +301,33 @@ fn serve(
         totals.batches,
         totals.batch_rows as f64 / totals.batches.max(1) as f64
     );
+    Ok(())
+}
+
+fn trace(admin: &str, seconds: f64, out: &Path) -> Result<(), String> {
+    let path = format!("/debug/trace?seconds={seconds}");
+    eprintln!("beast: recording traces from {admin} for {seconds} s");
+    let timeout = std::time::Duration::from_secs_f64(seconds.max(0.0) + 30.0);
+    let (code, body) = beast::server::admin::get(admin, &path, timeout)?;
+    if code != 200 {
+        return Err(format!("{admin}{path}: HTTP {code}: {}", body.trim()));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("{admin}{path}: not JSON: {e}"))?;
+    std::fs::write(out, &body).map_err(|e| format!("{}: {e}", out.display()))?;
+    let other = &v["otherData"];
+    eprintln!(
+        "beast: wrote {} ({} sampled requests, sample rate {}); open it in https://ui.perfetto.dev",
+        out.display(),
+        other["records"],
+        other["sample_rate"]
+    );
+    if other["records"] == 0 {
+        eprintln!(
+            "beast: note: {}",
+            other["note"].as_str().unwrap_or("no requests were sampled")
+        );
+    }
     Ok(())
 }
 

@@ -19,7 +19,7 @@ fn serve(
     std::fs::write(
         &cfg,
         format!(
-            "[cache]\nl2_path = \"{}\"\nl2_bytes = 1048576\n",
+            "admin_listen = \"127.0.0.1:0\"\n[cache]\nl2_path = \"{}\"\nl2_bytes = 1048576\n",
             dir.join("l2.cache").display()
         ),
     )

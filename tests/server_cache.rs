@@ -118,6 +118,27 @@ fn purge_and_ttl() {
     server.cache.purge("a").unwrap();
     assert!(!client.predict(&spec("a", 1, WIDTH, &x)).unwrap().cached);
     assert!(server.cache.purge("no-such-target").is_err());
+    // The same through the admin port, as `beast cache purge` does it.
+    assert!(client.predict(&spec("a", 1, WIDTH, &x)).unwrap().cached);
+    let admin = server.admin_addr.unwrap().to_string();
+    let t = Duration::from_secs(5);
+    let (code, body) =
+        beast::server::admin::request("POST", &admin, "/v1/cache/purge?target=a", t).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("l2_entries_removed"), "{body}");
+    assert!(!client.predict(&spec("a", 1, WIDTH, &x)).unwrap().cached);
+    assert_eq!(
+        beast::server::admin::request("POST", &admin, "/v1/cache/purge?target=zzz", t)
+            .unwrap()
+            .0,
+        404
+    );
+    assert_eq!(
+        beast::server::admin::request("POST", &admin, "/v1/cache/purge", t)
+            .unwrap()
+            .0,
+        400
+    );
     // Disabled target: never cached.
     client.predict(&spec("b", 1, WIDTH, &x)).unwrap();
     assert!(!client.predict(&spec("b", 1, WIDTH, &x)).unwrap().cached);

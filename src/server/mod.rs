@@ -11,6 +11,7 @@
 //! requests), answers everything in flight, closes, and exits; the process
 //! then exits 0.
 
+pub mod admin;
 mod cache;
 mod conn;
 mod notify;
@@ -19,7 +20,7 @@ mod slab;
 
 use crate::backend;
 use crate::config::Config;
-use crate::metrics::{ShardMetrics, Totals};
+use crate::metrics::{ShardMetrics, Targets, Totals};
 use crate::model::load::Repository;
 pub use cache::CacheShared;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -38,6 +39,10 @@ pub struct ServerHandle {
     pub addr: SocketAddr,
     /// Name of the backend each shard uses.
     pub backend: String,
+    /// The admin HTTP port's address (the real port when 0 was asked for);
+    /// `None` when `admin_listen` is off.
+    pub admin_addr: Option<SocketAddr>,
+    admin: Option<admin::Admin>,
     /// The prediction cache shared by all shards (purges go here).
     pub cache: Arc<CacheShared>,
     stop: Arc<AtomicBool>,
@@ -65,6 +70,9 @@ impl ServerHandle {
     pub fn wait(self) -> Totals {
         for t in self.threads {
             let _ = t.join();
+        }
+        if let Some(a) = self.admin {
+            a.shutdown();
         }
         self.cache.flush();
         Totals::sum(&self.metrics)
@@ -122,10 +130,37 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
     let mut threads = Vec::new();
-    let mut metrics = Vec::new();
+    // Metrics: sized once for every target name, labelled by CPU.
+    crate::metrics::trace::epoch();
+    let targets = Arc::new(Targets::from_repo(&repo));
+    let metrics: Vec<Arc<ShardMetrics>> = cpus
+        .iter()
+        .map(|&cpu| {
+            Arc::new(ShardMetrics::new(
+                cpu,
+                targets.clone(),
+                cfg.trace_sample_rate,
+                cfg.trace_ring_records,
+            ))
+        })
+        .collect();
+    // The admin port answers /healthz while the shards warm up.
+    let admin = match cfg.admin_addr()? {
+        Some(a) => Some(admin::Admin::spawn(
+            a,
+            Arc::new(admin::AdminState::new(
+                metrics.clone(),
+                repo.clone(),
+                stop.clone(),
+                cfg.trace_sample_rate,
+                cache.clone(),
+            )),
+        )?),
+        None => None,
+    };
+    let stop_admin = |admin: Option<admin::Admin>| admin.map(admin::Admin::shutdown);
     for (id, &cpu) in cpus.iter().enumerate() {
-        let m = Arc::new(ShardMetrics::default());
-        metrics.push(m.clone());
+        let m = metrics[id].clone();
         let start = ShardStart {
             id,
             cfg: cfg.clone(),
@@ -151,6 +186,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             Ok(h) => threads.push(h),
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
+                stop_admin(admin);
                 return Err(format!(
                     "shard {id} on cpu {cpu}: cannot start executor: {e}"
                 ));
@@ -171,15 +207,22 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
                 for t in threads {
                     let _ = t.join();
                 }
+                stop_admin(admin);
                 return Err(e);
             }
         }
     }
     drop(placeholder);
+    if let Some(a) = &admin {
+        let _ = a.state.backend.set(backend.clone());
+        a.state.ready.store(true, Ordering::Release);
+    }
     Ok(ServerHandle {
         addr,
         cache,
         backend,
+        admin_addr: admin.as_ref().map(|a| a.addr),
+        admin,
         stop,
         threads,
         metrics,
@@ -268,7 +311,9 @@ async fn run_shard(start: ShardStart) {
         fds.borrow_mut().push(fd);
         let (shard2, open2, fds2) = (shard.clone(), open.clone(), fds.clone());
         glommio::spawn_local(async move {
+            let m = shard2.metrics.clone();
             conn::serve(shard2, stream).await;
+            m.connections_closed.inc();
             open2.set(open2.get() - 1);
             fds2.borrow_mut().retain(|&f| f != fd);
         })

@@ -14,7 +14,7 @@ use crate::batch::{Queue, Queued, Readiness};
 use crate::cache::CacheKey;
 use crate::config::{Config, ENSEMBLE_MEMBERS_MAX};
 use crate::ensemble::{Accumulator, EnsemblePlan, MemberSet};
-use crate::metrics::ShardMetrics;
+use crate::metrics::{ShardMetrics, Shed};
 use crate::model::load::Repository;
 use crate::model::Model;
 use crate::wire::{
@@ -193,7 +193,9 @@ impl Shard {
         message: &str,
         arrival: Instant,
     ) {
-        self.metrics.response(status);
+        let total_us = micros(arrival.elapsed());
+        self.metrics
+            .record_response(id, status, arrival, total_us, 0, 0);
         if conn.dead.get() {
             return;
         }
@@ -204,7 +206,7 @@ impl Shard {
             rows: 0,
             cols: 0,
             timings: Timings {
-                total_us: micros(arrival.elapsed()),
+                total_us,
                 ..Timings::default()
             },
             cached: false,
@@ -233,12 +235,14 @@ impl Shard {
     /// One whole frame body from a connection. Never panics on bad bytes:
     /// every problem becomes a response with a status.
     pub fn handle_frame(&self, conn: &Rc<Conn>, body: &[u8], arrival: Instant) {
+        self.metrics.begin_request();
         let req = match wire::decode_request(body) {
             Ok(r) => r,
             // The id is unreadable: answer with id 0 (docs/PROTOCOL.md).
             Err(e) => return self.respond_error(conn, 0, Status::BadRequest, e.message(), arrival),
         };
         if conn.in_flight.get() >= self.cfg.in_flight_per_connection_max {
+            self.metrics.record_shed(Shed::ConnInFlight);
             return self.respond_error(
                 conn,
                 req.id,
@@ -248,6 +252,7 @@ impl Shard {
             );
         }
         if self.stopping.get() {
+            self.metrics.record_shed(Shed::ShuttingDown);
             return self.respond_error(
                 conn,
                 req.id,
@@ -278,6 +283,9 @@ impl Shard {
                 format_args!("unknown target '{}'", req.target),
             ),
             Some(TargetRef::Model(versions)) => {
+                if let Some(&(_, s)) = versions.first() {
+                    self.metrics.set_target_slot(s);
+                }
                 let slot = match req.version {
                     None => versions.last().map(|v| v.1),
                     Some(want) => versions.iter().find(|v| v.0 == want).map(|v| v.1),
@@ -301,6 +309,7 @@ impl Shard {
                 self.submit_model(conn, &req, slot, arrival);
             }
             Some(TargetRef::Ensemble(p)) => {
+                self.metrics.set_target_plan(*p);
                 if req.version.is_some() {
                     return self.respond_error(
                         conn,
@@ -371,6 +380,7 @@ impl Shard {
         let s = &self.slots[slot];
         let rows = req.rows as usize;
         if !s.queue.borrow().has_room(rows) {
+            self.metrics.record_shed(Shed::QueueFull);
             return self.respond_error_fmt(
                 conn,
                 req.id,
@@ -447,6 +457,7 @@ impl Shard {
             .find(|&i| !self.slots[plan.members[i]].queue.borrow().has_room(rows))
         {
             let name = &self.slots[plan.members[i]].model.name;
+            self.metrics.record_shed(Shed::QueueFull);
             return self.respond_error_fmt(
                 conn,
                 req.id,
@@ -504,6 +515,7 @@ impl Shard {
         let mut pending = self.pending.borrow_mut();
         let Some(k) = pending.acquire() else {
             drop(pending);
+            self.metrics.record_shed(Shed::EnsembleSlots);
             return self.respond_error(
                 conn,
                 req.id,
@@ -619,6 +631,7 @@ impl Shard {
                     key,
                     leader,
                 } => {
+                    self.metrics.set_target_slot(slot);
                     conn.in_flight.set(conn.in_flight.get() - 1);
                     let runs = [RunInfo {
                         model: &s.model.name,
@@ -736,6 +749,7 @@ impl Shard {
         let mut pending = self.pending.borrow_mut();
         let e = pending.get_mut(k);
         let plan = &self.plans[e.plan];
+        self.metrics.set_target_plan(e.plan);
         let conn = e.conn.take().expect("pending entry has a connection");
         let arrival = e.arrival.expect("pending entry has an arrival");
         conn.in_flight.set(conn.in_flight.get() - 1);
@@ -812,8 +826,9 @@ impl Shard {
         t: Timings,
         cached: bool,
     ) {
-        self.metrics.response(Status::Ok);
-        self.metrics.queue_us.add(t.queue_us as u64);
+        let total_us = micros(arrival.elapsed());
+        self.metrics
+            .record_response(id, Status::Ok, arrival, total_us, t.queue_us, t.compute_us);
         if conn.dead.get() {
             return;
         }
@@ -823,10 +838,7 @@ impl Shard {
             message: "",
             rows: rows as u32,
             cols: cols as u32,
-            timings: Timings {
-                total_us: micros(arrival.elapsed()),
-                ..t
-            },
+            timings: Timings { total_us, ..t },
             cached,
             partial: false,
         };
@@ -872,9 +884,7 @@ impl Shard {
                 .run(&s.model, &input, rows, &mut output)
                 .is_ok();
             let compute = started.elapsed();
-            self.metrics.batches.inc();
-            self.metrics.batch_rows.add(rows as u64);
-            self.metrics.compute_us.add(compute.as_micros() as u64);
+            self.metrics.record_batch(slot, rows, compute);
             self.dispatch(slot, &mut jobs, &output, started, compute, ok);
             // Let connections read what arrived during the compute, so the
             // next batch is as full as the load allows.

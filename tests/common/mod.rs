@@ -77,6 +77,8 @@ pub fn test_config() -> Config {
         cores: vec![0],
         pin_shards: false,
         shutdown_grace_ms: 5000,
+        // An ephemeral admin port: tests run servers in parallel.
+        admin_listen: "127.0.0.1:0".into(),
         ..Config::default()
     };
     // Tests run many servers at once: no shared L2 file unless a test asks.

@@ -1,0 +1,452 @@
+//! The admin HTTP port: metrics, health, models, stats and traces.
+//!
+//! Owns: one plain std thread (not a shard: a scrape must never take time
+//! from the request path) that accepts connections and hands each to a
+//! short-lived handler thread (at most [`HANDLERS_MAX`] at once, so a slow
+//! `/debug/trace` does not hold up `/metrics`). It speaks just enough
+//! HTTP/1.1: GET only, one request per connection (`Connection: close`),
+//! a request head of at most [`REQUEST_BYTES_MAX`] read within
+//! [`READ_TIMEOUT`]. It only reads what the shards publish (atomics), so it
+//! may allocate freely.
+//!
+//! Endpoints: `/metrics` (Prometheus text 0.0.4), `/healthz`, `/readyz`,
+//! `/v1/models`, `/v1/stats`, `/debug/trace?seconds=N` (docs/OBSERVABILITY.md).
+
+use crate::metrics::{self, trace, ShardMetrics};
+use crate::model::load::Repository;
+use crate::wire::Status;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Largest request head (request line + headers) read.
+pub const REQUEST_BYTES_MAX: usize = 8 << 10;
+/// How long a client may take to send its request head.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// Handler threads at once; beyond it a connection gets 503 at once.
+pub const HANDLERS_MAX: usize = 16;
+/// Longest `/debug/trace` window.
+pub const TRACE_SECONDS_MAX: f64 = 60.0;
+
+/// What the admin thread reads.
+pub(crate) struct AdminState {
+    pub metrics: Vec<Arc<ShardMetrics>>,
+    pub repo: Arc<Repository>,
+    /// Every shard has warmed up and listens.
+    pub ready: AtomicBool,
+    /// The server's stop flag: set means shutting down (not ready).
+    pub stop: Arc<AtomicBool>,
+    pub backend: OnceLock<String>,
+    pub started: Instant,
+    pub trace_sample_rate: f64,
+    /// The prediction cache, for `POST /v1/cache/purge`.
+    pub cache: Arc<super::CacheShared>,
+    exit: AtomicBool,
+    handlers: AtomicUsize,
+}
+
+impl AdminState {
+    pub fn new(
+        metrics: Vec<Arc<ShardMetrics>>,
+        repo: Arc<Repository>,
+        stop: Arc<AtomicBool>,
+        trace_sample_rate: f64,
+        cache: Arc<super::CacheShared>,
+    ) -> AdminState {
+        AdminState {
+            metrics,
+            repo,
+            ready: AtomicBool::new(false),
+            stop,
+            backend: OnceLock::new(),
+            started: Instant::now(),
+            trace_sample_rate,
+            cache,
+            exit: AtomicBool::new(false),
+            handlers: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// The running admin thread.
+pub(crate) struct Admin {
+    pub addr: SocketAddr,
+    pub state: Arc<AdminState>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Admin {
+    /// Bind `addr` and start serving.
+    pub fn spawn(addr: SocketAddr, state: Arc<AdminState>) -> Result<Admin, String> {
+        let listener = TcpListener::bind(addr).map_err(|e| {
+            format!("admin_listen {addr}: {e} (set admin_listen to another ADDR:PORT, or \"off\")")
+        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("admin_listen {addr}: {e}"))?;
+        let st = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("beast-admin".into())
+            .spawn(move || accept_loop(listener, st))
+            .map_err(|e| format!("admin thread: {e}"))?;
+        Ok(Admin {
+            addr,
+            state,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop accepting and join the accept thread (handlers in flight finish on their own).
+    pub fn shutdown(mut self) {
+        self.state.exit.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, st: Arc<AdminState>) {
+    for conn in listener.incoming() {
+        if st.exit.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(mut stream) = conn else {
+            // EMFILE and friends: back off instead of spinning.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        if st.handlers.fetch_add(1, Ordering::SeqCst) >= HANDLERS_MAX {
+            st.handlers.fetch_sub(1, Ordering::SeqCst);
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = write_response(&mut stream, 503, "text/plain", b"busy\n");
+            continue;
+        }
+        let st2 = st.clone();
+        let spawned = std::thread::Builder::new()
+            .name("beast-admin-req".into())
+            .spawn(move || {
+                handle(stream, &st2);
+                st2.handlers.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            st.handlers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A parsed request line.
+#[derive(Debug, PartialEq, Eq)]
+struct Request<'a> {
+    method: &'a str,
+    path: &'a str,
+    query: &'a str,
+}
+
+/// Parse the head of an HTTP/1.x request; `None` when malformed.
+fn parse_head(head: &str) -> Option<Request<'_>> {
+    let line = head.split("\r\n").next()?;
+    let mut parts = line.split(' ');
+    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some()
+        || !version.starts_with("HTTP/1.")
+        || method.is_empty()
+        || !target.starts_with('/')
+    {
+        return None;
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    Some(Request {
+        method,
+        path,
+        query,
+    })
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// Read the request head (until an empty line), bounded in size and time.
+fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut buf = vec![0u8; REQUEST_BYTES_MAX];
+    let mut n = 0;
+    while n < buf.len() && Instant::now() < deadline {
+        match stream.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => {
+                n += k;
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+                    || buf[..n].windows(2).any(|w| w == b"\n\n")
+                {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    String::from_utf8(buf[..n].to_vec()).ok()
+}
+
+fn write_response(
+    stream: &mut TcpStream,
+    code: u16,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let head = format!("HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()
+}
+
+fn handle(mut stream: TcpStream, st: &AdminState) {
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    let (code, ctype, body) = match read_head(&mut stream).as_deref().and_then(parse_head) {
+        None => (400, "text/plain", "bad request\n".to_string()),
+        Some(r) if r.method == "POST" && r.path == "/v1/cache/purge" => purge(&r, st),
+        Some(r) if r.method != "GET" => (
+            405,
+            "text/plain",
+            "only GET (and POST /v1/cache/purge)\n".to_string(),
+        ),
+        Some(r) => route(&r, st),
+    };
+    let _ = write_response(&mut stream, code, ctype, body.as_bytes());
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+const JSON: &str = "application/json";
+
+/// `POST /v1/cache/purge?target=NAME`: drop every cached answer of NAME on
+/// every core (its L1 entries become unreachable, its L2 slots are cleared).
+fn purge(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
+    match query_param(r.query, "target") {
+        None => (
+            400,
+            "text/plain",
+            "target: required, e.g. /v1/cache/purge?target=digits\n".into(),
+        ),
+        Some(t) => match st.cache.purge(t) {
+            Ok(n) => (
+                200,
+                JSON,
+                serde_json::json!({"target": t, "l2_entries_removed": n}).to_string(),
+            ),
+            Err(e) => (404, "text/plain", format!("{e}\n")),
+        },
+    }
+}
+
+fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
+    match r.path {
+        "/metrics" => (
+            200,
+            metrics::prometheus::CONTENT_TYPE,
+            metrics::prometheus::render(&st.metrics, &info(st)),
+        ),
+        "/healthz" => (200, "text/plain", "ok\n".into()),
+        "/readyz" => {
+            if st.stop.load(Ordering::Relaxed) {
+                (503, "text/plain", "shutting down\n".into())
+            } else if st.ready.load(Ordering::Acquire) {
+                (200, "text/plain", "ready\n".into())
+            } else {
+                (503, "text/plain", "starting\n".into())
+            }
+        }
+        "/v1/models" => (200, JSON, models_json(&st.repo).to_string()),
+        "/v1/stats" => {
+            let i = info(st);
+            let s = metrics::stats::snapshot(
+                &st.metrics,
+                &i.version,
+                &i.backend,
+                st.started.elapsed().as_secs_f64(),
+                i.process,
+            );
+            (200, JSON, serde_json::to_string(&s).unwrap_or_default())
+        }
+        "/debug/trace" => {
+            let secs = match query_param(r.query, "seconds").map(|s| s.parse::<f64>()) {
+                None => 1.0,
+                Some(Ok(s)) if (0.0..=TRACE_SECONDS_MAX).contains(&s) => s,
+                Some(_) => {
+                    return (
+                        400,
+                        "text/plain",
+                        format!("seconds: expected a number within 0..={TRACE_SECONDS_MAX}\n"),
+                    )
+                }
+            };
+            (200, JSON, trace_json(st, secs).to_string())
+        }
+        _ => (404, "text/plain", "not found\n".into()),
+    }
+}
+
+fn info(st: &AdminState) -> metrics::prometheus::Info {
+    metrics::prometheus::Info {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        backend: st.backend.get().cloned().unwrap_or_default(),
+        process: metrics::process::read(),
+    }
+}
+
+fn models_json(repo: &Repository) -> serde_json::Value {
+    let models: Vec<_> = repo
+        .models
+        .values()
+        .flatten()
+        .map(|m| {
+            let layers: Vec<_> = m
+                .layers
+                .iter()
+                .map(|l| json!({"in": l.in_dim, "out": l.out_dim, "activation": l.activation, "layer_norm": l.layer_norm.is_some()}))
+                .collect();
+            json!({
+                "name": m.name,
+                "version": m.version,
+                "input_width": m.input_width,
+                "output_width": m.output_width,
+                "layers": layers,
+                "output": m.output,
+                "flops_per_row": m.flops_per_row(),
+                "batch": {
+                    "max_batch": m.batch.max_batch,
+                    "max_queue_delay_us": m.batch.max_queue_delay_us,
+                    "queue_rows_max": m.batch.queue_rows_max,
+                },
+            })
+        })
+        .collect();
+    let ensembles: Vec<_> = repo
+        .ensembles
+        .values()
+        .map(|e| json!({"name": e.name, "members": e.members, "combiner": e.combiner, "weights": e.weights}))
+        .collect();
+    json!({"models": models, "ensembles": ensembles, "refused": repo.errors})
+}
+
+/// Wait `secs`, then gather the records that arrived in that window (all
+/// records in the rings when `secs` is 0) as Chrome trace-event JSON.
+fn trace_json(st: &AdminState, secs: f64) -> serde_json::Value {
+    let t0 = trace::since_epoch_ns(Instant::now());
+    let written0: Vec<u64> = st.metrics.iter().map(|m| m.trace.written()).collect();
+    if secs > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(secs));
+    }
+    let mut records = Vec::new();
+    let mut buf = Vec::new();
+    let mut overwritten = 0u64;
+    for (m, w0) in st.metrics.iter().zip(&written0) {
+        buf.clear();
+        m.trace.read(&mut buf);
+        let core = m.core;
+        records.extend(
+            buf.iter()
+                .filter(|r| secs == 0.0 || r.arrival_ns >= t0)
+                .map(|r| (core, *r)),
+        );
+        overwritten += (m.trace.written() - w0).saturating_sub(m.trace.capacity() as u64);
+    }
+    let targets = st
+        .metrics
+        .first()
+        .map(|m| m.targets.clone())
+        .unwrap_or_default();
+    let name = |t: u16| targets.name(t).to_string();
+    let status = |s: u8| Status::ALL.get(s as usize).map_or("unknown", |s| s.label());
+    let mut v = trace::chrome_trace(&mut records, &name, &status);
+    let note = if st.trace_sample_rate > 0.0 {
+        "sampled requests; tid = core * 1000 + lane"
+    } else {
+        "tracing is off: set trace_sample_rate > 0 in the config"
+    };
+    v["otherData"] = json!({
+        "seconds": secs,
+        "sample_rate": st.trace_sample_rate,
+        "records": records.len(),
+        "overwritten": overwritten,
+        "note": note,
+    });
+    v
+}
+
+/// A minimal HTTP GET for the tools and tests: returns (status code, body).
+pub fn get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    request("GET", addr, path, timeout)
+}
+
+/// A minimal HTTP request without a body (GET, POST): (status code, body).
+pub fn request(
+    method: &str,
+    addr: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .map_err(|e| format!("{addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr}: no address"))?;
+    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send: {e}"))?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .map_err(|e| format!("read {addr}{path}: {e}"))?;
+    let text = String::from_utf8(raw).map_err(|_| "response is not UTF-8".to_string())?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("response has no header end")?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line: {}", head.lines().next().unwrap_or("")))?;
+    Ok((code, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_request_lines() {
+        let r = parse_head("GET /debug/trace?seconds=2 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(
+            (r.method, r.path, r.query),
+            ("GET", "/debug/trace", "seconds=2")
+        );
+        assert_eq!(query_param(r.query, "seconds"), Some("2"));
+        assert!(parse_head("garbage").is_none());
+        assert!(parse_head("GET metrics HTTP/1.1\r\n\r\n").is_none());
+        assert!(parse_head("GET / HTTP/2 extra\r\n\r\n").is_none());
+        assert!(parse_head("").is_none());
+    }
+}
