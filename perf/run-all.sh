@@ -7,7 +7,8 @@
 #
 # Environment: NO_BUILD=1 (use the binaries in target/release as they are),
 # SERVER_CPU (default 0), BENCH_CPUS (default 1), PORT
-# (default 7990), BEAST_ADMIN (ADDR:PORT of the admin port, optional),
+# (default 7990), ADMIN_PORT (default 7991: the server's admin HTTP port,
+# scraped by beast-bench --admin for batch sizes and cache hits),
 # SCENARIOS (glob, default perf/scenarios/*.env), OUT (results file).
 #
 # A scenario file is shell: DESCRIPTION, BENCH_ARGS (beast-bench flags) and
@@ -29,6 +30,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 BENCH_CPUS=${BENCH_CPUS:-1}
 PORT=${PORT:-7990}
 ADDR=127.0.0.1:$PORT
+ADMIN=127.0.0.1:${ADMIN_PORT:-7991}
 
 if [ "${NO_BUILD:-0}" != 1 ]; then
     echo "run-all: building release" >&2
@@ -47,7 +49,7 @@ LOG=$WORK/server.log
 target/release/beast demo-models --out "$MODELS" >&2
 
 BEAST=$PWD/target/release/beast
-(cd "$WORK" && exec taskset -c "$SERVER_CPU" "$BEAST" serve --models "$MODELS" --cores "$SERVER_CPU" --listen "$ADDR") >"$LOG" 2>&1 &
+(cd "$WORK" && exec taskset -c "$SERVER_CPU" "$BEAST" serve --models "$MODELS" --cores "$SERVER_CPU" --listen "$ADDR" --admin-listen "$ADMIN") >"$LOG" 2>&1 &
 SERVER_PID=$!
 stop_server() {
     if kill -0 "$SERVER_PID" 2>/dev/null; then
@@ -63,8 +65,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-ADMIN_ARGS=""
-[ -n "${BEAST_ADMIN:-}" ] && ADMIN_ARGS="--admin $BEAST_ADMIN"
+ADMIN_ARGS="--admin $ADMIN"
 MODEL_NAME=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
 {
     echo "# beast benchmark results $(date -u +%Y-%m-%d)"
@@ -73,7 +74,7 @@ MODEL_NAME=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
     echo "- machine: $MODEL_NAME; $(nproc) CPUs online; $(uname -r)"
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (a shared machine inflates tails: compare ratios within one file)"
     echo "- mode: $([ "$QUICK" = 1 ] && echo "--quick (1 s per rate: indicative only)" || echo "full (10 s per rate after 2 s warm-up)")"
-    echo "- server: \`taskset -c $SERVER_CPU target/release/beast serve --models MODELS --cores $SERVER_CPU --listen $ADDR\` run in a fresh folder (cold L2 cache), models from \`target/release/beast demo-models --out MODELS\`"
+    echo "- server: \`taskset -c $SERVER_CPU target/release/beast serve --models MODELS --cores $SERVER_CPU --listen $ADDR --admin-listen $ADMIN\` run in a fresh folder (cold L2 cache), models from \`target/release/beast demo-models --out MODELS\`"
     echo "- server start-up log:"
     echo
     echo '```'
