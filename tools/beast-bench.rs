@@ -1,28 +1,44 @@
-//! beast-bench: an open-loop load generator for beast.
+//! beast-bench: the load generator for beast.
 //!
-//! Each connection sends requests on a fixed schedule (the offered rate
-//! split evenly over connections), at most `--in-flight` outstanding at a
-//! time. Latency is measured from each request's *intended* send time, so a
-//! server (or client) that falls behind is charged for the queueing it
-//! causes (coordinated-omission correction, as wrk2 does); the uncorrected
-//! figure (from the actual send) is printed beside it. If the generator
-//! itself could not keep the schedule, the report says so.
+//! Open loop (default): each connection sends on a schedule (uniform or
+//! Poisson arrivals, seeded; or a recorded trace) with at most `--in-flight`
+//! outstanding. Latency is measured from each request's *intended* send
+//! time, so a server (or client) that falls behind is charged for the
+//! queueing it causes (coordinated-omission correction, as wrk2 does); the
+//! uncorrected figure (from the actual send) is printed beside it. The
+//! generator reports its own lateness and CPU and says loudly when it, not
+//! the server, was the limit. Closed loop (`--closed`) keeps K in flight per
+//! connection instead. `--sweep` and `--search` run many rates. The manual
+//! is docs/BENCH.md.
+//!
+//! Modules: `dist` (PRNG, arrivals, Zipf, target mix), `inputs` (rows,
+//! traces), `load` (the glommio engine), `output` (table, JSON, CSV, hgrm,
+//! plot), `search` (bisection), `admin` (Prometheus scrape).
 
-use beast::wire::{
-    check_frame, decode_response, CacheControl, Encoder, FrameCheck, Input, RequestSpec, Status,
-    FRAME_HEADER_LEN,
-};
+#[path = "bench/admin.rs"]
+mod admin;
+#[path = "bench/dist.rs"]
+mod dist;
+#[path = "bench/inputs.rs"]
+mod inputs;
+#[path = "bench/json.rs"]
+mod json;
+#[path = "bench/load.rs"]
+mod load;
+#[path = "bench/output.rs"]
+mod output;
+#[path = "bench/search.rs"]
+mod search;
+
 use clap::Parser;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
-use glommio::{LocalExecutorBuilder, Placement};
-use hdrhistogram::Histogram;
+use dist::{Arrivals, TargetSpec, Zipf};
+use inputs::{Pool, TraceEntry};
+use load::{Mode, Plan, RowDist};
 use mimalloc::MiMalloc;
-use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, FromRawFd};
+use output::Summary;
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -30,42 +46,66 @@ static GLOBAL: MiMalloc = MiMalloc;
 #[derive(Parser, Clone, Debug)]
 #[command(
     name = "beast-bench",
-    about = "Open-loop load generator for beast (coordinated-omission corrected)"
+    about = "Load generator for beast: open loop (coordinated-omission corrected) or closed loop; sweeps, SLO search, traces"
 )]
 struct Args {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:7878")]
     server: String,
-    /// Model or ensemble to ask.
+    /// Target(s): name[:weight[:width]],... e.g. "bench_ens:3,bench_a:1".
     #[arg(long, default_value = "bench_ens")]
     target: String,
-    /// Input width of the target.
-    #[arg(long, default_value_t = 256)]
-    width: usize,
+    /// Default input width of the targets [default: 256, or the input file's width].
+    #[arg(long)]
+    width: Option<usize>,
     /// Rows per request.
     #[arg(long, default_value_t = 1)]
     rows: usize,
     /// Offered rate, requests per second (all connections together).
     #[arg(long, default_value_t = 10_000.0)]
     rate: f64,
+    /// Arrival process of the open loop: uniform or poisson.
+    #[arg(long, default_value = "uniform")]
+    arrivals: String,
+    /// Seed of every random choice (arrivals, rows, targets, input values).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Closed loop: each connection keeps --in-flight requests outstanding (--rate unused).
+    #[arg(long)]
+    closed: bool,
     /// Connections.
     #[arg(long, short = 'c', default_value_t = 32)]
     connections: usize,
     /// Requests in flight per connection, at most.
     #[arg(long, short = 'k', default_value_t = 16)]
     in_flight: usize,
-    /// Measured seconds.
+    /// Measured seconds (per rate for --sweep/--search).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
     /// Seconds of load before measuring (excluded from the results).
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
-    /// CPUs for the generator's threads (one thread each), e.g. "1" or "1,3".
+    /// CPUs for the generator's threads (one pinned executor each), e.g. "1" or "1,3".
     #[arg(long, default_value = "")]
     cpus: String,
-    /// Distinct input rows to draw from (seeded; cycled in order).
-    #[arg(long, default_value_t = 4096)]
-    distinct: usize,
+    /// Distinct inputs to draw from [default: 4096, or all rows of the input file].
+    #[arg(long)]
+    distinct: Option<usize>,
+    /// Draw inputs Zipf(S)-distributed over the distinct rows (rank 1 most popular) instead of uniformly.
+    #[arg(long, value_name = "S")]
+    zipf: Option<f64>,
+    /// Rows from a file (.csv with an optional header row, or 2-D .npy) instead of random values.
+    #[arg(long, value_name = "FILE")]
+    input_file: Option<PathBuf>,
+    /// Drop the input file's last column (e.g. a label).
+    #[arg(long)]
+    drop_last_column: bool,
+    /// Replay a trace (CSV offset_us,target,row_index) with its timing.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// Write the run's schedule as a trace (CSV offset_us,target,row_index).
+    #[arg(long, value_name = "FILE")]
+    record_trace: Option<PathBuf>,
     /// Send inputs as FP16.
     #[arg(long)]
     f16: bool,
@@ -75,491 +115,515 @@ struct Args {
     /// Fail (exit 1) when more than this fraction of requests erred or went unanswered.
     #[arg(long, default_value_t = 0.001)]
     max_error_fraction: f64,
-    /// Print one JSON object instead of the table.
+    /// Run a list of offered rates, e.g. "5000,10000,20000".
+    #[arg(long, value_name = "R1,R2,...")]
+    sweep: Option<String>,
+    /// Find the highest offered rate meeting --slo-p95-ms by bisection between LO and HI.
+    #[arg(long, value_name = "LO:HI")]
+    search: Option<String>,
+    /// The SLO for --search: corrected p95 latency in ms.
+    #[arg(long, value_name = "MS")]
+    slo_p95_ms: Option<f64>,
+    /// Most bisection steps of --search after its two end points.
+    #[arg(long, default_value_t = 8)]
+    search_steps: usize,
+    /// Stop --search when HI/LO - 1 is at most this.
+    #[arg(long, default_value_t = 0.02)]
+    search_tolerance: f64,
+    /// Print one JSON object per run instead of the table.
     #[arg(long)]
     json: bool,
+    /// Print CSV rows (header once) instead of the table.
+    #[arg(long)]
+    csv: bool,
+    /// Write HdrHistogram percentile distributions (.hgrm) of each run into DIR.
+    #[arg(long, value_name = "DIR")]
+    hgrm: Option<PathBuf>,
+    /// Draw latency percentiles against offered rate (for --sweep/--search) into an SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Admin address of the server (ADDR:PORT): scrape /metrics before and after each run.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
 }
 
-/// What one thread measured.
-struct Report {
-    corrected: Histogram<u64>,
-    uncorrected: Histogram<u64>,
-    sent: u64,
-    ok: u64,
-    by_status: [u64; 6],
-    unanswered: u64,
-    /// Largest lag between a request's intended and actual send (µs).
-    send_lag_max_us: u64,
-    server_queue_us: u64,
-    server_compute_us: u64,
-}
-
-impl Report {
-    fn new() -> Self {
-        Report {
-            corrected: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-            uncorrected: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-            sent: 0,
-            ok: 0,
-            by_status: [0; 6],
-            unanswered: 0,
-            send_lag_max_us: 0,
-            server_queue_us: 0,
-            server_compute_us: 0,
-        }
-    }
-    fn merge(&mut self, o: &Report) {
-        self.corrected.add(&o.corrected).unwrap();
-        self.uncorrected.add(&o.uncorrected).unwrap();
-        self.sent += o.sent;
-        self.ok += o.ok;
-        for i in 0..6 {
-            self.by_status[i] += o.by_status[i];
-        }
-        self.unanswered += o.unanswered;
-        self.send_lag_max_us = self.send_lag_max_us.max(o.send_lag_max_us);
-        self.server_queue_us += o.server_queue_us;
-        self.server_compute_us += o.server_compute_us;
-    }
-}
+/// Limits on the flags, so that a typo fails with a message rather than an
+/// allocation failure: slots per connection, connections, distinct inputs
+/// (a Zipf table is 8 bytes each; rows travel as u32 in traces), and the
+/// input bytes of one request.
+const IN_FLIGHT_MAX: usize = 1 << 16;
+const CONNECTIONS_MAX: usize = 1 << 14;
+const DISTINCT_MAX: usize = 1 << 26;
+const REQUEST_BYTES_MAX: usize = 4 << 20;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let cpus: Vec<usize> = if args.cpus.trim().is_empty() {
-        vec![usize::MAX]
-    } else {
-        match args
-            .cpus
-            .split(',')
-            .map(|s| s.trim().parse::<usize>())
-            .collect()
-        {
-            Ok(v) => v,
-            Err(_) => {
-                eprintln!("beast-bench: --cpus: expected e.g. 1 or 1,3");
-                return ExitCode::FAILURE;
-            }
+    match run(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("beast-bench: {e}");
+            ExitCode::FAILURE
         }
-    };
-    if args.connections < cpus.len() || args.in_flight == 0 || args.rate <= 0.0 {
-        eprintln!("beast-bench: need connections >= threads, in-flight >= 1, rate > 0");
-        return ExitCode::FAILURE;
     }
-    let addr = match std::net::ToSocketAddrs::to_socket_addrs(&args.server)
+}
+
+/// The parts of a plan that do not depend on the offered rate.
+fn base_plan(args: &Args) -> Result<Plan, String> {
+    let arrivals = Arrivals::parse(&args.arrivals)?;
+    if args.rows == 0 {
+        return Err("--rows must be at least 1".into());
+    }
+    if args.in_flight == 0 || args.in_flight > IN_FLIGHT_MAX {
+        return Err(format!("--in-flight must be within 1..={IN_FLIGHT_MAX}"));
+    }
+    if args.connections > CONNECTIONS_MAX {
+        return Err(format!("--connections must be at most {CONNECTIONS_MAX}"));
+    }
+    // Written so that NaN fails too.
+    let positive = |x: f64| x > 0.0 && x.is_finite();
+    if !positive(args.duration) || !(positive(args.warmup) || args.warmup == 0.0) {
+        return Err("--duration must be > 0 and --warmup >= 0 seconds".into());
+    }
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        return Err(format!("--rate must be > 0, got {}", args.rate));
+    }
+    if !(0.0..=1.0).contains(&args.max_error_fraction) {
+        return Err("--max-error-fraction must be within 0..=1".into());
+    }
+    if args.drop_last_column && args.input_file.is_none() {
+        return Err("--drop-last-column needs --input-file".into());
+    }
+    let cpus: Vec<Option<usize>> = if args.cpus.trim().is_empty() {
+        vec![None]
+    } else {
+        args.cpus
+            .split(',')
+            .map(|s| {
+                s.trim().parse::<usize>().map(Some).map_err(|_| {
+                    format!("--cpus: '{s}' is not a CPU number (expected e.g. 1 or 1,3)")
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    if args.connections < cpus.len() {
+        return Err(format!(
+            "--connections ({}) must be at least the number of generator threads ({})",
+            args.connections,
+            cpus.len()
+        ));
+    }
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&args.server)
         .ok()
         .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("--server: cannot resolve '{}'", args.server))?;
+
+    // Inputs: a file, or seeded random rows per width.
+    let file = match &args.input_file {
+        Some(p) => Some(inputs::read_rows(p, args.drop_last_column)?),
+        None => None,
+    };
+    let default_width = match (&file, args.width) {
+        (Some((_, cols, _)), Some(w)) if w != *cols => {
+            return Err(format!(
+                "--width {w} differs from the input file's {cols} columns"
+            ))
+        }
+        (Some((_, cols, _)), _) => *cols,
+        (None, w) => w.unwrap_or(256),
+    };
+    if default_width == 0 {
+        return Err("--width must be at least 1".into());
+    }
+    let mut targets = dist::parse_targets(&args.target, default_width)?;
+    // The server refuses frames over its limit (4 MiB by default); say so here.
+    if let Some(t) = targets
+        .iter()
+        .find(|t| args.rows.saturating_mul(t.width).saturating_mul(4) > REQUEST_BYTES_MAX)
     {
-        Some(a) => a,
-        None => {
-            eprintln!("beast-bench: cannot resolve {}", args.server);
-            return ExitCode::FAILURE;
-        }
-    };
-    let start = Instant::now() + Duration::from_millis(200);
-    let threads: Vec<_> = cpus
-        .iter()
-        .enumerate()
-        .map(|(t, &cpu)| {
-            let args = args.clone();
-            let nthreads = cpus.len();
-            let placement = if cpu == usize::MAX {
-                Placement::Unbound
-            } else {
-                Placement::Fixed(cpu)
-            };
-            LocalExecutorBuilder::new(placement)
-                .name("beast-bench")
-                .io_memory(512 << 10)
-                .spawn(move || async move { run_thread(t, nthreads, args, addr, start).await })
-                .expect("start generator thread")
-        })
-        .collect();
-    let cpu0 = cpu_time();
-    let mut total = Report::new();
-    for t in threads {
-        match t.join() {
-            Ok(Ok(r)) => total.merge(&r),
-            Ok(Err(e)) => {
-                eprintln!("beast-bench: {e}");
-                return ExitCode::FAILURE;
-            }
-            Err(e) => {
-                eprintln!("beast-bench: thread failed: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    let cpu_s = cpu_time() - cpu0;
-    print_report(&args, &total, cpu_s);
-    let bad = total.sent - total.ok + total.unanswered;
-    if total.sent == 0 || bad as f64 > args.max_error_fraction * total.sent as f64 {
-        eprintln!(
-            "beast-bench: FAIL: {bad} of {} requests erred or went unanswered",
-            total.sent
-        );
-        return ExitCode::FAILURE;
-    }
-    ExitCode::SUCCESS
-}
-
-fn cpu_time() -> f64 {
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage fills the struct we own.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(u.ru_utime) + tv(u.ru_stime)
-}
-
-fn input_pool(args: &Args) -> Vec<f32> {
-    let n = args.distinct.max(1) * args.rows * args.width;
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// Per-connection bookkeeping shared by its sender and receiver tasks.
-struct ConnState {
-    /// Slot → (intended send, actual send, measured?) of an outstanding request.
-    slots: RefCell<Vec<Option<(Instant, Instant, bool)>>>,
-    free: RefCell<Vec<usize>>,
-    freed: beast_notify::Notify,
-    report: RefCell<Report>,
-    done_sending: Cell<bool>,
-}
-
-async fn run_thread(
-    t: usize,
-    nthreads: usize,
-    args: Args,
-    addr: std::net::SocketAddr,
-    start: Instant,
-) -> Result<Report, String> {
-    let pool = Rc::new(input_pool(&args));
-    let my_conns: Vec<usize> = (0..args.connections)
-        .filter(|c| c % nthreads == t)
-        .collect();
-    let per_conn_rate = args.rate / args.connections as f64;
-    let mut tasks = Vec::new();
-    for c in my_conns {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (args, pool) = (args.clone(), pool.clone());
-        tasks.push(glommio::spawn_local(async move {
-            run_conn(c, stream, args, pool, per_conn_rate, start).await
-        }));
-    }
-    let mut report = Report::new();
-    for task in tasks {
-        report.merge(&task.await?);
-    }
-    Ok(report)
-}
-
-async fn run_conn(
-    c: usize,
-    reader: TcpStream,
-    args: Args,
-    pool: Rc<Vec<f32>>,
-    rate: f64,
-    start: Instant,
-) -> Result<Report, String> {
-    // SAFETY: dup gives us a second fd on the socket for the writer half.
-    let wfd = unsafe { libc::dup(reader.as_raw_fd()) };
-    if wfd < 0 {
-        return Err("dup failed".into());
-    }
-    // SAFETY: fresh fd, owned by this stream alone.
-    let mut writer = unsafe { TcpStream::from_raw_fd(wfd) };
-    let k = args.in_flight;
-    let st = Rc::new(ConnState {
-        slots: RefCell::new(vec![None; k]),
-        free: RefCell::new((0..k).rev().collect()),
-        freed: Default::default(),
-        report: RefCell::new(Report::new()),
-        done_sending: Cell::new(false),
-    });
-    let recv = glommio::spawn_local(receive(reader, st.clone()));
-    let period = Duration::from_secs_f64(1.0 / rate);
-    // Stagger connections so they do not all fire at the same instant.
-    let offset = period.mul_f64(c as f64 / args.connections as f64);
-    let measure_from = start + Duration::from_secs_f64(args.warmup);
-    let end = measure_from + Duration::from_secs_f64(args.duration);
-    let mut enc = Encoder::new();
-    let mut out = Vec::with_capacity(64 << 10);
-    let f16_pool: Vec<u16> = if args.f16 {
-        pool.iter()
-            .map(|&x| half::f16::from_f32(x).to_bits())
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let row_len = args.rows * args.width;
-    let mut i: u64 = 0;
-    loop {
-        let intended = start + offset + period.mul_f64(i as f64);
-        if intended >= end {
-            break;
-        }
-        let now = Instant::now();
-        if intended > now {
-            glommio::timer::sleep(intended - now).await;
-        }
-        // Send everything that is due and fits in the window, in one write.
-        out.clear();
-        let now = Instant::now();
-        loop {
-            let intended = start + offset + period.mul_f64(i as f64);
-            if intended > now || intended >= end {
-                break;
-            }
-            let Some(slot) = st.free.borrow_mut().pop() else {
-                break;
-            };
-            let p = (i as usize % args.distinct.max(1)) * row_len;
-            let input = if args.f16 {
-                Input::F16(&f16_pool[p..p + row_len])
-            } else {
-                Input::F32(&pool[p..p + row_len])
-            };
-            let spec = RequestSpec {
-                target: &args.target,
-                version: None,
-                rows: args.rows as u32,
-                cols: args.width as u32,
-                input,
-                deadline_us: None,
-                domain: None,
-                cache: if args.no_cache {
-                    CacheControl::Bypass
-                } else {
-                    CacheControl::Use
-                },
-            };
-            let measured = intended >= measure_from;
-            st.slots.borrow_mut()[slot] = Some((intended, now, measured));
-            enc.request(slot as u64, &spec, &mut out);
-            if measured {
-                let mut r = st.report.borrow_mut();
-                r.sent += 1;
-                r.send_lag_max_us = r
-                    .send_lag_max_us
-                    .max(now.duration_since(intended).as_micros() as u64);
-            }
-            i += 1;
-        }
-        if out.is_empty() {
-            // Window full: wait for a response to free a slot.
-            st.freed.wait().await;
-            continue;
-        }
-        writer
-            .write_all(&out)
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-    }
-    st.done_sending.set(true);
-    // Give outstanding requests a grace period, then count them unanswered.
-    let grace = Instant::now() + Duration::from_secs(2);
-    while st.free.borrow().len() < k && Instant::now() < grace {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
-    }
-    let unanswered = st
-        .slots
-        .borrow()
-        .iter()
-        .filter(|s| matches!(s, Some((_, _, true))))
-        .count() as u64;
-    // SAFETY: the fd is valid; shutting down ends the receiver's read.
-    unsafe { libc::shutdown(writer.as_raw_fd(), libc::SHUT_RDWR) };
-    let _ = recv.await;
-    let mut r = std::mem::replace(&mut *st.report.borrow_mut(), Report::new());
-    r.unanswered = unanswered;
-    Ok(r)
-}
-
-async fn receive(mut reader: TcpStream, st: Rc<ConnState>) {
-    let mut buf = vec![0u8; 1 << 20];
-    let (mut start, mut end) = (0usize, 0usize);
-    loop {
-        let n = match reader.read(&mut buf[end..]).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        end += n;
-        let now = Instant::now();
-        loop {
-            match check_frame(&buf[start..end], usize::MAX >> 1) {
-                FrameCheck::Complete { body_len } => {
-                    let body = &buf[start + FRAME_HEADER_LEN..start + FRAME_HEADER_LEN + body_len];
-                    if let Ok(v) = decode_response(body) {
-                        let slot = v.id as usize;
-                        let entry = st.slots.borrow_mut().get_mut(slot).and_then(|s| s.take());
-                        if let Some((intended, sent, measured)) = entry {
-                            st.free.borrow_mut().push(slot);
-                            st.freed.notify();
-                            if measured {
-                                let mut r = st.report.borrow_mut();
-                                r.by_status[v.status as usize] += 1;
-                                if v.status == Status::Ok {
-                                    r.ok += 1;
-                                    let _ = r.corrected.record(
-                                        now.duration_since(intended).as_micros().max(1) as u64,
-                                    );
-                                    let _ = r
-                                        .uncorrected
-                                        .record(now.duration_since(sent).as_micros().max(1) as u64);
-                                    r.server_queue_us += v.timings.queue_us as u64;
-                                    r.server_compute_us += v.timings.compute_us as u64;
-                                }
-                            }
-                        }
-                    }
-                    start += FRAME_HEADER_LEN + body_len;
-                }
-                FrameCheck::Incomplete => break,
-                FrameCheck::Invalid { .. } => return,
-            }
-        }
-        if start == end {
-            start = 0;
-            end = 0;
-        } else if start > 0 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
-        if end == buf.len() {
-            buf.resize(buf.len() * 2, 0);
-        }
-    }
-}
-
-fn print_report(args: &Args, r: &Report, cpu_s: f64) {
-    let achieved = r.ok as f64 / args.duration;
-    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let qs = [0.5, 0.9, 0.95, 0.99, 0.999];
-    let lag_ms = r.send_lag_max_us as f64 / 1000.0;
-    // The generator kept its schedule if no send lagged by more than 1 ms.
-    let generator_limited =
-        lag_ms > 1.0 && r.corrected.value_at_quantile(0.5) as f64 / 1000.0 <= lag_ms;
-    if args.json {
-        let pct = |h: &Histogram<u64>| {
-            qs.iter()
-                .map(|&q| format!("\"p{}\": {:.3}", q * 100.0, ms(h, q)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        println!(
-            "{{\"target\": \"{}\", \"rows\": {}, \"connections\": {}, \"in_flight\": {}, \"offered_rps\": {:.1}, \"achieved_rps\": {:.1}, \"sent\": {}, \"ok\": {}, \"errors\": {{{}}}, \"unanswered\": {}, \"latency_ms\": {{{}, \"max\": {:.3}}}, \"uncorrected_ms\": {{{}, \"max\": {:.3}}}, \"send_lag_max_ms\": {:.3}, \"client_cpu_s\": {:.2}, \"server_mean_queue_us\": {:.1}, \"server_mean_compute_us\": {:.1}}}",
-            args.target,
+        return Err(format!(
+            "--rows {} x width {} of '{}' makes requests over {} MiB, the server's default frame limit",
             args.rows,
-            args.connections,
-            args.in_flight,
-            args.rate,
-            achieved,
-            r.sent,
-            r.ok,
-            Status::ALL.iter().skip(1).map(|s| format!("\"{}\": {}", s.label(), r.by_status[*s as usize])).collect::<Vec<_>>().join(", "),
-            r.unanswered,
-            pct(&r.corrected),
-            r.corrected.max() as f64 / 1000.0,
-            pct(&r.uncorrected),
-            r.uncorrected.max() as f64 / 1000.0,
-            lag_ms,
-            cpu_s,
-            r.server_queue_us as f64 / r.ok.max(1) as f64,
-            r.server_compute_us as f64 / r.ok.max(1) as f64,
-        );
-        return;
+            t.width,
+            t.name,
+            REQUEST_BYTES_MAX >> 20
+        ));
     }
-    println!("beast-bench: target {} ({} row(s)/request), {} connections x {} in flight, {:.0}s measured after {:.0}s warm-up", args.target, args.rows, args.connections, args.in_flight, args.duration, args.warmup);
-    println!("  offered   {:>12.0} req/s", args.rate);
-    println!(
-        "  achieved  {:>12.0} req/s ({} ok of {} sent)",
-        achieved, r.ok, r.sent
-    );
-    println!("  latency (ms)      p50      p90      p95      p99    p99.9      max");
-    for (name, h) in [("corrected", &r.corrected), ("uncorrected", &r.uncorrected)] {
-        println!(
-            "  {:<12} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.3}",
-            name,
-            ms(h, 0.5),
-            ms(h, 0.9),
-            ms(h, 0.95),
-            ms(h, 0.99),
-            ms(h, 0.999),
-            h.max() as f64 / 1000.0
-        );
-    }
-    let errs: Vec<String> = Status::ALL
-        .iter()
-        .skip(1)
-        .filter(|s| r.by_status[**s as usize] > 0)
-        .map(|s| format!("{} {}", s.label(), r.by_status[*s as usize]))
-        .collect();
-    println!(
-        "  errors    {}; unanswered {}",
-        if errs.is_empty() {
-            "none".to_string()
-        } else {
-            errs.join(", ")
-        },
-        r.unanswered
-    );
-    println!(
-        "  server    mean queue {:.1} us, mean compute {:.1} us (per request, as reported)",
-        r.server_queue_us as f64 / r.ok.max(1) as f64,
-        r.server_compute_us as f64 / r.ok.max(1) as f64
-    );
-    println!(
-        "  generator cpu {:.2} s, max send lag {:.3} ms{}",
-        cpu_s,
-        lag_ms,
-        if generator_limited {
-            "  <-- the generator could not keep the schedule: results are a lower bound on the server"
-        } else {
-            ""
-        }
-    );
-}
-
-/// The same single-waiter notify the server uses, local to this tool.
-mod beast_notify {
-    use std::cell::Cell;
-    use std::future::poll_fn;
-    use std::task::{Poll, Waker};
-
-    #[derive(Default)]
-    pub struct Notify {
-        flag: Cell<bool>,
-        waker: Cell<Option<Waker>>,
-    }
-
-    impl Notify {
-        pub fn notify(&self) {
-            self.flag.set(true);
-            if let Some(w) = self.waker.take() {
-                w.wake();
+    let mut trace_entries = None;
+    if let Some(p) = &args.trace {
+        let entries = inputs::read_trace(p)?;
+        // The trace names its targets; widths come from --target where it names them too.
+        let mut names: Vec<String> = Vec::new();
+        for e in &entries {
+            if !names.contains(&e.target) {
+                names.push(e.target.clone());
             }
         }
-        pub async fn wait(&self) {
-            poll_fn(|cx| {
-                if self.flag.replace(false) {
-                    Poll::Ready(())
-                } else {
-                    self.waker.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                }
+        targets = names
+            .iter()
+            .map(|n| TargetSpec {
+                name: n.clone(),
+                weight: 1.0,
+                width: targets
+                    .iter()
+                    .find(|t| &t.name == n)
+                    .map_or(default_width, |t| t.width),
             })
-            .await
-        }
+            .collect();
+        trace_entries = Some(entries);
     }
+    let (pools, distinct): (Vec<Arc<Pool>>, usize) = match file {
+        Some((nrows, cols, data)) => {
+            if let Some(t) = targets.iter().find(|t| t.width != cols) {
+                return Err(format!(
+                    "--target {}: width {} but --input-file rows have {cols} columns",
+                    t.name, t.width
+                ));
+            }
+            let groups = nrows / args.rows;
+            if groups == 0 {
+                return Err(format!(
+                    "--input-file has {nrows} rows, fewer than --rows {}",
+                    args.rows
+                ));
+            }
+            let n = args.distinct.map_or(groups, |d| d.min(groups));
+            let len = args.rows * cols;
+            let pool = Arc::new(Pool::Stored {
+                data: data[..groups * len].to_vec(),
+                len,
+                n: groups,
+            });
+            (targets.iter().map(|_| pool.clone()).collect(), n)
+        }
+        None => {
+            let n = args.distinct.unwrap_or(4096);
+            if n == 0 {
+                return Err("--distinct must be at least 1".into());
+            }
+            let mut by_width: Vec<(usize, Arc<Pool>)> = Vec::new();
+            let pools = targets
+                .iter()
+                .map(|t| match by_width.iter().find(|(w, _)| *w == t.width) {
+                    Some((_, p)) => p.clone(),
+                    None => {
+                        let p = Arc::new(Pool::random(
+                            args.seed ^ (t.width as u64) << 32,
+                            n,
+                            args.rows * t.width,
+                        ));
+                        by_width.push((t.width, p.clone()));
+                        p
+                    }
+                })
+                .collect();
+            (pools, n)
+        }
+    };
+    if distinct > DISTINCT_MAX {
+        return Err(format!("--distinct must be at most {DISTINCT_MAX}"));
+    }
+    let row_dist = match args.zipf {
+        Some(s) => RowDist::Zipf(Arc::new(Zipf::new(distinct, s)?)),
+        None => RowDist::Uniform(distinct),
+    };
+    let mut duration_s = args.duration;
+    let mode = match trace_entries {
+        Some(entries) => {
+            if args.closed || args.sweep.is_some() || args.search.is_some() {
+                return Err("--trace cannot be combined with --closed, --sweep or --search".into());
+            }
+            let mut per_conn = vec![Vec::new(); args.connections];
+            for (j, e) in entries.iter().enumerate() {
+                let t = targets.iter().position(|t| t.name == e.target).unwrap_or(0) as u32;
+                if e.row >= pools[t as usize].len() || e.row > u32::MAX as usize {
+                    return Err(format!(
+                        "--trace: row_index {} is beyond the {} distinct inputs",
+                        e.row,
+                        pools[t as usize].len()
+                    ));
+                }
+                per_conn[j % args.connections].push((e.offset_us, t, e.row as u32));
+            }
+            let last_s = entries.last().map_or(0.0, |e| e.offset_us as f64 / 1e6);
+            duration_s = last_s - args.warmup;
+            if duration_s <= 0.0 {
+                return Err(format!("--trace spans {last_s:.3} s, not more than --warmup {} s: nothing would be measured (try --warmup 0)", args.warmup));
+            }
+            Mode::Trace(per_conn)
+        }
+        None if args.closed => Mode::Closed,
+        None => Mode::Open {
+            rate: args.rate,
+            arrivals,
+        },
+    };
+    Ok(Plan {
+        addr,
+        targets,
+        pools,
+        rows: args.rows,
+        f16: args.f16,
+        no_cache: args.no_cache,
+        connections: args.connections,
+        in_flight: args.in_flight,
+        warmup_s: args.warmup,
+        duration_s,
+        seed: args.seed,
+        row_dist,
+        mode,
+        record_trace: args.record_trace.is_some(),
+        cpus,
+    })
+}
+
+fn run(args: &Args) -> Result<ExitCode, String> {
+    if args.json && args.csv {
+        return Err("choose one of --json and --csv".into());
+    }
+    if args.sweep.is_some() && args.search.is_some() {
+        return Err("choose one of --sweep and --search".into());
+    }
+    if args.closed && (args.sweep.is_some() || args.search.is_some()) {
+        return Err(
+            "--closed has no offered rate: it cannot be combined with --sweep or --search".into(),
+        );
+    }
+    if args.record_trace.is_some() && (args.sweep.is_some() || args.search.is_some()) {
+        return Err("--record-trace records one run: not with --sweep or --search".into());
+    }
+    let search = match &args.search {
+        Some(s) => {
+            let range = search::parse_range(s)?;
+            let slo = args.slo_p95_ms.ok_or("--search needs --slo-p95-ms")?;
+            if !(slo > 0.0 && slo.is_finite()) {
+                return Err("--slo-p95-ms must be > 0".into());
+            }
+            Some((range, slo))
+        }
+        None => None,
+    };
+    let sweep = args.sweep.as_deref().map(search::parse_rates).transpose()?;
+    let base = base_plan(args)?;
+    let mut printed_header = false;
+    let mut summaries: Vec<Summary> = Vec::new();
+    let mut emit = |s: &Summary| -> Result<(), String> {
+        if args.json {
+            println!("{}", output::json(s));
+        } else if args.csv {
+            if !printed_header {
+                println!("{}", output::CSV_HEADER);
+                printed_header = true;
+            }
+            println!("{}", output::csv(s));
+        } else {
+            output::print_table(s);
+            println!();
+        }
+        if let Some(dir) = &args.hgrm {
+            output::write_hgrm_files(dir, s)?;
+        }
+        Ok(())
+    };
+
+    let code = if let Some(((lo, hi), slo)) = search {
+        let mut n = 0;
+        let mut failure = None;
+        let (best, trials) =
+            search::bisect(lo, hi, args.search_steps, args.search_tolerance, |rate| {
+                if failure.is_some() {
+                    return false;
+                }
+                n += 1;
+                let mut s = match one_run(args, &base, &format!("search {n}"), Some(rate)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                };
+                let p95 = s.report.corrected.value_at_quantile(0.95) as f64 / 1000.0;
+                let ok =
+                    p95 <= slo && s.achieved >= 0.95 * rate && !s.failed(args.max_error_fraction);
+                s.slo_ok = Some(ok);
+                if let Err(e) = emit(&s) {
+                    failure = Some(e);
+                }
+                summaries.push(s);
+                ok
+            });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let limited = summaries.iter().any(|s| s.generator_limited.is_some());
+        if args.json {
+            println!(
+                "{{\"search_result\": {{\"best_rps\": {}, \"slo_p95_ms\": {slo}, \"lo\": {lo}, \"hi\": {hi}, \"trials\": {}, \"generator_limited_trials\": {limited}}}}}",
+                best.map_or("null".into(), |b| format!("{b:.1}")),
+                summaries.len()
+            );
+        } else {
+            let line = match best {
+                Some(b) => format!("search: highest offered rate meeting p95 <= {slo} ms (achieved >= 95% of offered, errors within bounds): {b:.0} req/s after {} runs", summaries.len()),
+                None => format!("search: no rate in {lo}..{hi} req/s met p95 <= {slo} ms"),
+            };
+            let trail: Vec<String> = trials
+                .iter()
+                .map(|t| format!("{:.0} {}", t.rate, if t.ok { "met" } else { "missed" }))
+                .collect();
+            let line = format!("{line}\n  trials: {}", trail.join(", "));
+            if args.csv {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+        }
+        if limited {
+            eprintln!("beast-bench: WARNING: some search runs were generator-limited; the answer may be the generator's limit, not the server's");
+        }
+        if best.is_some() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    } else {
+        let rates: Vec<Option<f64>> = match (&sweep, &base.mode) {
+            (Some(r), _) => r.iter().map(|&r| Some(r)).collect(),
+            (None, Mode::Open { rate, .. }) => vec![Some(*rate)],
+            (None, _) => vec![None],
+        };
+        let mut code = ExitCode::SUCCESS;
+        for (i, rate) in rates.iter().enumerate() {
+            let label = if rates.len() > 1 {
+                format!("sweep {}/{}", i + 1, rates.len())
+            } else {
+                "run".to_string()
+            };
+            let s = one_run(args, &base, &label, *rate)?;
+            emit(&s)?;
+            if s.failed(args.max_error_fraction) {
+                eprintln!(
+                    "beast-bench: FAIL [{label}]: {} of {} requests erred ({}), went unanswered ({}) or were never sent ({})",
+                    s.bad(),
+                    s.report.sent + s.report.unsent,
+                    s.report.errors(),
+                    s.report.unanswered,
+                    s.report.unsent
+                );
+                code = ExitCode::FAILURE;
+            }
+            if let Some(path) = &args.record_trace {
+                write_recorded_trace(path, &base, &s.report)?;
+            }
+            summaries.push(s);
+        }
+        code
+    };
+    if let Some(path) = &args.plot {
+        let title = format!("beast-bench {}", args.target);
+        output::plot(path, &summaries.iter().collect::<Vec<_>>(), &title)?;
+        eprintln!("beast-bench: plot written to {}", path.display());
+    }
+    Ok(code)
+}
+
+/// One run at `rate` (None: the plan's own mode, closed loop or trace).
+fn one_run(args: &Args, base: &Plan, label: &str, rate: Option<f64>) -> Result<Summary, String> {
+    let mut plan = base.clone();
+    if let (Some(r), Mode::Open { arrivals, .. }) = (rate, &base.mode) {
+        plan.mode = Mode::Open {
+            rate: r,
+            arrivals: *arrivals,
+        };
+    }
+    let mode = match &plan.mode {
+        Mode::Open { arrivals, .. } => format!("open/{}", arrivals.label()),
+        Mode::Closed => "closed".to_string(),
+        Mode::Trace(_) => "trace".to_string(),
+    };
+    let offered = match &plan.mode {
+        Mode::Open { rate, .. } => Some(*rate),
+        Mode::Closed => None,
+        Mode::Trace(per_conn) => {
+            // Requests in the measured window per measured second.
+            let from_us = (plan.warmup_s * 1e6) as u64;
+            let n = per_conn.iter().flatten().filter(|e| e.0 >= from_us).count();
+            Some(n as f64 / plan.duration_s)
+        }
+    };
+    let before = args.admin.as_deref().and_then(|a| {
+        admin::scrape(a)
+            .map_err(|e| eprintln!("beast-bench: warning: {e}"))
+            .ok()
+    });
+    let threads = plan.cpus.len();
+    let (duration_s, warmup_s) = (plan.duration_s, plan.warmup_s);
+    let (report, cpu_s) = load::run(Arc::new(plan))?;
+    let admin = match (&before, args.admin.as_deref()) {
+        (Some(b), Some(a)) => admin::scrape(a)
+            .map_err(|e| eprintln!("beast-bench: warning: {e}"))
+            .ok()
+            .map(|after| admin::delta(b, &after)),
+        _ => None,
+    };
+    let thread_cpu_max_pct =
+        report.thread_cpu_s.iter().copied().fold(0.0, f64::max) / duration_s * 100.0;
+    let generator_limited = output::generator_verdict(&report, thread_cpu_max_pct);
+    Ok(Summary {
+        label: label.to_string(),
+        mode,
+        // A trace names its own targets.
+        targets: match &base.mode {
+            Mode::Trace(_) => base
+                .targets
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            _ => args.target.clone(),
+        },
+        rows: args.rows,
+        connections: args.connections,
+        in_flight: args.in_flight,
+        threads,
+        offered,
+        achieved: report.ok as f64 / duration_s,
+        duration_s,
+        warmup_s,
+        report,
+        cpu_s,
+        thread_cpu_max_pct,
+        generator_limited,
+        admin,
+        slo_ok: None,
+        target_names: base.targets.iter().map(|t| t.name.clone()).collect(),
+    })
+}
+
+fn write_recorded_trace(
+    path: &std::path::Path,
+    plan: &Plan,
+    r: &load::Report,
+) -> Result<(), String> {
+    let mut entries: Vec<TraceEntry> = r
+        .trace
+        .iter()
+        .map(|&(o, t, row)| TraceEntry {
+            offset_us: o,
+            target: plan.targets[t as usize].name.clone(),
+            row: row as usize,
+        })
+        .collect();
+    entries.sort_by_key(|e| e.offset_us);
+    let f = std::fs::File::create(path)
+        .map_err(|e| format!("--record-trace {}: {e}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    inputs::write_trace(&mut w, &entries)
+        .and_then(|_| std::io::Write::flush(&mut w))
+        .map_err(|e| format!("--record-trace {}: {e}", path.display()))?;
+    eprintln!(
+        "beast-bench: {} requests recorded to {}",
+        entries.len(),
+        path.display()
+    );
+    Ok(())
 }

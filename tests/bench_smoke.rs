@@ -1,0 +1,196 @@
+//! beast-bench against a real in-process server: a short open-loop run
+//! must reach its offered rate with no errors and print valid JSON, and a
+//! run against an unknown target must fail.
+
+mod common;
+#[path = "../tools/bench/json.rs"]
+mod json;
+
+use std::process::Command;
+
+fn bench(addr: std::net::SocketAddr, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_beast-bench"))
+        .args([
+            "--server",
+            &addr.to_string(),
+            "--width",
+            "12",
+            "-c",
+            "4",
+            "-k",
+            "8",
+            "--warmup",
+            "0.3",
+            "--json",
+        ])
+        .args(extra)
+        .output()
+        .expect("run beast-bench")
+}
+
+#[test]
+fn open_loop_run_reaches_its_rate_and_prints_json() {
+    let server = common::start_server();
+    let out = bench(
+        server.addr,
+        &[
+            "--target",
+            "ens:3,a:1",
+            "--rate",
+            "2000",
+            "--duration",
+            "1",
+            "--arrivals",
+            "poisson",
+            "--distinct",
+            "64",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("a JSON line");
+    let j = json::parse(line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
+    let num = |k: &str| {
+        j.get(k)
+            .and_then(|v| v.num())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    let (offered, achieved) = (num("offered_rps"), num("achieved_rps"));
+    assert_eq!(offered, 2000.0);
+    // Poisson arrivals: the count in 1 s varies by ~sqrt(2000) ≈ 2%.
+    assert!(
+        (achieved / offered - 1.0).abs() < 0.10,
+        "achieved {achieved} of {offered}"
+    );
+    assert_eq!(num("error_count"), 0.0, "{line}");
+    assert_eq!(num("unanswered"), 0.0, "{line}");
+    assert_eq!(j.get("mode").and_then(|v| v.str()), Some("open/poisson"));
+    let lat = j.get("latency_ms").expect("latency_ms");
+    let p50 = lat.get("p50").and_then(|v| v.num()).unwrap();
+    let p99 = lat.get("p99").and_then(|v| v.num()).unwrap();
+    assert!(p50 > 0.0 && p99 >= p50, "{line}");
+    // The mix ens:3,a:1 is reported per target too, in proportion.
+    let Some(json::Json::Arr(per)) = j.get("per_target") else {
+        panic!("no per_target in {line}")
+    };
+    let ok_of = |i: usize| per[i].get("ok").and_then(|v| v.num()).unwrap_or(0.0);
+    assert_eq!(per.len(), 2, "{line}");
+    assert_eq!(per[0].get("target").and_then(|v| v.str()), Some("ens"));
+    assert!(
+        (ok_of(0) / (ok_of(0) + ok_of(1)) - 0.75).abs() < 0.06,
+        "{line}"
+    );
+    assert!(j
+        .get("server")
+        .and_then(|s| s.get("total_p50_us"))
+        .and_then(|v| v.num())
+        .is_some());
+}
+
+#[test]
+fn unknown_target_fails_the_run() {
+    let server = common::start_server();
+    let out = bench(
+        server.addr,
+        &[
+            "--target",
+            "no_such_model",
+            "--rate",
+            "500",
+            "--duration",
+            "0.5",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a run with only errors must fail; stderr: {stderr}"
+    );
+    assert!(stderr.contains("FAIL"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let j = json::parse(
+        stdout
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON line"),
+    )
+    .unwrap();
+    assert!(
+        j.get("errors")
+            .and_then(|e| e.get("not_found"))
+            .and_then(|v| v.num())
+            .unwrap()
+            > 0.0
+    );
+}
+
+#[test]
+fn recorded_trace_replays_with_its_timing() {
+    let server = common::start_server();
+    let trace = std::env::temp_dir().join(format!("beast-bench-smoke-{}.csv", std::process::id()));
+    let trace_s = trace.to_str().expect("utf-8 temp path");
+    let out = bench(
+        server.addr,
+        &[
+            "--target",
+            "a:1,c:1",
+            "--rate",
+            "1000",
+            "--duration",
+            "0.5",
+            "--zipf",
+            "1.0",
+            "--distinct",
+            "1000",
+            "--record-trace",
+            trace_s,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "record: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&trace).expect("trace written");
+    assert!(text.starts_with("offset_us,target,row_index\n"));
+    // 0.3 s warm-up + 0.5 s at 1000 req/s.
+    let n = text.lines().count() - 1;
+    assert!((780..=820).contains(&n), "{n} requests recorded");
+    // The helper passes --warmup 0.3: the replay measures the entries after it.
+    let measured = text
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            l.split(',')
+                .next()
+                .and_then(|o| o.parse::<u64>().ok())
+                .is_some_and(|o| o >= 300_000)
+        })
+        .count();
+    assert!(measured > 400, "{measured}");
+    let out = bench(server.addr, &["--trace", trace_s, "--distinct", "1000"]);
+    let _ = std::fs::remove_file(&trace);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "replay: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = json::parse(
+        stdout
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .expect("a JSON line"),
+    )
+    .unwrap();
+    assert_eq!(j.get("mode").and_then(|v| v.str()), Some("trace"));
+    assert_eq!(j.get("ok").and_then(|v| v.num()), Some(measured as f64));
+}
