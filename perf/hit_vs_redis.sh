@@ -43,10 +43,10 @@ echo
 
 bench() { # extra args...; prints the CSV data line
   taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 --target bench_a \
-    --distinct 64 -c "$CONNS" --duration "$SECS" --warmup 1 --csv --max-error-fraction 0.001 "$@" | tail -n 1
+    --distinct 64 -c "$CONNS" --duration "$SECS" --warmup 1 --csv --max-error-fraction 0.001 "$@" | sed -n "\$p"
 }
 CSV_HEADER=$(taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 --target bench_a \
-  --distinct 64 -c 4 --duration 0.5 --warmup 0.2 --rate 1000 --csv | head -n 1)
+  --distinct 64 -c 4 --duration 0.5 --warmup 0.2 --rate 1000 --csv | sed -n 1p)
 col() { # column-name csv-data-line
   printf '%s\n%s\n' "$CSV_HEADER" "$2" | awk -F, -v name="$1" 'NR==1{for(i=1;i<=NF;i++) if($i==name) c=i; next} {print $c}'
 }
