@@ -289,6 +289,7 @@ fn predict(a: PredictArgs) -> Result<(), String> {
         } else {
             CacheControl::Use
         },
+        policy: beast::wire::PolicyOverride::Default,
     };
     let client = Client::connect(&a.server).map_err(|e| format!("connect {}: {e}", a.server))?;
     let p = client.predict(&spec).map_err(|e| format!("{e}"))?;

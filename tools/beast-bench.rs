@@ -342,6 +342,7 @@ async fn run_conn(
                 } else {
                     CacheControl::Use
                 },
+                policy: beast::wire::PolicyOverride::Default,
             };
             let measured = intended >= measure_from;
             st.slots.borrow_mut()[slot] = Some((intended, now, measured));

@@ -14,11 +14,13 @@
 mod cache;
 mod conn;
 mod notify;
+mod select;
 mod shard;
 mod slab;
 
 use crate::backend;
 use crate::config::Config;
+use crate::ensemble::cost::{self, SelectionCounters, SelectionStat};
 use crate::metrics::{ShardMetrics, Totals};
 use crate::model::load::Repository;
 pub use cache::CacheShared;
@@ -43,6 +45,7 @@ pub struct ServerHandle {
     stop: Arc<AtomicBool>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
+    selection: Vec<Arc<SelectionCounters>>,
 }
 
 impl ServerHandle {
@@ -59,6 +62,12 @@ impl ServerHandle {
     /// Counters summed over shards.
     pub fn totals(&self) -> Totals {
         Totals::sum(&self.metrics)
+    }
+
+    /// Member-selection cost and feedback counters per ensemble and
+    /// domain, summed over shards (docs/SELECTION.md).
+    pub fn selection_stats(&self) -> Vec<SelectionStat> {
+        cost::snapshot(&self.selection)
     }
 
     /// Wait until every shard has exited.
@@ -119,9 +128,15 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
     let mut threads = Vec::new();
     let mut metrics = Vec::new();
+    let mut selection = Vec::new();
     for (id, &cpu) in cpus.iter().enumerate() {
         let m = Arc::new(ShardMetrics::default());
         metrics.push(m.clone());
+        let sel = Arc::new(SelectionCounters::new(
+            repo.ensembles.keys().cloned().collect(),
+            cfg.selection_domains_max,
+        ));
+        selection.push(sel.clone());
         let start = ShardStart {
             id,
             cfg: cfg.clone(),
@@ -131,6 +146,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             metrics: m,
             ready: ready_tx.clone(),
             cache: cache.clone(),
+            selection: sel,
         };
         let placement = if cfg.pin_shards {
             Placement::Fixed(cpu)
@@ -179,6 +195,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
         stop,
         threads,
         metrics,
+        selection,
     })
 }
 
@@ -193,6 +210,7 @@ struct ShardStart {
     /// Reports the backend name once listening, or why the shard could not start.
     ready: mpsc::Sender<Result<String, String>>,
     cache: Arc<CacheShared>,
+    selection: Arc<SelectionCounters>,
 }
 
 async fn run_shard(start: ShardStart) {
@@ -205,9 +223,10 @@ async fn run_shard(start: ShardStart) {
         metrics,
         ready,
         cache,
+        selection,
     } = start;
     let backend = backend::select();
-    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics, cache) {
+    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics, cache, selection) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: {e}")));
@@ -228,6 +247,7 @@ async fn run_shard(start: ShardStart) {
     for slot in 0..shard.slots.len() {
         glommio::spawn_local(shard.clone().run_batcher(slot)).detach();
     }
+    glommio::spawn_local(shard.clone().run_deadlines()).detach();
     let _ = ready.send(Ok(shard.backend_name()));
     drop(ready);
 
@@ -285,7 +305,9 @@ async fn run_shard(start: ShardStart) {
     for s in &shard.slots {
         s.wake.notify();
     }
+    shard.deadline_wake.notify();
     glommio::timer::sleep(Duration::from_millis(1)).await;
+    shard.save_selection_state();
     if Rc::strong_count(&shard) > 1 {
         eprintln!(
             "beast: shard {}: {} task(s) still hold the shard at exit",

@@ -13,6 +13,7 @@ fn spec<'a>(input: Input<'a>, rows: u32, cols: u32) -> RequestSpec<'a> {
         deadline_us: None,
         domain: None,
         cache: CacheControl::Use,
+        policy: crate::wire::PolicyOverride::Default,
     }
 }
 
@@ -51,6 +52,7 @@ fn request_round_trip_f32_all_fields() {
             deadline_us: Some(1500),
             domain: Some("checkout"),
             cache,
+            policy: crate::wire::PolicyOverride::Default,
         };
         let mut out = vec![0xAA]; // appends, never overwrites
         enc.request(u64::MAX - 1, &r, &mut out);
@@ -138,6 +140,7 @@ fn response_round_trip_every_status() {
             },
             cached: i % 2 == 0,
             partial: i % 3 == 0,
+            ticket: 0,
         };
         enc.response(
             &h,
@@ -183,6 +186,7 @@ fn decode_request_rejects_response_and_vice_versa() {
         timings: Timings::default(),
         cached: false,
         partial: false,
+        ticket: 0,
     };
     Encoder::new().response(&h, &[], &[], &mut out);
     assert_eq!(
@@ -335,6 +339,7 @@ fn decode_rejects_every_truncation() {
         timings: Timings::default(),
         cached: true,
         partial: false,
+        ticket: 0,
     };
     Encoder::new().response(
         &h,
@@ -377,6 +382,7 @@ fn decode_never_panics_on_random_bytes() {
         timings: Timings::default(),
         cached: false,
         partial: true,
+        ticket: 0,
     };
     Encoder::new().response(
         &h,
@@ -539,6 +545,7 @@ fn protocol_doc_hex_example() {
             deadline_us: None,
             domain: None,
             cache: CacheControl::Use,
+            policy: crate::wire::PolicyOverride::Default,
         },
     );
     let hex: Vec<String> = frame

@@ -1,0 +1,227 @@
+//! One shard's member-selection state: the domain tables, what feedback
+//! taught it (per ensemble), the feedback window, the latency profiles of
+//! its models, the deadline heap of the straggler cutoff, and the saving
+//! and loading of the learned part.
+//!
+//! Owned by one shard (`RefCell` in `Shard`), so nothing here locks.
+
+use crate::config::Config;
+use crate::ensemble::cost::DomainTable;
+use crate::ensemble::feedback::{member_fingerprint, state_path, Learned, Window};
+use crate::ensemble::profile::LatencyProfile;
+use crate::ensemble::{EnsemblePlan, MemberSet};
+use crate::model::Model;
+use rand::SeedableRng;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub(crate) struct SelState {
+    pub domains: Vec<DomainTable>,
+    pub learned: Vec<Learned>,
+    pub window: Window,
+    pub rng: rand::rngs::StdRng,
+    /// Per model slot.
+    pub profiles: Vec<LatencyProfile>,
+    /// (deadline, pending entry, its generation) of ensemble requests under
+    /// the deadline policy. Bounded: `deadlines_max`; stale items (answered
+    /// entries) are dropped when it fills.
+    pub deadlines: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    pub deadlines_max: usize,
+}
+
+impl SelState {
+    pub fn new(shard: usize, cfg: &Config, plans: &[EnsemblePlan], models: &[&Arc<Model>]) -> Self {
+        let domains = cfg.selection_domains_max;
+        let stride = plans
+            .iter()
+            .map(|p| p.members.len() * p.output_width)
+            .max()
+            .unwrap_or(0);
+        // No ensembles, no answers to remember.
+        let window_cap = if plans.is_empty() {
+            1
+        } else {
+            cfg.feedback_window
+        };
+        let deadlines_max = 2 * cfg.ensemble_in_flight_per_shard_max;
+        SelState {
+            domains: plans.iter().map(|_| DomainTable::new(domains)).collect(),
+            learned: plans
+                .iter()
+                .map(|p| Learned::new(&p.by_cost, &p.flops_row, p.output_width, domains))
+                .collect(),
+            window: Window::new(shard, window_cap, stride),
+            rng: rand::rngs::StdRng::seed_from_u64(0x5EED ^ shard as u64),
+            profiles: models
+                .iter()
+                .map(|m| LatencyProfile::new(m.batch.max_batch))
+                .collect(),
+            deadlines: BinaryHeap::with_capacity(deadlines_max),
+            deadlines_max,
+        }
+    }
+
+    /// Watch a deadline; `is_live` tells whether an item still matters.
+    pub fn watch(
+        &mut self,
+        at: Instant,
+        k: usize,
+        generation: u32,
+        is_live: impl Fn(usize, u32) -> bool,
+    ) {
+        if self.deadlines.len() >= self.deadlines_max {
+            self.deadlines.retain(|Reverse((_, k, g))| is_live(*k, *g));
+        }
+        // Entries in flight are fewer than half the capacity, so after the
+        // purge there is room.
+        if self.deadlines.len() < self.deadlines_max {
+            self.deadlines.push(Reverse((at, k, generation)));
+        }
+    }
+
+    /// Save the learned state (clean shutdown).
+    pub fn save(
+        &self,
+        path: &std::path::Path,
+        shard: usize,
+        plans: &[EnsemblePlan],
+        model_of: impl Fn(usize) -> (String, u32),
+    ) -> Result<(), String> {
+        let mut s = String::new();
+        for (p, plan) in plans.iter().enumerate() {
+            let l = &self.learned[p];
+            let fps: Vec<u64> = plan
+                .members
+                .iter()
+                .map(|&slot| {
+                    let (n, v) = model_of(slot);
+                    member_fingerprint(&n, v)
+                })
+                .collect();
+            let d = &self.domains[p];
+            for slot in 0..d.capacity() {
+                let hash = d.hash_of(slot);
+                if slot > 0 && hash == 0 {
+                    continue;
+                }
+                for (m, fp) in fps.iter().enumerate() {
+                    let a = l.accuracy(slot, m);
+                    if a.total > 0.0 {
+                        let _ =
+                            writeln!(s, "acc {} {hash} {fp} {} {}", plan.name, a.correct, a.total);
+                    }
+                }
+                for (a, set) in l.bandit.arms.iter().enumerate() {
+                    let (al, be) = l.bandit.posterior(slot, a);
+                    if al + be > 2.0 * crate::ensemble::bandit::BANDIT_PRIOR {
+                        let _ = writeln!(
+                            s,
+                            "arm {} {hash} {} {al} {be}",
+                            plan.name,
+                            arm_fp(*set, &fps)
+                        );
+                    }
+                }
+            }
+            for (m, fp) in fps.iter().enumerate() {
+                let _ = write!(s, "stack {} {fp}", plan.name);
+                for w in l.stacker.weights(m) {
+                    let _ = write!(s, " {w}");
+                }
+                s.push('\n');
+            }
+        }
+        let file = state_path(path, shard);
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, s)
+            .and_then(|_| std::fs::rename(&tmp, &file))
+            .map_err(|e| format!("{}: {e}", file.display()))
+    }
+
+    /// Load what a previous run saved; lines about members whose version
+    /// changed (or unknown ensembles, or malformed lines) are skipped.
+    /// Returns the lines used.
+    pub fn load(
+        &mut self,
+        path: &std::path::Path,
+        shard: usize,
+        plans: &[EnsemblePlan],
+        model_of: impl Fn(usize) -> (String, u32),
+    ) -> usize {
+        let Ok(text) = std::fs::read_to_string(state_path(path, shard)) else {
+            return 0;
+        };
+        let mut used = 0;
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 3 {
+                continue;
+            }
+            let Some(p) = plans.iter().position(|p| p.name == f[1]) else {
+                continue;
+            };
+            let plan = &plans[p];
+            let fps: Vec<u64> = plan
+                .members
+                .iter()
+                .map(|&slot| {
+                    let (n, v) = model_of(slot);
+                    member_fingerprint(&n, v)
+                })
+                .collect();
+            let num = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok());
+            let int = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
+            match f[0] {
+                "acc" => {
+                    let (Some(h), Some(fp), Some(c), Some(t)) = (int(2), int(3), num(4), num(5))
+                    else {
+                        continue;
+                    };
+                    let Some(m) = fps.iter().position(|&x| x == fp) else {
+                        continue;
+                    };
+                    let slot = self.domains[p].slot(h);
+                    let l = &mut self.learned[p];
+                    let a = &mut l.accuracy[slot * l.members + m];
+                    a.correct = c as f32;
+                    a.total = t as f32;
+                    used += 1;
+                }
+                "arm" => {
+                    let (Some(h), Some(fp), Some(al), Some(be)) = (int(2), int(3), num(4), num(5))
+                    else {
+                        continue;
+                    };
+                    let l = &mut self.learned[p];
+                    let Some(a) = l.bandit.arms.iter().position(|s| arm_fp(*s, &fps) == fp) else {
+                        continue;
+                    };
+                    let slot = self.domains[p].slot(h);
+                    l.bandit.set_posterior(slot, a, al as f32, be as f32);
+                    used += 1;
+                }
+                "stack" => {
+                    let Some(fp) = int(2) else { continue };
+                    let Some(m) = fps.iter().position(|&x| x == fp) else {
+                        continue;
+                    };
+                    let w: Vec<f32> = f[3..].iter().filter_map(|x| x.parse().ok()).collect();
+                    self.learned[p].stacker.set_weights(m, &w);
+                    used += 1;
+                }
+                _ => {}
+            }
+        }
+        used
+    }
+}
+
+/// An arm's fingerprint: its members' fingerprints combined, so it
+/// changes when any member's version does.
+fn arm_fp(set: MemberSet, fps: &[u64]) -> u64 {
+    set.iter()
+        .fold(0x9E37_79B9_7F4A_7C15u64, |h, m| h.rotate_left(5) ^ fps[m])
+}
