@@ -417,8 +417,11 @@ fn deadline_policy_picks_what_fits_or_refuses_at_once() {
 }
 
 /// Tolerance of the straggler cutoff over a request's budget, measured on
-/// the client (one shared CI core, so generous).
-const CUTOFF_TOLERANCE_MS: u64 = 25;
+/// the client, whose reader thread takes the 400 answers that come at once
+/// one by one (on a shared, loaded machine: generous).
+const CUTOFF_TOLERANCE_MS: u64 = 50;
+/// The same, measured in the server (arrival to answer): the timer's lag.
+const SERVER_CUTOFF_TOLERANCE_MS: u64 = 5;
 
 #[test]
 fn straggler_cutoff_answers_by_the_deadline_under_flood() {
@@ -439,6 +442,8 @@ fn straggler_cutoff_answers_by_the_deadline_under_flood() {
     }
     let (mut partial, mut refused, mut full) = (0, 0, 0);
     let mut worst = Duration::ZERO;
+    // Server side: arrival to answer, as the response reports it.
+    let mut worst_server_us = 0;
     for (sent, p) in pending {
         let r = p.wait();
         let took = sent.elapsed();
@@ -447,6 +452,9 @@ fn straggler_cutoff_answers_by_the_deadline_under_flood() {
             took <= Duration::from_millis(budget_ms + CUTOFF_TOLERANCE_MS),
             "answer after {took:?} for a {budget_ms} ms budget: {r:?}"
         );
+        if let Ok(p) = &r {
+            worst_server_us = worst_server_us.max(p.timings.total_us);
+        }
         match r {
             Ok(p) if p.partial => {
                 assert!(!ran(&p).contains(&"slow"));
@@ -458,7 +466,11 @@ fn straggler_cutoff_answers_by_the_deadline_under_flood() {
         }
     }
     eprintln!(
-        "cutoff: {partial} partial, {full} full, {refused} deadline exceeded, worst {worst:?}"
+        "cutoff: {partial} partial, {full} full, {refused} deadline exceeded; worst: {worst:?} at the client, {worst_server_us} µs in the server"
+    );
+    assert!(
+        worst_server_us as u64 <= (budget_ms + SERVER_CUTOFF_TOLERANCE_MS) * 1000,
+        "{worst_server_us} µs in the server for a {budget_ms} ms budget"
     );
     assert!(partial >= n / 2, "{partial} partial");
     drop(c);

@@ -968,6 +968,16 @@ impl Shard {
     /// deadline has come with the members that finished (`partial`).
     pub async fn run_deadlines(self: Rc<Self>) {
         loop {
+            if self.stopping.get() {
+                // Everything in flight is answered by now or soon; items of
+                // answered entries must not keep this task (and the shard) alive.
+                let pending = self.pending.borrow();
+                let mut sel = self.sel.borrow_mut();
+                sel.deadlines.retain(|r| pending.is_live(r.0 .1, r.0 .2));
+                if sel.deadlines.is_empty() {
+                    return;
+                }
+            }
             let next = self.sel.borrow().deadlines.peek().map(|r| r.0 .0);
             match next {
                 None => {
