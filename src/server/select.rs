@@ -225,3 +225,68 @@ fn arm_fp(set: MemberSet, fps: &[u64]) -> u64 {
     set.iter()
         .fold(0x9E37_79B9_7F4A_7C15u64, |h, m| h.rotate_left(5) ^ fps[m])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Activation, EnsembleSpec, OutputTransform};
+
+    fn setup(version_b: u32) -> (Config, Vec<EnsemblePlan>, Vec<Arc<Model>>) {
+        let mk = |name: &str, v: u32| {
+            let mut m = Model::random(name, &[4, 2], Activation::Relu, OutputTransform::Softmax, 1);
+            m.version = v;
+            Arc::new(m)
+        };
+        let models = vec![mk("a", 1), mk("b", version_b)];
+        let spec = EnsembleSpec::mean("e", &["a", "b"]);
+        let plan = EnsemblePlan::new(&spec, vec![0, 1], vec![1, 2], 4, 2).unwrap();
+        let cfg = Config {
+            selection_domains_max: 4,
+            feedback_window: 8,
+            ..Config::default()
+        };
+        (cfg, vec![plan], models)
+    }
+
+    #[test]
+    fn state_survives_a_restart_and_resets_a_changed_member() {
+        let dir = std::env::temp_dir().join(format!("beast-select-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        let (cfg, plans, models) = setup(1);
+        let refs: Vec<&Arc<Model>> = models.iter().collect();
+        let name_of =
+            |models: &[Arc<Model>], slot: usize| (models[slot].name.clone(), models[slot].version);
+        let mut s = SelState::new(0, &cfg, &plans, &refs);
+        let slot = s.domains[0].slot(crate::ensemble::cost::domain_hash(Some("shop")));
+        // arms: a alone, b alone, both
+        s.learned[0].bandit.observe(slot, 0, true);
+        s.learned[0].bandit.observe(slot, 1, false);
+        s.learned[0].accuracy[slot * 2 + 1].total = 5.0;
+        s.save(&path, 0, &plans, |i| name_of(&models, i)).unwrap();
+
+        // Same versions: everything comes back, in the same domain.
+        let mut t = SelState::new(0, &cfg, &plans, &refs);
+        assert!(t.load(&path, 0, &plans, |i| name_of(&models, i)) >= 4);
+        let slot2 = t.domains[0].slot(crate::ensemble::cost::domain_hash(Some("shop")));
+        assert_eq!(t.learned[0].bandit.posterior(slot2, 0), (2.0, 1.0));
+        assert_eq!(t.learned[0].bandit.posterior(slot2, 1), (1.0, 2.0));
+        assert_eq!(t.learned[0].accuracy(slot2, 1).total, 5.0);
+
+        // `b` changed version: what was learned about it (and the arm with
+        // both) starts over; `a` keeps its state.
+        let (cfg, plans, models2) = setup(2);
+        let refs2: Vec<&Arc<Model>> = models2.iter().collect();
+        let mut u = SelState::new(0, &cfg, &plans, &refs2);
+        u.load(&path, 0, &plans, |i| name_of(&models2, i));
+        let slot3 = u.domains[0].slot(crate::ensemble::cost::domain_hash(Some("shop")));
+        assert_eq!(u.learned[0].bandit.posterior(slot3, 0), (2.0, 1.0));
+        assert_eq!(u.learned[0].bandit.posterior(slot3, 1), (1.0, 1.0));
+        assert_eq!(u.learned[0].accuracy(slot3, 1).total, 0.0);
+        // Another shard's file is not this one's.
+        let mut v = SelState::new(1, &cfg, &plans, &refs2);
+        assert_eq!(v.load(&path, 1, &plans, |i| name_of(&models2, i)), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
