@@ -74,6 +74,10 @@ enum Cmd {
         /// Bypass the prediction cache.
         #[arg(long)]
         no_cache: bool,
+        /// Ensemble member selection for this request: default (the
+        /// ensemble's own), all, cascade, deadline or bandit.
+        #[arg(long, default_value = "default")]
+        policy: String,
     },
     /// Write the standard benchmark models (bench_a, bench_b, bench_c, bench_ens).
     DemoModels {
@@ -112,6 +116,7 @@ fn main() -> ExitCode {
             domain,
             f16,
             no_cache,
+            policy,
         } => predict(PredictArgs {
             server,
             target,
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
             domain,
             f16,
             no_cache,
+            policy,
         }),
         Cmd::Cache {
             cmd: CacheCmd::Inspect { file },
@@ -256,9 +262,19 @@ struct PredictArgs {
     domain: Option<String>,
     f16: bool,
     no_cache: bool,
+    policy: String,
 }
 
 fn predict(a: PredictArgs) -> Result<(), String> {
+    let policy = beast::wire::PolicyOverride::ALL
+        .into_iter()
+        .find(|p| p.name() == a.policy)
+        .ok_or_else(|| {
+            format!(
+                "--policy {}: expected default, all, cascade, deadline or bandit",
+                a.policy
+            )
+        })?;
     let (rows, cols, data) = match (&a.input, &a.input_file) {
         (Some(s), None) => {
             let row = parse_row(s).map_err(|e| format!("--input: {e}"))?;
@@ -289,7 +305,7 @@ fn predict(a: PredictArgs) -> Result<(), String> {
         } else {
             CacheControl::Use
         },
-        policy: beast::wire::PolicyOverride::Default,
+        policy,
     };
     let client = Client::connect(&a.server).map_err(|e| format!("connect {}: {e}", a.server))?;
     let p = client.predict(&spec).map_err(|e| format!("{e}"))?;
@@ -313,6 +329,12 @@ fn predict(a: PredictArgs) -> Result<(), String> {
         p.timings.compute_us,
         if p.cached { "; cached" } else { "" }
     );
+    if p.partial {
+        println!("partial: members were cut off by the deadline");
+    }
+    if p.ticket != 0 {
+        println!("ticket {} (for feedback)", p.ticket);
+    }
     Ok(())
 }
 
