@@ -27,15 +27,6 @@ pub struct Entry {
     pub used: bool,
 }
 
-/// Why a feedback is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FeedbackError {
-    /// Unknown, expired, from another shard, or already given.
-    NotFound,
-    /// The label is not a class of the ensemble.
-    BadLabel,
-}
-
 #[derive(Debug)]
 pub struct Window {
     entries: Vec<Entry>,
