@@ -1064,7 +1064,7 @@ impl Shard {
                             compute_us,
                             total_us: 0,
                         };
-                        self.release_waiters(k, ok, q.rows, out_w, out, &runs, t, now);
+                        self.release_waiters(k, ok, false, q.rows, out_w, out, &runs, t, now);
                     }
                     if !ok {
                         self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
@@ -1126,6 +1126,7 @@ impl Shard {
         &self,
         key: CacheKey,
         ok: bool,
+        partial: bool,
         rows: usize,
         cols: usize,
         out: &[f32],
@@ -1157,7 +1158,7 @@ impl Shard {
                     w.arrival,
                     t,
                     true,
-                    Extra::default(),
+                    Extra { ticket: 0, partial },
                 );
             }
         }
@@ -1274,7 +1275,7 @@ impl Shard {
         }
         if let (true, Some(key)) = (leader, key) {
             let ok = !failed && !late;
-            self.release_waiters(key, ok, rows, out_w, combined, &runs[..n], t, now);
+            self.release_waiters(key, ok, partial, rows, out_w, combined, &runs[..n], t, now);
         }
         if failed {
             self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
