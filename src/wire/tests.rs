@@ -490,3 +490,27 @@ fn unknown_policy_value_is_malformed() {
     g[at] = 200;
     assert_eq!(decode_request(body(&g)).unwrap_err(), DecodeError::Verify);
 }
+
+/// The worked example of docs/PROTOCOL.md: a request with the default
+/// policy encodes exactly as before the field existed (defaults are omitted).
+#[test]
+fn default_policy_keeps_the_documented_bytes() {
+    let hex = "60000000 0c000000 08000e00 07000800 08000000 00000001 18000000 00001200\
+               1c001400 04000000 08000c00 00001000 12000000 24000000 01000000 02000000\
+               0c000000 01000000 00000000 08000000 0000803f 00000040 04000000 64656d6f\
+               00000000";
+    let digits: Vec<u8> = hex.bytes().filter(u8::is_ascii_hexdigit).collect();
+    let want: Vec<u8> = digits
+        .chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
+        .collect();
+    let x = [1.0f32, 2.0];
+    let got = encode_request(
+        1,
+        &RequestSpec {
+            target: "demo",
+            ..spec(Input::F32(&x), 1, 2)
+        },
+    );
+    assert_eq!(got, want);
+}
