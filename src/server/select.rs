@@ -5,7 +5,7 @@
 //!
 //! Owned by one shard (`RefCell` in `Shard`), so nothing here locks.
 
-use crate::config::Config;
+use crate::config::{Config, ENSEMBLE_MEMBERS_MAX};
 use crate::ensemble::cost::DomainTable;
 use crate::ensemble::feedback::{member_fingerprint, state_path, Learned, Window};
 use crate::ensemble::profile::LatencyProfile;
@@ -17,6 +17,12 @@ use std::collections::BinaryHeap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Weight of one answered request in the deadline slack.
+pub const DEADLINE_SLACK_EWMA_ALPHA: f32 = 0.05;
+/// The slack never exceeds this (µs): one pathological stall must not
+/// make every later budget look impossible for long.
+pub const DEADLINE_SLACK_US_MAX: f32 = 100_000.0;
 
 pub(crate) struct SelState {
     pub domains: Vec<DomainTable>,
@@ -30,6 +36,10 @@ pub(crate) struct SelState {
     /// entries) are dropped when it fills.
     pub deadlines: BinaryHeap<Reverse<(Instant, usize, u32)>>,
     pub deadlines_max: usize,
+    /// EWMA of (time taken − time predicted) of deadline-policy requests,
+    /// µs, never below 0, by the number of members run (more members, more
+    /// batchers to schedule): added to every prediction.
+    pub deadline_slack_us: [f32; ENSEMBLE_MEMBERS_MAX + 1],
 }
 
 impl SelState {
@@ -61,6 +71,27 @@ impl SelState {
                 .collect(),
             deadlines: BinaryHeap::with_capacity(deadlines_max),
             deadlines_max,
+            deadline_slack_us: [0.0; ENSEMBLE_MEMBERS_MAX + 1],
+        }
+    }
+
+    /// A deadline-policy request of `members` members was answered after
+    /// `took_us`; the profiles had predicted `predicted_us`.
+    pub fn observe_deadline(&mut self, members: usize, took_us: f32, predicted_us: f32) {
+        let Some(slack) = self.deadline_slack_us.get_mut(members) else {
+            return;
+        };
+        *slack += DEADLINE_SLACK_EWMA_ALPHA * (took_us - predicted_us - *slack);
+        *slack = slack.clamp(0.0, DEADLINE_SLACK_US_MAX);
+    }
+
+    /// A request was refused as unable to make its deadline. Refusals
+    /// teach nothing, so without this a slack grown in a burst of load
+    /// would refuse such budgets forever: each refusal shrinks every slack
+    /// a little, and a request is tried again once they have shrunk enough.
+    pub fn deadline_refused(&mut self) {
+        for s in &mut self.deadline_slack_us {
+            *s *= 1.0 - DEADLINE_SLACK_EWMA_ALPHA;
         }
     }
 
@@ -246,6 +277,26 @@ mod tests {
             ..Config::default()
         };
         (cfg, vec![plan], models)
+    }
+
+    #[test]
+    fn deadline_slack_learns_per_set_size_and_decays_on_refusal() {
+        let (cfg, plans, models) = setup(1);
+        let refs: Vec<&Arc<Model>> = models.iter().collect();
+        let mut s = SelState::new(0, &cfg, &plans, &refs);
+        for _ in 0..200 {
+            s.observe_deadline(2, 150.0, 100.0);
+        }
+        assert!((s.deadline_slack_us[2] - 50.0).abs() < 1.0);
+        assert_eq!(s.deadline_slack_us[1], 0.0);
+        // Faster than predicted never makes the slack negative.
+        s.observe_deadline(1, 10.0, 100.0);
+        assert_eq!(s.deadline_slack_us[1], 0.0);
+        for _ in 0..100 {
+            s.deadline_refused();
+        }
+        assert!(s.deadline_slack_us[2] < 1.0);
+        s.observe_deadline(99, 1.0, 0.0); // out of range: ignored
     }
 
     #[test]

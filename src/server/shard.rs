@@ -96,6 +96,9 @@ struct EnsemblePending {
     step: u8,
     /// Bandit: the arm that chose the members.
     arm: Option<u8>,
+    /// Deadline: µs from arrival to answer the profiles predicted, before
+    /// the learned slack (0: not predicted).
+    predicted_us: f32,
     /// Answered before every chosen member did (deadline, full queue).
     partial: bool,
     cache_control: CacheControl,
@@ -520,6 +523,7 @@ impl Shard {
         let rows = req.rows as usize;
         let deadline = Self::deadline(req, arrival);
         let dhash = domain_hash(req.domain);
+        let mut predicted_us = 0.0;
         let (dslot, set, arm) = {
             let mut sel = self.sel.borrow_mut();
             let dslot = sel.domains[p].slot(dhash);
@@ -540,8 +544,12 @@ impl Shard {
                         let budget_us =
                             d.saturating_duration_since(Instant::now()).as_secs_f32() * 1e6;
                         match self.pick_for_deadline(&sel, p, dslot, rows, budget_us) {
-                            Some(set) => (set, None),
+                            Some((set, us)) => {
+                                predicted_us = us;
+                                (set, None)
+                            }
                             None => {
+                                sel.deadline_refused();
                                 drop(sel);
                                 self.selection
                                     .at(p, dslot)
@@ -669,6 +677,7 @@ impl Shard {
             e.domain_hash = dhash;
             e.step = 1;
             e.arm = arm;
+            e.predicted_us = predicted_us;
             e.partial = false;
             e.cache_control = req.cache;
             for (i, &slot) in plan.members.iter().enumerate() {
@@ -722,9 +731,12 @@ impl Shard {
         dslot: usize,
         rows: usize,
         budget_us: f32,
-    ) -> Option<MemberSet> {
+    ) -> Option<(MemberSet, f32)> {
         let plan = &self.plans[p];
         let n = plan.members.len();
+        // What the profiles miss (scheduling, the other tasks of the core),
+        // learned from answered requests.
+        let slack = &sel.deadline_slack_us;
         let l = &sel.learned[p];
         // Predicted time of one member: its batching delay (unless the
         // batch is full at once), then every batch ahead of it and its own.
@@ -751,7 +763,7 @@ impl Shard {
                 delay = delay.max(times[i].0);
                 compute += times[i].1;
             }
-            delay + compute
+            delay + compute + slack[set.len()]
         };
         let score = |set: MemberSet| -> f32 {
             set.iter()
@@ -794,7 +806,9 @@ impl Shard {
                 consider(MemberSet::one(m as usize));
             }
         }
-        best.map(|b| b.2)
+        // The entry keeps the profiles' own prediction (without the slack),
+        // which is what the slack learns to correct.
+        best.map(|b| (b.2, predict(b.2) - slack[b.2.len()]))
     }
 
     /// Enqueue the members of `set` for pending entry `k`, or combine them
@@ -1250,6 +1264,15 @@ impl Shard {
             plan.flops_of(plan.all()) * e.rows as u64,
             partial,
         );
+        if e.predicted_us > 0.0 && !failed {
+            // A cut-off answer took at least its budget: a lower bound of
+            // what the members would have taken.
+            let took = now.saturating_duration_since(arrival).as_secs_f32() * 1e6;
+            let members = e.ran.len() + e.remaining as usize;
+            self.sel
+                .borrow_mut()
+                .observe_deadline(members, took, e.predicted_us);
+        }
         let combined = e.acc.combine(plan.combiner);
         let ticket = if failed || late {
             0
