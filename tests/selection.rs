@@ -213,8 +213,20 @@ fn cascade_stops_at_the_confident_cheap_member() {
     assert_eq!(ran(&p), ["sure0"]);
     let s = h.selection_stats();
     let casc = s.iter().find(|s| s.ensemble == "casc").unwrap();
-    assert_eq!(casc.requests, 2);
+    assert_eq!((casc.requests, casc.domain.as_str()), (2, ""));
     assert!(casc.flops_saved() > 0 && casc.flops_run < casc.flops_all);
+    // Per domain.
+    let mut r = req("casc2", &x, PolicyOverride::Default);
+    r.domain = Some("shop");
+    c.predict(&r).unwrap();
+    c.predict(&r).unwrap();
+    let s = h.selection_stats();
+    let shop = s
+        .iter()
+        .find(|s| s.ensemble == "casc2" && s.domain == "shop")
+        .unwrap();
+    assert_eq!((shop.requests, shop.members_run), (2, 4));
+    assert_eq!(shop.flops_saved(), 0);
     drop(c);
     h.shutdown();
 }

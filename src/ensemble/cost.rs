@@ -67,6 +67,9 @@ impl DomainTable {
 #[derive(Debug, Default)]
 pub struct DomainCounters {
     pub domain_hash: AtomicU64,
+    /// The domain's name, set the first time the slot is used (bounded:
+    /// one per slot); empty for the default slot.
+    pub domain: std::sync::OnceLock<String>,
     pub requests: AtomicU64,
     /// Member answers computed (cache hits not counted).
     pub members_run: AtomicU64,
@@ -122,6 +125,9 @@ impl DomainCounters {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SelectionStat {
     pub ensemble: String,
+    /// The domain's name ("" = the default domain, where domains beyond
+    /// `selection_domains_max` are counted too).
+    pub domain: String,
     /// `domain_hash` of the domain (0 = default, and overflow).
     pub domain_hash: u64,
     pub requests: u64,
@@ -162,6 +168,7 @@ pub fn snapshot(shards: &[std::sync::Arc<SelectionCounters>]) -> Vec<SelectionSt
                     None => {
                         out.push(SelectionStat {
                             ensemble: name.clone(),
+                            domain: c.domain.get().cloned().unwrap_or_default(),
                             domain_hash: hash,
                             ..Default::default()
                         });

@@ -527,6 +527,13 @@ impl Shard {
         let (dslot, set, arm) = {
             let mut sel = self.sel.borrow_mut();
             let dslot = sel.domains[p].slot(dhash);
+            if dslot != 0 {
+                // Allocates once per slot, the first time (bounded).
+                self.selection
+                    .at(p, dslot)
+                    .domain
+                    .get_or_init(|| req.domain.unwrap_or_default().to_string());
+            }
             let (set, arm) = match policy {
                 Policy::All => (plan.all(), None),
                 Policy::Cascade => (MemberSet::one(plan.by_cost[0] as usize), None),
