@@ -218,8 +218,16 @@ fn serve(
         }
     }
     for e in repo.ensembles.values() {
+        let sel = &e.selection;
+        let policy = match sel.policy {
+            beast::model::Policy::Cascade => format!(
+                "cascade ({:?} >= {:.3})",
+                sel.cascade_metric, sel.cascade_threshold
+            ),
+            p => format!("{p:?}").to_lowercase(),
+        };
         eprintln!(
-            "beast:   ensemble {}: {:?} of [{}]",
+            "beast:   ensemble {}: {:?} of [{}], policy {policy}",
             e.name,
             e.combiner,
             e.members.join(", ")
