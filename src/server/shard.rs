@@ -2,8 +2,15 @@
 //! backend, its pending ensemble requests, its encoder — and the request
 //! path from a decoded frame to an encoded response.
 //!
+//! Ensemble requests pass member selection (`ensemble`): the policy picks
+//! the members, a cascade steps through them from `member_done`, the
+//! straggler task (`run_deadlines`) answers what a deadline cuts off, and
+//! every computed answer gets a ticket that a later feedback message
+//! (`handle_feedback`) can name.
+//!
 //! Nothing here is shared with another core except the immutable models
-//! (`Arc<Model>`) and the metrics counters this shard alone writes.
+//! (`Arc<Model>`) and the metrics and selection counters this shard alone
+//! writes.
 
 use super::cache::{CacheShared, Joined, ShardCache, TargetPolicy};
 use super::conn::Conn;
