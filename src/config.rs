@@ -57,6 +57,15 @@ pub struct Config {
     pub trace_ring_records: usize,
     /// The prediction cache.
     pub cache: CacheSettings,
+    /// Recent ensemble answers per shard that feedback can name by ticket
+    /// (a ring: older tickets expire and read NOT_FOUND).
+    pub feedback_window: usize,
+    /// Distinct request domains per ensemble and shard that get their own
+    /// counters and learned state; later domains share the default one.
+    pub selection_domains_max: usize,
+    /// File (one per shard: `<path>.<shard>`) where learned selection state
+    /// is saved on clean shutdown and read at start; "" = not kept.
+    pub selection_state_path: PathBuf,
 }
 
 /// Prediction cache settings (docs/CACHE.md).
@@ -153,6 +162,9 @@ impl Default for Config {
             in_flight_per_connection_max: 1024,
             rows_per_request_max: 1024,
             ensemble_in_flight_per_shard_max: 16384,
+            feedback_window: 65536,
+            selection_domains_max: 64,
+            selection_state_path: PathBuf::new(),
             read_buffer_bytes: 64 << 10,
             write_buffer_bytes_max: 8 << 20,
             io_memory_bytes: 512 << 10,
@@ -230,6 +242,14 @@ impl Config {
         check(
             self.frame_bytes_max <= 1 << 30,
             "frame_bytes_max: must be <= 1 GiB",
+        );
+        check(
+            (1..=1 << 24).contains(&self.feedback_window),
+            "feedback_window: must be in 1..=16777216",
+        );
+        check(
+            (1..=1 << 16).contains(&self.selection_domains_max),
+            "selection_domains_max: must be in 1..=65536",
         );
         check(
             self.in_flight_per_connection_max >= 1,

@@ -3,9 +3,12 @@
 //! The request path, module by module:
 //!
 //! ```text
-//! server (socket, frame) ─▶ wire (verify, decode) ─▶ cache ─▶ batch (per-model queue)
-//!        ─▶ backend (CPU FP16 / CUDA) ─▶ ensemble (combine) ─▶ wire (encode) ─▶ server (write)
+//! server (socket, frame) ─▶ wire (verify, decode) ─▶ cache ─▶ ensemble (select members)
+//!        ─▶ batch (per-model queue) ─▶ backend (CPU FP16 / CUDA) ─▶ ensemble (combine;
+//!        a cascade may enqueue its next member) ─▶ wire (encode) ─▶ server (write)
 //! ```
+//!
+//! Feedback messages go server ─▶ wire ─▶ ensemble (learn) ─▶ wire ─▶ server.
 //!
 //! - [`server`]: shards (one glommio executor per core), listeners, the
 //!   connection loop — the only place that drives a request from start to end.
@@ -13,7 +16,8 @@
 //! - [`model`]: repository format, loading, the registry.
 //! - [`batch`]: per-model bounded queues and the batching policy.
 //! - [`backend`]: the `Backend` trait and its CPU implementation.
-//! - [`ensemble`]: combiners (and, later, selection policies).
+//! - [`ensemble`]: combiners, per-request member selection (cascade,
+//!   deadline, bandit), feedback and what is learned from it (docs/SELECTION.md).
 //! - [`metrics`]: per-core counters and histograms.
 //! - [`client`]: the Rust client library.
 //! - [`config`]: every limit and default, validated once.

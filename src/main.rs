@@ -79,6 +79,10 @@ enum Cmd {
         /// Bypass the prediction cache.
         #[arg(long)]
         no_cache: bool,
+        /// Ensemble member selection for this request: default (the
+        /// ensemble's own), all, cascade, deadline or bandit.
+        #[arg(long, default_value = "default")]
+        policy: String,
     },
     /// Write the standard benchmark models (bench_a, bench_b, bench_c, bench_ens).
     DemoModels {
@@ -140,6 +144,7 @@ fn main() -> ExitCode {
             domain,
             f16,
             no_cache,
+            policy,
         } => predict(PredictArgs {
             server,
             target,
@@ -150,6 +155,7 @@ fn main() -> ExitCode {
             domain,
             f16,
             no_cache,
+            policy,
         }),
         Cmd::Cache {
             cmd: CacheCmd::Inspect { file },
@@ -267,8 +273,16 @@ fn serve(
         }
     }
     for e in repo.ensembles.values() {
+        let sel = &e.selection;
+        let policy = match sel.policy {
+            beast::model::Policy::Cascade => format!(
+                "cascade ({:?} >= {:.3})",
+                sel.cascade_metric, sel.cascade_threshold
+            ),
+            p => format!("{p:?}").to_lowercase(),
+        };
         eprintln!(
-            "beast:   ensemble {}: {:?} of [{}]",
+            "beast:   ensemble {}: {:?} of [{}], policy {policy}",
             e.name,
             e.combiner,
             e.members.join(", ")
@@ -341,9 +355,19 @@ struct PredictArgs {
     domain: Option<String>,
     f16: bool,
     no_cache: bool,
+    policy: String,
 }
 
 fn predict(a: PredictArgs) -> Result<(), String> {
+    let policy = beast::wire::PolicyOverride::ALL
+        .into_iter()
+        .find(|p| p.name() == a.policy)
+        .ok_or_else(|| {
+            format!(
+                "--policy {}: expected default, all, cascade, deadline or bandit",
+                a.policy
+            )
+        })?;
     let (rows, cols, data) = match (&a.input, &a.input_file) {
         (Some(s), None) => {
             let row = parse_row(s).map_err(|e| format!("--input: {e}"))?;
@@ -374,6 +398,7 @@ fn predict(a: PredictArgs) -> Result<(), String> {
         } else {
             CacheControl::Use
         },
+        policy,
     };
     let client = Client::connect(&a.server).map_err(|e| format!("connect {}: {e}", a.server))?;
     let p = client.predict(&spec).map_err(|e| format!("{e}"))?;
@@ -397,6 +422,12 @@ fn predict(a: PredictArgs) -> Result<(), String> {
         p.timings.compute_us,
         if p.cached { "; cached" } else { "" }
     );
+    if p.partial {
+        println!("partial: members were cut off by the deadline");
+    }
+    if p.ticket != 0 {
+        println!("ticket {} (for feedback)", p.ticket);
+    }
     Ok(())
 }
 

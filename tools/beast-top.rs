@@ -405,6 +405,7 @@ mod tests {
                 members: vec!["alpha".into(), "beta".into()],
                 combiner: beast::model::Combiner::Mean,
                 weights: vec![],
+                selection: Default::default(),
             },
         );
         let cfg = Config {
@@ -429,6 +430,7 @@ mod tests {
                 deadline_us: None,
                 domain: None,
                 cache: CacheControl::Use,
+                policy: beast::wire::PolicyOverride::Default,
             };
             client.predict(&spec).unwrap();
         }

@@ -5,7 +5,8 @@
 pub mod npy;
 
 use crate::wire::{
-    decode_response, Encoder, FrameReader, Input, RequestSpec, ResponseView, Status, Timings,
+    decode_response, Encoder, FeedbackView, FrameReader, Input, RequestSpec, ResponseView, Status,
+    Timings,
 };
 use std::collections::HashMap;
 use std::io::Write;
@@ -27,6 +28,9 @@ pub struct Prediction {
     pub timings: Timings,
     pub cached: bool,
     pub partial: bool,
+    /// Names this answer in [`Client::feedback`]; 0 = not eligible (a
+    /// model, not an ensemble, or a cached answer).
+    pub ticket: u64,
     /// (model, version, flops) of each model that ran.
     pub runs: Vec<(String, u32, u64)>,
 }
@@ -200,6 +204,39 @@ impl Client {
         Ok(pending)
     }
 
+    /// Tell the server the true class of an earlier ensemble answer (its
+    /// first row), by the answer's `ticket`. Tickets belong to the shard
+    /// that answered: send feedback on the same connection (another
+    /// connection may land on another shard and get NOT_FOUND).
+    pub fn feedback(&self, ticket: u64, label: u32) -> Result<(), ClientError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = sync_channel(1);
+        {
+            let mut slots = lock(&self.shared.pending);
+            if let Some(reason) = &slots.closed {
+                return Err(ClientError::Closed(reason.clone()));
+            }
+            slots.waiting.insert(id, tx);
+        }
+        let pending = Pending {
+            id,
+            rx,
+            shared: self.shared.clone(),
+        };
+        {
+            let mut w = lock(&self.shared.writer);
+            let Writer { stream, enc, buf } = &mut *w;
+            buf.clear();
+            enc.feedback(&FeedbackView { id, ticket, label }, buf);
+            if let Err(e) = stream.write_all(buf) {
+                drop(w);
+                let _ = self.stream.shutdown(Shutdown::Both);
+                return Err(closed(&format!("write failed: {e}")));
+            }
+        }
+        pending.wait().map(|_| ())
+    }
+
     /// Send and wait.
     pub fn predict(&self, req: &RequestSpec<'_>) -> Result<Prediction, ClientError> {
         self.send(req)?.wait()
@@ -287,6 +324,7 @@ pub fn response_to_result(v: &ResponseView<'_>) -> Result<Prediction, ClientErro
             timings: v.timings,
             cached: v.cached,
             partial: v.partial,
+            ticket: v.ticket,
             runs: v
                 .runs
                 .iter()

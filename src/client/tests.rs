@@ -99,6 +99,7 @@ fn serve(mut conn: TcpStream) {
                     },
                     cached: false,
                     partial: false,
+                    ticket: 0,
                 };
                 let runs = [RunInfo {
                     model: "echo",
@@ -125,6 +126,7 @@ fn req<'a>(target: &'a str, x: &'a [f32]) -> RequestSpec<'a> {
         deadline_us: None,
         domain: None,
         cache: CacheControl::Use,
+        policy: crate::wire::PolicyOverride::Default,
     }
 }
 

@@ -1,18 +1,27 @@
 //! Ensembles: which members run for a request and how their outputs combine.
 //!
-//! Owns: the combiners (mean, weighted mean of member outputs) and the
-//! selection step. Today the only policy is `all`; a policy decides a
-//! [`MemberSet`] per request from the request and the plan, so cascades,
-//! deadline- and cost-aware choice and bandits slot in as new
-//! [`Selection`] variants without touching the server.
+//! Owns: the combiners ([`Accumulator`]: mean, weighted mean, majority vote,
+//! learned per-class weights), the per-request selection policies
+//! (`all`, [`cascade`], [`bandit`], deadline via [`profile`]), the feedback
+//! window and the per-domain accuracy it feeds ([`feedback`]), the learned
+//! weights ([`stacker`]) and the cost counters ([`cost`]).
 //! Knows nothing of devices or sockets: it sees member outputs as f32 rows.
+//! Everything here that runs per request works in buffers sized at start-up.
+
+pub mod bandit;
+pub mod cascade;
+pub mod cost;
+pub mod feedback;
+pub mod profile;
+pub mod stacker;
 
 use crate::config::ENSEMBLE_MEMBERS_MAX;
-use crate::model::{Combiner, EnsembleSpec};
+use crate::model::{Combiner, EnsembleSpec, Policy, SelectionSpec};
+use crate::wire::PolicyOverride;
 
 /// A set of member indices (bit i = member i), fixed-size so choosing
 /// members never allocates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct MemberSet(pub u16);
 
 const _: () = assert!(ENSEMBLE_MEMBERS_MAX <= 16, "MemberSet is a u16 bitmask");
@@ -21,8 +30,17 @@ impl MemberSet {
     pub fn all(n: usize) -> Self {
         MemberSet(((1u32 << n) - 1) as u16)
     }
+    pub fn one(i: usize) -> Self {
+        MemberSet(1 << i)
+    }
     pub fn contains(self, i: usize) -> bool {
         self.0 & (1 << i) != 0
+    }
+    pub fn insert(&mut self, i: usize) {
+        self.0 |= 1 << i;
+    }
+    pub fn is_subset(self, of: MemberSet) -> bool {
+        self.0 & !of.0 == 0
     }
     pub fn len(self) -> usize {
         self.0.count_ones() as usize
@@ -30,16 +48,21 @@ impl MemberSet {
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
-    pub fn iter(self) -> impl Iterator<Item = usize> {
+    pub fn iter(self) -> impl Iterator<Item = usize> + Clone {
         (0..16).filter(move |&i| self.contains(i))
     }
 }
 
-/// How members are chosen per request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Selection {
-    /// Every member.
-    All,
+/// The policy that applies to one request: the request's override, or
+/// else the ensemble's own.
+pub fn effective_policy(over: PolicyOverride, own: Policy) -> Policy {
+    match over {
+        PolicyOverride::Default => own,
+        PolicyOverride::All => Policy::All,
+        PolicyOverride::Cascade => Policy::Cascade,
+        PolicyOverride::Deadline => Policy::Deadline,
+        PolicyOverride::Bandit => Policy::Bandit,
+    }
 }
 
 /// An ensemble resolved against one shard's models: member indices are
@@ -51,12 +74,16 @@ pub struct EnsemblePlan {
     pub members: Vec<usize>,
     pub weights: Vec<f32>,
     pub combiner: Combiner,
-    pub selection: Selection,
+    pub selection: SelectionSpec,
+    /// FLOPs per row of each member (same order as `members`).
+    pub flops_row: Vec<u64>,
+    /// Member indices, cheapest first (the cascade order).
+    pub by_cost: Vec<u8>,
     pub input_width: usize,
     pub output_width: usize,
-    /// Hash of the definition (members, combiner, weights, selection):
-    /// part of the ensemble's cache key, so a changed definition never
-    /// answers from entries of the old one.
+    /// Hash of the definition (members, combiner, weights): part of the
+    /// ensemble's cache key, so a changed definition never answers from
+    /// entries of the old one.
     pub fingerprint: u64,
 }
 
@@ -64,6 +91,7 @@ impl EnsemblePlan {
     pub fn new(
         spec: &EnsembleSpec,
         members: Vec<usize>,
+        flops_row: Vec<u64>,
         input_width: usize,
         output_width: usize,
     ) -> Result<Self, String> {
@@ -75,8 +103,8 @@ impl EnsemblePlan {
             ));
         }
         let weights = match spec.combiner {
-            Combiner::Mean => vec![1.0; members.len()],
             Combiner::WeightedMean => spec.weights.clone(),
+            Combiner::Mean | Combiner::Vote | Combiner::Stacked => vec![1.0; members.len()],
         };
         if weights.len() != members.len()
             || weights.iter().any(|w| !w.is_finite() || *w < 0.0)
@@ -88,6 +116,10 @@ impl EnsemblePlan {
                 members.len()
             ));
         }
+        debug_assert_eq!(flops_row.len(), members.len());
+        let mut by_cost: Vec<u8> = (0..members.len() as u8).collect();
+        // Stable: equal costs keep the declared order.
+        by_cost.sort_by_key(|&i| flops_row[i as usize]);
         let mut fp = xxhash_rust::xxh3::Xxh3Default::new();
         for m in &spec.members {
             fp.update(&(m.len() as u64).to_le_bytes());
@@ -103,53 +135,168 @@ impl EnsemblePlan {
             members,
             weights,
             combiner: spec.combiner,
-            selection: Selection::All,
+            selection: spec.selection.clone(),
+            flops_row,
+            by_cost,
             input_width,
             output_width,
         })
     }
 
-    /// The members to run for one request.
-    pub fn select(&self) -> MemberSet {
-        match self.selection {
-            Selection::All => MemberSet::all(self.members.len()),
+    pub fn all(&self) -> MemberSet {
+        MemberSet::all(self.members.len())
+    }
+
+    /// FLOPs per row of a set of members.
+    pub fn flops_of(&self, set: MemberSet) -> u64 {
+        set.iter().map(|i| self.flops_row[i]).sum()
+    }
+
+    /// The fingerprint under which answers of `policy` may be cached, or
+    /// `None` when its answers are not a function of the input alone
+    /// (learned weights, bandit draws, deadlines).
+    pub fn cache_fingerprint(&self, policy: Policy) -> Option<u64> {
+        if self.combiner == Combiner::Stacked {
+            return None;
+        }
+        match policy {
+            Policy::All => Some(self.fingerprint),
+            Policy::Cascade => {
+                let s = &self.selection;
+                let mut fp = xxhash_rust::xxh3::Xxh3Default::new();
+                fp.update(&self.fingerprint.to_le_bytes());
+                fp.update(b"cascade");
+                fp.update(&[s.cascade_metric as u8]);
+                fp.update(&s.cascade_threshold.to_le_bytes());
+                Some(fp.digest())
+            }
+            Policy::Deadline | Policy::Bandit => None,
         }
     }
 }
 
-/// Accumulates member outputs for one request: `acc += w * out`.
-/// The buffer is reused across requests (cleared, capacity kept).
+/// How a member's output is weighted in the accumulator.
+#[derive(Debug, Clone, Copy)]
+pub enum Weight<'a> {
+    /// One weight for every class.
+    Scalar(f32),
+    /// One weight per class (`cols` long): the stacker's learned weights.
+    PerClass(&'a [f32]),
+}
+
+/// Accumulates member outputs for one request. Buffers are reused across
+/// requests (cleared, capacity kept). The combined output is computed on
+/// demand without consuming the sums, so a cascade can look at it after
+/// each step and go on adding.
 #[derive(Debug, Default)]
 pub struct Accumulator {
-    acc: Vec<f32>,
-    weight_sum: f32,
+    /// `rows × cols`: Σ w·p.
+    sum: Vec<f32>,
+    /// `cols`: Σ w per class.
+    weight_sum: Vec<f32>,
+    /// `rows × cols`: members whose argmax is this class.
+    votes: Vec<f32>,
+    out: Vec<f32>,
+    cols: usize,
+    added: u32,
 }
 
 impl Accumulator {
-    pub fn reset(&mut self, len: usize) {
-        self.acc.clear();
-        self.acc.resize(len, 0.0);
-        self.weight_sum = 0.0;
-    }
-
-    pub fn add(&mut self, output: &[f32], weight: f32) {
-        debug_assert_eq!(output.len(), self.acc.len());
-        for (a, o) in self.acc.iter_mut().zip(output) {
-            *a += weight * o;
+    pub fn reset(&mut self, rows: usize, cols: usize) {
+        let len = rows * cols;
+        for v in [&mut self.sum, &mut self.votes] {
+            v.clear();
+            v.resize(len, 0.0);
         }
-        self.weight_sum += weight;
+        self.weight_sum.clear();
+        self.weight_sum.resize(cols, 0.0);
+        self.cols = cols.max(1);
+        self.added = 0;
     }
 
-    /// The combined output (weighted mean of what was added).
-    pub fn finish(&mut self) -> &[f32] {
-        if self.weight_sum > 0.0 {
-            let inv = 1.0 / self.weight_sum;
-            for a in &mut self.acc {
-                *a *= inv;
+    pub fn added(&self) -> u32 {
+        self.added
+    }
+
+    pub fn add(&mut self, output: &[f32], weight: Weight<'_>) {
+        debug_assert_eq!(output.len(), self.sum.len());
+        let cols = self.cols;
+        for ((s, v), o) in self
+            .sum
+            .chunks_exact_mut(cols)
+            .zip(self.votes.chunks_exact_mut(cols))
+            .zip(output.chunks_exact(cols))
+        {
+            match weight {
+                Weight::Scalar(w) => {
+                    for (a, x) in s.iter_mut().zip(o) {
+                        *a += w * x;
+                    }
+                }
+                Weight::PerClass(w) => {
+                    for ((a, x), w) in s.iter_mut().zip(o).zip(w) {
+                        *a += w * x;
+                    }
+                }
+            }
+            v[argmax(o)] += 1.0;
+        }
+        match weight {
+            Weight::Scalar(w) => self.weight_sum.iter_mut().for_each(|a| *a += w),
+            Weight::PerClass(w) => {
+                for (a, w) in self.weight_sum.iter_mut().zip(w) {
+                    *a += w
+                }
             }
         }
-        &self.acc
+        self.added += 1;
     }
+
+    /// The combined output of what was added so far.
+    pub fn combine(&mut self, combiner: Combiner) -> &[f32] {
+        let cols = self.cols;
+        self.out.clear();
+        self.out.resize(self.sum.len(), 0.0);
+        for (i, o) in self.out.iter_mut().enumerate() {
+            let w = self.weight_sum[i % cols];
+            *o = if w > 0.0 { self.sum[i] / w } else { 0.0 };
+        }
+        match combiner {
+            Combiner::Mean | Combiner::WeightedMean => {}
+            Combiner::Stacked => {
+                // Per-class weights break the rows' sums: renormalise.
+                for row in self.out.chunks_exact_mut(cols) {
+                    let t: f32 = row.iter().sum();
+                    if t > 0.0 {
+                        row.iter_mut().for_each(|x| *x /= t);
+                    }
+                }
+            }
+            Combiner::Vote => {
+                let n = self.added.max(1) as f32;
+                for (o, v) in self.out.iter_mut().zip(&self.votes) {
+                    // Vote fractions; the tiny mean-probability term only
+                    // decides between classes with equal votes.
+                    *o = v / n + VOTE_TIE_BREAK * *o;
+                }
+            }
+        }
+        &self.out
+    }
+}
+
+/// Weight of the mean probability in a vote's output (a tie breaker).
+pub const VOTE_TIE_BREAK: f32 = 1e-4;
+
+/// Index of the largest value (the first on ties); 0 for an empty row.
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in row.iter().enumerate() {
+        if x > row[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 #[cfg(test)]
@@ -159,30 +306,71 @@ mod tests {
     #[test]
     fn weighted_mean_is_exact() {
         let mut a = Accumulator::default();
-        a.reset(2);
-        a.add(&[1.0, 0.0], 1.0);
-        a.add(&[0.0, 1.0], 3.0);
-        assert_eq!(a.finish(), &[0.25, 0.75]);
-        a.reset(2);
-        a.add(&[0.5, 0.5], 2.0);
-        assert_eq!(a.finish(), &[0.5, 0.5]);
+        a.reset(1, 2);
+        a.add(&[1.0, 0.0], Weight::Scalar(1.0));
+        a.add(&[0.0, 1.0], Weight::Scalar(3.0));
+        assert_eq!(a.combine(Combiner::WeightedMean), &[0.25, 0.75]);
+        // Combining does not consume: more members can be added after.
+        a.add(&[0.0, 1.0], Weight::Scalar(4.0));
+        assert_eq!(a.combine(Combiner::WeightedMean), &[0.125, 0.875]);
+        a.reset(1, 2);
+        a.add(&[0.5, 0.5], Weight::Scalar(2.0));
+        assert_eq!(a.combine(Combiner::Mean), &[0.5, 0.5]);
     }
 
     #[test]
-    fn plan_validates_weights() {
+    fn vote_counts_argmax_and_breaks_ties_by_mean() {
+        let mut a = Accumulator::default();
+        a.reset(2, 3);
+        a.add(&[0.6, 0.4, 0.0, 0.0, 0.1, 0.9], Weight::Scalar(1.0));
+        a.add(&[0.4, 0.6, 0.0, 0.0, 0.2, 0.8], Weight::Scalar(1.0));
+        a.add(&[0.9, 0.1, 0.0, 0.0, 0.9, 0.1], Weight::Scalar(1.0));
+        let out = a.combine(Combiner::Vote).to_vec();
+        // Row 0: class 0 has 2 of 3 votes.
+        assert!((out[0] - 2.0 / 3.0).abs() < 1e-3 && argmax(&out[..3]) == 0);
+        // Row 1: class 2 has 2 votes, class 1 one.
+        assert_eq!(argmax(&out[3..]), 2);
+        // A tie (one vote each) goes to the larger mean probability.
+        a.reset(1, 2);
+        a.add(&[0.55, 0.45], Weight::Scalar(1.0));
+        a.add(&[0.1, 0.9], Weight::Scalar(1.0));
+        assert_eq!(argmax(a.combine(Combiner::Vote)), 1);
+    }
+
+    #[test]
+    fn per_class_weights_renormalise() {
+        let mut a = Accumulator::default();
+        a.reset(1, 2);
+        a.add(&[1.0, 0.0], Weight::PerClass(&[3.0, 1.0]));
+        a.add(&[0.0, 1.0], Weight::PerClass(&[1.0, 1.0]));
+        let out = a.combine(Combiner::Stacked);
+        // class 0: 3/4, class 1: 1/2, renormalised: 0.6, 0.4
+        assert!((out[0] - 0.6).abs() < 1e-6 && (out[1] - 0.4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn plan_validates_weights_and_orders_by_cost() {
         let spec = EnsembleSpec {
             name: "e".into(),
             members: vec!["a".into(), "b".into()],
             combiner: Combiner::WeightedMean,
             weights: vec![1.0],
+            selection: Default::default(),
         };
-        assert!(EnsemblePlan::new(&spec, vec![0, 1], 4, 2).is_err());
+        assert!(EnsemblePlan::new(&spec, vec![0, 1], vec![1, 1], 4, 2).is_err());
         let spec = EnsembleSpec {
             weights: vec![1.0, 2.0],
             ..spec
         };
-        let p = EnsemblePlan::new(&spec, vec![0, 1], 4, 2).unwrap();
-        assert_eq!(p.select(), MemberSet(0b11));
-        assert_eq!(p.select().iter().collect::<Vec<_>>(), vec![0, 1]);
+        let p = EnsemblePlan::new(&spec, vec![0, 1], vec![10, 5], 4, 2).unwrap();
+        assert_eq!(p.all(), MemberSet(0b11));
+        assert_eq!(p.all().iter().collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(p.by_cost, vec![1, 0]);
+        assert_eq!(p.flops_of(p.all()), 15);
+        assert_ne!(
+            p.cache_fingerprint(Policy::All),
+            p.cache_fingerprint(Policy::Cascade)
+        );
+        assert_eq!(p.cache_fingerprint(Policy::Bandit), None);
     }
 }

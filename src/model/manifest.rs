@@ -5,7 +5,10 @@
 //! and unknown keys (a typo such as `max_bach`) are refused instead of
 //! silently ignored. Errors here do not name the file; `load` prefixes it.
 
-use super::{Activation, BatchLimits, Combiner, EnsembleSpec, OutputTransform};
+use super::{
+    Activation, BatchLimits, CascadeMetric, Combiner, EnsembleSpec, OutputTransform, Policy,
+    SelectionSpec,
+};
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
@@ -281,7 +284,21 @@ fn parse_ensemble(name: &str, v: &Value) -> Result<EnsembleSpec, String> {
     let Value::Table(t) = v else {
         return Err(format!("{path}: expected a table, found {}", v.type_str()));
     };
-    deny_unknown(t, &path, &["members", "combiner", "weights"])?;
+    deny_unknown(
+        t,
+        &path,
+        &[
+            "members",
+            "combiner",
+            "weights",
+            "policy",
+            "cascade_threshold",
+            "cascade_metric",
+            "cascade_target_agreement",
+            "calibration",
+            "bandit_cost_weight",
+        ],
+    )?;
     let members_v = t
         .get("members")
         .ok_or_else(|| format!("{path}.members: missing"))?;
@@ -310,10 +327,10 @@ fn parse_ensemble(name: &str, v: &Value) -> Result<EnsembleSpec, String> {
     let combiner = enum_field::<Combiner>(t, "combiner", &format!("{path}.combiner"))?
         .unwrap_or(Combiner::Mean);
     let weights = match (combiner, t.get("weights")) {
-        (Combiner::Mean, None) => vec![1.0; members.len()],
-        (Combiner::Mean, Some(_)) => {
+        (Combiner::Mean | Combiner::Vote | Combiner::Stacked, None) => vec![1.0; members.len()],
+        (Combiner::Mean | Combiner::Vote | Combiner::Stacked, Some(_)) => {
             return Err(format!(
-                "{path}.weights: given but combiner is \"mean\" (use \"weighted_mean\")"
+                "{path}.weights: given but combiner is not \"weighted_mean\""
             ))
         }
         (Combiner::WeightedMean, None) => {
@@ -351,12 +368,77 @@ fn parse_ensemble(name: &str, v: &Value) -> Result<EnsembleSpec, String> {
             ws
         }
     };
+    let selection = parse_selection(t, &path)?;
     Ok(EnsembleSpec {
         name: name.to_string(),
         members,
         combiner,
         weights,
+        selection,
     })
+}
+
+fn parse_selection(t: &Table, path: &str) -> Result<SelectionSpec, String> {
+    let mut s = SelectionSpec::default();
+    if let Some(p) = enum_field::<Policy>(t, "policy", &format!("{path}.policy"))? {
+        s.policy = p;
+    }
+    if let Some(m) =
+        enum_field::<CascadeMetric>(t, "cascade_metric", &format!("{path}.cascade_metric"))?
+    {
+        s.cascade_metric = m;
+    }
+    let fraction = |key: &str, lo_open: bool| -> Result<Option<f32>, String> {
+        let Some(v) = t.get(key) else {
+            return Ok(None);
+        };
+        let f = float(v, &format!("{path}.{key}"))?;
+        let ok = f.is_finite() && f <= 1.0 && if lo_open { f > 0.0 } else { f >= 0.0 };
+        if !ok {
+            let lo = if lo_open { "0 < x" } else { "0 <= x" };
+            return Err(format!("{path}.{key}: {f} must be in {lo} <= 1"));
+        }
+        Ok(Some(f as f32))
+    };
+    if let Some(x) = fraction("cascade_threshold", false)? {
+        s.cascade_threshold = x;
+    }
+    s.cascade_target_agreement = fraction("cascade_target_agreement", true)?;
+    if let Some(x) = fraction("bandit_cost_weight", false)? {
+        s.bandit_cost_weight = x;
+    }
+    match t.get("calibration") {
+        None => {}
+        Some(Value::String(p)) if !p.is_empty() => s.calibration = Some(p.into()),
+        Some(v) => {
+            return Err(format!(
+                "{path}.calibration: expected a non-empty file name, found {}",
+                v.type_str()
+            ))
+        }
+    }
+    match (
+        s.cascade_target_agreement.is_some(),
+        s.calibration.is_some(),
+    ) {
+        (true, false) => {
+            return Err(format!(
+            "{path}.cascade_target_agreement: needs a calibration file (calibration = \"...csv\")"
+        ))
+        }
+        (false, true) => {
+            return Err(format!(
+                "{path}.calibration: given without cascade_target_agreement"
+            ))
+        }
+        _ => {}
+    }
+    if s.cascade_target_agreement.is_some() && t.contains_key("cascade_threshold") {
+        return Err(format!(
+            "{path}.cascade_threshold: give either a threshold or cascade_target_agreement, not both"
+        ));
+    }
+    Ok(s)
 }
 
 // ---- field helpers: each error names the full field path ----
@@ -522,11 +604,71 @@ weights = [1.0]
             c.starts_with("ensembles.c.weights: 1 weights for 2 members"),
             "{c}"
         );
-        let bad = parse_ensembles("[ensembles.z]\nmembers = [\"x\"]\ncombiner = \"vote\"").unwrap();
+        let bad =
+            parse_ensembles("[ensembles.z]\nmembers = [\"x\"]\ncombiner = \"median\"").unwrap();
         let z = bad[0].1.as_ref().unwrap_err();
         assert!(
-            z.starts_with("ensembles.z.combiner: unknown variant \"vote\""),
+            z.starts_with("ensembles.z.combiner: unknown variant \"median\""),
             "{z}"
         );
+    }
+
+    #[test]
+    fn ensemble_selection_fields() {
+        let one = |body: &str| {
+            let text = format!("[ensembles.e]\nmembers = [\"a\", \"b\"]\n{body}");
+            parse_ensembles(&text).unwrap().remove(0).1
+        };
+        let d = one("").unwrap();
+        assert_eq!(d.selection, SelectionSpec::default());
+        assert_eq!(d.selection.policy, Policy::All);
+        let c = one("policy = \"cascade\"\ncascade_threshold = 0.8\ncascade_metric = \"margin\"\ncombiner = \"vote\"").unwrap();
+        assert_eq!(
+            (
+                c.selection.policy,
+                c.selection.cascade_threshold,
+                c.selection.cascade_metric,
+                c.combiner
+            ),
+            (Policy::Cascade, 0.8, CascadeMetric::Margin, Combiner::Vote)
+        );
+        let t =
+            one("policy = \"cascade\"\ncascade_target_agreement = 0.99\ncalibration = \"x.csv\"")
+                .unwrap();
+        assert_eq!(t.selection.cascade_target_agreement, Some(0.99));
+        for (body, err) in [
+            ("policy = \"greedy\"", "ensembles.e.policy: unknown variant"),
+            (
+                "cascade_threshold = 1.5",
+                "ensembles.e.cascade_threshold: 1.5 must be in",
+            ),
+            (
+                "cascade_target_agreement = 0.9",
+                "ensembles.e.cascade_target_agreement: needs a calibration",
+            ),
+            (
+                "calibration = \"x.csv\"",
+                "ensembles.e.calibration: given without",
+            ),
+            (
+                "calibration = 3",
+                "ensembles.e.calibration: expected a non-empty file name",
+            ),
+            (
+                "cascade_threshold = 0.5\ncascade_target_agreement = 0.9\ncalibration = \"x\"",
+                "ensembles.e.cascade_threshold: give either",
+            ),
+            (
+                "combiner = \"stacked\"\nweights = [1, 2]",
+                "ensembles.e.weights: given but",
+            ),
+            (
+                "bandit_cost_weight = -1",
+                "ensembles.e.bandit_cost_weight: -1 must be in",
+            ),
+        ] {
+            let e = one(body).unwrap_err();
+            assert!(e.starts_with(err), "{body}: {e}");
+        }
     }
 }

@@ -217,6 +217,21 @@ pub struct EnsembleSpec {
     /// Per-member weights for `WeightedMean` (same order as `members`);
     /// all 1.0 for `Mean`.
     pub weights: Vec<f32>,
+    /// How members are chosen per request (docs/SELECTION.md).
+    pub selection: SelectionSpec,
+}
+
+impl EnsembleSpec {
+    /// An ensemble with the `mean` combiner and the `all` policy.
+    pub fn mean(name: &str, members: &[&str]) -> Self {
+        EnsembleSpec {
+            name: name.to_string(),
+            members: members.iter().map(|m| m.to_string()).collect(),
+            combiner: Combiner::Mean,
+            weights: vec![1.0; members.len()],
+            selection: SelectionSpec::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -224,4 +239,63 @@ pub struct EnsembleSpec {
 pub enum Combiner {
     Mean,
     WeightedMean,
+    /// Majority of the members' argmax; output = vote fractions per class,
+    /// ties broken by the mean probability.
+    Vote,
+    /// Weights per member and class learned online from feedback
+    /// (multiplicative weights, starting uniform).
+    Stacked,
+}
+
+/// The default per-request selection policy of an ensemble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    #[default]
+    All,
+    Cascade,
+    Deadline,
+    Bandit,
+}
+
+/// Confidence measure a cascade stops on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CascadeMetric {
+    /// Largest combined probability of the row.
+    #[default]
+    MaxProb,
+    /// Largest minus second-largest combined probability.
+    Margin,
+}
+
+/// Selection settings of one ensemble (`ensembles.toml`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SelectionSpec {
+    pub policy: Policy,
+    /// Stop the cascade when every row's metric is >= this.
+    pub cascade_threshold: f32,
+    pub cascade_metric: CascadeMetric,
+    /// If set, `cascade_threshold` is derived at load: the smallest
+    /// threshold whose answers agree with `all` on at least this fraction
+    /// of the `calibration` rows.
+    pub cascade_target_agreement: Option<f32>,
+    /// CSV of feature rows (a `label` column is ignored), relative to the
+    /// repository folder.
+    pub calibration: Option<std::path::PathBuf>,
+    /// Bandit: accuracy given up per unit of compute (1.0 = all members).
+    pub bandit_cost_weight: f32,
+}
+
+impl Default for SelectionSpec {
+    fn default() -> Self {
+        SelectionSpec {
+            policy: Policy::All,
+            cascade_threshold: 0.9,
+            cascade_metric: CascadeMetric::MaxProb,
+            cascade_target_agreement: None,
+            calibration: None,
+            bandit_cost_weight: 0.01,
+        }
+    }
 }

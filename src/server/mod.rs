@@ -15,11 +15,13 @@ pub mod admin;
 mod cache;
 mod conn;
 mod notify;
+mod select;
 mod shard;
 mod slab;
 
 use crate::backend;
 use crate::config::Config;
+use crate::ensemble::cost::{self, SelectionCounters, SelectionStat};
 use crate::metrics::{ShardMetrics, Targets, Totals};
 use crate::model::load::Repository;
 pub use cache::CacheShared;
@@ -48,6 +50,7 @@ pub struct ServerHandle {
     stop: Arc<AtomicBool>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
+    selection: Vec<Arc<SelectionCounters>>,
 }
 
 impl ServerHandle {
@@ -64,6 +67,12 @@ impl ServerHandle {
     /// Counters summed over shards.
     pub fn totals(&self) -> Totals {
         Totals::sum(&self.metrics)
+    }
+
+    /// Member-selection cost and feedback counters per ensemble and
+    /// domain, summed over shards (docs/SELECTION.md).
+    pub fn selection_stats(&self) -> Vec<SelectionStat> {
+        cost::snapshot(&self.selection)
     }
 
     /// Wait until every shard has exited.
@@ -159,8 +168,14 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
         None => None,
     };
     let stop_admin = |admin: Option<admin::Admin>| admin.map(admin::Admin::shutdown);
+    let mut selection = Vec::new();
     for (id, &cpu) in cpus.iter().enumerate() {
         let m = metrics[id].clone();
+        let sel = Arc::new(SelectionCounters::new(
+            repo.ensembles.keys().cloned().collect(),
+            cfg.selection_domains_max,
+        ));
+        selection.push(sel.clone());
         let start = ShardStart {
             id,
             cfg: cfg.clone(),
@@ -170,6 +185,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             metrics: m,
             ready: ready_tx.clone(),
             cache: cache.clone(),
+            selection: sel,
         };
         let placement = if cfg.pin_shards {
             Placement::Fixed(cpu)
@@ -226,6 +242,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
         stop,
         threads,
         metrics,
+        selection,
     })
 }
 
@@ -240,6 +257,7 @@ struct ShardStart {
     /// Reports the backend name once listening, or why the shard could not start.
     ready: mpsc::Sender<Result<String, String>>,
     cache: Arc<CacheShared>,
+    selection: Arc<SelectionCounters>,
 }
 
 async fn run_shard(start: ShardStart) {
@@ -252,9 +270,10 @@ async fn run_shard(start: ShardStart) {
         metrics,
         ready,
         cache,
+        selection,
     } = start;
     let backend = backend::select();
-    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics, cache) {
+    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics, cache, selection) {
         Ok(s) => Rc::new(s),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: {e}")));
@@ -275,6 +294,7 @@ async fn run_shard(start: ShardStart) {
     for slot in 0..shard.slots.len() {
         glommio::spawn_local(shard.clone().run_batcher(slot)).detach();
     }
+    glommio::spawn_local(shard.clone().run_deadlines()).detach();
     let _ = ready.send(Ok(shard.backend_name()));
     drop(ready);
 
@@ -334,7 +354,9 @@ async fn run_shard(start: ShardStart) {
     for s in &shard.slots {
         s.wake.notify();
     }
+    shard.deadline_wake.notify();
     glommio::timer::sleep(Duration::from_millis(1)).await;
+    shard.save_selection_state();
     if Rc::strong_count(&shard) > 1 {
         eprintln!(
             "beast: shard {}: {} task(s) still hold the shard at exit",

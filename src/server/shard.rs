@@ -2,23 +2,35 @@
 //! backend, its pending ensemble requests, its encoder — and the request
 //! path from a decoded frame to an encoded response.
 //!
+//! Ensemble requests pass member selection (`ensemble`): the policy picks
+//! the members, a cascade steps through them from `member_done`, the
+//! straggler task (`run_deadlines`) answers what a deadline cuts off, and
+//! every computed answer gets a ticket that a later feedback message
+//! (`handle_feedback`) can name.
+//!
 //! Nothing here is shared with another core except the immutable models
-//! (`Arc<Model>`) and the metrics counters this shard alone writes.
+//! (`Arc<Model>`) and the metrics and selection counters this shard alone
+//! writes.
 
 use super::cache::{CacheShared, Joined, ShardCache, TargetPolicy};
 use super::conn::Conn;
 use super::notify::Notify;
+use super::select::SelState;
 use super::slab::Slab;
 use crate::backend::Backend;
 use crate::batch::{Queue, Queued, Readiness};
 use crate::cache::CacheKey;
 use crate::config::{Config, ENSEMBLE_MEMBERS_MAX};
-use crate::ensemble::{Accumulator, EnsemblePlan, MemberSet};
+use crate::ensemble::cascade::confident;
+use crate::ensemble::cost::{domain_hash, SelectionCounters};
+use crate::ensemble::feedback::Entry;
+use crate::ensemble::{argmax, effective_policy, Accumulator, EnsemblePlan, MemberSet, Weight};
 use crate::metrics::{ShardMetrics, Shed};
 use crate::model::load::Repository;
-use crate::model::Model;
+use crate::model::{Combiner, Model, Policy};
 use crate::wire::{
-    self, CacheControl, Encoder, RequestView, ResponseHeader, RunInfo, Status, Timings,
+    self, CacheControl, Encoder, FeedbackView, Incoming, RequestView, ResponseHeader, RunInfo,
+    Status, Timings,
 };
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -43,6 +55,9 @@ pub(crate) enum Job {
     /// One member's share of an ensemble request.
     Member {
         pending: usize,
+        /// The entry's generation when enqueued: a result for an entry
+        /// answered since (straggler cutoff) is dropped.
+        generation: u32,
         member: u8,
         /// The member-level cache key.
         key: Option<CacheKey>,
@@ -71,10 +86,35 @@ struct EnsemblePending {
     id: u64,
     plan: usize,
     rows: u32,
+    /// Members enqueued in the current step and not answered yet.
     remaining: u8,
     /// Members whose output was computed (not read from the cache).
     computed: MemberSet,
+    /// Members whose output was combined (computed or from the cache).
+    ran: MemberSet,
     failed: bool,
+    /// Bumped when the entry is answered: late member results see a
+    /// different generation and are ignored.
+    generation: u32,
+    policy: Policy,
+    domain_slot: u16,
+    domain_hash: u64,
+    /// Cascade: position in the plan's cost order of the next member.
+    step: u8,
+    /// Bandit: the arm that chose the members.
+    arm: Option<u8>,
+    /// Deadline: µs from arrival to answer the profiles predicted, before
+    /// the learned slack (0: not predicted).
+    predicted_us: f32,
+    /// Answered before every chosen member did (deadline, full queue).
+    partial: bool,
+    cache_control: CacheControl,
+    /// Member-level cache keys (computed while the request was at hand).
+    member_keys: [Option<CacheKey>; ENSEMBLE_MEMBERS_MAX],
+    /// The request's rows, kept for later cascade steps (capacity reused).
+    input: Vec<f32>,
+    /// Each member's first output row (`members × cols`), for feedback.
+    first_rows: Vec<f32>,
     arrival: Option<Instant>,
     deadline: Option<Instant>,
     queue_us: u32,
@@ -103,6 +143,11 @@ pub(crate) struct Shard {
     message: RefCell<String>,
     pub metrics: Arc<ShardMetrics>,
     pub stopping: Cell<bool>,
+    sel: RefCell<SelState>,
+    /// Per-ensemble, per-domain cost counters (read by `selection_stats`).
+    pub selection: Arc<SelectionCounters>,
+    /// Wakes the straggler-cutoff task when a deadline is added.
+    pub deadline_wake: Notify,
 }
 
 impl Shard {
@@ -113,6 +158,7 @@ impl Shard {
         backend: Box<dyn Backend>,
         metrics: Arc<ShardMetrics>,
         cache_shared: Arc<CacheShared>,
+        selection: Arc<SelectionCounters>,
     ) -> Result<Shard, String> {
         let cache = ShardCache::new(&cfg, cache_shared)?;
         let mut slots = Vec::new();
@@ -141,13 +187,31 @@ impl Shard {
                 }
             }
             let first = &slots[members[0]].model;
-            let plan = EnsemblePlan::new(spec, members, first.input_width, first.output_width)?;
+            let flops = members
+                .iter()
+                .map(|&m| slots[m].model.flops_per_row())
+                .collect();
+            let plan =
+                EnsemblePlan::new(spec, members, flops, first.input_width, first.output_width)?;
             targets.insert(name.clone(), TargetRef::Ensemble(plans.len()));
             plans.push(plan);
             plan_cache.push(cache.policy(&cfg, name));
         }
+        let models: Vec<&Arc<Model>> = slots.iter().map(|s| &s.model).collect();
+        let mut sel = SelState::new(id, &cfg, &plans, &models);
+        if !cfg.selection_state_path.as_os_str().is_empty() {
+            let used = sel.load(&cfg.selection_state_path, id, &plans, |slot| {
+                (slots[slot].model.name.clone(), slots[slot].model.version)
+            });
+            if used > 0 {
+                eprintln!("beast: shard {id}: selection state: {used} entries loaded");
+            }
+        }
         Ok(Shard {
             id,
+            sel: RefCell::new(sel),
+            selection,
+            deadline_wake: Notify::default(),
             pending: RefCell::new(Slab::with_capacity(cfg.ensemble_in_flight_per_shard_max)),
             cfg,
             slots,
@@ -168,7 +232,8 @@ impl Shard {
     /// their steady size before the first request.
     pub fn warm_up(&self) -> Result<(), String> {
         let mut backend = self.backend.borrow_mut();
-        for s in &self.slots {
+        let mut sel = self.sel.borrow_mut();
+        for (slot, s) in self.slots.iter().enumerate() {
             let m = &s.model;
             let rows = m.batch.max_batch;
             let input = vec![0.0f32; rows * m.input_width];
@@ -176,6 +241,25 @@ impl Shard {
             backend
                 .run(m, &input, rows, &mut output)
                 .map_err(|e| format!("warm-up of {} v{}: {e}", m.name, m.version))?;
+            // The latency profile: best of three at each measured size.
+            let profile = &mut sel.profiles[slot];
+            for i in 0..3 {
+                let n = profile.sizes[i] as usize;
+                let mut best = f32::INFINITY;
+                for _ in 0..3 {
+                    let t = Instant::now();
+                    backend
+                        .run(
+                            m,
+                            &input[..n * m.input_width],
+                            n,
+                            &mut output[..n * m.output_width],
+                        )
+                        .map_err(|e| format!("warm-up of {} v{}: {e}", m.name, m.version))?;
+                    best = best.min(t.elapsed().as_secs_f32() * 1e6);
+                }
+                profile.set(i, best);
+            }
         }
         Ok(())
     }
@@ -211,6 +295,7 @@ impl Shard {
             },
             cached: false,
             partial: false,
+            ticket: 0,
         };
         self.encoder
             .borrow_mut()
@@ -236,8 +321,9 @@ impl Shard {
     /// every problem becomes a response with a status.
     pub fn handle_frame(&self, conn: &Rc<Conn>, body: &[u8], arrival: Instant) {
         self.metrics.begin_request();
-        let req = match wire::decode_request(body) {
-            Ok(r) => r,
+        let req = match wire::decode_incoming(body) {
+            Ok(Incoming::Request(r)) => r,
+            Ok(Incoming::Feedback(f)) => return self.handle_feedback(conn, &f, arrival),
             // The id is unreadable: answer with id 0 (docs/PROTOCOL.md).
             Err(e) => return self.respond_error(conn, 0, Status::BadRequest, e.message(), arrival),
         };
@@ -417,6 +503,7 @@ impl Shard {
                     arrival,
                     t,
                     true,
+                    Extra::default(),
                 );
             }
             match self
@@ -449,8 +536,63 @@ impl Shard {
 
     fn submit_ensemble(&self, conn: &Rc<Conn>, req: &RequestView<'_>, p: usize, arrival: Instant) {
         let plan = &self.plans[p];
-        let set = plan.select();
+        let policy = effective_policy(req.policy, plan.selection.policy);
         let rows = req.rows as usize;
+        let deadline = Self::deadline(req, arrival);
+        let dhash = domain_hash(req.domain);
+        let mut predicted_us = 0.0;
+        let (dslot, set, arm) = {
+            let mut sel = self.sel.borrow_mut();
+            let dslot = sel.domains[p].slot(dhash);
+            if dslot != 0 {
+                // Allocates once per slot, the first time (bounded).
+                self.selection
+                    .at(p, dslot)
+                    .domain
+                    .get_or_init(|| req.domain.unwrap_or_default().to_string());
+            }
+            let (set, arm) = match policy {
+                Policy::All => (plan.all(), None),
+                Policy::Cascade => (MemberSet::one(plan.by_cost[0] as usize), None),
+                Policy::Bandit => {
+                    let sel = &mut *sel;
+                    let l = &sel.learned[p];
+                    let a = l
+                        .bandit
+                        .pick(dslot, plan.selection.bandit_cost_weight, &mut sel.rng);
+                    (l.bandit.arms[a], Some(a as u8))
+                }
+                Policy::Deadline => match deadline {
+                    None => (plan.all(), None),
+                    Some(d) => {
+                        let budget_us =
+                            d.saturating_duration_since(Instant::now()).as_secs_f32() * 1e6;
+                        match self.pick_for_deadline(&sel, p, dslot, rows, budget_us) {
+                            Some((set, us)) => {
+                                predicted_us = us;
+                                (set, None)
+                            }
+                            None => {
+                                sel.deadline_refused();
+                                drop(sel);
+                                self.selection
+                                    .at(p, dslot)
+                                    .deadline_refused
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                return self.respond_error(
+                                    conn,
+                                    req.id,
+                                    Status::DeadlineExceeded,
+                                    "no member of the ensemble can answer within the budget",
+                                    arrival,
+                                );
+                            }
+                        }
+                    }
+                },
+            };
+            (dslot, set, arm)
+        };
         // Single-threaded: checking every queue first makes the enqueue all-or-nothing.
         if let Some(i) = set
             .iter()
@@ -466,18 +608,18 @@ impl Shard {
                 format_args!("queue of member '{name}' of '{}' is full", plan.name),
             );
         }
-        let deadline = Self::deadline(req, arrival);
         let out_len = rows * plan.output_width;
-        let key = self
-            .cache
-            .key(&plan.name, self.plan_cache[p], req, out_len, |mut k| {
-                k = k.ensemble(plan.fingerprint);
-                for &m in &plan.members {
-                    let m = &self.slots[m].model;
-                    k = k.model(&m.name, m.version as u64);
-                }
-                k
-            });
+        let key = plan.cache_fingerprint(policy).and_then(|fp| {
+            self.cache
+                .key(&plan.name, self.plan_cache[p], req, out_len, |mut k| {
+                    k = k.ensemble(fp);
+                    for &m in &plan.members {
+                        let m = &self.slots[m].model;
+                        k = k.model(&m.name, m.version as u64);
+                    }
+                    k
+                })
+        });
         let mut leader = false;
         if let (Some(k), CacheControl::Use) = (key, req.cache) {
             let mut buf = self.cache.buf.borrow_mut();
@@ -509,6 +651,7 @@ impl Shard {
                     arrival,
                     t,
                     true,
+                    Extra::default(),
                 );
             }
         }
@@ -538,15 +681,16 @@ impl Shard {
                 Joined::Alone => {}
             }
         }
-        {
+        let generation = {
             let mut pending = self.pending.borrow_mut();
             let e = pending.get_mut(k);
             e.conn = Some(conn.clone());
             e.id = req.id;
             e.plan = p;
             e.rows = req.rows;
-            e.remaining = set.len() as u8;
+            e.remaining = 0;
             e.computed = MemberSet::default();
+            e.ran = MemberSet::default();
             e.failed = false;
             e.arrival = Some(arrival);
             e.deadline = deadline;
@@ -554,50 +698,364 @@ impl Shard {
             e.compute_us = 0;
             e.key = key;
             e.leader = leader;
-            e.acc.reset(out_len);
-        }
+            e.policy = policy;
+            e.domain_slot = dslot as u16;
+            e.domain_hash = dhash;
+            e.step = 1;
+            e.arm = arm;
+            e.predicted_us = predicted_us;
+            e.partial = false;
+            e.cache_control = req.cache;
+            for (i, &slot) in plan.members.iter().enumerate() {
+                let s = &self.slots[slot];
+                // Member-level entries are the ones a direct request to the
+                // member would use, so ensembles sharing a member share them.
+                e.member_keys[i] = self.cache.key(
+                    &s.model.name,
+                    s.cache,
+                    req,
+                    rows * s.model.output_width,
+                    |k| k.model(&s.model.name, s.model.version as u64),
+                );
+            }
+            e.input.clear();
+            if policy == Policy::Cascade {
+                e.input
+                    .extend_from_slice(&self.scratch.borrow()[..rows * plan.input_width]);
+            }
+            e.first_rows.clear();
+            e.first_rows
+                .resize(plan.members.len() * plan.output_width, 0.0);
+            e.acc.reset(rows, plan.output_width);
+            e.generation
+        };
         conn.in_flight.set(conn.in_flight.get() + 1);
+        // Every ensemble request with a budget gets the straggler cutoff.
+        if let Some(d) = deadline {
+            let pending = self.pending.borrow();
+            self.sel
+                .borrow_mut()
+                .watch(d, k, generation, |k, g| pending.is_live(k, g));
+            drop(pending);
+            self.deadline_wake.notify();
+        }
+        let started = self.run_members(k, set, true, arrival);
+        debug_assert!(started.is_ok(), "room was checked");
+        if self.pending.borrow_mut().get_mut(k).remaining == 0 {
+            self.advance(k, Instant::now());
+        }
+    }
+
+    /// The best member set under the deadline policy whose predicted
+    /// completion fits `budget_us`: most accurate (per-member accuracy from
+    /// feedback in this domain, summed), cheapest on ties; `None` if even the
+    /// fastest single member cannot make it.
+    fn pick_for_deadline(
+        &self,
+        sel: &SelState,
+        p: usize,
+        dslot: usize,
+        rows: usize,
+        budget_us: f32,
+    ) -> Option<(MemberSet, f32)> {
+        let plan = &self.plans[p];
+        let n = plan.members.len();
+        // What the profiles miss (scheduling, the other tasks of the core),
+        // learned from answered requests.
+        let slack = &sel.deadline_slack_us;
+        let l = &sel.learned[p];
+        // Predicted time of one member: its batching delay (unless the
+        // batch is full at once), then every batch ahead of it and its own.
+        let member_us = |i: usize| {
+            let slot = plan.members[i];
+            let s = &self.slots[slot];
+            let q = s.queue.borrow();
+            let ahead = (q.rows_queued() + rows) as u32;
+            let delay = if ahead as usize >= s.model.batch.max_batch {
+                0.0
+            } else {
+                s.model.batch.max_queue_delay_us as f32
+            };
+            (delay, sel.profiles[slot].predict_us(ahead))
+        };
+        let mut times = [(0f32, 0f32); ENSEMBLE_MEMBERS_MAX];
+        for (i, t) in times.iter_mut().enumerate().take(n) {
+            *t = member_us(i);
+        }
+        // Members share one core: their computes add up, their delays overlap.
+        let predict = |set: MemberSet| {
+            let (mut delay, mut compute) = (0f32, 0f32);
+            for i in set.iter() {
+                delay = delay.max(times[i].0);
+                compute += times[i].1;
+            }
+            delay + compute + slack[set.len()]
+        };
+        let score = |set: MemberSet| -> f32 {
+            set.iter()
+                .map(|i| {
+                    let a = l.accuracy(dslot, i);
+                    // Without feedback, cost stands in for accuracy.
+                    if a.total > 0.0 {
+                        a.mean()
+                    } else {
+                        0.5 + 1e-3
+                            * plan
+                                .by_cost
+                                .iter()
+                                .position(|&m| m as usize == i)
+                                .unwrap_or(0) as f32
+                    }
+                })
+                .sum()
+        };
+        // Every subset of small ensembles; prefixes of the cost order otherwise.
+        let mut best: Option<(f32, u64, MemberSet)> = None;
+        let mut consider = |set: MemberSet| {
+            if set.is_empty() || predict(set) > budget_us {
+                return;
+            }
+            let (sc, cost) = (score(set), plan.flops_of(set));
+            if best.is_none_or(|(bs, bc, _)| sc > bs || (sc == bs && cost < bc)) {
+                best = Some((sc, cost, set));
+            }
+        };
+        if n <= DEADLINE_SUBSETS_MEMBERS_MAX {
+            for bits in 1..(1u32 << n) {
+                consider(MemberSet(bits as u16));
+            }
+        } else {
+            let mut set = MemberSet::default();
+            for &m in &plan.by_cost {
+                set.insert(m as usize);
+                consider(set);
+                consider(MemberSet::one(m as usize));
+            }
+        }
+        // The entry keeps the profiles' own prediction (without the slack),
+        // which is what the slack learns to correct.
+        best.map(|b| (b.2, predict(b.2) - slack[b.2.len()]))
+    }
+
+    /// Enqueue the members of `set` for pending entry `k`, or combine them
+    /// from the member-level cache. `from_scratch`: the request's rows are
+    /// still in the shard scratch (first step); later cascade steps use the
+    /// entry's own copy. Err(member) when that member's queue is full
+    /// (nothing enqueued).
+    fn run_members(
+        &self,
+        k: usize,
+        set: MemberSet,
+        from_scratch: bool,
+        enqueued: Instant,
+    ) -> Result<(), usize> {
+        let mut pending = self.pending.borrow_mut();
+        let e = pending.get_mut(k);
+        let plan = &self.plans[e.plan];
+        let rows = e.rows as usize;
+        if let Some(i) = set
+            .iter()
+            .find(|&i| !self.slots[plan.members[i]].queue.borrow().has_room(rows))
+        {
+            return Err(i);
+        }
+        // Taken out (not copied) so the entry can be updated while reading it.
+        let kept = std::mem::take(&mut e.input);
         let scratch = self.scratch.borrow();
-        let input = &scratch[..rows * plan.input_width];
-        let mut done_from_cache = 0;
+        let n_in = rows * plan.input_width;
+        let input = if from_scratch {
+            &scratch[..n_in]
+        } else {
+            &kept[..n_in]
+        };
         for i in set.iter() {
             let s = &self.slots[plan.members[i]];
-            // Member-level entries are the ones a direct request to the
-            // member would use, so ensembles sharing a member share them.
-            let member_key = self.cache.key(
-                &s.model.name,
-                s.cache,
-                req,
-                rows * s.model.output_width,
-                |k| k.model(&s.model.name, s.model.version as u64),
-            );
-            if let (Some(mk), CacheControl::Use) = (member_key, req.cache) {
+            let member_key = e.member_keys[i];
+            if let (Some(mk), CacheControl::Use) = (member_key, e.cache_control) {
                 let mut buf = self.cache.buf.borrow_mut();
                 let n = rows * s.model.output_width;
                 if self.cache.get(&self.metrics, mk, s.cache, &mut buf[..n]) {
-                    let mut pending = self.pending.borrow_mut();
-                    let e = pending.get_mut(k);
-                    e.acc.add(&buf[..n], plan.weights[i]);
-                    e.remaining -= 1;
-                    done_from_cache += 1;
+                    self.combine_member(e, i, &buf[..n]);
                     continue;
                 }
             }
             let mut q = s.queue.borrow_mut();
             let job = Job::Member {
                 pending: k,
+                generation: e.generation,
                 member: i as u8,
                 key: member_key,
             };
-            let pushed = q.push(job, input, arrival);
+            let pushed = q.push(job, input, enqueued);
             debug_assert!(pushed.is_ok(), "room was checked");
-            if q.readiness(arrival) == Readiness::Now || q.rows_queued() == rows {
+            e.remaining += 1;
+            if q.readiness(enqueued) == Readiness::Now || q.rows_queued() == rows {
                 s.wake.notify();
             }
         }
-        if done_from_cache == set.len() {
-            drop(scratch);
-            self.finish_ensemble(k, Instant::now());
+        drop(scratch);
+        e.input = kept;
+        Ok(())
+    }
+
+    /// Add one member's output to the entry's combination.
+    fn combine_member(&self, e: &mut EnsemblePending, member: usize, out: &[f32]) {
+        let plan = &self.plans[e.plan];
+        let cols = plan.output_width;
+        if plan.combiner == Combiner::Stacked {
+            let sel = self.sel.borrow();
+            e.acc.add(
+                out,
+                Weight::PerClass(sel.learned[e.plan].stacker.weights(member)),
+            );
+        } else {
+            e.acc.add(out, Weight::Scalar(plan.weights[member]));
+        }
+        e.ran.insert(member);
+        e.first_rows[member * cols..(member + 1) * cols].copy_from_slice(&out[..cols]);
+    }
+
+    /// The current step's members have all answered: take the next cascade
+    /// step, or answer.
+    fn advance(&self, k: usize, now: Instant) {
+        loop {
+            let next = {
+                let mut pending = self.pending.borrow_mut();
+                let e = pending.get_mut(k);
+                let plan = &self.plans[e.plan];
+                let sel = &plan.selection;
+                let done = e.failed
+                    || e.policy != Policy::Cascade
+                    || e.step as usize >= plan.by_cost.len()
+                    || confident(
+                        e.acc.combine(plan.combiner),
+                        plan.output_width,
+                        sel.cascade_metric,
+                        sel.cascade_threshold,
+                    );
+                if done {
+                    None
+                } else {
+                    let m = plan.by_cost[e.step as usize] as usize;
+                    e.step += 1;
+                    Some(MemberSet::one(m))
+                }
+            };
+            let Some(set) = next else {
+                return self.finish_ensemble(k, now);
+            };
+            if self.run_members(k, set, false, now).is_err() {
+                // The next member's queue is full: answer with what ran.
+                self.pending.borrow_mut().get_mut(k).partial = true;
+                return self.finish_ensemble(k, now);
+            }
+            if self.pending.borrow_mut().get_mut(k).remaining > 0 {
+                return;
+            }
+        }
+    }
+
+    /// A feedback message: learn from it and answer OK, or NOT_FOUND.
+    fn handle_feedback(&self, conn: &Conn, f: &FeedbackView, arrival: Instant) {
+        let mut sel = self.sel.borrow_mut();
+        let sel = &mut *sel;
+        let Some((entry, rows)) = sel.window.take(f.ticket) else {
+            return self.respond_error(
+                conn,
+                f.id,
+                Status::NotFound,
+                "unknown ticket: expired, already given feedback, or issued by another shard (send feedback on the connection that got the answer)",
+                arrival,
+            );
+        };
+        let p = entry.plan as usize;
+        let plan = &self.plans[p];
+        if f.label as usize >= plan.output_width {
+            // A bad label does not spend the ticket.
+            sel.window.restore(f.ticket);
+            return self.respond_error_fmt(
+                conn,
+                f.id,
+                Status::BadRequest,
+                arrival,
+                format_args!(
+                    "label {} is not a class of '{}' ({} classes)",
+                    f.label, plan.name, plan.output_width
+                ),
+            );
+        }
+        let correct = sel.learned[p].learn(&entry, rows, f.label as usize);
+        let c = self.selection.at(p, entry.domain_slot as usize);
+        c.feedback
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.feedback_correct
+            .fetch_add(correct as u64, std::sync::atomic::Ordering::Relaxed);
+        self.respond_ok(
+            conn,
+            f.id,
+            0,
+            0,
+            &[],
+            &[],
+            arrival,
+            Timings::default(),
+            false,
+            Extra::default(),
+        );
+    }
+
+    /// The straggler cutoff: answer deadline-policy ensemble requests whose
+    /// deadline has come with the members that finished (`partial`).
+    pub async fn run_deadlines(self: Rc<Self>) {
+        loop {
+            if self.stopping.get() {
+                // Everything in flight is answered by now or soon; items of
+                // answered entries must not keep this task (and the shard) alive.
+                let pending = self.pending.borrow();
+                let mut sel = self.sel.borrow_mut();
+                sel.deadlines.retain(|r| pending.is_live(r.0 .1, r.0 .2));
+                if sel.deadlines.is_empty() {
+                    return;
+                }
+            }
+            let next = self.sel.borrow().deadlines.peek().map(|r| r.0 .0);
+            match next {
+                None => {
+                    if self.stopping.get() {
+                        return;
+                    }
+                    self.deadline_wake.wait().await;
+                    continue;
+                }
+                Some(t) => {
+                    let now = Instant::now();
+                    if t > now {
+                        futures_lite::future::or(
+                            glommio::timer::sleep(t - now),
+                            self.deadline_wake.wait(),
+                        )
+                        .await;
+                        continue;
+                    }
+                }
+            }
+            let now = Instant::now();
+            loop {
+                let item = {
+                    let mut sel = self.sel.borrow_mut();
+                    match sel.deadlines.peek() {
+                        Some(r) if r.0 .0 <= now => sel.deadlines.pop(),
+                        _ => None,
+                    }
+                };
+                let Some(std::cmp::Reverse((_, k, generation))) = item else {
+                    break;
+                };
+                if self.pending.borrow().is_live(k, generation) {
+                    self.pending.borrow_mut().get_mut(k).partial = true;
+                    self.finish_ensemble(k, now);
+                }
+            }
         }
     }
 
@@ -647,7 +1105,7 @@ impl Shard {
                             compute_us,
                             total_us: 0,
                         };
-                        self.release_waiters(k, ok, q.rows, out_w, out, &runs, t, now);
+                        self.release_waiters(k, ok, false, q.rows, out_w, out, &runs, t, now);
                     }
                     if !ok {
                         self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
@@ -665,18 +1123,39 @@ impl Shard {
                             compute_us,
                             total_us: 0,
                         };
-                        self.respond_ok(&conn, id, q.rows, out_w, out, &runs, arrival, t, false);
+                        self.respond_ok(
+                            &conn,
+                            id,
+                            q.rows,
+                            out_w,
+                            out,
+                            &runs,
+                            arrival,
+                            t,
+                            false,
+                            Extra::default(),
+                        );
                     }
                 }
                 Job::Member {
                     pending,
+                    generation,
                     member,
                     key,
                 } => {
                     if let (true, Some(k)) = (ok, key) {
                         self.cache.insert(&self.metrics, k, s.cache, out);
                     }
-                    self.member_done(pending, member as usize, out, ok, queue_us, compute_us, now)
+                    self.member_done(
+                        pending,
+                        generation,
+                        member as usize,
+                        out,
+                        ok,
+                        queue_us,
+                        compute_us,
+                        now,
+                    )
                 }
             }
         }
@@ -688,6 +1167,7 @@ impl Shard {
         &self,
         key: CacheKey,
         ok: bool,
+        partial: bool,
         rows: usize,
         cols: usize,
         out: &[f32],
@@ -709,7 +1189,18 @@ impl Shard {
                     w.arrival,
                 );
             } else {
-                self.respond_ok(&w.conn, w.id, rows, cols, out, runs, w.arrival, t, true);
+                self.respond_ok(
+                    &w.conn,
+                    w.id,
+                    rows,
+                    cols,
+                    out,
+                    runs,
+                    w.arrival,
+                    t,
+                    true,
+                    Extra { ticket: 0, partial },
+                );
             }
         }
     }
@@ -718,6 +1209,7 @@ impl Shard {
     fn member_done(
         &self,
         k: usize,
+        generation: u32,
         member: usize,
         out: &[f32],
         ok: bool,
@@ -726,31 +1218,37 @@ impl Shard {
         now: Instant,
     ) {
         let mut pending = self.pending.borrow_mut();
+        if !pending.is_live(k, generation) {
+            // Answered without it (straggler cutoff).
+            return;
+        }
         let e = pending.get_mut(k);
-        let plan = &self.plans[e.plan];
         if ok {
-            e.acc.add(out, plan.weights[member]);
+            self.combine_member(e, member, out);
         } else {
             e.failed = true;
         }
-        e.computed.0 |= 1 << member;
+        e.computed.insert(member);
         e.queue_us = e.queue_us.max(queue_us);
         e.compute_us = e.compute_us.saturating_add(compute_us);
         e.remaining -= 1;
         if e.remaining == 0 {
             drop(pending);
-            self.finish_ensemble(k, now);
+            self.advance(k, now);
         }
     }
 
-    /// Every selected member has answered (or came from the cache):
-    /// combine, cache, answer the waiters and the request, free the entry.
+    /// Every chosen member has answered (or came from the cache, or the
+    /// deadline cut the rest off): combine, cache, account, answer the
+    /// waiters and the request, free the entry.
     fn finish_ensemble(&self, k: usize, now: Instant) {
         let mut pending = self.pending.borrow_mut();
         let e = pending.get_mut(k);
         let plan = &self.plans[e.plan];
         self.metrics.set_target_plan(e.plan);
-        let conn = e.conn.take().expect("pending entry has a connection");
+        let Some(conn) = e.conn.take() else {
+            return;
+        };
         let arrival = e.arrival.expect("pending entry has an arrival");
         conn.in_flight.set(conn.in_flight.get() - 1);
         let mut runs = [RunInfo {
@@ -758,38 +1256,89 @@ impl Shard {
             version: 0,
             flops: 0,
         }; ENSEMBLE_MEMBERS_MAX];
-        let n = plan.members.len();
-        for (i, (r, &slot)) in runs.iter_mut().zip(&plan.members).enumerate() {
-            let m = &self.slots[slot].model;
-            let computed = e.computed.contains(i);
-            *r = RunInfo {
+        let mut n = 0;
+        let mut flops_run = 0;
+        for i in e.ran.iter() {
+            let m = &self.slots[plan.members[i]].model;
+            let flops = if e.computed.contains(i) {
+                m.flops_per_row() * e.rows as u64
+            } else {
+                0
+            };
+            flops_run += flops;
+            runs[n] = RunInfo {
                 model: &m.name,
                 version: m.version,
-                flops: if computed {
-                    m.flops_per_row() * e.rows as u64
-                } else {
-                    0
-                },
+                flops,
             };
+            n += 1;
         }
-        let (id, rows, out_w, failed) = (e.id, e.rows as usize, plan.output_width, e.failed);
+        let (id, rows, out_w) = (e.id, e.rows as usize, plan.output_width);
+        let partial = e.partial;
+        // Nothing answered before the cutoff: there is no answer to give.
+        let late = partial && e.ran.is_empty();
+        let failed = e.failed;
         let t = Timings {
             queue_us: e.queue_us,
             compute_us: e.compute_us,
             total_us: 0,
         };
         let (key, leader, deadline) = (e.key, e.leader, e.deadline);
-        let combined = e.acc.finish();
-        if let (false, Some(key)) = (failed, key) {
+        let c = self.selection.at(e.plan, e.domain_slot as usize);
+        c.record_request(
+            e.domain_hash,
+            e.computed.len() as u64,
+            flops_run,
+            plan.flops_of(plan.all()) * e.rows as u64,
+            partial,
+        );
+        if e.predicted_us > 0.0 && !failed {
+            // A cut-off answer took at least its budget: a lower bound of
+            // what the members would have taken.
+            let took = now.saturating_duration_since(arrival).as_secs_f32() * 1e6;
+            let members = e.ran.len() + e.remaining as usize;
+            self.sel
+                .borrow_mut()
+                .observe_deadline(members, took, e.predicted_us);
+        }
+        let combined = e.acc.combine(plan.combiner);
+        let ticket = if failed || late {
+            0
+        } else {
+            let entry = Entry {
+                ticket: 0,
+                plan: e.plan as u16,
+                domain_slot: e.domain_slot,
+                ran: e.ran,
+                arm: e.arm,
+                answer: argmax(&combined[..out_w]) as u16,
+                used: false,
+            };
+            let first_rows = &e.first_rows;
+            self.sel
+                .borrow_mut()
+                .window
+                .push(entry, out_w, |m| &first_rows[m * out_w..(m + 1) * out_w])
+        };
+        if let (false, false, Some(key)) = (failed, partial, key) {
             self.cache
                 .insert(&self.metrics, key, self.plan_cache[e.plan], combined);
         }
         if let (true, Some(key)) = (leader, key) {
-            self.release_waiters(key, !failed, rows, out_w, combined, &runs[..n], t, now);
+            let ok = !failed && !late;
+            self.release_waiters(key, ok, partial, rows, out_w, combined, &runs[..n], t, now);
         }
         if failed {
             self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
-        } else if deadline.is_some_and(|d| now > d) {
+        } else if late {
+            self.respond_error(
+                &conn,
+                id,
+                Status::DeadlineExceeded,
+                "deadline passed before any member answered",
+                arrival,
+            );
+        } else if !partial && deadline.is_some_and(|d| now > d) {
             self.respond_error(
                 &conn,
                 id,
@@ -808,8 +1357,10 @@ impl Shard {
                 arrival,
                 t,
                 false,
+                Extra { ticket, partial },
             );
         }
+        e.generation = e.generation.wrapping_add(1);
         pending.release(k);
     }
 
@@ -825,6 +1376,7 @@ impl Shard {
         arrival: Instant,
         t: Timings,
         cached: bool,
+        extra: Extra,
     ) {
         let total_us = micros(arrival.elapsed());
         self.metrics
@@ -840,8 +1392,10 @@ impl Shard {
             cols: cols as u32,
             timings: Timings { total_us, ..t },
             cached,
-            partial: false,
+            partial: extra.partial,
+            ticket: extra.ticket,
         };
+
         self.encoder
             .borrow_mut()
             .response(&h, runs, out, &mut conn.out.borrow_mut());
@@ -885,10 +1439,49 @@ impl Shard {
                 .is_ok();
             let compute = started.elapsed();
             self.metrics.record_batch(slot, rows, compute);
+            self.sel.borrow_mut().profiles[slot].observe(rows as u32, compute.as_secs_f32() * 1e6);
             self.dispatch(slot, &mut jobs, &output, started, compute, ok);
             // Let connections read what arrived during the compute, so the
             // next batch is as full as the load allows.
             futures_lite::future::yield_now().await;
+        }
+    }
+}
+
+/// What an answer carries besides its output.
+#[derive(Debug, Clone, Copy, Default)]
+struct Extra {
+    ticket: u64,
+    partial: bool,
+}
+
+/// Ensembles of at most this many members have every subset considered
+/// by the deadline policy (2^n − 1 sets); larger ones, prefixes of the cost order.
+const DEADLINE_SUBSETS_MEMBERS_MAX: usize = 6;
+
+impl Slab<EnsemblePending> {
+    /// Entry `k` is still waiting for members, in generation `generation`.
+    fn is_live(&self, k: usize, generation: u32) -> bool {
+        self.get(k)
+            .is_some_and(|e| e.generation == generation && e.conn.is_some())
+    }
+}
+
+impl Shard {
+    /// Save what selection learned (clean shutdown).
+    pub fn save_selection_state(&self) {
+        let path = &self.cfg.selection_state_path;
+        if path.as_os_str().is_empty() {
+            return;
+        }
+        let r = self.sel.borrow().save(path, self.id, &self.plans, |slot| {
+            (
+                self.slots[slot].model.name.clone(),
+                self.slots[slot].model.version,
+            )
+        });
+        if let Err(e) = r {
+            eprintln!("beast: shard {}: saving selection state: {e}", self.id);
         }
     }
 }

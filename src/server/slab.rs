@@ -33,6 +33,10 @@ impl<T: Default> Slab<T> {
         self.free.push(i);
     }
 
+    pub fn get(&self, i: usize) -> Option<&T> {
+        self.items.get(i)
+    }
+
     pub fn get_mut(&mut self, i: usize) -> &mut T {
         &mut self.items[i]
     }

@@ -188,6 +188,104 @@ impl<'a> ::flatbuffers::Verifiable for CacheControl {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for CacheControl {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_POLICY: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_POLICY: u8 = 4;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_POLICY: [Policy; 5] = [
+  Policy::Default,
+  Policy::All,
+  Policy::Cascade,
+  Policy::Deadline,
+  Policy::Bandit,
+];
+
+/// Per-request member selection; `Default` = the ensemble's own policy.
+/// Ignored for a request to a single model.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct Policy(pub u8);
+#[allow(non_upper_case_globals)]
+impl Policy {
+  pub const Default: Self = Self(0);
+  pub const All: Self = Self(1);
+  pub const Cascade: Self = Self(2);
+  pub const Deadline: Self = Self(3);
+  pub const Bandit: Self = Self(4);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 4;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Default,
+    Self::All,
+    Self::Cascade,
+    Self::Deadline,
+    Self::Bandit,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Default => Some("Default"),
+      Self::All => Some("All"),
+      Self::Cascade => Some("Cascade"),
+      Self::Deadline => Some("Deadline"),
+      Self::Bandit => Some("Bandit"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for Policy {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for Policy {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for Policy {
+    type Output = Policy;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for Policy {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for Policy {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for Policy {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_STATUS: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MAX_STATUS: u8 = 5;
@@ -290,16 +388,17 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Status {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 2;
+pub const ENUM_MAX_BODY: u8 = 3;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 3] = [
+pub const ENUM_VALUES_BODY: [Body; 4] = [
   Body::NONE,
   Body::Request,
   Body::Response,
+  Body::Feedback,
 ];
 
-/// Message kinds. Append only: Feedback and Stats come next.
+/// Message kinds. Append only: Stats comes next.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
 pub struct Body(pub u8);
@@ -308,13 +407,15 @@ impl Body {
   pub const NONE: Self = Self(0);
   pub const Request: Self = Self(1);
   pub const Response: Self = Self(2);
+  pub const Feedback: Self = Self(3);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_MAX: u8 = 3;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Request,
     Self::Response,
+    Self::Feedback,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -322,6 +423,7 @@ impl Body {
       Self::NONE => Some("NONE"),
       Self::Request => Some("Request"),
       Self::Response => Some("Response"),
+      Self::Feedback => Some("Feedback"),
       _ => None,
     }
   }
@@ -404,6 +506,7 @@ impl<'a> Request<'a> {
   pub const VT_DEADLINE_US: ::flatbuffers::VOffsetT = 18;
   pub const VT_DOMAIN: ::flatbuffers::VOffsetT = 20;
   pub const VT_CACHE: ::flatbuffers::VOffsetT = 22;
+  pub const VT_POLICY: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -423,6 +526,7 @@ impl<'a> Request<'a> {
     builder.add_rows(args.rows);
     builder.add_version(args.version);
     if let Some(x) = args.target { builder.add_target(x); }
+    builder.add_policy(args.policy);
     builder.add_cache(args.cache);
     builder.add_dtype(args.dtype);
     builder.finish()
@@ -510,6 +614,14 @@ impl<'a> Request<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<CacheControl>(Request::VT_CACHE, Some(CacheControl::Use)).unwrap()}
   }
+  /// Member selection for an ensemble request (docs/SELECTION.md).
+  #[inline]
+  pub fn policy(&self) -> Policy {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Policy>(Request::VT_POLICY, Some(Policy::Default)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -528,6 +640,7 @@ impl ::flatbuffers::Verifiable for Request<'_> {
      .visit_field::<u64>("deadline_us", Self::VT_DEADLINE_US, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("domain", Self::VT_DOMAIN, false)?
      .visit_field::<CacheControl>("cache", Self::VT_CACHE, false)?
+     .visit_field::<Policy>("policy", Self::VT_POLICY, false)?
      .finish();
     Ok(())
   }
@@ -543,6 +656,7 @@ pub struct RequestArgs<'a> {
     pub deadline_us: u64,
     pub domain: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub cache: CacheControl,
+    pub policy: Policy,
 }
 impl<'a> Default for RequestArgs<'a> {
   #[inline]
@@ -558,6 +672,7 @@ impl<'a> Default for RequestArgs<'a> {
       deadline_us: 0,
       domain: None,
       cache: CacheControl::Use,
+      policy: Policy::Default,
     }
   }
 }
@@ -608,6 +723,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RequestBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<CacheControl>(Request::VT_CACHE, cache, CacheControl::Use);
   }
   #[inline]
+  pub fn add_policy(&mut self, policy: Policy) {
+    self.fbb_.push_slot::<Policy>(Request::VT_POLICY, policy, Policy::Default);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     RequestBuilder {
@@ -635,6 +754,144 @@ impl ::core::fmt::Debug for Request<'_> {
       ds.field("deadline_us", &self.deadline_us());
       ds.field("domain", &self.domain());
       ds.field("cache", &self.cache());
+      ds.field("policy", &self.policy());
+      ds.finish()
+  }
+}
+pub enum FeedbackOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The true label of an earlier ensemble answer, for online learning.
+/// Answered with a Response (no output): OK, or NOT_FOUND when the ticket is
+/// unknown, expired, or was issued by another shard (send feedback on the
+/// connection that got the answer).
+pub struct Feedback<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Feedback<'a> {
+  type Inner = Feedback<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Feedback<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TICKET: ::flatbuffers::VOffsetT = 6;
+  pub const VT_LABEL: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Feedback { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args FeedbackArgs
+  ) -> ::flatbuffers::WIPOffset<Feedback<'bldr>> {
+    let mut builder = FeedbackBuilder::new(_fbb);
+    builder.add_ticket(args.ticket);
+    builder.add_id(args.id);
+    builder.add_label(args.label);
+    builder.finish()
+  }
+
+
+  /// Echoed in the Response, like a request id.
+  #[inline]
+  pub fn id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Feedback::VT_ID, Some(0)).unwrap()}
+  }
+  /// `Response.ticket` of the answer this is about.
+  #[inline]
+  pub fn ticket(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Feedback::VT_TICKET, Some(0)).unwrap()}
+  }
+  /// The true class of the answer's first row.
+  #[inline]
+  pub fn label(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Feedback::VT_LABEL, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Feedback<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("id", Self::VT_ID, false)?
+     .visit_field::<u64>("ticket", Self::VT_TICKET, false)?
+     .visit_field::<u32>("label", Self::VT_LABEL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct FeedbackArgs {
+    pub id: u64,
+    pub ticket: u64,
+    pub label: u32,
+}
+impl<'a> Default for FeedbackArgs {
+  #[inline]
+  fn default() -> Self {
+    FeedbackArgs {
+      id: 0,
+      ticket: 0,
+      label: 0,
+    }
+  }
+}
+
+pub struct FeedbackBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FeedbackBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u64) {
+    self.fbb_.push_slot::<u64>(Feedback::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_ticket(&mut self, ticket: u64) {
+    self.fbb_.push_slot::<u64>(Feedback::VT_TICKET, ticket, 0);
+  }
+  #[inline]
+  pub fn add_label(&mut self, label: u32) {
+    self.fbb_.push_slot::<u32>(Feedback::VT_LABEL, label, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FeedbackBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    FeedbackBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Feedback<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Feedback<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Feedback");
+      ds.field("id", &self.id());
+      ds.field("ticket", &self.ticket());
+      ds.field("label", &self.label());
       ds.finish()
   }
 }
@@ -797,6 +1054,7 @@ impl<'a> Response<'a> {
   pub const VT_CACHED: ::flatbuffers::VOffsetT = 22;
   pub const VT_PARTIAL: ::flatbuffers::VOffsetT = 24;
   pub const VT_RUNS: ::flatbuffers::VOffsetT = 26;
+  pub const VT_TICKET: ::flatbuffers::VOffsetT = 28;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -808,6 +1066,7 @@ impl<'a> Response<'a> {
     args: &'args ResponseArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Response<'bldr>> {
     let mut builder = ResponseBuilder::new(_fbb);
+    builder.add_ticket(args.ticket);
     builder.add_id(args.id);
     if let Some(x) = args.runs { builder.add_runs(x); }
     builder.add_total_us(args.total_us);
@@ -917,6 +1176,16 @@ impl<'a> Response<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Run>>>>(Response::VT_RUNS, None)}
   }
+  /// Names this answer in a later Feedback; 0 = not eligible (not an
+  /// ensemble, or answered from the cache). Unique per server run: the
+  /// shard index is in the top 16 bits.
+  #[inline]
+  pub fn ticket(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Response::VT_TICKET, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -937,6 +1206,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
      .visit_field::<bool>("cached", Self::VT_CACHED, false)?
      .visit_field::<bool>("partial", Self::VT_PARTIAL, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Run>>>>("runs", Self::VT_RUNS, false)?
+     .visit_field::<u64>("ticket", Self::VT_TICKET, false)?
      .finish();
     Ok(())
   }
@@ -954,6 +1224,7 @@ pub struct ResponseArgs<'a> {
     pub cached: bool,
     pub partial: bool,
     pub runs: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Run<'a>>>>>,
+    pub ticket: u64,
 }
 impl<'a> Default for ResponseArgs<'a> {
   #[inline]
@@ -971,6 +1242,7 @@ impl<'a> Default for ResponseArgs<'a> {
       cached: false,
       partial: false,
       runs: None,
+      ticket: 0,
     }
   }
 }
@@ -1029,6 +1301,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResponseBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Response::VT_RUNS, runs);
   }
   #[inline]
+  pub fn add_ticket(&mut self, ticket: u64) {
+    self.fbb_.push_slot::<u64>(Response::VT_TICKET, ticket, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ResponseBuilder {
@@ -1058,6 +1334,7 @@ impl ::core::fmt::Debug for Response<'_> {
       ds.field("cached", &self.cached());
       ds.field("partial", &self.partial());
       ds.field("runs", &self.runs());
+      ds.field("ticket", &self.ticket());
       ds.finish()
   }
 }
@@ -1140,6 +1417,21 @@ impl<'a> Message<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_feedback(&self) -> Option<Feedback<'a>> {
+    if self.body_type() == Body::Feedback {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Feedback::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Message<'_> {
@@ -1152,6 +1444,7 @@ impl ::flatbuffers::Verifiable for Message<'_> {
         match key {
           Body::Request => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Request>>("Body::Request", pos),
           Body::Response => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Response>>("Body::Response", pos),
+          Body::Feedback => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Feedback>>("Body::Feedback", pos),
           _ => Ok(()),
         }
      })?
@@ -1215,6 +1508,13 @@ impl ::core::fmt::Debug for Message<'_> {
         },
         Body::Response => {
           if let Some(x) = self.body_as_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Feedback => {
+          if let Some(x) = self.body_as_feedback() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -66,6 +66,41 @@ pub enum CacheControl {
     Refresh,
 }
 
+/// Per-request member selection of an ensemble (`Default`: the ensemble's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[repr(u8)]
+pub enum PolicyOverride {
+    #[default]
+    Default = 0,
+    All = 1,
+    Cascade = 2,
+    Deadline = 3,
+    Bandit = 4,
+}
+
+impl PolicyOverride {
+    pub const ALL: [PolicyOverride; 5] = [
+        PolicyOverride::Default,
+        PolicyOverride::All,
+        PolicyOverride::Cascade,
+        PolicyOverride::Deadline,
+        PolicyOverride::Bandit,
+    ];
+    pub fn from_wire(v: u8) -> Option<Self> {
+        Self::ALL.get(v as usize).copied()
+    }
+    /// Lower-case name, as in ensembles.toml ("default" for `Default`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyOverride::Default => "default",
+            PolicyOverride::All => "all",
+            PolicyOverride::Cascade => "cascade",
+            PolicyOverride::Deadline => "deadline",
+            PolicyOverride::Bandit => "bandit",
+        }
+    }
+}
+
 /// Element type of the input tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
@@ -124,6 +159,22 @@ pub struct RequestView<'a> {
     pub deadline_us: Option<u64>,
     pub domain: Option<&'a str>,
     pub cache: CacheControl,
+    pub policy: PolicyOverride,
+}
+
+/// A verified feedback message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedbackView {
+    pub id: u64,
+    pub ticket: u64,
+    pub label: u32,
+}
+
+/// What a client may send.
+#[derive(Debug, Clone, Copy)]
+pub enum Incoming<'a> {
+    Request(RequestView<'a>),
+    Feedback(FeedbackView),
 }
 
 impl RequestView<'_> {
@@ -177,6 +228,8 @@ pub struct ResponseHeader<'a> {
     /// Some ensemble members were cut off (straggler/deadline); output is
     /// combined from those that ran.
     pub partial: bool,
+    /// Names this answer in a later feedback message; 0 = none.
+    pub ticket: u64,
 }
 
 /// What a client sends.
@@ -190,6 +243,7 @@ pub struct RequestSpec<'a> {
     pub deadline_us: Option<u64>,
     pub domain: Option<&'a str>,
     pub cache: CacheControl,
+    pub policy: PolicyOverride,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -212,6 +266,7 @@ pub struct ResponseView<'a> {
     pub timings: Timings,
     pub cached: bool,
     pub partial: bool,
+    pub ticket: u64,
     /// (model, version, flops) per member that ran.
     pub runs: Vec<(&'a str, u32, u64)>,
 }
@@ -249,6 +304,24 @@ pub fn decode_request(body: &[u8]) -> Result<RequestView<'_>, DecodeError> {
     let req = verify(body)?
         .body_as_request()
         .ok_or(DecodeError::WrongKind)?;
+    request_view(req)
+}
+
+/// Decode and verify what a client sends: a request or a feedback message.
+pub fn decode_incoming(body: &[u8]) -> Result<Incoming<'_>, DecodeError> {
+    let msg = verify(body)?;
+    if let Some(req) = msg.body_as_request() {
+        return request_view(req).map(Incoming::Request);
+    }
+    let fb = msg.body_as_feedback().ok_or(DecodeError::WrongKind)?;
+    Ok(Incoming::Feedback(FeedbackView {
+        id: fb.id(),
+        ticket: fb.ticket(),
+        label: fb.label(),
+    }))
+}
+
+fn request_view(req: fb::Request<'_>) -> Result<RequestView<'_>, DecodeError> {
     let target = req.target().ok_or(DecodeError::Missing("target"))?;
     let input = req.input().ok_or(DecodeError::Missing("input"))?.bytes();
     // The verifier accepts any value of an enum's underlying type; an
@@ -264,6 +337,7 @@ pub fn decode_request(body: &[u8]) -> Result<RequestView<'_>, DecodeError> {
         fb::CacheControl::Refresh => CacheControl::Refresh,
         _ => return Err(DecodeError::Verify),
     };
+    let policy = PolicyOverride::from_wire(req.policy().0).ok_or(DecodeError::Verify)?;
     let (rows, cols) = (req.rows(), req.cols());
     if rows == 0 || cols == 0 || tensor_bytes(rows, cols, dtype.size()) != Some(input.len()) {
         return Err(DecodeError::Shape);
@@ -279,6 +353,7 @@ pub fn decode_request(body: &[u8]) -> Result<RequestView<'_>, DecodeError> {
         deadline_us: non_zero(req.deadline_us()),
         domain: req.domain().filter(|d| !d.is_empty()),
         cache,
+        policy,
     })
 }
 
@@ -315,6 +390,7 @@ pub fn decode_response(body: &[u8]) -> Result<ResponseView<'_>, DecodeError> {
         },
         cached: resp.cached(),
         partial: resp.partial(),
+        ticket: resp.ticket(),
         runs,
     })
 }
@@ -397,6 +473,7 @@ impl Encoder {
                 cached: h.cached,
                 partial: h.partial,
                 runs,
+                ticket: h.ticket,
             },
         );
         finish(fbb, fb::Body::Response, resp.as_union_value(), out);
@@ -430,9 +507,25 @@ impl Encoder {
                 deadline_us: r.deadline_us.unwrap_or(0),
                 domain,
                 cache,
+                policy: fb::Policy(r.policy as u8),
             },
         );
         finish(fbb, fb::Body::Request, req.as_union_value(), out);
+    }
+
+    /// Append a whole feedback frame (u32 LE length + body) to `out`.
+    pub fn feedback(&mut self, f: &FeedbackView, out: &mut Vec<u8>) {
+        let fbb = &mut self.fbb;
+        fbb.reset();
+        let m = fb::Feedback::create(
+            fbb,
+            &fb::FeedbackArgs {
+                id: f.id,
+                ticket: f.ticket,
+                label: f.label,
+            },
+        );
+        finish(fbb, fb::Body::Feedback, m.as_union_value(), out);
     }
 }
 

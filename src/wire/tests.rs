@@ -13,6 +13,7 @@ fn spec<'a>(input: Input<'a>, rows: u32, cols: u32) -> RequestSpec<'a> {
         deadline_us: None,
         domain: None,
         cache: CacheControl::Use,
+        policy: crate::wire::PolicyOverride::Default,
     }
 }
 
@@ -51,6 +52,7 @@ fn request_round_trip_f32_all_fields() {
             deadline_us: Some(1500),
             domain: Some("checkout"),
             cache,
+            policy: crate::wire::PolicyOverride::Default,
         };
         let mut out = vec![0xAA]; // appends, never overwrites
         enc.request(u64::MAX - 1, &r, &mut out);
@@ -138,6 +140,7 @@ fn response_round_trip_every_status() {
             },
             cached: i % 2 == 0,
             partial: i % 3 == 0,
+            ticket: 0,
         };
         enc.response(
             &h,
@@ -183,6 +186,7 @@ fn decode_request_rejects_response_and_vice_versa() {
         timings: Timings::default(),
         cached: false,
         partial: false,
+        ticket: 0,
     };
     Encoder::new().response(&h, &[], &[], &mut out);
     assert_eq!(
@@ -335,6 +339,7 @@ fn decode_rejects_every_truncation() {
         timings: Timings::default(),
         cached: true,
         partial: false,
+        ticket: 0,
     };
     Encoder::new().response(
         &h,
@@ -377,6 +382,7 @@ fn decode_never_panics_on_random_bytes() {
         timings: Timings::default(),
         cached: false,
         partial: true,
+        ticket: 0,
     };
     Encoder::new().response(
         &h,
@@ -406,180 +412,105 @@ fn decode_never_panics_on_random_bytes() {
         }
         let _ = decode_request(&buf);
         let _ = decode_response(&buf);
+        let _ = decode_incoming(&buf);
     }
 }
 
 #[test]
-fn check_frame_states() {
-    let max = 16;
-    assert_eq!(check_frame(&[], max), FrameCheck::Incomplete);
-    assert_eq!(check_frame(&[3, 0, 0], max), FrameCheck::Incomplete);
-    assert_eq!(
-        check_frame(&[3, 0, 0, 0, 1, 2], max),
-        FrameCheck::Incomplete
-    );
-    assert_eq!(
-        check_frame(&[3, 0, 0, 0, 1, 2, 3], max),
-        FrameCheck::Complete { body_len: 3 }
-    );
-    assert_eq!(
-        check_frame(&[3, 0, 0, 0, 1, 2, 3, 9], max),
-        FrameCheck::Complete { body_len: 3 }
-    );
-    assert_eq!(
-        check_frame(&[0, 0, 0, 0, 1], max),
-        FrameCheck::Invalid { declared: 0 }
-    );
-    assert_eq!(
-        check_frame(&[17, 0, 0, 0], max),
-        FrameCheck::Invalid { declared: 17 }
-    );
-    assert_eq!(check_frame(&[16, 0, 0, 0], max), FrameCheck::Incomplete);
-    assert_eq!(
-        check_frame(&[0xff; 4], max),
-        FrameCheck::Invalid { declared: u32::MAX }
-    );
-}
-
-#[test]
-fn frame_reader_reassembles_any_split() {
-    let mut enc = Encoder::new();
-    let mut stream = Vec::new();
-    let inputs: Vec<Vec<f32>> = (1..40)
-        .map(|n| (0..n * 50).map(|i| i as f32).collect())
-        .collect();
-    for (id, x) in inputs.iter().enumerate() {
-        enc.request(
-            id as u64,
-            &spec(Input::F32(x), 1, x.len() as u32),
-            &mut stream,
+fn policy_ticket_and_feedback_round_trip() {
+    let x = [0.5f32; 4];
+    for policy in PolicyOverride::ALL {
+        let f = encode_request(
+            3,
+            &RequestSpec {
+                policy,
+                ..spec(Input::F32(&x), 1, 4)
+            },
         );
-    }
-    let mut rng = StdRng::seed_from_u64(1);
-    for chunk_max in [1usize, 3, 7, 100, 4096, 1 << 20] {
-        // A small initial capacity forces growth and compaction.
-        let mut fr = FrameReader::with_capacity(MAX_FRAME_BYTES_DEFAULT, 16);
-        let mut rest = &stream[..];
-        let mut got = 0usize;
-        while !rest.is_empty() {
-            let n = rng.random_range(1..=chunk_max).min(rest.len());
-            if got % 2 == 0 {
-                fr.feed(&rest[..n]);
-            } else {
-                let mut src = &rest[..n];
-                while fr.read_from(&mut src).unwrap() > 0 {}
-            }
-            rest = &rest[n..];
-            while let Some(b) = fr.next_frame().unwrap() {
-                let v = decode_request(b).unwrap();
-                assert_eq!(v.id, got as u64);
-                assert_eq!(v.input, bytemuck::cast_slice::<f32, u8>(&inputs[got]));
-                got += 1;
-            }
+        assert_eq!(decode_request(body(&f)).unwrap().policy, policy);
+        match decode_incoming(body(&f)).unwrap() {
+            Incoming::Request(r) => assert_eq!((r.id, r.policy), (3, policy)),
+            other => panic!("{other:?}"),
         }
-        assert_eq!(got, inputs.len());
-        assert_eq!(fr.buffered(), 0);
     }
-}
-
-#[test]
-fn frame_reader_rejects_bad_lengths() {
-    let mut fr = FrameReader::new(8);
-    fr.feed(&9u32.to_le_bytes());
-    assert_eq!(
-        fr.next_frame(),
-        Err(FrameError {
-            declared: 9,
-            max_frame: 8
-        })
-    );
-    let mut fr = FrameReader::new(8);
-    fr.feed(&[0, 0, 0, 0]);
-    assert_eq!(
-        fr.next_frame(),
-        Err(FrameError {
-            declared: 0,
-            max_frame: 8
-        })
-    );
-    // The reader never grows past one frame for a caller that drains it.
-    let mut fr = FrameReader::with_capacity(8, 4);
-    fr.feed(&[8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
-    assert_eq!(fr.next_frame(), Ok(Some(&[1u8, 2, 3, 4, 5, 6, 7, 8][..])));
-    assert!(fr.capacity() <= 12);
-}
-
-#[test]
-fn encoder_reuse_does_not_grow() {
-    let mut enc = Encoder::new();
-    let x = [1f32; 64];
-    let mut out = Vec::with_capacity(1 << 16);
-    enc.request(1, &spec(Input::F32(&x), 8, 8), &mut out);
-    let first = out.clone();
-    let cap = out.capacity();
-    for _ in 0..100 {
-        out.clear();
-        enc.request(1, &spec(Input::F32(&x), 8, 8), &mut out);
+    let fb = FeedbackView {
+        id: 9,
+        ticket: (5 << 48) | 77,
+        label: 4,
+    };
+    let mut out = Vec::new();
+    Encoder::new().feedback(&fb, &mut out);
+    match decode_incoming(body(&out)).unwrap() {
+        Incoming::Feedback(got) => assert_eq!(got, fb),
+        other => panic!("{other:?}"),
     }
-    assert_eq!(out, first, "reused encoder must be deterministic");
-    assert_eq!(out.capacity(), cap);
+    // Feedback is not a request, nor a response.
+    assert_eq!(
+        decode_request(body(&out)).unwrap_err(),
+        DecodeError::WrongKind
+    );
+    assert!(decode_response(body(&out)).is_err());
+    let h = ResponseHeader {
+        id: 1,
+        status: Status::Ok,
+        message: "",
+        rows: 0,
+        cols: 0,
+        timings: Timings::default(),
+        cached: false,
+        partial: false,
+        ticket: u64::MAX - 3,
+    };
+    let mut r = Vec::new();
+    Encoder::new().response(&h, &[], &[], &mut r);
+    assert_eq!(decode_response(body(&r)).unwrap().ticket, u64::MAX - 3);
+    // A response is not something a client sends.
+    assert_eq!(
+        decode_incoming(body(&r)).unwrap_err(),
+        DecodeError::WrongKind
+    );
 }
 
-/// The worked example in docs/PROTOCOL.md. If this changes, update the doc.
 #[test]
-fn protocol_doc_hex_example() {
-    let frame = encode_request(
+fn unknown_policy_value_is_malformed() {
+    let x = [0.5f32; 4];
+    let with = |policy| {
+        encode_request(
+            3,
+            &RequestSpec {
+                policy,
+                ..spec(Input::F32(&x), 1, 4)
+            },
+        )
+    };
+    // Two encodings that differ only in the policy byte locate it.
+    let (mut g, h) = (with(PolicyOverride::Bandit), with(PolicyOverride::Cascade));
+    assert_eq!(g.len(), h.len());
+    let at = (0..g.len()).find(|&i| g[i] != h[i]).unwrap();
+    g[at] = 200;
+    assert_eq!(decode_request(body(&g)).unwrap_err(), DecodeError::Verify);
+}
+
+/// The worked example of docs/PROTOCOL.md: a request with the default
+/// policy encodes exactly as before the field existed (defaults are omitted).
+#[test]
+fn default_policy_keeps_the_documented_bytes() {
+    let hex = "60000000 0c000000 08000e00 07000800 08000000 00000001 18000000 00001200\
+               1c001400 04000000 08000c00 00001000 12000000 24000000 01000000 02000000\
+               0c000000 01000000 00000000 08000000 0000803f 00000040 04000000 64656d6f\
+               00000000";
+    let digits: Vec<u8> = hex.bytes().filter(u8::is_ascii_hexdigit).collect();
+    let want: Vec<u8> = digits
+        .chunks(2)
+        .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
+        .collect();
+    let x = [1.0f32, 2.0];
+    let got = encode_request(
         1,
         &RequestSpec {
             target: "demo",
-            version: None,
-            rows: 1,
-            cols: 2,
-            input: Input::F32(&[1.0, 2.0]),
-            deadline_us: None,
-            domain: None,
-            cache: CacheControl::Use,
+            ..spec(Input::F32(&x), 1, 2)
         },
     );
-    let hex: Vec<String> = frame
-        .chunks(16)
-        .enumerate()
-        .map(|(i, c)| {
-            let bytes: Vec<String> = c.iter().map(|b| format!("{b:02x}")).collect();
-            format!("{:04x}  {}", i * 16, bytes.join(" "))
-        })
-        .collect();
-    let hex = hex.join("\n");
-    println!("{hex}");
-    assert_eq!(hex, PROTOCOL_DOC_HEX.trim());
-}
-
-const PROTOCOL_DOC_HEX: &str = "
-0000  60 00 00 00 0c 00 00 00 08 00 0e 00 07 00 08 00
-0010  08 00 00 00 00 00 00 01 18 00 00 00 00 00 12 00
-0020  1c 00 14 00 04 00 00 00 08 00 0c 00 00 00 10 00
-0030  12 00 00 00 24 00 00 00 01 00 00 00 02 00 00 00
-0040  0c 00 00 00 01 00 00 00 00 00 00 00 08 00 00 00
-0050  00 00 80 3f 00 00 00 40 04 00 00 00 64 65 6d 6f
-0060  00 00 00 00
-";
-
-/// A frame written by tools/python/beast_client.py (flatbuffers PyPI
-/// builder, whose layout differs from Rust's): the server must read it.
-#[test]
-fn python_encoded_request_decodes() {
-    let hex = "78000000100000000000000008000a0009000400080000001c00000000011600280020001c0000001800140000001000080004001600000030000000fa00000000000000180000000200000001000000200000000500000000000000080000000000803f0000004002000000657500000400000064656d6f00000000";
-    let frame: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect();
-    let v = decode_request(body(&frame)).unwrap();
-    assert_eq!((v.id, v.target, v.rows, v.cols), (5, "demo", 1, 2));
-    assert_eq!(
-        (v.deadline_us, v.domain, v.dtype),
-        (Some(250), Some("eu"), DType::F32)
-    );
-    let mut x = [0f32; 2];
-    v.read_f32_into(&mut x);
-    assert_eq!(x, [1.0, 2.0]);
+    assert_eq!(got, want);
 }

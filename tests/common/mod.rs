@@ -57,6 +57,7 @@ pub fn test_repository(delay_us_slow: u64) -> Repository {
             members: vec!["a".into(), "b".into(), "c".into()],
             combiner: Combiner::Mean,
             weights: vec![],
+            selection: Default::default(),
         },
     );
     repo.ensembles.insert(
@@ -66,6 +67,7 @@ pub fn test_repository(delay_us_slow: u64) -> Repository {
             members: vec!["a".into(), "c".into()],
             combiner: Combiner::WeightedMean,
             weights: vec![1.0, 3.0],
+            selection: Default::default(),
         },
     );
     repo
@@ -125,6 +127,7 @@ pub fn spec<'a>(target: &'a str, rows: usize, width: usize, data: &'a [f32]) -> 
         deadline_us: None,
         domain: None,
         cache: CacheControl::Use,
+        policy: beast::wire::PolicyOverride::Default,
     }
 }
 

@@ -438,6 +438,7 @@ async fn run_conn(
                 deadline_us: None,
                 domain: None,
                 cache,
+                policy: beast::wire::PolicyOverride::Default,
             };
             let measured = intended >= measure_from;
             st.slots.borrow_mut()[slot] = Some((intended, now, measured, t));

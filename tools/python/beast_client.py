@@ -13,13 +13,15 @@ import sys
 
 import flatbuffers
 
-from beast.wire import Body, CacheControl, DType, Message, Request, Response, Status
+from beast.wire import Body, CacheControl, DType, Feedback, Message, Policy, Request, Response, Status
 
 STATUS_NAMES = {v: k for k, v in vars(Status.Status).items() if not k.startswith("_")}
 
 
-def encode_request(req_id, target, rows, cols, values, deadline_us=0, domain=None):
-    """One whole frame (u32 LE length + body) for f32 `values` (row-major)."""
+def encode_request(req_id, target, rows, cols, values, deadline_us=0, domain=None,
+                   policy=Policy.Policy.Default):
+    """One whole frame (u32 LE length + body) for f32 `values` (row-major).
+    `policy` overrides an ensemble's member selection (docs/SELECTION.md)."""
     b = flatbuffers.Builder(256)
     # Children first: flatbuffers builds back to front.
     target_off = b.CreateString(target)
@@ -36,10 +38,28 @@ def encode_request(req_id, target, rows, cols, values, deadline_us=0, domain=Non
     if domain_off is not None:
         Request.AddDomain(b, domain_off)
     Request.AddCache(b, CacheControl.CacheControl.Use)
+    Request.AddPolicy(b, policy)
     req = Request.End(b)
     Message.Start(b)
     Message.AddBodyType(b, Body.Body.Request)
     Message.AddBody(b, req)
+    b.Finish(Message.End(b))
+    body = b.Output()
+    return struct.pack("<I", len(body)) + body
+
+
+def encode_feedback(req_id, ticket, label):
+    """One whole frame: the true `label` of the answer that carried `ticket`.
+    Send it on the connection that got the answer (docs/PROTOCOL.md)."""
+    b = flatbuffers.Builder(64)
+    Feedback.Start(b)
+    Feedback.AddId(b, req_id)
+    Feedback.AddTicket(b, ticket)
+    Feedback.AddLabel(b, label)
+    fb = Feedback.End(b)
+    Message.Start(b)
+    Message.AddBodyType(b, Body.Body.Feedback)
+    Message.AddBody(b, fb)
     b.Finish(Message.End(b))
     body = b.Output()
     return struct.pack("<I", len(body)) + body
@@ -62,6 +82,8 @@ def decode_response(body):
         "output": list(struct.unpack("<%df" % (len(raw) // 4), raw)),
         "total_us": r.TotalUs(),
         "cached": r.Cached(),
+        "partial": r.Partial(),
+        "ticket": r.Ticket(),
         "runs": [(r.Runs(i).Model().decode(), r.Runs(i).Version()) for i in range(r.RunsLength())],
     }
 
@@ -117,6 +139,12 @@ def selftest():
     # And our own encoder produces a frame the same reader accepts.
     ours = encode_request(1, "demo", 1, 2, [1.0, 2.0])
     assert struct.unpack("<I", ours[:4])[0] == len(ours) - 4
+    fb = encode_feedback(9, (1 << 48) | 5, 3)
+    msg = Message.Message.GetRootAs(fb[4:], 0)
+    assert msg.BodyType() == Body.Body.Feedback
+    f = Feedback.Feedback()
+    f.Init(msg.Body().Bytes, msg.Body().Pos)
+    assert (f.Id(), f.Ticket(), f.Label()) == (9, (1 << 48) | 5, 3)
     print("selftest ok")
 
 

@@ -2,8 +2,9 @@
 
 # namespace: wire
 
-# Message kinds. Append only: Feedback and Stats come next.
+# Message kinds. Append only: Stats comes next.
 class Body(object):
     NONE = 0
     Request = 1
     Response = 2
+    Feedback = 3

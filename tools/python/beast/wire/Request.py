@@ -125,8 +125,16 @@ class Request(object):
             return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
         return 0
 
+    # Member selection for an ensemble request (docs/SELECTION.md).
+    # Request
+    def Policy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
+        return 0
+
 def RequestStart(builder):
-    builder.StartObject(10)
+    builder.StartObject(11)
 
 def Start(builder):
     RequestStart(builder)
@@ -196,6 +204,12 @@ def RequestAddCache(builder, cache):
 
 def AddCache(builder, cache):
     RequestAddCache(builder, cache)
+
+def RequestAddPolicy(builder, policy):
+    builder.PrependUint8Slot(10, policy, 0)
+
+def AddPolicy(builder, policy):
+    RequestAddPolicy(builder, policy)
 
 def RequestEnd(builder):
     return builder.EndObject()

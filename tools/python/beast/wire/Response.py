@@ -155,8 +155,18 @@ class Response(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(26))
         return o == 0
 
+    # Names this answer in a later Feedback; 0 = not eligible (not an
+    # ensemble, or answered from the cache). Unique per server run: the
+    # shard index is in the top 16 bits.
+    # Response
+    def Ticket(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(28))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def ResponseStart(builder):
-    builder.StartObject(12)
+    builder.StartObject(13)
 
 def Start(builder):
     ResponseStart(builder)
@@ -244,6 +254,12 @@ def ResponseStartRunsVector(builder, numElems):
 
 def StartRunsVector(builder, numElems):
     return ResponseStartRunsVector(builder, numElems)
+
+def ResponseAddTicket(builder, ticket):
+    builder.PrependUint64Slot(12, ticket, 0)
+
+def AddTicket(builder, ticket):
+    ResponseAddTicket(builder, ticket)
 
 def ResponseEnd(builder):
     return builder.EndObject()

@@ -1,0 +1,250 @@
+//! Feedback: the window of recent ensemble answers a later feedback
+//! message can name by ticket, and the learned state feedback updates
+//! (per-member, per-domain accuracy; the stacker's weights; the bandit's
+//! posteriors), with its persistence across restarts.
+//!
+//! Bounded: the window is a ring of `feedback_window` entries per shard
+//! with the members' first-row outputs in one flat buffer allocated at
+//! start-up; an entry is overwritten after `feedback_window` newer answers
+//! (its ticket then reads NOT_FOUND). Per shard, so lock-free.
+
+use super::bandit::Bandit;
+use super::stacker::Stacker;
+use super::{argmax, MemberSet};
+
+/// One answer in the window.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Entry {
+    pub ticket: u64,
+    pub plan: u16,
+    pub domain_slot: u16,
+    /// Members whose outputs are in the window (those that answered).
+    pub ran: MemberSet,
+    /// Bandit arm that chose the members, if the bandit did.
+    pub arm: Option<u8>,
+    /// The ensemble's answer (argmax of its first row).
+    pub answer: u16,
+    pub used: bool,
+}
+
+#[derive(Debug)]
+pub struct Window {
+    entries: Vec<Entry>,
+    /// `capacity × stride`: each member's first output row.
+    rows: Vec<f32>,
+    stride: usize,
+    /// Top 16 bits of every ticket this shard issues.
+    shard_bits: u64,
+    next: u64,
+}
+
+/// Ticket layout: shard index in the top 16 bits, a sequence number (from 1) below.
+pub const TICKET_SHARD_SHIFT: u32 = 48;
+
+impl Window {
+    /// `stride`: members × classes of the widest ensemble.
+    pub fn new(shard: usize, capacity: usize, stride: usize) -> Self {
+        let capacity = capacity.max(1);
+        Window {
+            entries: vec![Entry::default(); capacity],
+            rows: vec![0.0; capacity * stride],
+            stride,
+            shard_bits: (shard as u64 & 0xFFFF) << TICKET_SHARD_SHIFT,
+            next: 1,
+        }
+    }
+
+    /// Record an answer; `row(m)` is member m's first output row for each m
+    /// in `ran`. Returns the ticket.
+    pub fn push<'a>(&mut self, mut e: Entry, cols: usize, row: impl Fn(usize) -> &'a [f32]) -> u64 {
+        let seq = self.next;
+        self.next = (self.next + 1) & ((1 << TICKET_SHARD_SHIFT) - 1);
+        if self.next == 0 {
+            self.next = 1;
+        }
+        let i = (seq % self.entries.len() as u64) as usize;
+        e.ticket = self.shard_bits | seq;
+        e.used = false;
+        let base = i * self.stride;
+        for m in e.ran.iter() {
+            let at = base + m * cols;
+            if at + cols <= base + self.stride {
+                self.rows[at..at + cols].copy_from_slice(&row(m)[..cols]);
+            }
+        }
+        self.entries[i] = e;
+        e.ticket
+    }
+
+    /// The entry of `ticket` (and its rows), marked used; `None` if unknown,
+    /// expired or already used.
+    pub fn take(&mut self, ticket: u64) -> Option<(Entry, &[f32])> {
+        if ticket & !((1 << TICKET_SHARD_SHIFT) - 1) != self.shard_bits {
+            return None;
+        }
+        let i = ((ticket & ((1 << TICKET_SHARD_SHIFT) - 1)) % self.entries.len() as u64) as usize;
+        let e = &mut self.entries[i];
+        if e.ticket != ticket || e.used || ticket == 0 {
+            return None;
+        }
+        e.used = true;
+        let base = i * self.stride;
+        Some((*e, &self.rows[base..base + self.stride]))
+    }
+}
+
+impl Window {
+    /// Undo a `take` whose feedback was refused.
+    pub fn restore(&mut self, ticket: u64) {
+        let i = ((ticket & ((1 << TICKET_SHARD_SHIFT) - 1)) % self.entries.len() as u64) as usize;
+        if self.entries[i].ticket == ticket {
+            self.entries[i].used = false;
+        }
+    }
+}
+
+/// Right/total counts of one member in one domain.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Accuracy {
+    pub correct: f32,
+    pub total: f32,
+}
+
+impl Accuracy {
+    /// Posterior mean with a Beta(1, 1) prior, so an unseen member is 0.5.
+    pub fn mean(self) -> f32 {
+        (self.correct + 1.0) / (self.total + 2.0)
+    }
+}
+
+/// What one shard has learned about one ensemble.
+#[derive(Debug)]
+pub struct Learned {
+    pub members: usize,
+    pub cols: usize,
+    /// `[domain slot × members]`.
+    pub accuracy: Vec<Accuracy>,
+    pub stacker: Stacker,
+    pub bandit: Bandit,
+}
+
+impl Learned {
+    pub fn new(by_cost: &[u8], flops_row: &[u64], cols: usize, domains: usize) -> Self {
+        let members = flops_row.len();
+        Learned {
+            members,
+            cols,
+            accuracy: vec![Accuracy::default(); domains.max(1) * members],
+            stacker: Stacker::new(members, cols),
+            bandit: Bandit::new(by_cost, flops_row, domains),
+        }
+    }
+
+    pub fn accuracy(&self, slot: usize, m: usize) -> Accuracy {
+        self.accuracy[slot * self.members + m]
+    }
+
+    /// Apply one feedback: `rows` holds each member's first output row at
+    /// `m * cols`. Returns whether the ensemble's answer was right.
+    pub fn learn(&mut self, e: &Entry, rows: &[f32], label: usize) -> bool {
+        let cols = self.cols;
+        let slot = e.domain_slot as usize;
+        let row = |m: usize| &rows[m * cols..(m + 1) * cols];
+        for m in e.ran.iter() {
+            let a = &mut self.accuracy[slot * self.members + m];
+            a.total += 1.0;
+            a.correct += (argmax(row(m)) == label) as u8 as f32;
+        }
+        self.stacker
+            .update(label, e.ran.iter().map(|m| (m, row(m)[label])));
+        // Every arm whose members all answered learns whether its mean was right.
+        let mut mean = [0f32; 256];
+        let mean = &mut mean[..cols.min(256)];
+        for a in 0..self.bandit.arms.len() {
+            let set = self.bandit.arms[a];
+            if !set.is_subset(e.ran) || cols > 256 {
+                continue;
+            }
+            mean.iter_mut().for_each(|x| *x = 0.0);
+            for m in set.iter() {
+                for (x, p) in mean.iter_mut().zip(row(m)) {
+                    *x += p;
+                }
+            }
+            self.bandit.observe(slot, a, argmax(mean) == label);
+        }
+        e.answer as usize == label
+    }
+}
+
+/// Fingerprint of a member (name and version): learned state about a
+/// member is kept across restarts only while this matches.
+pub fn member_fingerprint(name: &str, version: u32) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    h.update(name.as_bytes());
+    h.update(&version.to_le_bytes());
+    h.digest()
+}
+
+/// The text state file of one shard: one line per learned number group.
+///
+/// ```text
+/// acc   <ensemble> <domain_hash> <member_fp> <correct> <total>
+/// arm   <ensemble> <domain_hash> <arm_fp> <alpha> <beta>
+/// stack <ensemble> <member_fp> <w0> <w1> ...
+/// ```
+/// `arm_fp` is the xor of its members' fingerprints. Lines whose
+/// fingerprint no longer matches (a member's version changed) are dropped.
+pub fn state_path(base: &std::path::Path, shard: usize) -> std::path::PathBuf {
+    let mut s = base.as_os_str().to_owned();
+    s.push(format!(".{shard}"));
+    s.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_expire_and_are_used_once() {
+        let mut w = Window::new(3, 2, 4);
+        let e = Entry {
+            ran: MemberSet(0b11),
+            answer: 1,
+            ..Default::default()
+        };
+        let rows = [[0.2f32, 0.8], [0.6, 0.4]];
+        let t1 = w.push(e, 2, |m| &rows[m]);
+        assert_eq!(t1 >> TICKET_SHARD_SHIFT, 3);
+        let (got, r) = w.take(t1).unwrap();
+        assert_eq!(got.answer, 1);
+        assert_eq!(r, &[0.2, 0.8, 0.6, 0.4]);
+        assert!(w.take(t1).is_none(), "used once");
+        let t2 = w.push(e, 2, |m| &rows[m]);
+        let _t3 = w.push(e, 2, |m| &rows[m]);
+        let _t4 = w.push(e, 2, |m| &rows[m]);
+        assert!(w.take(t2).is_none(), "overwritten");
+        assert!(w.take(0).is_none());
+        assert!(
+            w.take((4 << TICKET_SHARD_SHIFT) | 4).is_none(),
+            "other shard"
+        );
+    }
+
+    #[test]
+    fn learning_counts_members_and_arms() {
+        let mut l = Learned::new(&[0, 1], &[1, 2], 2, 1);
+        let e = Entry {
+            ran: MemberSet(0b11),
+            answer: 1,
+            ..Default::default()
+        };
+        let rows = [0.2, 0.8, 0.6, 0.4];
+        assert!(l.learn(&e, &rows, 1));
+        assert_eq!(l.accuracy(0, 0).correct, 1.0);
+        assert_eq!(l.accuracy(0, 1).correct, 0.0);
+        assert_eq!(l.bandit.posterior(0, 0), (2.0, 1.0)); // member 0 alone: right
+        assert_eq!(l.bandit.posterior(0, 1), (1.0, 2.0)); // member 1 alone: wrong
+        assert_eq!(l.bandit.posterior(0, 2), (2.0, 1.0)); // mean (0.4, 0.6): right
+    }
+}
