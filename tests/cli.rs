@@ -48,9 +48,11 @@ fn serve(
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut log = Vec::new();
     loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("server did not start; log: {log:#?}"));
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("server did not start; log: {log:#?}");
+        };
         if let Some(rest) = line.split("listening on ").nth(1) {
             let addr = rest.split_whitespace().next().unwrap().to_string();
             return (child, addr, rx);
