@@ -389,7 +389,7 @@ impl Shard {
                         ),
                     );
                 };
-                if !self.read_input(conn, &req, self.slots[slot].model.input_width, arrival) {
+                if !self.check_width(conn, &req, self.slots[slot].model.input_width, arrival) {
                     return;
                 }
                 self.submit_model(conn, &req, slot, arrival);
@@ -405,7 +405,7 @@ impl Shard {
                         arrival,
                     );
                 }
-                if !self.read_input(conn, &req, self.plans[*p].input_width, arrival) {
+                if !self.check_width(conn, &req, self.plans[*p].input_width, arrival) {
                     return;
                 }
                 self.submit_ensemble(conn, &req, *p, arrival);
@@ -413,9 +413,9 @@ impl Shard {
         }
     }
 
-    /// Check the width and convert the input into `scratch`; answers the
-    /// error and returns false when the input is unusable.
-    fn read_input(
+    /// Check the request's width against the target's; answers the error
+    /// and returns false when they differ.
+    fn check_width(
         &self,
         conn: &Conn,
         req: &RequestView<'_>,
@@ -435,6 +435,15 @@ impl Shard {
             );
             return false;
         }
+        true
+    }
+
+    /// Convert the input into `scratch` and check it is finite; answers the
+    /// error and returns false when it is not. Called only once the cache
+    /// has missed: an answer in the cache was computed from these very
+    /// bytes, which were checked then, so a hit skips the conversion.
+    fn read_input(&self, conn: &Conn, req: &RequestView<'_>, arrival: Instant) -> bool {
+        let width = req.cols as usize;
         let mut scratch = self.scratch.borrow_mut();
         let n = req.rows as usize * width;
         scratch.resize(n, 0.0);
@@ -506,6 +515,13 @@ impl Shard {
                     Extra::default(),
                 );
             }
+        }
+        // Before joining: a request refused here must not leave a leader
+        // entry behind (nothing can join in between on this thread).
+        if !self.read_input(conn, req, arrival) {
+            return;
+        }
+        if let (Some(k), CacheControl::Use) = (key, req.cache) {
             match self
                 .cache
                 .join(&self.metrics, k, conn, req.id, arrival, deadline)
@@ -654,6 +670,9 @@ impl Shard {
                     Extra::default(),
                 );
             }
+        }
+        if !self.read_input(conn, req, arrival) {
+            return;
         }
         let mut pending = self.pending.borrow_mut();
         let Some(k) = pending.acquire() else {
