@@ -361,9 +361,15 @@ fn promtool_accepts_the_exposition() {
         eprintln!("==================================================================\n");
         return;
     }
-    let server = start_server();
+    // With an L2 file, so its metrics are linted too.
+    let mut cfg = test_config();
+    cfg.cache.l2_path = temp_dir("promtool").join("l2.cache");
+    cfg.cache.l2_bytes = 1 << 20;
+    let server = start_with(cfg, test_repository(300_000));
     send_mix(server.addr);
     let (_, text) = fetch(server.admin_addr.unwrap(), "/metrics");
+    assert!(text.contains("beast_cache_l2_slots 8160"), "{text}");
+    assert!(text.contains("beast_cache_l2_entries "), "{text}");
     let mut child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -358,3 +358,62 @@ mod tests {
         assert_eq!(le(16, 1.0), "16");
     }
 }
+
+/// The shared L2 cache file's own counters and occupancy (read by the admin
+/// thread from the file's atomics; `occupancy` scans the slots).
+pub fn render_l2(out: &mut String, s: &crate::cache::L2Stats) {
+    let rows: [(&str, &str, &str, u64); 8] = [
+        (
+            "beast_cache_l2_evictions_total",
+            "counter",
+            "L2 inserts that replaced a live entry of another key.",
+            s.evictions,
+        ),
+        (
+            "beast_cache_l2_checksum_failures_total",
+            "counter",
+            "L2 slots whose checksum failed (torn by a crash or corrupted); never served.",
+            s.checksum_failures,
+        ),
+        (
+            "beast_cache_l2_torn_read_retries_total",
+            "counter",
+            "L2 reads retried because a writer was in the slot.",
+            s.torn_read_retries,
+        ),
+        (
+            "beast_cache_l2_expired_total",
+            "counter",
+            "L2 entries found past their TTL (answered as a miss).",
+            s.expired,
+        ),
+        (
+            "beast_cache_l2_insert_contended_total",
+            "counter",
+            "L2 inserts dropped because every candidate slot was being written.",
+            s.insert_contended,
+        ),
+        (
+            "beast_cache_l2_purged_total",
+            "counter",
+            "L2 entries removed by purges.",
+            s.purged,
+        ),
+        (
+            "beast_cache_l2_entries",
+            "gauge",
+            "Live entries in the L2 file.",
+            s.occupancy,
+        ),
+        (
+            "beast_cache_l2_slots",
+            "gauge",
+            "Slots in the L2 file.",
+            s.capacity,
+        ),
+    ];
+    for (name, kind, help, v) in rows {
+        header(out, name, kind, help);
+        sample(out, name, &[], v);
+    }
+}

@@ -259,11 +259,13 @@ fn purge(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
 
 fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
     match r.path {
-        "/metrics" => (
-            200,
-            metrics::prometheus::CONTENT_TYPE,
-            metrics::prometheus::render(&st.metrics, &info(st)),
-        ),
+        "/metrics" => {
+            let mut text = metrics::prometheus::render(&st.metrics, &info(st));
+            if let Some(l2) = &st.cache.l2 {
+                metrics::prometheus::render_l2(&mut text, &l2.stats());
+            }
+            (200, metrics::prometheus::CONTENT_TYPE, text)
+        }
         "/healthz" => (200, "text/plain", "ok\n".into()),
         "/readyz" => {
             if st.stop.load(Ordering::Relaxed) {
