@@ -176,6 +176,24 @@ impl Client {
     /// Send without waiting.
     pub fn send(&self, req: &RequestSpec<'_>) -> Result<Pending, ClientError> {
         check_spec(req)?;
+        self.send_frame(|enc, id, buf| encode_request_frame(enc, id, req, buf))
+    }
+
+    /// Tell the server the true class of an earlier ensemble answer (its
+    /// first row), by the answer's `ticket`. Tickets belong to the shard
+    /// that answered: send feedback on the same connection (another
+    /// connection may land on another shard and get NOT_FOUND).
+    pub fn feedback(&self, ticket: u64, label: u32) -> Result<(), ClientError> {
+        self.send_frame(|enc, id, buf| enc.feedback(&FeedbackView { id, ticket, label }, buf))?
+            .wait()
+            .map(|_| ())
+    }
+
+    /// Register a fresh id, encode one frame with it and write it.
+    fn send_frame(
+        &self,
+        encode: impl FnOnce(&mut Encoder, u64, &mut Vec<u8>),
+    ) -> Result<Pending, ClientError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = sync_channel(1);
         {
@@ -194,7 +212,7 @@ impl Client {
         let mut w = lock(&self.shared.writer);
         let Writer { stream, enc, buf } = &mut *w;
         buf.clear();
-        encode_request_frame(enc, id, req, buf);
+        encode(enc, id, buf);
         if let Err(e) = stream.write_all(buf) {
             drop(w);
             // Wake the reader so every other request learns it too.
@@ -202,39 +220,6 @@ impl Client {
             return Err(closed(&format!("write failed: {e}")));
         }
         Ok(pending)
-    }
-
-    /// Tell the server the true class of an earlier ensemble answer (its
-    /// first row), by the answer's `ticket`. Tickets belong to the shard
-    /// that answered: send feedback on the same connection (another
-    /// connection may land on another shard and get NOT_FOUND).
-    pub fn feedback(&self, ticket: u64, label: u32) -> Result<(), ClientError> {
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = sync_channel(1);
-        {
-            let mut slots = lock(&self.shared.pending);
-            if let Some(reason) = &slots.closed {
-                return Err(ClientError::Closed(reason.clone()));
-            }
-            slots.waiting.insert(id, tx);
-        }
-        let pending = Pending {
-            id,
-            rx,
-            shared: self.shared.clone(),
-        };
-        {
-            let mut w = lock(&self.shared.writer);
-            let Writer { stream, enc, buf } = &mut *w;
-            buf.clear();
-            enc.feedback(&FeedbackView { id, ticket, label }, buf);
-            if let Err(e) = stream.write_all(buf) {
-                drop(w);
-                let _ = self.stream.shutdown(Shutdown::Both);
-                return Err(closed(&format!("write failed: {e}")));
-            }
-        }
-        pending.wait().map(|_| ())
     }
 
     /// Send and wait.

@@ -1126,16 +1126,8 @@ impl Shard {
                         };
                         self.release_waiters(k, ok, false, q.rows, out_w, out, &runs, t, now);
                     }
-                    if !ok {
-                        self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
-                    } else if deadline.is_some_and(|d| now > d) {
-                        self.respond_error(
-                            &conn,
-                            id,
-                            Status::DeadlineExceeded,
-                            "deadline passed before the answer was ready",
-                            arrival,
-                        );
+                    if let Some((status, message)) = refusal(ok, deadline, now) {
+                        self.respond_error(&conn, id, status, message, arrival);
                     } else {
                         let t = Timings {
                             queue_us,
@@ -1197,16 +1189,8 @@ impl Shard {
         let mut co = self.cache.coalescer.borrow_mut();
         for w in co.complete(key) {
             w.conn.in_flight.set(w.conn.in_flight.get() - 1);
-            if !ok {
-                self.respond_error(&w.conn, w.id, Status::Internal, "backend failed", w.arrival);
-            } else if w.deadline.is_some_and(|d| now > d) {
-                self.respond_error(
-                    &w.conn,
-                    w.id,
-                    Status::DeadlineExceeded,
-                    "deadline passed before the answer was ready",
-                    w.arrival,
-                );
+            if let Some((status, message)) = refusal(ok, w.deadline, now) {
+                self.respond_error(&w.conn, w.id, status, message, w.arrival);
             } else {
                 self.respond_ok(
                     &w.conn,
@@ -1347,24 +1331,17 @@ impl Shard {
             let ok = !failed && !late;
             self.release_waiters(key, ok, partial, rows, out_w, combined, &runs[..n], t, now);
         }
-        if failed {
-            self.respond_error(&conn, id, Status::Internal, "backend failed", arrival);
-        } else if late {
-            self.respond_error(
-                &conn,
-                id,
+        // A partial answer is the deadline's own answer: it is not late.
+        let refused = if late && !failed {
+            Some((
                 Status::DeadlineExceeded,
                 "deadline passed before any member answered",
-                arrival,
-            );
-        } else if !partial && deadline.is_some_and(|d| now > d) {
-            self.respond_error(
-                &conn,
-                id,
-                Status::DeadlineExceeded,
-                "deadline passed before the answer was ready",
-                arrival,
-            );
+            ))
+        } else {
+            refusal(!failed, deadline.filter(|_| !partial), now)
+        };
+        if let Some((status, message)) = refused {
+            self.respond_error(&conn, id, status, message, arrival);
         } else {
             self.respond_ok(
                 &conn,
@@ -1502,6 +1479,21 @@ impl Shard {
         if let Err(e) = r {
             eprintln!("beast: shard {}: saving selection state: {e}", self.id);
         }
+    }
+}
+
+/// Why a computed answer cannot go out as OK: the backend failed, or the
+/// request's deadline passed while it was computed.
+fn refusal(ok: bool, deadline: Option<Instant>, now: Instant) -> Option<(Status, &'static str)> {
+    if !ok {
+        Some((Status::Internal, "backend failed"))
+    } else if deadline.is_some_and(|d| now > d) {
+        Some((
+            Status::DeadlineExceeded,
+            "deadline passed before the answer was ready",
+        ))
+    } else {
+        None
     }
 }
 
