@@ -339,26 +339,6 @@ pub fn render(shards: &[Arc<ShardMetrics>], info: &Info) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escapes_label_values() {
-        let mut s = String::new();
-        escape_label("a\"b\\c\nd", &mut s);
-        assert_eq!(s, "a\\\"b\\\\c\\nd");
-    }
-
-    #[test]
-    fn le_labels() {
-        assert_eq!(le(250, 1e6), "0.00025");
-        assert_eq!(le(1_000_000, 1e6), "1");
-        assert_eq!(le(10, 1e6), "0.00001");
-        assert_eq!(le(16, 1.0), "16");
-    }
-}
-
 /// The shared L2 cache file's own counters and occupancy (read by the admin
 /// thread from the file's atomics; `occupancy` scans the slots).
 pub fn render_l2(out: &mut String, s: &crate::cache::L2Stats) {
@@ -415,5 +395,25 @@ pub fn render_l2(out: &mut String, s: &crate::cache::L2Stats) {
     for (name, kind, help, v) in rows {
         header(out, name, kind, help);
         sample(out, name, &[], v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_label_values() {
+        let mut s = String::new();
+        escape_label("a\"b\\c\nd", &mut s);
+        assert_eq!(s, "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn le_labels() {
+        assert_eq!(le(250, 1e6), "0.00025");
+        assert_eq!(le(1_000_000, 1e6), "1");
+        assert_eq!(le(10, 1e6), "0.00001");
+        assert_eq!(le(16, 1.0), "16");
     }
 }
