@@ -168,6 +168,16 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
         None => None,
     };
     let stop_admin = |admin: Option<admin::Admin>| admin.map(admin::Admin::shutdown);
+    let io_memory = io_memory_per_shard(cfg.io_memory_bytes, cpus.len(), memlock_limit());
+    if io_memory < cfg.io_memory_bytes {
+        eprintln!(
+            "beast: io_memory {} KiB per shard instead of {} KiB: {} shards must fit the memlock limit of {} KiB",
+            io_memory >> 10,
+            cfg.io_memory_bytes >> 10,
+            cpus.len(),
+            memlock_limit().unwrap_or(0) >> 10
+        );
+    }
     let mut selection = Vec::new();
     for (id, &cpu) in cpus.iter().enumerate() {
         let m = metrics[id].clone();
@@ -194,7 +204,7 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
         };
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("beast-shard-{id}"))
-            .io_memory(cfg.io_memory_bytes);
+            .io_memory(io_memory);
         let spawned = builder.spawn(move || async move {
             run_shard(start).await;
         });
@@ -363,5 +373,49 @@ async fn run_shard(start: ShardStart) {
             shard.id,
             Rc::strong_count(&shard) - 1
         );
+    }
+}
+
+/// The soft RLIMIT_MEMLOCK in bytes; `None` when unlimited or unknown.
+fn memlock_limit() -> Option<usize> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0
+        || r.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(r.rlim_cur as usize)
+}
+
+/// glommio registers each shard's I/O memory with io_uring, which a
+/// non-root user pays for out of RLIMIT_MEMLOCK (8 MiB by default). Keep
+/// the shards together under half the limit (the rest is left for the
+/// rings and anything else locked), never below glommio's 64 KiB minimum.
+fn io_memory_per_shard(wanted: usize, shards: usize, limit: Option<usize>) -> usize {
+    match limit {
+        None => wanted,
+        Some(limit) => wanted.min((limit / 2) / shards.max(1)).max(64 << 10),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::io_memory_per_shard;
+
+    #[test]
+    fn io_memory_fits_the_memlock_limit() {
+        let mib = 1 << 20;
+        // 2 shards of 512 KiB fit half of 8 MiB: unchanged.
+        assert_eq!(io_memory_per_shard(512 << 10, 2, Some(8 * mib)), 512 << 10);
+        // 64 shards share 4 MiB: 64 KiB each.
+        assert_eq!(io_memory_per_shard(512 << 10, 64, Some(8 * mib)), 64 << 10);
+        // 16 shards: 256 KiB each.
+        assert_eq!(io_memory_per_shard(512 << 10, 16, Some(8 * mib)), 256 << 10);
+        // Unlimited (root, or raised limit): as configured.
+        assert_eq!(io_memory_per_shard(4 * mib, 64, None), 4 * mib);
     }
 }
