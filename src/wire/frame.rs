@@ -32,7 +32,7 @@ pub fn check_frame(buf: &[u8], max_frame: usize) -> FrameCheck {
     }
 }
 
-/// Default largest frame body; the server's `max_frame_bytes` overrides it.
+/// Default largest frame body; the server's `frame_bytes_max` overrides it.
 pub const MAX_FRAME_BYTES_DEFAULT: usize = 4 << 20;
 
 /// The stream declared a frame length of zero or over the limit. The stream
