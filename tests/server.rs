@@ -409,3 +409,51 @@ fn a_port_in_use_is_refused() {
     assert!(err.contains("listen"), "{err}");
     server.shutdown();
 }
+
+#[test]
+fn a_peer_that_resets_with_requests_in_flight_frees_its_connection() {
+    // The write of one answer fails (the peer reset), another answer is
+    // still in flight: when it came, the dead connection's writer was never
+    // woken again, so the connection (and its slot) leaked forever.
+    let mut repo = test_repository(300_000);
+    let mut slower = beast::model::Model::random(
+        "slower",
+        &[WIDTH, 8, CLASSES],
+        beast::model::Activation::Relu,
+        beast::model::OutputTransform::Softmax,
+        9,
+    );
+    slower.batch = beast::model::BatchLimits {
+        max_batch: 16,
+        max_queue_delay_us: 900_000,
+        queue_rows_max: 64,
+    };
+    repo.models
+        .insert("slower".into(), vec![std::sync::Arc::new(slower)]);
+    let mut cfg = test_config();
+    cfg.connections_per_shard_max = 1;
+    let server = start_with(cfg, repo);
+    let mut raw = Raw::connect(server.addr);
+    let x = rows(3, 1, WIDTH);
+    raw.send(1, &spec("slow", 1, WIDTH, &x));
+    raw.send(2, &spec("slower", 1, WIDTH, &x));
+    raw.send(3, &spec("a", 1, WIDTH, &x));
+    assert_eq!(raw.recv().id, 3);
+    // Reset: SO_LINGER 0, then close.
+    socket2::SockRef::from(&raw.s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(raw);
+    // Both slow answers have come (and gone nowhere) by then.
+    std::thread::sleep(Duration::from_millis(1500));
+    let client = Client::connect(server.addr).unwrap();
+    let r = client.predict(&spec("a", 1, WIDTH, &x));
+    assert!(r.is_ok(), "the only connection slot is free again: {r:?}");
+    drop(client);
+    let t0 = Instant::now();
+    server.shutdown();
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "no connection left open"
+    );
+}

@@ -281,6 +281,9 @@ impl Shard {
         self.metrics
             .record_response(id, status, arrival, total_us, 0, 0);
         if conn.dead.get() {
+            // The writer of a dead connection waits for the last answer in
+            // flight to exit: wake it even though nothing is written.
+            conn.writer_wake.notify();
             return;
         }
         let h = ResponseHeader {
@@ -1378,6 +1381,9 @@ impl Shard {
         self.metrics
             .record_response(id, Status::Ok, arrival, total_us, t.queue_us, t.compute_us);
         if conn.dead.get() {
+            // The writer of a dead connection waits for the last answer in
+            // flight to exit: wake it even though nothing is written.
+            conn.writer_wake.notify();
             return;
         }
         let h = ResponseHeader {
