@@ -567,7 +567,9 @@ fn trace_windows_cannot_starve_scrapes() {
     for t in traces {
         match t.join().unwrap() {
             Ok((200, _)) => {}
-            Ok((503, _)) => busy += 1,
+            // Refused (by the handler, or at accept when every handler is
+            // momentarily busy reading heads: then the reset may win).
+            Ok((503, _)) | Err(_) => busy += 1,
             other => panic!("trace: {other:?}"),
         }
     }
