@@ -457,3 +457,45 @@ fn a_peer_that_resets_with_requests_in_flight_frees_its_connection() {
         "no connection left open"
     );
 }
+
+/// Resident set size of this process, bytes.
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn a_declared_frame_length_alone_does_not_allocate_the_frame() {
+    // Four bytes declaring a large frame made the connection allocate (and
+    // zero) the whole frame at once: a few bytes per connection pinned
+    // `frame_bytes_max` of memory each.
+    let mut cfg = test_config();
+    cfg.frame_bytes_max = 32 << 20;
+    cfg.write_buffer_bytes_max = 32 << 20;
+    // The 1000-row request below must grow the read buffer.
+    cfg.read_buffer_bytes = 4096;
+    let server = start_with(cfg, test_repository(300_000));
+    let before = rss_bytes();
+    let conns: Vec<Raw> = (0..16)
+        .map(|_| {
+            let mut r = Raw::connect(server.addr);
+            r.send_bytes(&((32u32 << 20) - 1).to_le_bytes());
+            r
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 128 << 20,
+        "16 connections that sent 4 bytes each grew RSS by {} MiB",
+        grown >> 20
+    );
+    // A real large frame still goes through.
+    let x = rows(8, 1000, WIDTH);
+    let client = beast::client::Client::connect(server.addr).unwrap();
+    let r = client.predict(&spec("a", 1000, WIDTH, &x)).unwrap();
+    assert_eq!(r.outputs.len(), 1000 * CLASSES);
+    drop(conns);
+    server.shutdown();
+}
