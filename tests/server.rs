@@ -499,3 +499,36 @@ fn a_declared_frame_length_alone_does_not_allocate_the_frame() {
     drop(conns);
     server.shutdown();
 }
+
+#[test]
+fn a_cut_off_ensemble_request_does_not_fail_identical_ones_without_a_deadline() {
+    // Identical ensemble requests wait on the first (coalescing). When the
+    // first had a deadline and the straggler cutoff answered it before any
+    // member did, every request waiting on it got INTERNAL ("backend
+    // failed"), even ones from other clients with no deadline at all.
+    let mut repo = test_repository(300_000);
+    repo.ensembles.insert(
+        "sens".into(),
+        beast::model::EnsembleSpec {
+            name: "sens".into(),
+            members: vec!["slow".into(), "a".into()],
+            combiner: beast::model::Combiner::Mean,
+            weights: vec![],
+            selection: Default::default(),
+        },
+    );
+    let server = start_with(test_config(), repo);
+    let x = rows(77, 1, WIDTH);
+    let mut hasty = Raw::connect(server.addr);
+    let mut s = spec("sens", 1, WIDTH, &x);
+    s.deadline_us = Some(1);
+    hasty.send(1, &s);
+    let mut patient = Raw::connect(server.addr);
+    patient.send(2, &spec("sens", 1, WIDTH, &x));
+    let r = hasty.recv();
+    assert_eq!(r.status, Status::DeadlineExceeded, "{}", r.message);
+    let r = patient.recv();
+    assert_eq!((r.id, r.status), (2, Status::Ok), "{}", r.message);
+    assert_eq!(r.runs.len(), 2, "a full answer, not a cut-off one");
+    server.shutdown();
+}

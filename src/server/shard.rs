@@ -690,7 +690,10 @@ impl Shard {
             );
         };
         drop(pending);
-        if let (Some(key), CacheControl::Use) = (key, req.cache) {
+        // A request with a deadline may be cut off (partial, or no answer
+        // at all): it neither leads nor joins, so requests identical but
+        // for the deadline never get its cut-off answer.
+        if let (Some(key), CacheControl::Use, None) = (key, req.cache, deadline) {
             match self
                 .cache
                 .join(&self.metrics, key, conn, req.id, arrival, deadline)
