@@ -532,3 +532,64 @@ fn a_cut_off_ensemble_request_does_not_fail_identical_ones_without_a_deadline() 
     assert_eq!(r.runs.len(), 2, "a full answer, not a cut-off one");
     server.shutdown();
 }
+
+#[test]
+fn shutdown_answers_a_cascade_whose_next_member_is_idle() {
+    // A cascade enqueues its next member only when the previous one has
+    // answered. During shutdown the next member's batcher could already
+    // have returned (queue empty, stopping): the step was queued for
+    // nobody and the request was never answered.
+    let mut repo = test_repository(300_000);
+    let mut mid = beast::model::Model::random(
+        "mid",
+        &[WIDTH, 64, CLASSES],
+        beast::model::Activation::Relu,
+        beast::model::OutputTransform::Softmax,
+        11,
+    );
+    mid.batch = beast::model::BatchLimits {
+        max_batch: 16,
+        max_queue_delay_us: 150_000,
+        queue_rows_max: 64,
+    };
+    repo.models
+        .insert("mid".into(), vec![std::sync::Arc::new(mid)]);
+    repo.ensembles.insert(
+        "casc".into(),
+        beast::model::EnsembleSpec {
+            name: "casc".into(),
+            // `slow` is cheaper: it runs first (300 ms), then `mid`.
+            members: vec!["mid".into(), "slow".into()],
+            combiner: beast::model::Combiner::Mean,
+            weights: vec![],
+            selection: beast::model::SelectionSpec {
+                policy: beast::model::Policy::Cascade,
+                // Never confident: always take the second step.
+                cascade_threshold: 2.0,
+                ..Default::default()
+            },
+        },
+    );
+    let mut cfg = test_config();
+    cfg.shutdown_grace_ms = 2000;
+    let server = start_with(cfg, repo);
+    let x = rows(12, 1, WIDTH);
+    let mut casc = Raw::connect(server.addr);
+    casc.send(1, &spec("casc", 1, WIDTH, &x));
+    // `mid` runs a batch at 150 ms, after the stop: its batcher then sees
+    // an empty queue while stopping.
+    // (Another input: the same one would serve the step from the cache.)
+    let y = rows(13, 1, WIDTH);
+    let mut direct = Raw::connect(server.addr);
+    direct.send(2, &spec("mid", 1, WIDTH, &y));
+    std::thread::sleep(Duration::from_millis(50));
+    server.stop();
+    assert_eq!(direct.recv().status, Status::Ok);
+    let r = casc
+        .recv_body()
+        .map(|b| Owned::from(&b))
+        .expect("the cascade is answered before the connection closes");
+    assert_eq!((r.id, r.status), (1, Status::Ok), "{}", r.message);
+    assert_eq!(r.runs.len(), 2);
+    server.wait();
+}

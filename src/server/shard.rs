@@ -1419,8 +1419,10 @@ impl Shard {
             let readiness = s.queue.borrow().readiness(Instant::now());
             match readiness {
                 Readiness::Empty => {
-                    if self.stopping.get() {
-                        // Shutdown: nothing queued, nothing can arrive.
+                    // Shutdown: nothing queued, and nothing can arrive once
+                    // no ensemble is pending (a cascade enqueues its next
+                    // step only when the previous one has answered).
+                    if self.stopping.get() && self.pending.borrow().in_use() == 0 {
                         return;
                     }
                     s.wake.wait().await;
