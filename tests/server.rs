@@ -593,3 +593,29 @@ fn shutdown_answers_a_cascade_whose_next_member_is_idle() {
     assert_eq!(r.runs.len(), 2);
     server.wait();
 }
+
+#[test]
+fn an_ensemble_listing_a_member_twice_is_refused() {
+    // Room in each member's queue was checked member by member, then every
+    // share was pushed: with room for one share of `a` but not two, the
+    // second push failed silently and the request was never answered (its
+    // ensemble slot and in-flight count leaked for good).
+    let mut repo = test_repository(300_000);
+    repo.ensembles.insert(
+        "twice".into(),
+        beast::model::EnsembleSpec {
+            name: "twice".into(),
+            members: vec!["a".into(), "c".into(), "a".into()],
+            combiner: beast::model::Combiner::Mean,
+            weights: vec![],
+            selection: Default::default(),
+        },
+    );
+    match beast::server::start(test_config(), std::sync::Arc::new(repo)) {
+        Ok(s) => {
+            s.shutdown();
+            panic!("an ensemble with a repeated member was accepted");
+        }
+        Err(e) => assert!(e.contains("more than once"), "{e}"),
+    }
+}
