@@ -547,3 +547,32 @@ fn recording_hooks_do_not_allocate() {
     COUNTING.with(|c| c.set(false));
     assert_eq!(ALLOCS.with(|a| a.get()), 1);
 }
+
+#[test]
+fn trace_windows_cannot_starve_scrapes() {
+    // Every handler held by a long /debug/trace window used to leave
+    // /metrics with 503 for the whole window.
+    let server = start_server();
+    let admin = server.admin_addr.unwrap();
+    let traces: Vec<_> = (0..beast::server::admin::HANDLERS_MAX + 4)
+        .map(|_| std::thread::spawn(move || get(&admin.to_string(), "/debug/trace?seconds=3", T)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = std::time::Instant::now();
+    let (code, _) = fetch(admin, "/metrics");
+    assert_eq!(code, 200, "a scrape during trace windows");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert_eq!(fetch(admin, "/healthz").0, 200);
+    let mut busy = 0;
+    for t in traces {
+        match t.join().unwrap() {
+            Ok((200, _)) => {}
+            // Refused (by the handler, or at accept when every handler is
+            // momentarily busy reading heads: then the reset may win).
+            Ok((503, _)) | Err(_) => busy += 1,
+            other => panic!("trace: {other:?}"),
+        }
+    }
+    assert!(busy >= 4, "trace windows beyond their share are refused");
+    server.shutdown();
+}

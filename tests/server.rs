@@ -409,3 +409,213 @@ fn a_port_in_use_is_refused() {
     assert!(err.contains("listen"), "{err}");
     server.shutdown();
 }
+
+#[test]
+fn a_peer_that_resets_with_requests_in_flight_frees_its_connection() {
+    // The write of one answer fails (the peer reset), another answer is
+    // still in flight: when it came, the dead connection's writer was never
+    // woken again, so the connection (and its slot) leaked forever.
+    let mut repo = test_repository(300_000);
+    let mut slower = beast::model::Model::random(
+        "slower",
+        &[WIDTH, 8, CLASSES],
+        beast::model::Activation::Relu,
+        beast::model::OutputTransform::Softmax,
+        9,
+    );
+    slower.batch = beast::model::BatchLimits {
+        max_batch: 16,
+        max_queue_delay_us: 900_000,
+        queue_rows_max: 64,
+    };
+    repo.models
+        .insert("slower".into(), vec![std::sync::Arc::new(slower)]);
+    let mut cfg = test_config();
+    cfg.connections_per_shard_max = 1;
+    let server = start_with(cfg, repo);
+    let mut raw = Raw::connect(server.addr);
+    let x = rows(3, 1, WIDTH);
+    raw.send(1, &spec("slow", 1, WIDTH, &x));
+    raw.send(2, &spec("slower", 1, WIDTH, &x));
+    raw.send(3, &spec("a", 1, WIDTH, &x));
+    assert_eq!(raw.recv().id, 3);
+    // Reset: SO_LINGER 0, then close.
+    socket2::SockRef::from(&raw.s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(raw);
+    // Both slow answers have come (and gone nowhere) by then.
+    std::thread::sleep(Duration::from_millis(1500));
+    let client = Client::connect(server.addr).unwrap();
+    let r = client.predict(&spec("a", 1, WIDTH, &x));
+    assert!(r.is_ok(), "the only connection slot is free again: {r:?}");
+    drop(client);
+    let t0 = Instant::now();
+    server.shutdown();
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "no connection left open"
+    );
+}
+
+/// Resident set size of this process, bytes.
+fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[test]
+fn a_declared_frame_length_alone_does_not_allocate_the_frame() {
+    // Four bytes declaring a large frame made the connection allocate (and
+    // zero) the whole frame at once: a few bytes per connection pinned
+    // `frame_bytes_max` of memory each.
+    let mut cfg = test_config();
+    cfg.frame_bytes_max = 32 << 20;
+    cfg.write_buffer_bytes_max = 32 << 20;
+    // The 1000-row request below must grow the read buffer.
+    cfg.read_buffer_bytes = 4096;
+    let server = start_with(cfg, test_repository(300_000));
+    let before = rss_bytes();
+    let conns: Vec<Raw> = (0..16)
+        .map(|_| {
+            let mut r = Raw::connect(server.addr);
+            r.send_bytes(&((32u32 << 20) - 1).to_le_bytes());
+            r
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 128 << 20,
+        "16 connections that sent 4 bytes each grew RSS by {} MiB",
+        grown >> 20
+    );
+    // A real large frame still goes through.
+    let x = rows(8, 1000, WIDTH);
+    let client = beast::client::Client::connect(server.addr).unwrap();
+    let r = client.predict(&spec("a", 1000, WIDTH, &x)).unwrap();
+    assert_eq!(r.outputs.len(), 1000 * CLASSES);
+    drop(conns);
+    server.shutdown();
+}
+
+#[test]
+fn a_cut_off_ensemble_request_does_not_fail_identical_ones_without_a_deadline() {
+    // Identical ensemble requests wait on the first (coalescing). When the
+    // first had a deadline and the straggler cutoff answered it before any
+    // member did, every request waiting on it got INTERNAL ("backend
+    // failed"), even ones from other clients with no deadline at all.
+    let mut repo = test_repository(300_000);
+    repo.ensembles.insert(
+        "sens".into(),
+        beast::model::EnsembleSpec {
+            name: "sens".into(),
+            members: vec!["slow".into(), "a".into()],
+            combiner: beast::model::Combiner::Mean,
+            weights: vec![],
+            selection: Default::default(),
+        },
+    );
+    let server = start_with(test_config(), repo);
+    let x = rows(77, 1, WIDTH);
+    let mut hasty = Raw::connect(server.addr);
+    let mut s = spec("sens", 1, WIDTH, &x);
+    s.deadline_us = Some(1);
+    hasty.send(1, &s);
+    let mut patient = Raw::connect(server.addr);
+    patient.send(2, &spec("sens", 1, WIDTH, &x));
+    let r = hasty.recv();
+    assert_eq!(r.status, Status::DeadlineExceeded, "{}", r.message);
+    let r = patient.recv();
+    assert_eq!((r.id, r.status), (2, Status::Ok), "{}", r.message);
+    assert_eq!(r.runs.len(), 2, "a full answer, not a cut-off one");
+    server.shutdown();
+}
+
+#[test]
+fn shutdown_answers_a_cascade_whose_next_member_is_idle() {
+    // A cascade enqueues its next member only when the previous one has
+    // answered. During shutdown the next member's batcher could already
+    // have returned (queue empty, stopping): the step was queued for
+    // nobody and the request was never answered.
+    let mut repo = test_repository(300_000);
+    let mut mid = beast::model::Model::random(
+        "mid",
+        &[WIDTH, 64, CLASSES],
+        beast::model::Activation::Relu,
+        beast::model::OutputTransform::Softmax,
+        11,
+    );
+    mid.batch = beast::model::BatchLimits {
+        max_batch: 16,
+        max_queue_delay_us: 150_000,
+        queue_rows_max: 64,
+    };
+    repo.models
+        .insert("mid".into(), vec![std::sync::Arc::new(mid)]);
+    repo.ensembles.insert(
+        "casc".into(),
+        beast::model::EnsembleSpec {
+            name: "casc".into(),
+            // `slow` is cheaper: it runs first (300 ms), then `mid`.
+            members: vec!["mid".into(), "slow".into()],
+            combiner: beast::model::Combiner::Mean,
+            weights: vec![],
+            selection: beast::model::SelectionSpec {
+                policy: beast::model::Policy::Cascade,
+                // Never confident: always take the second step.
+                cascade_threshold: 2.0,
+                ..Default::default()
+            },
+        },
+    );
+    let mut cfg = test_config();
+    cfg.shutdown_grace_ms = 2000;
+    let server = start_with(cfg, repo);
+    let x = rows(12, 1, WIDTH);
+    let mut casc = Raw::connect(server.addr);
+    casc.send(1, &spec("casc", 1, WIDTH, &x));
+    // `mid` runs a batch at 150 ms, after the stop: its batcher then sees
+    // an empty queue while stopping.
+    // (Another input: the same one would serve the step from the cache.)
+    let y = rows(13, 1, WIDTH);
+    let mut direct = Raw::connect(server.addr);
+    direct.send(2, &spec("mid", 1, WIDTH, &y));
+    std::thread::sleep(Duration::from_millis(50));
+    server.stop();
+    assert_eq!(direct.recv().status, Status::Ok);
+    let r = casc
+        .recv_body()
+        .map(|b| Owned::from(&b))
+        .expect("the cascade is answered before the connection closes");
+    assert_eq!((r.id, r.status), (1, Status::Ok), "{}", r.message);
+    assert_eq!(r.runs.len(), 2);
+    server.wait();
+}
+
+#[test]
+fn an_ensemble_listing_a_member_twice_is_refused() {
+    // Room in each member's queue was checked member by member, then every
+    // share was pushed: with room for one share of `a` but not two, the
+    // second push failed silently and the request was never answered (its
+    // ensemble slot and in-flight count leaked for good).
+    let mut repo = test_repository(300_000);
+    repo.ensembles.insert(
+        "twice".into(),
+        beast::model::EnsembleSpec {
+            name: "twice".into(),
+            members: vec!["a".into(), "c".into(), "a".into()],
+            combiner: beast::model::Combiner::Mean,
+            weights: vec![],
+            selection: Default::default(),
+        },
+    );
+    match beast::server::start(test_config(), std::sync::Arc::new(repo)) {
+        Ok(s) => {
+            s.shutdown();
+            panic!("an ensemble with a repeated member was accepted");
+        }
+        Err(e) => assert!(e.contains("more than once"), "{e}"),
+    }
+}

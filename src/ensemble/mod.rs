@@ -102,6 +102,15 @@ impl EnsemblePlan {
                 members.len()
             ));
         }
+        // A member twice would have two shares in one queue, whose room is
+        // checked per member (and a weight is what repeating would mean).
+        if let Some(i) = (1..members.len()).find(|&i| members[..i].contains(&members[i])) {
+            return Err(format!(
+                "ensemble {}: member {} is listed more than once",
+                spec.name,
+                spec.members.get(i).map_or("?", |m| m.as_str())
+            ));
+        }
         let weights = match spec.combiner {
             Combiner::WeightedMean => spec.weights.clone(),
             Combiner::Mean | Combiner::Vote | Combiner::Stacked => vec![1.0; members.len()],

@@ -406,6 +406,11 @@ fn check_ensemble(repo: &Repository, spec: EnsembleSpec) -> Result<EnsembleSpec,
     }
     let mut first: Option<&Arc<Model>> = None;
     for (i, m) in spec.members.iter().enumerate() {
+        if spec.members[..i].contains(m) {
+            return Err(format!(
+                "{path}.members[{i}]: \"{m}\" is listed more than once (use weights to weigh it more)"
+            ));
+        }
         let Some(model) = repo.model(m, None) else {
             return Err(format!(
                 "{path}.members[{i}]: unknown model \"{m}\" (not in the repository, or refused)"

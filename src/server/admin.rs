@@ -31,6 +31,10 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 pub const HANDLERS_MAX: usize = 16;
 /// Longest `/debug/trace` window.
 pub const TRACE_SECONDS_MAX: f64 = 60.0;
+/// `/debug/trace` windows at once (each holds a handler for its whole
+/// window): beyond it, 503, so trace clients never take every handler
+/// from `/metrics`.
+pub const TRACES_MAX: usize = HANDLERS_MAX / 4;
 
 /// What the admin thread reads.
 pub(crate) struct AdminState {
@@ -47,6 +51,8 @@ pub(crate) struct AdminState {
     pub cache: Arc<super::CacheShared>,
     exit: AtomicBool,
     handlers: AtomicUsize,
+    /// `/debug/trace` windows open now.
+    traces: AtomicUsize,
 }
 
 impl AdminState {
@@ -68,6 +74,7 @@ impl AdminState {
             cache,
             exit: AtomicBool::new(false),
             handlers: AtomicUsize::new(0),
+            traces: AtomicUsize::new(0),
         }
     }
 }
@@ -300,7 +307,17 @@ fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
                     )
                 }
             };
-            (200, JSON, trace_json(st, secs).to_string())
+            if st.traces.fetch_add(1, Ordering::SeqCst) >= TRACES_MAX {
+                st.traces.fetch_sub(1, Ordering::SeqCst);
+                return (
+                    503,
+                    "text/plain",
+                    "busy: too many trace windows open\n".into(),
+                );
+            }
+            let v = trace_json(st, secs).to_string();
+            st.traces.fetch_sub(1, Ordering::SeqCst);
+            (200, JSON, v)
         }
         _ => (404, "text/plain", "not found\n".into()),
     }

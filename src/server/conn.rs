@@ -82,7 +82,9 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
             }
         }
         // Make room: move a partial frame to the front; grow (bounded by
-        // frame_bytes_max) only when one frame is larger than the buffer.
+        // frame_bytes_max) only when one frame is larger than the buffer,
+        // and only as its bytes arrive (doubling), so a length prefix alone
+        // cannot make a connection hold a whole maximal frame.
         if start == end {
             start = 0;
             end = 0;
@@ -94,8 +96,8 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
         if end >= FRAME_HEADER_LEN {
             let need =
                 FRAME_HEADER_LEN + u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            if need > buf.len() {
-                buf.resize(need, 0);
+            if need > buf.len() && end == buf.len() {
+                buf.resize(need.min(buf.len() * 2), 0);
             }
         }
         while conn.out.borrow().len() > cfg.write_buffer_bytes_max && !conn.dead.get() {

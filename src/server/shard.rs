@@ -281,6 +281,9 @@ impl Shard {
         self.metrics
             .record_response(id, status, arrival, total_us, 0, 0);
         if conn.dead.get() {
+            // The writer of a dead connection waits for the last answer in
+            // flight to exit: wake it even though nothing is written.
+            conn.writer_wake.notify();
             return;
         }
         let h = ResponseHeader {
@@ -687,7 +690,10 @@ impl Shard {
             );
         };
         drop(pending);
-        if let (Some(key), CacheControl::Use) = (key, req.cache) {
+        // A request with a deadline may be cut off (partial, or no answer
+        // at all): it neither leads nor joins, so requests identical but
+        // for the deadline never get its cut-off answer.
+        if let (Some(key), CacheControl::Use, None) = (key, req.cache, deadline) {
             match self
                 .cache
                 .join(&self.metrics, key, conn, req.id, arrival, deadline)
@@ -1378,6 +1384,9 @@ impl Shard {
         self.metrics
             .record_response(id, Status::Ok, arrival, total_us, t.queue_us, t.compute_us);
         if conn.dead.get() {
+            // The writer of a dead connection waits for the last answer in
+            // flight to exit: wake it even though nothing is written.
+            conn.writer_wake.notify();
             return;
         }
         let h = ResponseHeader {
@@ -1410,8 +1419,10 @@ impl Shard {
             let readiness = s.queue.borrow().readiness(Instant::now());
             match readiness {
                 Readiness::Empty => {
-                    if self.stopping.get() {
-                        // Shutdown: nothing queued, nothing can arrive.
+                    // Shutdown: nothing queued, and nothing can arrive once
+                    // no ensemble is pending (a cascade enqueues its next
+                    // step only when the previous one has answered).
+                    if self.stopping.get() && self.pending.borrow().in_use() == 0 {
                         return;
                     }
                     s.wake.wait().await;

@@ -33,6 +33,11 @@ impl<T: Default> Slab<T> {
         self.free.push(i);
     }
 
+    /// Entries acquired and not released.
+    pub fn in_use(&self) -> usize {
+        self.items.len() - self.free.len()
+    }
+
     pub fn get(&self, i: usize) -> Option<&T> {
         self.items.get(i)
     }
