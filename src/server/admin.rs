@@ -189,7 +189,14 @@ fn read_head(stream: &mut TcpStream) -> Option<String> {
     let deadline = Instant::now() + READ_TIMEOUT;
     let mut buf = vec![0u8; REQUEST_BYTES_MAX];
     let mut n = 0;
-    while n < buf.len() && Instant::now() < deadline {
+    while n < buf.len() {
+        // Each read waits only for what is left of the whole request's
+        // time, so a trickling or idle client holds a handler at most
+        // READ_TIMEOUT in all.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
         match stream.read(&mut buf[n..]) {
             Ok(0) => break,
             Ok(k) => {
@@ -221,13 +228,32 @@ fn write_response(
         _ => "Error",
     };
     let head = format!("HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
+    // One deadline for the whole response: a client that reads a few bytes
+    // at a time cannot hold a handler longer than WRITE_TIMEOUT.
+    let deadline = Instant::now() + WRITE_TIMEOUT;
+    for part in [head.as_bytes(), body] {
+        let mut rest = part;
+        while !rest.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            stream.set_write_timeout(Some(left))?;
+            match stream.write(rest) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
     stream.flush()
 }
 
+/// Longest time one response may take to be written.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn handle(mut stream: TcpStream, st: &AdminState) {
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
     let (code, ctype, body) = match read_head(&mut stream).as_deref().and_then(parse_head) {
         None => (400, "text/plain", "bad request\n".to_string()),
         Some(r) if r.method == "POST" && r.path == "/v1/cache/purge" => purge(&r, st),
