@@ -292,6 +292,12 @@ fn feedback_tickets() {
         c.feedback(p.ticket, 7),
         Err(ClientError::BadRequest(_))
     ));
+    // Another connection (same shard: one shard here) cannot spend it.
+    let other = Client::connect(h.addr).unwrap();
+    assert!(matches!(
+        other.feedback(p.ticket, 0),
+        Err(ClientError::NotFound(_))
+    ));
     c.feedback(p.ticket, 0).unwrap();
     // A model answer has no ticket.
     let m = c.predict(&req("big", &x, PolicyOverride::Default)).unwrap();

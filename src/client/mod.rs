@@ -181,8 +181,8 @@ impl Client {
 
     /// Tell the server the true class of an earlier ensemble answer (its
     /// first row), by the answer's `ticket`. Tickets belong to the shard
-    /// that answered: send feedback on the same connection (another
-    /// connection may land on another shard and get NOT_FOUND).
+    /// that answered and to its connection: feedback for it from any other
+    /// connection gets NOT_FOUND. (This client is one connection.)
     pub fn feedback(&self, ticket: u64, label: u32) -> Result<(), ClientError> {
         self.send_frame(|enc, id, buf| enc.feedback(&FeedbackView { id, ticket, label }, buf))?
             .wait()

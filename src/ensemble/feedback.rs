@@ -16,6 +16,10 @@ use super::{argmax, MemberSet};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Entry {
     pub ticket: u64,
+    /// Serial of the connection that got the answer: only it may give
+    /// feedback for the ticket (tickets are sequential, so otherwise any
+    /// client on the shard could spend or forge another client's).
+    pub conn: u32,
     pub plan: u16,
     pub domain_slot: u16,
     /// Members whose outputs are in the window (those that answered).
@@ -78,13 +82,13 @@ impl Window {
 
     /// The entry of `ticket` (and its rows), marked used; `None` if unknown,
     /// expired or already used.
-    pub fn take(&mut self, ticket: u64) -> Option<(Entry, &[f32])> {
+    pub fn take(&mut self, ticket: u64, conn: u32) -> Option<(Entry, &[f32])> {
         if ticket & !((1 << TICKET_SHARD_SHIFT) - 1) != self.shard_bits {
             return None;
         }
         let i = ((ticket & ((1 << TICKET_SHARD_SHIFT) - 1)) % self.entries.len() as u64) as usize;
         let e = &mut self.entries[i];
-        if e.ticket != ticket || e.used || ticket == 0 {
+        if e.ticket != ticket || e.used || ticket == 0 || e.conn != conn {
             return None;
         }
         e.used = true;
@@ -211,22 +215,27 @@ mod tests {
         let e = Entry {
             ran: MemberSet(0b11),
             answer: 1,
+            conn: 7,
             ..Default::default()
         };
         let rows = [[0.2f32, 0.8], [0.6, 0.4]];
         let t1 = w.push(e, 2, |m| &rows[m]);
         assert_eq!(t1 >> TICKET_SHARD_SHIFT, 3);
-        let (got, r) = w.take(t1).unwrap();
+        assert!(
+            w.take(t1, 8).is_none(),
+            "another connection cannot spend it"
+        );
+        let (got, r) = w.take(t1, 7).unwrap();
         assert_eq!(got.answer, 1);
         assert_eq!(r, &[0.2, 0.8, 0.6, 0.4]);
-        assert!(w.take(t1).is_none(), "used once");
+        assert!(w.take(t1, 7).is_none(), "used once");
         let t2 = w.push(e, 2, |m| &rows[m]);
         let _t3 = w.push(e, 2, |m| &rows[m]);
         let _t4 = w.push(e, 2, |m| &rows[m]);
-        assert!(w.take(t2).is_none(), "overwritten");
-        assert!(w.take(0).is_none());
+        assert!(w.take(t2, 7).is_none(), "overwritten");
+        assert!(w.take(0, 7).is_none());
         assert!(
-            w.take((4 << TICKET_SHARD_SHIFT) | 4).is_none(),
+            w.take((4 << TICKET_SHARD_SHIFT) | 4, 7).is_none(),
             "other shard"
         );
     }

@@ -32,11 +32,15 @@ pub(crate) struct Conn {
     pub dead: Cell<bool>,
     /// The reader is done: the writer exits once nothing is in flight.
     pub closing: Cell<bool>,
+    /// This connection's number on its shard: feedback tickets are bound to
+    /// the connection that got the answer.
+    pub serial: u32,
 }
 
 impl Conn {
-    fn new(cap: usize) -> Self {
+    fn new(cap: usize, serial: u32) -> Self {
         Conn {
+            serial,
             out: RefCell::new(Vec::with_capacity(cap)),
             in_flight: Cell::new(0),
             writer_wake: Notify::default(),
@@ -58,7 +62,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
     }
     // SAFETY: wfd is a fresh, valid socket fd owned by nobody else.
     let writer = unsafe { TcpStream::from_raw_fd(wfd) };
-    let conn = Rc::new(Conn::new(cfg.read_buffer_bytes));
+    let conn = Rc::new(Conn::new(cfg.read_buffer_bytes, shard.next_conn_serial()));
     let wtask = glommio::spawn_local(write_loop(conn.clone(), writer));
 
     let mut buf = vec![0u8; cfg.read_buffer_bytes];

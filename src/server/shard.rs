@@ -143,6 +143,8 @@ pub(crate) struct Shard {
     message: RefCell<String>,
     pub metrics: Arc<ShardMetrics>,
     pub stopping: Cell<bool>,
+    /// Numbers connections (wrapping; 0 is never used).
+    conn_serial: Cell<u32>,
     sel: RefCell<SelState>,
     /// Per-ensemble, per-domain cost counters (read by `selection_stats`).
     pub selection: Arc<SelectionCounters>,
@@ -225,7 +227,15 @@ impl Shard {
             message: RefCell::new(String::with_capacity(256)),
             metrics,
             stopping: Cell::new(false),
+            conn_serial: Cell::new(0),
         })
+    }
+
+    /// A fresh number for a new connection.
+    pub fn next_conn_serial(&self) -> u32 {
+        let n = self.conn_serial.get().wrapping_add(1).max(1);
+        self.conn_serial.set(n);
+        n
     }
 
     /// Run every model once at its largest batch so scratch buffers reach
@@ -984,12 +994,12 @@ impl Shard {
     fn handle_feedback(&self, conn: &Conn, f: &FeedbackView, arrival: Instant) {
         let mut sel = self.sel.borrow_mut();
         let sel = &mut *sel;
-        let Some((entry, rows)) = sel.window.take(f.ticket) else {
+        let Some((entry, rows)) = sel.window.take(f.ticket, conn.serial) else {
             return self.respond_error(
                 conn,
                 f.id,
                 Status::NotFound,
-                "unknown ticket: expired, already given feedback, or issued by another shard (send feedback on the connection that got the answer)",
+                "unknown ticket: expired, already given feedback, or issued to another connection (send feedback on the connection that got the answer)",
                 arrival,
             );
         };
@@ -1316,6 +1326,7 @@ impl Shard {
         } else {
             let entry = Entry {
                 ticket: 0,
+                conn: conn.serial,
                 plan: e.plan as u16,
                 domain_slot: e.domain_slot,
                 ran: e.ran,
