@@ -1,9 +1,9 @@
-//! Models: the repository format, loading, the registry.
+//! Models: the repository format and loading.
 //!
 //! Owns: what a model *is* in memory (`Model`, `Dense`, `LayerNorm`), how a
 //! repository folder becomes a set of models and ensembles (`load`,
-//! `manifest`), the deterministic benchmark models (`demo`), and the
-//! registry shards read from (`registry`).
+//! `manifest`) and the deterministic benchmark models (`demo`). The loaded
+//! `Repository` is shared by the shards through an `Arc` (no hot reload yet).
 //! May touch: the file system at load time only. Nothing here runs per request.
 //!
 //! Layout conventions (see docs/MODELS.md):
@@ -16,7 +16,6 @@
 pub mod demo;
 pub mod load;
 pub mod manifest;
-pub mod registry;
 
 use half::f16;
 use std::sync::Arc;
