@@ -619,3 +619,32 @@ fn an_ensemble_listing_a_member_twice_is_refused() {
         Err(e) => assert!(e.contains("more than once"), "{e}"),
     }
 }
+
+#[test]
+fn a_frame_larger_than_the_read_buffer_is_served_and_the_buffer_given_back() {
+    let mut cfg = test_config();
+    cfg.rows_per_request_max = 4096;
+    let server = start_with(cfg, test_repository(300_000));
+    let mut raw = Raw::connect(server.addr);
+    // 2000 rows × 12 f32 ≈ 96 KiB: larger than the 64 KiB initial buffer.
+    let big = rows(31, 2000, WIDTH);
+    let mut s = spec("c", 2000, WIDTH, &big);
+    s.cache = beast::wire::CacheControl::Bypass;
+    raw.send(1, &s);
+    let r = raw.recv();
+    assert_eq!(
+        (r.id, r.status, r.rows),
+        (1, Status::Ok, 2000),
+        "{}",
+        r.message
+    );
+    assert_close(&r.output, &direct(&model("c"), &big, 2000), 2e-3);
+    // Small requests keep working on the same connection afterwards.
+    for id in 2..5 {
+        let x = rows(id, 1, WIDTH);
+        raw.send(id, &spec("c", 1, WIDTH, &x));
+        let r = raw.recv();
+        assert_eq!((r.id, r.status), (id, Status::Ok));
+    }
+    server.shutdown();
+}

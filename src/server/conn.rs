@@ -92,6 +92,13 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
         if start == end {
             start = 0;
             end = 0;
+            // A large frame grew the buffer: give the memory back once it
+            // has been handled, so an idle connection holds only its
+            // initial buffer.
+            if buf.len() > cfg.read_buffer_bytes {
+                buf.truncate(cfg.read_buffer_bytes);
+                buf.shrink_to_fit();
+            }
         } else if start > 0 {
             buf.copy_within(start..end, 0);
             end -= start;
