@@ -194,6 +194,11 @@ unsafe fn gemv_chunk<const M: usize, const NV: usize>(
 
 // ---------------------------------------------------------------- GEMM
 
+/// Up to this many rows the GEMM converts W inside the microkernel instead
+/// of packing it: with two row blocks or fewer the panel would be reused too
+/// little to pay for its stores and reloads.
+const DIRECT_W_ROWS_MAX: usize = 2 * MR;
+
 /// Rows of the `i`-th of `blocks` row blocks, sizes as even as possible
 /// (8 rows → 4 + 4, not 6 + 2: a 2-row block wastes most of the FMA slots).
 #[inline]
@@ -201,10 +206,26 @@ fn block_rows(rows: usize, blocks: usize, i: usize) -> usize {
     rows / blocks + usize::from(i < rows % blocks)
 }
 
+/// Where a microkernel reads its operands.
+#[derive(Clone, Copy)]
+struct Operands {
+    /// x element (p, r) of the row block is at `a + p*a_sp + r*a_sr`.
+    a: *const f32,
+    a_sp: usize,
+    a_sr: usize,
+    /// W: an f32 panel `[kc][NR]` (`half == false`), or FP16 rows of W with
+    /// stride `ldb` converted on the fly (`half == true`).
+    b: *const u8,
+    ldb: usize,
+    half: bool,
+}
+
 /// Goto-style loop nest: for each `KC`-deep block, pack the batch's slice of
 /// x once (row block by row block, interleaved so the microkernel's
-/// broadcasts walk one contiguous stream), then for each 16-column strip
-/// convert the FP16 W block into an L1 panel and run every row block over it.
+/// broadcasts walk one contiguous stream) where more than one column strip
+/// will reuse it; then for each 16-column strip convert the FP16 block of W
+/// into an L1 panel (or, for small batches, let the microkernel convert it)
+/// and run every row block over it.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm(
@@ -219,6 +240,8 @@ unsafe fn gemm(
     panel: *mut f32,
 ) {
     let blocks = rows.div_ceil(MR);
+    let pack_x = n > NR;
+    let direct_w = rows <= DIRECT_W_ROWS_MAX;
     let wpanel = panel;
     // SAFETY: module contract; the panel holds KC*NR + rows*KC f32
     // (`panel_len`); jb < n, kb < k, row blocks partition 0..rows.
@@ -229,31 +252,50 @@ unsafe fn gemm(
             let kc = KC.min(k - kb);
             let first = kb == 0;
             let last = kb + kc == k;
-            // Block of mr rows lives at xpack + ib*kc as [kc][mr].
-            let mut ib = 0;
-            for bi in 0..blocks {
-                let mr = block_rows(rows, blocks, bi);
-                let dst = xpack.add(ib * kc);
-                for r in 0..mr {
-                    let src = x.add((ib + r) * k + kb);
-                    for p in 0..kc {
-                        *dst.add(p * mr + r) = *src.add(p);
+            if pack_x {
+                // Block of mr rows lives at xpack + ib*kc as [kc][mr].
+                let mut ib = 0;
+                for bi in 0..blocks {
+                    let mr = block_rows(rows, blocks, bi);
+                    let dst = xpack.add(ib * kc);
+                    for r in 0..mr {
+                        let src = x.add((ib + r) * k + kb);
+                        for p in 0..kc {
+                            *dst.add(p * mr + r) = *src.add(p);
+                        }
                     }
+                    ib += mr;
                 }
-                ib += mr;
             }
             let mut jb = 0;
             while jb < n {
                 let nc = NR.min(n - jb);
-                pack(w, n, kb, kc, jb, nc, wpanel);
+                let (b, ldb, half) = if direct_w && nc == NR {
+                    (w.add(kb * n + jb) as *const u8, n, true)
+                } else {
+                    pack(w, n, kb, kc, jb, nc, wpanel);
+                    (wpanel as *const u8, NR, false)
+                };
                 let mut ib = 0;
                 for bi in 0..blocks {
                     let mr = block_rows(rows, blocks, bi);
+                    let (a, a_sp, a_sr) = if pack_x {
+                        (xpack.add(ib * kc) as *const f32, mr, 1)
+                    } else {
+                        (x.add(ib * k + kb), 1, k)
+                    };
+                    let ops = Operands {
+                        a,
+                        a_sp,
+                        a_sr,
+                        b,
+                        ldb,
+                        half,
+                    };
                     tile(
                         mr,
                         kc,
-                        xpack.add(ib * kc),
-                        wpanel,
+                        ops,
                         y.add(ib * n + jb),
                         n,
                         nc,
@@ -307,34 +349,25 @@ unsafe fn pack(
 }
 
 /// One `mr × nc` tile of y. Full-width tiles run in place; a narrow last
-/// strip goes through a padded copy so the microkernel is always 16 wide.
+/// strip goes through a padded copy so the microkernel is always 16 wide
+/// (its W operand is then always a padded panel, never direct FP16).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile(
     mr: usize,
     kc: usize,
-    a: *const f32,
-    b: *const f32,
+    ops: Operands,
     c: *mut f32,
     ldc: usize,
     nc: usize,
     bias: Option<*const f32>,
     relu: bool,
 ) {
-    // SAFETY: c addresses mr rows × nc columns of y; a is a packed
-    // [kc][mr] block of x; b is a kc × NR panel.
+    // SAFETY: c addresses mr rows × nc columns of y; `ops` addresses mr
+    // rows × kc of x and kc rows × NR of W (see `gemm`).
     unsafe {
         if nc == NR {
-            micro_dispatch(
-                mr,
-                kc,
-                a,
-                b,
-                c,
-                ldc,
-                bias.unwrap_or(std::ptr::null()),
-                relu,
-            );
+            micro_dispatch(mr, kc, ops, c, ldc, bias.unwrap_or(std::ptr::null()), relu);
             return;
         }
         let mut ct = [0f32; MR * NR];
@@ -352,20 +385,18 @@ unsafe fn tile(
         } else {
             std::ptr::null()
         };
-        micro_dispatch(mr, kc, a, b, ct.as_mut_ptr(), NR, bt_ptr, relu);
+        micro_dispatch(mr, kc, ops, ct.as_mut_ptr(), NR, bt_ptr, relu);
         for r in 0..mr {
             std::ptr::copy_nonoverlapping(ct.as_ptr().add(r * NR), c.add(r * ldc), nc);
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn micro_dispatch(
     mr: usize,
     kc: usize,
-    a: *const f32,
-    b: *const f32,
+    ops: Operands,
     c: *mut f32,
     ldc: usize,
     bias: *const f32,
@@ -373,32 +404,38 @@ unsafe fn micro_dispatch(
 ) {
     // SAFETY: forwarded contract of `tile`.
     unsafe {
-        match mr {
-            6 => micro::<6>(kc, a, b, c, ldc, bias, relu),
-            5 => micro::<5>(kc, a, b, c, ldc, bias, relu),
-            4 => micro::<4>(kc, a, b, c, ldc, bias, relu),
-            3 => micro::<3>(kc, a, b, c, ldc, bias, relu),
-            2 => micro::<2>(kc, a, b, c, ldc, bias, relu),
-            _ => micro::<1>(kc, a, b, c, ldc, bias, relu),
+        match (mr, ops.half) {
+            (6, false) => micro::<6, false>(kc, ops, c, ldc, bias, relu),
+            (5, false) => micro::<5, false>(kc, ops, c, ldc, bias, relu),
+            (4, false) => micro::<4, false>(kc, ops, c, ldc, bias, relu),
+            (3, false) => micro::<3, false>(kc, ops, c, ldc, bias, relu),
+            (2, false) => micro::<2, false>(kc, ops, c, ldc, bias, relu),
+            (_, false) => micro::<1, false>(kc, ops, c, ldc, bias, relu),
+            (6, true) => micro::<6, true>(kc, ops, c, ldc, bias, relu),
+            (5, true) => micro::<5, true>(kc, ops, c, ldc, bias, relu),
+            (4, true) => micro::<4, true>(kc, ops, c, ldc, bias, relu),
+            (3, true) => micro::<3, true>(kc, ops, c, ldc, bias, relu),
+            (2, true) => micro::<2, true>(kc, ops, c, ldc, bias, relu),
+            (_, true) => micro::<1, true>(kc, ops, c, ldc, bias, relu),
         }
     }
 }
 
 /// `M × 16` register-blocked microkernel: `c = (bias or c) + a @ b`.
-/// `bias` null means accumulate onto `c` (a later k block).
-#[allow(clippy::too_many_arguments)]
+/// `bias` null means accumulate onto `c` (a later k block). `HALF`: b is
+/// FP16 rows of W (stride `ldb`), converted here with `vcvtph2ps`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn micro<const M: usize>(
+unsafe fn micro<const M: usize, const HALF: bool>(
     kc: usize,
-    a: *const f32,
-    b: *const f32,
+    ops: Operands,
     c: *mut f32,
     ldc: usize,
     bias: *const f32,
     relu: bool,
 ) {
-    // SAFETY: a: packed x block [kc][M]; b: kc × 16; c: M rows (stride
-    // ldc) × 16; bias (if not null): 16.
+    // SAFETY: a: M rows × kc of x at the strides of `ops`; b: kc rows × 16
+    // (f32 panel or FP16 rows of W); c: M rows (stride ldc) × 16; bias (if
+    // not null): 16.
     unsafe {
         let mut c0 = [_mm256_setzero_ps(); M];
         let mut c1 = [_mm256_setzero_ps(); M];
@@ -412,11 +449,24 @@ unsafe fn micro<const M: usize>(
             c0 = [b0; M];
             c1 = [b1; M];
         }
+        let mut ar = [std::ptr::null::<f32>(); M];
+        for (r, ar) in ar.iter_mut().enumerate() {
+            *ar = ops.a.add(r * ops.a_sr);
+        }
         for p in 0..kc {
-            let w0 = _mm256_loadu_ps(b.add(p * NR));
-            let w1 = _mm256_loadu_ps(b.add(p * NR + 8));
+            let (w0, w1) = if HALF {
+                let bp = (ops.b as *const u16).add(p * ops.ldb);
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(bp as *const __m128i)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(bp.add(8) as *const __m128i)),
+                )
+            } else {
+                let bp = (ops.b as *const f32).add(p * NR);
+                (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)))
+            };
+            let off = p * ops.a_sp;
             for r in 0..M {
-                let av = _mm256_broadcast_ss(&*a.add(p * M + r));
+                let av = _mm256_broadcast_ss(&*ar[r].add(off));
                 c0[r] = _mm256_fmadd_ps(av, w0, c0[r]);
                 c1[r] = _mm256_fmadd_ps(av, w1, c1[r]);
             }
