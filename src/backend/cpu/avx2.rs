@@ -195,9 +195,11 @@ unsafe fn gemv_chunk<const M: usize, const NV: usize>(
 // ---------------------------------------------------------------- GEMM
 
 /// Up to this many rows the GEMM converts W inside the microkernel instead
-/// of packing it: with two row blocks or fewer the panel would be reused too
-/// little to pay for its stores and reloads.
-const DIRECT_W_ROWS_MAX: usize = 2 * MR;
+/// of packing it into an f32 panel: `vcvtph2ps` from memory runs beside the
+/// FMAs, so converting a strip once per row block costs less than the
+/// panel's stores and reloads until there are many row blocks. Measured on
+/// bench_ens: direct wins clearly at 8 and 32 rows, the two tie at 128.
+const DIRECT_W_ROWS_MAX: usize = 6 * MR;
 
 /// Rows of the `i`-th of `blocks` row blocks, sizes as even as possible
 /// (8 rows → 4 + 4, not 6 + 2: a 2-row block wastes most of the FMA slots).
