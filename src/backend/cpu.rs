@@ -9,8 +9,9 @@
 //! Kernels (one dense layer `y = x @ W + b`, relu/identity fused in the store):
 //! - [`CpuKernel::Avx2`] (`cpu/avx2.rs`, x86_64 with AVX2+FMA+F16C): GEMV that
 //!   streams FP16 rows of W through `vcvtph2ps` for 1–4 rows; for more rows a
-//!   GEMM that converts a `KC × 16` panel of W to f32 once into an L1-resident
-//!   scratch and reuses it for every 6-row block of the batch.
+//!   6×16 register-blocked GEMM over packed x, which for large batches
+//!   converts each `KC × 16` block of W to f32 once into an L1-resident panel
+//!   reused by every row block (details in `cpu/avx2.rs`).
 //! - [`CpuKernel::Portable`] (`cpu/portable.rs`): plain Rust, correct on
 //!   every target; also converts a block of W rows once per batch.
 //!

@@ -5,12 +5,14 @@
 //!   of accumulators (rows × column chunk) that stays in registers for the
 //!   whole k loop.
 //! - more rows: GEMM (Goto-style). For each `KC`-deep block, the batch's
-//!   slice of x is packed once (L2-resident, reused by every column strip);
-//!   for each 16-column strip the FP16 block of W is converted once into a
-//!   `KC × 16` f32 panel (16 KiB, L1-resident) and every row block (≤ 6
-//!   rows, sizes balanced) runs a 6×16 register microkernel over it (12 ymm
-//!   accumulators, 2 panel loads and 6 broadcasts per 12 FMAs). The FP16
-//!   conversion is thus amortised over the batch.
+//!   slice of x is packed once (L2-resident, reused by every 16-column
+//!   strip; skipped when there is only one strip). Every row block (≤ 6
+//!   rows, sizes balanced) runs a 6×16 register microkernel (12 ymm
+//!   accumulators, 2 W loads and 6 broadcasts per 12 FMAs) over the strip.
+//!   Up to `DIRECT_W_ROWS_MAX` rows the microkernel converts the FP16 W
+//!   itself (`vcvtph2ps` from memory); beyond, the strip's block of W is
+//!   converted once into a `KC × 16` f32 panel (16 KiB, L1-resident) that
+//!   every row block reuses, amortising the conversion over the batch.
 //!
 //! Bias is loaded into the accumulators at the first k block; relu is
 //! applied in the store of the last.
