@@ -9,7 +9,7 @@
 //! Kernels (one dense layer `y = x @ W + b`, relu/identity fused in the store):
 //! - [`CpuKernel::Avx2`] (`cpu/avx2.rs`, x86_64 with AVX2+FMA+F16C): GEMV that
 //!   streams FP16 rows of W through `vcvtph2ps` for 1–4 rows; for more rows a
-//!   6×16 register-blocked GEMM over packed x, which for large batches
+//!   6×16 register-blocked GEMM, which for large batches
 //!   converts each `KC × 16` block of W to f32 once into an L1-resident panel
 //!   reused by every row block (details in `cpu/avx2.rs`).
 //! - [`CpuKernel::Portable`] (`cpu/portable.rs`): plain Rust, correct on
@@ -69,7 +69,7 @@ pub struct CpuBackend {
     /// (the last layer writes the caller's output directly).
     act: [Vec<f32>; 2],
     /// Packed f32 copy of a block of W, rebuilt per layer and reused across
-    /// the batch's rows. Sized by the kernel (`panel_len`).
+    /// the batch's rows. Sized by the kernel (`PANEL_LEN`, `portable::panel_len`).
     panel: Vec<f32>,
 }
 
@@ -123,7 +123,7 @@ impl CpuBackend {
             .iter()
             .map(|l| match self.kernel {
                 #[cfg(target_arch = "x86_64")]
-                CpuKernel::Avx2 => avx2::panel_len(rows),
+                CpuKernel::Avx2 => avx2::PANEL_LEN,
                 #[cfg(not(target_arch = "x86_64"))]
                 CpuKernel::Avx2 => 0,
                 CpuKernel::Portable => portable::panel_len(l.in_dim, l.out_dim),
@@ -144,7 +144,7 @@ impl CpuBackend {
                 // SAFETY: `CpuKernel::Avx2` is only constructed after
                 // `detect()` saw avx2, fma and f16c; `run` checked every
                 // length (x: rows×in, W: in×out, bias: out, y: rows×out) and
-                // `reserve` sized the panel to `avx2::panel_len(rows)`.
+                // `reserve` sized the panel to `avx2::PANEL_LEN`.
                 unsafe {
                     avx2::dense(
                         x,

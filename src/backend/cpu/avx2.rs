@@ -4,15 +4,14 @@
 //!   converted with `vcvtph2ps` straight from memory and FMA'd into a block
 //!   of accumulators (rows × column chunk) that stays in registers for the
 //!   whole k loop.
-//! - more rows: GEMM (Goto-style). For each `KC`-deep block, the batch's
-//!   slice of x is packed once (L2-resident, reused by every 16-column
-//!   strip; skipped when there is only one strip). Every row block (≤ 6
-//!   rows, sizes balanced) runs a 6×16 register microkernel (12 ymm
-//!   accumulators, 2 W loads and 6 broadcasts per 12 FMAs) over the strip.
-//!   Up to `DIRECT_W_ROWS_MAX` rows the microkernel converts the FP16 W
-//!   itself (`vcvtph2ps` from memory); beyond, the strip's block of W is
-//!   converted once into a `KC × 16` f32 panel (16 KiB, L1-resident) that
-//!   every row block reuses, amortising the conversion over the batch.
+//! - more rows: GEMM. For each `KC`-deep block and each 16-column strip,
+//!   every row block (≤ 6 rows, sizes balanced) runs a 6×16 register
+//!   microkernel (12 ymm accumulators, 2 W loads and 6 broadcasts of x per
+//!   12 FMAs) over the strip. Up to `DIRECT_W_ROWS_MAX` rows the
+//!   microkernel converts the FP16 W itself (`vcvtph2ps` from memory);
+//!   beyond, the strip's block of W is converted once into a `KC × 16` f32
+//!   panel (16 KiB, L1-resident) that every row block reuses, amortising the
+//!   conversion over the batch.
 //!
 //! Bias is loaded into the accumulators at the first k block; relu is
 //! applied in the store of the last.
@@ -21,7 +20,7 @@
 //! Every function here needs AVX2, FMA and F16C at run time (the caller
 //! checked them) and the lengths `run` checked: `x.len() >= rows*k`,
 //! `w.len() == k*n`, `bias.len() == n`, `y.len() >= rows*n`,
-//! `panel.len() >= panel_len(rows)`.
+//! `panel.len() >= PANEL_LEN`.
 
 use half::f16;
 use std::arch::x86_64::*;
@@ -32,11 +31,8 @@ const MR: usize = 6;
 const NR: usize = 16;
 /// Depth of a packed panel: `KC × NR × 4` bytes = 16 KiB, half of Zen 3's L1d.
 const KC: usize = 256;
-/// f32 elements of scratch the GEMM needs at `rows` rows: the W panel
-/// (`KC × NR`) and the packed `rows × KC` slice of x.
-pub(super) fn panel_len(rows: usize) -> usize {
-    KC * NR + rows * KC
-}
+/// f32 elements of scratch the GEMM needs: one W panel (`KC × NR`).
+pub(super) const PANEL_LEN: usize = KC * NR;
 /// Up to this many rows the GEMV path (no packing) is faster.
 const GEMV_ROWS_MAX: usize = 4;
 
@@ -58,7 +54,7 @@ pub(super) unsafe fn dense(
     panel: &mut [f32],
 ) {
     debug_assert!(x.len() >= rows * k && w.len() == k * n && bias.len() == n);
-    debug_assert!(y.len() >= rows * n && panel.len() >= panel_len(rows));
+    debug_assert!(y.len() >= rows * n && panel.len() >= PANEL_LEN);
     if n == 0 || rows == 0 {
         return;
     }
@@ -213,10 +209,9 @@ fn block_rows(rows: usize, blocks: usize, i: usize) -> usize {
 /// Where a microkernel reads its operands.
 #[derive(Clone, Copy)]
 struct Operands {
-    /// x element (p, r) of the row block is at `a + p*a_sp + r*a_sr`.
+    /// x element (r, p) of the row block is at `a + r*lda + p`.
     a: *const f32,
-    a_sp: usize,
-    a_sr: usize,
+    lda: usize,
     /// W: an f32 panel `[kc][NR]` (`half == false`), or FP16 rows of W with
     /// stride `ldb` converted on the fly (`half == true`).
     b: *const u8,
@@ -224,12 +219,12 @@ struct Operands {
     half: bool,
 }
 
-/// Goto-style loop nest: for each `KC`-deep block, pack the batch's slice of
-/// x once (row block by row block, interleaved so the microkernel's
-/// broadcasts walk one contiguous stream) where more than one column strip
-/// will reuse it; then for each 16-column strip convert the FP16 block of W
-/// into an L1 panel (or, for small batches, let the microkernel convert it)
-/// and run every row block over it.
+/// Loop nest: for each `KC`-deep block (the batch's slice of x then stays
+/// in L2 across all column strips), for each 16-column strip, convert the
+/// FP16 block of W into an L1 panel (or, for small batches, let the
+/// microkernel convert it) and run every row block over it. x is read in
+/// place: packing it into a contiguous stream measured ~2% slower, its
+/// copy costing more than the six row streams do.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn gemm(
@@ -244,33 +239,16 @@ unsafe fn gemm(
     panel: *mut f32,
 ) {
     let blocks = rows.div_ceil(MR);
-    let pack_x = n > NR;
     let direct_w = rows <= DIRECT_W_ROWS_MAX;
     let wpanel = panel;
-    // SAFETY: module contract; the panel holds KC*NR + rows*KC f32
-    // (`panel_len`); jb < n, kb < k, row blocks partition 0..rows.
+    // SAFETY: module contract; the panel holds KC*NR f32; jb < n, kb < k,
+    // row blocks partition 0..rows.
     unsafe {
-        let xpack = panel.add(KC * NR);
         let mut kb = 0;
         while kb < k {
             let kc = KC.min(k - kb);
             let first = kb == 0;
             let last = kb + kc == k;
-            if pack_x {
-                // Block of mr rows lives at xpack + ib*kc as [kc][mr].
-                let mut ib = 0;
-                for bi in 0..blocks {
-                    let mr = block_rows(rows, blocks, bi);
-                    let dst = xpack.add(ib * kc);
-                    for r in 0..mr {
-                        let src = x.add((ib + r) * k + kb);
-                        for p in 0..kc {
-                            *dst.add(p * mr + r) = *src.add(p);
-                        }
-                    }
-                    ib += mr;
-                }
-            }
             let mut jb = 0;
             while jb < n {
                 let nc = NR.min(n - jb);
@@ -283,15 +261,9 @@ unsafe fn gemm(
                 let mut ib = 0;
                 for bi in 0..blocks {
                     let mr = block_rows(rows, blocks, bi);
-                    let (a, a_sp, a_sr) = if pack_x {
-                        (xpack.add(ib * kc) as *const f32, mr, 1)
-                    } else {
-                        (x.add(ib * k + kb), 1, k)
-                    };
                     let ops = Operands {
-                        a,
-                        a_sp,
-                        a_sr,
+                        a: x.add(ib * k + kb),
+                        lda: k,
                         b,
                         ldb,
                         half,
@@ -455,7 +427,7 @@ unsafe fn micro<const M: usize, const HALF: bool>(
         }
         let mut ar = [std::ptr::null::<f32>(); M];
         for (r, ar) in ar.iter_mut().enumerate() {
-            *ar = ops.a.add(r * ops.a_sr);
+            *ar = ops.a.add(r * ops.lda);
         }
         for p in 0..kc {
             let (w0, w1) = if HALF {
@@ -468,9 +440,8 @@ unsafe fn micro<const M: usize, const HALF: bool>(
                 let bp = (ops.b as *const f32).add(p * NR);
                 (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)))
             };
-            let off = p * ops.a_sp;
             for r in 0..M {
-                let av = _mm256_broadcast_ss(&*ar[r].add(off));
+                let av = _mm256_broadcast_ss(&*ar[r].add(p));
                 c0[r] = _mm256_fmadd_ps(av, w0, c0[r]);
                 c1[r] = _mm256_fmadd_ps(av, w1, c1[r]);
             }
