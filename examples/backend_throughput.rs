@@ -2,7 +2,7 @@
 //! the same input), one line per batch size, easy to parse
 //! (`perf/ort_compare.py` reads it).
 //!
-//! `cargo run --release --example backend_throughput -- [--portable] [--secs S] [--batches 1,8,32,128]`
+//! `cargo run --release --example backend_throughput -- [--portable] [--secs S] [--batches 1,8,32,128] [--act gelu]`
 //! Output lines: `batch <rows> rows_per_s <f> gflops <f> rows_per_cpu_s <f>`;
 //! the best of three trials of S/3 seconds each is printed (the least
 //! disturbed by neighbours). `rows_per_cpu_s` divides by this thread's CPU
@@ -18,12 +18,14 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let mut portable = false;
+    let mut act: Option<String> = None;
     let mut secs = 3.0f64;
     let mut batches = vec![1usize, 8, 32, 128];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--portable" => portable = true,
+            "--act" => act = args.next(),
             "--secs" => secs = args.next().and_then(|s| s.parse().ok()).expect("--secs S"),
             "--batches" => {
                 batches = args
@@ -38,7 +40,19 @@ fn main() {
             other => panic!("unknown argument {other}"),
         }
     }
-    let models = bench_models();
+    let mut models = bench_models();
+    if let Some(act) = &act {
+        // Same shapes and weights, another hidden activation (e.g. `gelu`).
+        let act: beast::model::Activation =
+            serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<
+                serde::de::value::Error,
+            >::new(act))
+            .expect("--act identity|relu|gelu|tanh|sigmoid");
+        for m in &mut models {
+            let last = m.layers.len() - 1;
+            m.layers[..last].iter_mut().for_each(|l| l.activation = act);
+        }
+    }
     let flops_per_row: u64 = models.iter().map(|m| m.flops_per_row()).sum();
     let width = models[0].input_width;
     let mut backend = if portable {

@@ -227,7 +227,13 @@ impl Backend for CpuBackend {
             let relu = fused && layer.activation == Activation::Relu;
             self.dense(x, rows, layer, y, relu);
             if !fused {
-                row_epilogue(y, n, layer.layer_norm.as_ref(), layer.activation);
+                row_epilogue(
+                    self.kernel,
+                    y,
+                    n,
+                    layer.layer_norm.as_ref(),
+                    layer.activation,
+                );
             }
         }
         self.act = [a0, a1];
@@ -271,7 +277,13 @@ fn check_shapes(
 }
 
 /// Layer norm and the activations the kernels do not fuse, one row at a time.
-fn row_epilogue(y: &mut [f32], n: usize, ln: Option<&LayerNorm>, act: Activation) {
+fn row_epilogue(
+    kernel: CpuKernel,
+    y: &mut [f32],
+    n: usize,
+    ln: Option<&LayerNorm>,
+    act: Activation,
+) {
     if n == 0 {
         return;
     }
@@ -279,6 +291,14 @@ fn row_epilogue(y: &mut [f32], n: usize, ln: Option<&LayerNorm>, act: Activation
         if let Some(ln) = ln {
             layer_norm(row, ln);
         }
+        #[cfg(target_arch = "x86_64")]
+        if kernel == CpuKernel::Avx2 {
+            // SAFETY: `CpuKernel::Avx2` exists only where avx2+fma+f16c were detected.
+            unsafe { avx2::activate(row, act) };
+            continue;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = kernel;
         match act {
             Activation::Identity => {}
             Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
