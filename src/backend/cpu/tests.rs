@@ -327,7 +327,8 @@ fn avx2_activations_match_f64_formulas() {
         .map(|i| i as f32 * 0.005)
         .chain([-1e3, -100.0, -89.0, 89.0, 100.0, 1e3, 1e-7, -1e-7, 0.0])
         .collect();
-    let cases: [(Activation, fn(f64) -> f64); 3] = [
+    type Formula = fn(f64) -> f64;
+    let cases: [(Activation, Formula); 3] = [
         (Activation::Gelu, |x| {
             0.5 * x * (1.0 + (GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh())
         }),
@@ -341,7 +342,10 @@ fn avx2_activations_match_f64_formulas() {
         for (&x, &got) in xs.iter().zip(&v) {
             let want = f(x as f64);
             let err = (got as f64 - want).abs();
-            assert!(err <= 2e-5 + 1e-5 * want.abs(), "{act:?}({x}) = {got}, want {want}");
+            assert!(
+                err <= 2e-5 + 1e-5 * want.abs(),
+                "{act:?}({x}) = {got}, want {want}"
+            );
         }
     }
 }
