@@ -2,9 +2,12 @@
 //! the same input), one line per batch size, easy to parse
 //! (`perf/ort_compare.py` reads it).
 //!
-//! `cargo run --release --example backend_throughput -- [--portable] [--secs S] [--batches 1,8,32,128]`
-//! Output lines: `batch <rows> rows_per_s <f> gflops <f>`; the best of three
-//! trials of S/3 seconds each is printed (the least disturbed by neighbours).
+//! `cargo run --release --example backend_throughput -- [--portable] [--secs S] [--batches 1,8,32,128] [--act gelu]`
+//! Output lines: `batch <rows> rows_per_s <f> gflops <f> rows_per_cpu_s <f>`;
+//! the best of three trials of S/3 seconds each is printed (the least
+//! disturbed by neighbours). `rows_per_cpu_s` divides by this thread's CPU
+//! time instead of wall time, so time slices lost to other processes on a
+//! shared core do not count (cache pollution by them still does).
 
 use beast::backend::cpu::CpuBackend;
 use beast::backend::Backend;
@@ -15,12 +18,14 @@ use std::time::{Duration, Instant};
 
 fn main() {
     let mut portable = false;
+    let mut act: Option<String> = None;
     let mut secs = 3.0f64;
     let mut batches = vec![1usize, 8, 32, 128];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--portable" => portable = true,
+            "--act" => act = args.next(),
             "--secs" => secs = args.next().and_then(|s| s.parse().ok()).expect("--secs S"),
             "--batches" => {
                 batches = args
@@ -35,7 +40,19 @@ fn main() {
             other => panic!("unknown argument {other}"),
         }
     }
-    let models = bench_models();
+    let mut models = bench_models();
+    if let Some(act) = &act {
+        // Same shapes and weights, another hidden activation (e.g. `gelu`).
+        let act: beast::model::Activation =
+            serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<
+                serde::de::value::Error,
+            >::new(act))
+            .expect("--act identity|relu|gelu|tanh|sigmoid");
+        for m in &mut models {
+            let last = m.layers.len() - 1;
+            m.layers[..last].iter_mut().for_each(|l| l.activation = act);
+        }
+    }
     let flops_per_row: u64 = models.iter().map(|m| m.flops_per_row()).sum();
     let width = models[0].input_width;
     let mut backend = if portable {
@@ -61,11 +78,10 @@ fn main() {
             run_once(&mut backend);
         }
         let trial = Duration::from_secs_f64(secs / 3.0);
-        let mut best = 0.0f64;
-        let mut best_cpu = 0.0f64;
+        let (mut best, mut best_cpu) = (0.0f64, 0.0f64);
         for _ in 0..3 {
             let start = Instant::now();
-            let cpu0 = thread_cpu_s();
+            let cpu_start = thread_cpu_s();
             let mut iters = 0u64;
             while start.elapsed() < trial {
                 for _ in 0..8 {
@@ -73,12 +89,10 @@ fn main() {
                 }
                 iters += 8;
             }
-            let rows_done = (iters * rows as u64) as f64;
-            best = best.max(rows_done / start.elapsed().as_secs_f64());
-            best_cpu = best_cpu.max(rows_done / (thread_cpu_s() - cpu0).max(1e-9));
+            let done = (iters * rows as u64) as f64;
+            best = best.max(done / start.elapsed().as_secs_f64());
+            best_cpu = best_cpu.max(done / (thread_cpu_s() - cpu_start));
         }
-        // rows_per_cpu_s: rows per second of this thread's own CPU time,
-        // which a neighbour on the same core does not inflate.
         println!(
             "batch {rows} rows_per_s {best:.1} gflops {:.3} rows_per_cpu_s {best_cpu:.1}",
             best * flops_per_row as f64 / 1e9
@@ -86,13 +100,13 @@ fn main() {
     }
 }
 
-/// CPU time of the calling thread, seconds.
+/// CPU time of the calling thread, in seconds.
 fn thread_cpu_s() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: clock_gettime writes the timespec we own.
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }

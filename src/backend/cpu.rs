@@ -9,8 +9,9 @@
 //! Kernels (one dense layer `y = x @ W + b`, relu/identity fused in the store):
 //! - [`CpuKernel::Avx2`] (`cpu/avx2.rs`, x86_64 with AVX2+FMA+F16C): GEMV that
 //!   streams FP16 rows of W through `vcvtph2ps` for 1–4 rows; for more rows a
-//!   GEMM that converts a `KC × 16` panel of W to f32 once into an L1-resident
-//!   scratch and reuses it for every 6-row block of the batch.
+//!   6×16 register-blocked GEMM, which for large batches
+//!   converts each `KC × 16` block of W to f32 once into an L1-resident panel
+//!   reused by every row block (details in `cpu/avx2.rs`).
 //! - [`CpuKernel::Portable`] (`cpu/portable.rs`): plain Rust, correct on
 //!   every target; also converts a block of W rows once per batch.
 //!
@@ -68,7 +69,7 @@ pub struct CpuBackend {
     /// (the last layer writes the caller's output directly).
     act: [Vec<f32>; 2],
     /// Packed f32 copy of a block of W, rebuilt per layer and reused across
-    /// the batch's rows. Sized by the kernel (`panel_len`).
+    /// the batch's rows. Sized by the kernel (`PANEL_LEN`, `portable::panel_len`).
     panel: Vec<f32>,
 }
 
@@ -122,7 +123,7 @@ impl CpuBackend {
             .iter()
             .map(|l| match self.kernel {
                 #[cfg(target_arch = "x86_64")]
-                CpuKernel::Avx2 => avx2::panel_len(rows),
+                CpuKernel::Avx2 => avx2::PANEL_LEN,
                 #[cfg(not(target_arch = "x86_64"))]
                 CpuKernel::Avx2 => 0,
                 CpuKernel::Portable => portable::panel_len(l.in_dim, l.out_dim),
@@ -143,7 +144,7 @@ impl CpuBackend {
                 // SAFETY: `CpuKernel::Avx2` is only constructed after
                 // `detect()` saw avx2, fma and f16c; `run` checked every
                 // length (x: rows×in, W: in×out, bias: out, y: rows×out) and
-                // `reserve` sized the panel to `avx2::panel_len(rows)`.
+                // `reserve` sized the panel to `avx2::PANEL_LEN`.
                 unsafe {
                     avx2::dense(
                         x,
@@ -226,7 +227,13 @@ impl Backend for CpuBackend {
             let relu = fused && layer.activation == Activation::Relu;
             self.dense(x, rows, layer, y, relu);
             if !fused {
-                row_epilogue(y, n, layer.layer_norm.as_ref(), layer.activation);
+                row_epilogue(
+                    self.kernel,
+                    y,
+                    n,
+                    layer.layer_norm.as_ref(),
+                    layer.activation,
+                );
             }
         }
         self.act = [a0, a1];
@@ -270,7 +277,13 @@ fn check_shapes(
 }
 
 /// Layer norm and the activations the kernels do not fuse, one row at a time.
-fn row_epilogue(y: &mut [f32], n: usize, ln: Option<&LayerNorm>, act: Activation) {
+fn row_epilogue(
+    kernel: CpuKernel,
+    y: &mut [f32],
+    n: usize,
+    ln: Option<&LayerNorm>,
+    act: Activation,
+) {
     if n == 0 {
         return;
     }
@@ -278,6 +291,14 @@ fn row_epilogue(y: &mut [f32], n: usize, ln: Option<&LayerNorm>, act: Activation
         if let Some(ln) = ln {
             layer_norm(row, ln);
         }
+        #[cfg(target_arch = "x86_64")]
+        if kernel == CpuKernel::Avx2 {
+            // SAFETY: `CpuKernel::Avx2` exists only where avx2+fma+f16c were detected.
+            unsafe { avx2::activate(row, act) };
+            continue;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = kernel;
         match act {
             Activation::Identity => {}
             Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),

@@ -313,3 +313,39 @@ fn model_without_layers_applies_only_the_transform() {
         assert_close(&run(&mut b, &m, &x, 2), &want, b.name());
     }
 }
+
+/// The vectorised activations (exp polynomial) against f64 over a wide range,
+/// tails included, with a tolerance 100× tighter than the model tests.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_activations_match_f64_formulas() {
+    use super::{GELU_CUBIC, GELU_SQRT_2_OVER_PI};
+    if CpuKernel::detect() != CpuKernel::Avx2 {
+        return;
+    }
+    let xs: Vec<f32> = (-20_000..=20_000)
+        .map(|i| i as f32 * 0.005)
+        .chain([-1e3, -100.0, -89.0, 89.0, 100.0, 1e3, 1e-7, -1e-7, 0.0])
+        .collect();
+    type Formula = fn(f64) -> f64;
+    let cases: [(Activation, Formula); 3] = [
+        (Activation::Gelu, |x| {
+            0.5 * x * (1.0 + (GELU_SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh())
+        }),
+        (Activation::Tanh, f64::tanh),
+        (Activation::Sigmoid, |x| 1.0 / (1.0 + (-x).exp())),
+    ];
+    for (act, f) in cases {
+        let mut v = xs.clone();
+        // SAFETY: AVX2+FMA+F16C detected above.
+        unsafe { super::avx2::activate(&mut v, act) };
+        for (&x, &got) in xs.iter().zip(&v) {
+            let want = f(x as f64);
+            let err = (got as f64 - want).abs();
+            assert!(
+                err <= 2e-5 + 1e-5 * want.abs(),
+                "{act:?}({x}) = {got}, want {want}"
+            );
+        }
+    }
+}
