@@ -22,7 +22,7 @@ use beast::backend::cpu::CpuBackend;
 use beast::backend::cuda::{CudaBackend, Precision};
 use beast::backend::reference::forward_f64;
 use beast::backend::{Backend, BackendError};
-use beast::model::{Activation, LayerNorm, Model, OutputTransform};
+use beast::model::{Activation, Model, OutputTransform};
 use rand::{Rng, SeedableRng};
 
 const BATCHES: &[usize] = &[1, 7, 32, 128, 1000];
@@ -54,25 +54,7 @@ const SHAPES: &[&[usize]] = &[
 
 fn model(dims: &[usize], act: Activation, ln: bool, out: OutputTransform, seed: u64) -> Model {
     // Unique names keep the backend's model cache honest across cases.
-    let name = format!("t{seed}");
-    let mut m = Model::random(&name, dims, act, out, seed);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
-    let last = m.layers.len() - 1;
-    for (i, l) in m.layers.iter_mut().enumerate() {
-        l.activation = act;
-        if ln && (i < last || l.out_dim > 1) {
-            l.layer_norm = Some(LayerNorm {
-                gamma: (0..l.out_dim)
-                    .map(|_| rng.random_range(0.5f32..1.5))
-                    .collect(),
-                beta: (0..l.out_dim)
-                    .map(|_| rng.random_range(-0.2f32..0.2))
-                    .collect(),
-                eps: 1e-5,
-            });
-        }
-    }
-    m
+    Model::random_with_layer_norm(&format!("t{seed}"), dims, act, ln, out, seed)
 }
 
 fn input(rows: usize, width: usize, seed: u64) -> Vec<f32> {

@@ -207,6 +207,40 @@ impl Model {
     }
 }
 
+impl Model {
+    /// [`Model::random`] with `act` on every layer (the last too) and, when
+    /// `ln`, a seeded layer norm on every layer wider than one output. The
+    /// CPU and CUDA backend tests both check exactly these models.
+    pub fn random_with_layer_norm(
+        name: &str,
+        dims: &[usize],
+        act: Activation,
+        ln: bool,
+        output: OutputTransform,
+        seed: u64,
+    ) -> Model {
+        use rand::{Rng, SeedableRng};
+        let mut m = Model::random(name, dims, act, output, seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+        let last = m.layers.len() - 1;
+        for (i, l) in m.layers.iter_mut().enumerate() {
+            l.activation = act;
+            if ln && (i < last || l.out_dim > 1) {
+                l.layer_norm = Some(LayerNorm {
+                    gamma: (0..l.out_dim)
+                        .map(|_| rng.random_range(0.5f32..1.5))
+                        .collect(),
+                    beta: (0..l.out_dim)
+                        .map(|_| rng.random_range(-0.2f32..0.2))
+                        .collect(),
+                    eps: 1e-5,
+                });
+            }
+        }
+        m
+    }
+}
+
 /// A named ensemble as declared in `ensembles.toml`.
 #[derive(Debug, Clone)]
 pub struct EnsembleSpec {

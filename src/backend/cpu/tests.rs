@@ -12,7 +12,7 @@
 use super::{CpuBackend, CpuKernel};
 use crate::backend::reference::forward_f64;
 use crate::backend::{Backend, BackendError};
-use crate::model::{Activation, LayerNorm, Model, OutputTransform};
+use crate::model::{Activation, Model, OutputTransform};
 use rand::{Rng, SeedableRng};
 
 const ABS_TOL: f64 = 2e-3;
@@ -47,25 +47,7 @@ const SHAPES: &[&[usize]] = &[
 ];
 
 fn model(dims: &[usize], act: Activation, ln: bool, out: OutputTransform, seed: u64) -> Model {
-    let mut m = Model::random("t", dims, act, out, seed);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
-    let last = m.layers.len() - 1;
-    for (i, l) in m.layers.iter_mut().enumerate() {
-        // Every layer (the last too) gets the activation under test.
-        l.activation = act;
-        if ln && (i < last || l.out_dim > 1) {
-            l.layer_norm = Some(LayerNorm {
-                gamma: (0..l.out_dim)
-                    .map(|_| rng.random_range(0.5f32..1.5))
-                    .collect(),
-                beta: (0..l.out_dim)
-                    .map(|_| rng.random_range(-0.2f32..0.2))
-                    .collect(),
-                eps: 1e-5,
-            });
-        }
-    }
-    m
+    Model::random_with_layer_norm("t", dims, act, ln, out, seed)
 }
 
 fn input(rows: usize, width: usize, seed: u64) -> Vec<f32> {
