@@ -7,8 +7,9 @@
 //!
 //! Every field is folded into a 64-bit chain with its one-byte tag and its
 //! length in the seed, so two different field sequences do not hash alike
-//! (`("ab","c")` vs `("a","bc")`); the input bytes are hashed once with
-//! xxh3-128 seeded by that chain.
+//! (`("ab","c")` vs `("a","bc")`); the input bytes are hashed once to a
+//! 128-bit digest (shared by every key of the request), which is then
+//! hashed with xxh3-128 seeded by that chain.
 //!
 //! # Collision probability
 //!
@@ -24,7 +25,7 @@
 //!
 //! The builder never allocates: it is two words on the stack.
 
-use xxhash_rust::xxh3::{xxh3_128_with_seed, xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::{xxh3_128, xxh3_128_with_seed, xxh3_64, xxh3_64_with_seed};
 
 /// A 128-bit fingerprint of (target, models, input).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, PartialOrd, Ord)]
@@ -48,6 +49,13 @@ impl CacheKey {
     }
 }
 
+/// The 128-bit digest of a request's input bytes (xxh3-128), the part of
+/// every key built from that input.
+#[inline]
+pub fn input_digest(bytes: &[u8]) -> u128 {
+    xxh3_128(bytes)
+}
+
 /// The 64-bit tag of a target name, stored beside each L2 entry so that
 /// [`crate::cache::L2Cache::purge_target`] can drop one target's entries.
 #[inline]
@@ -68,8 +76,9 @@ const TAG_GENERATION: u8 = 6;
 ///
 /// Each metadata field (target, models, ensemble fingerprint, generation,
 /// shape) is folded into a 64-bit chain with one-shot xxh3-64, seeded by the
-/// chain so far and by the field's tag and length; the input bytes are then
-/// hashed once with xxh3-128 seeded by the chain. One-shot hashing of small
+/// chain so far and by the field's tag and length; the input's 128-bit
+/// digest ([`input_digest`]) is then hashed with xxh3-128 seeded by the
+/// chain. One-shot hashing of small
 /// fields is several times cheaper than a streaming state (measured in
 /// benches/cache.rs, "build a key"), and it is on every cache lookup.
 ///
@@ -145,11 +154,18 @@ impl KeyBuilder {
         self
     }
 
-    /// The raw input bytes (call last: hashed once, here).
+    /// The raw input bytes.
     #[inline]
-    pub fn input(mut self, bytes: &[u8]) -> Self {
-        let seed = self.acc.rotate_left(7) ^ ((TAG_INPUT as u64) << 56) ^ (bytes.len() as u64);
-        let h = xxh3_128_with_seed(bytes, seed);
+    pub fn input(self, bytes: &[u8]) -> Self {
+        self.input_digest(input_digest(bytes))
+    }
+
+    /// The input by its [`input_digest`]: a request whose input goes into
+    /// several keys (an ensemble and each of its members) hashes it once.
+    #[inline]
+    pub fn input_digest(mut self, digest: u128) -> Self {
+        let seed = self.acc.rotate_left(7) ^ ((TAG_INPUT as u64) << 56) ^ 16;
+        let h = xxh3_128_with_seed(&digest.to_le_bytes(), seed);
         self.acc = absorb(self.acc, TAG_INPUT, &h.to_le_bytes());
         self.input = Some((h, self.acc));
         self
@@ -211,6 +227,15 @@ mod tests {
         assert_ne!(
             KeyBuilder::new("t").input(&[]).finish(),
             KeyBuilder::new("t").finish()
+        );
+        // A digest taken once builds the same key as the bytes themselves.
+        let x = [9u8; 40];
+        assert_eq!(
+            KeyBuilder::new("t").model("m", 1).input(&x).finish(),
+            KeyBuilder::new("t")
+                .model("m", 1)
+                .input_digest(input_digest(&x))
+                .finish()
         );
         let kk = CacheKey(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
         assert_eq!(CacheKey::from_parts(kk.lo(), kk.hi()), kk);

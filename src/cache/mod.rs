@@ -18,7 +18,7 @@ pub mod l2;
 pub mod metrics;
 
 pub use coalesce::{Begin, CoalesceConfig, Coalescer, Drain};
-pub use key::{target_tag, CacheKey, KeyBuilder};
+pub use key::{input_digest, target_tag, CacheKey, KeyBuilder};
 pub use l1::{L1Cache, L1Config};
 pub use l2::{inspect, unix_now, Geometry, L2Cache, L2Config, OpenReport};
 pub use metrics::{CoalesceStats, L1Stats, L2Stats};

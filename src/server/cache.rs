@@ -8,13 +8,13 @@
 
 use super::conn::Conn;
 use crate::cache::{
-    target_tag, unix_now, Begin, CacheKey, CoalesceConfig, Coalescer, KeyBuilder, L1Cache,
-    L1Config, L2Cache, L2Config,
+    input_digest, target_tag, unix_now, Begin, CacheKey, CoalesceConfig, Coalescer, KeyBuilder,
+    L1Cache, L1Config, L2Cache, L2Config,
 };
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::wire::{CacheControl, DType, RequestView};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,6 +146,10 @@ pub(crate) struct ShardCache {
     value_max: usize,
     /// A value read from L1/L2 lands here (value_max f32s).
     pub buf: RefCell<Vec<f32>>,
+    /// The current request's input digest (address and length of the input
+    /// it was taken from), so an ensemble and its members hash the input
+    /// once; cleared by `begin_request`.
+    digest: Cell<Option<(usize, usize, u128)>>,
 }
 
 impl ShardCache {
@@ -168,6 +172,7 @@ impl ShardCache {
             coalescer: RefCell::new(coalescer),
             value_max: c.value_f32_max,
             buf: RefCell::new(vec![0.0; c.value_f32_max]),
+            digest: Cell::new(None),
         })
     }
 
@@ -209,8 +214,25 @@ impl ShardCache {
         let k = models(KeyBuilder::new(target))
             .generation(self.shared.generation(policy.generation))
             .shape(req.rows, req.cols, dtype)
-            .input(req.input);
+            .input_digest(self.digest_of(req.input));
         Some(k.finish())
+    }
+
+    /// A new request begins: forget the previous one's input digest.
+    pub fn begin_request(&self) {
+        self.digest.set(None);
+    }
+
+    fn digest_of(&self, input: &[u8]) -> u128 {
+        let at = (input.as_ptr() as usize, input.len());
+        match self.digest.get() {
+            Some((p, n, d)) if (p, n) == at => d,
+            _ => {
+                let d = input_digest(input);
+                self.digest.set(Some((at.0, at.1, d)));
+                d
+            }
+        }
     }
 
     /// Look `key` up in L1 then L2; a hit fills `out` exactly.

@@ -334,6 +334,7 @@ impl Shard {
     /// every problem becomes a response with a status.
     pub fn handle_frame(&self, conn: &Rc<Conn>, body: &[u8], arrival: Instant) {
         self.metrics.begin_request();
+        self.cache.begin_request();
         let req = match wire::decode_incoming(body) {
             Ok(Incoming::Request(r)) => r,
             Ok(Incoming::Feedback(f)) => return self.handle_feedback(conn, &f, arrival),
