@@ -27,19 +27,9 @@ use rand::{Rng, SeedableRng};
 
 const BATCHES: &[usize] = &[1, 7, 32, 128, 1000];
 
-const ACTIVATIONS: [Activation; 5] = [
-    Activation::Identity,
-    Activation::Relu,
-    Activation::Gelu,
-    Activation::Tanh,
-    Activation::Sigmoid,
-];
+const ACTIVATIONS: [Activation; 5] = Activation::ALL;
 
-const TRANSFORMS: [OutputTransform; 3] = [
-    OutputTransform::Identity,
-    OutputTransform::Softmax,
-    OutputTransform::Sigmoid,
-];
+const TRANSFORMS: [OutputTransform; 3] = OutputTransform::ALL;
 
 /// Odd widths everywhere, a 1→1, a wide hidden layer (epilogue loops over
 /// more columns than threads), and a bench-like shape.

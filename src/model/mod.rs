@@ -31,6 +31,16 @@ pub enum Activation {
     Sigmoid,
 }
 
+impl Activation {
+    pub const ALL: [Activation; 5] = [
+        Activation::Identity,
+        Activation::Relu,
+        Activation::Gelu,
+        Activation::Tanh,
+        Activation::Sigmoid,
+    ];
+}
+
 /// Transform applied to the last layer's output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +48,14 @@ pub enum OutputTransform {
     Identity,
     Softmax,
     Sigmoid,
+}
+
+impl OutputTransform {
+    pub const ALL: [OutputTransform; 3] = [
+        OutputTransform::Identity,
+        OutputTransform::Softmax,
+        OutputTransform::Sigmoid,
+    ];
 }
 
 /// FP16 storage that is either a window into a memory-mapped safetensors file

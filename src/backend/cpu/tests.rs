@@ -20,19 +20,9 @@ const REL_TOL: f64 = 1e-3;
 
 const ROWS: &[usize] = &[1, 2, 3, 4, 5, 7, 8, 10, 11, 31, 32, 33, 128, 129];
 
-const ACTIVATIONS: [Activation; 5] = [
-    Activation::Identity,
-    Activation::Relu,
-    Activation::Gelu,
-    Activation::Tanh,
-    Activation::Sigmoid,
-];
+const ACTIVATIONS: [Activation; 5] = Activation::ALL;
 
-const TRANSFORMS: [OutputTransform; 3] = [
-    OutputTransform::Identity,
-    OutputTransform::Softmax,
-    OutputTransform::Sigmoid,
-];
+const TRANSFORMS: [OutputTransform; 3] = OutputTransform::ALL;
 
 /// Odd sizes (remainders everywhere), k beyond one 256-deep panel, a
 /// 16-multiple shape like the bench models, and a degenerate 1→1.
