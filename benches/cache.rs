@@ -10,7 +10,7 @@ const N: u64 = 4096;
 
 fn key(i: u64) -> CacheKey {
     KeyBuilder::new("bench")
-        .model("m", 1)
+        .model("m", 1, 0)
         .input(&i.to_le_bytes())
         .finish()
 }
@@ -58,7 +58,7 @@ fn benches(c: &mut Criterion) {
         let input = [7u8; 64];
         b.iter(|| {
             KeyBuilder::new("bench")
-                .model("m", 1)
+                .model("m", 1, 0)
                 .shape(1, 16, 1)
                 .input(black_box(&input))
                 .finish()

@@ -261,9 +261,10 @@ fn serve(
                 .chain(m.layers.iter().map(|l| l.out_dim.to_string()))
                 .collect();
             eprintln!(
-                "beast:   model {} v{}: {} {:?}, {:.2} MFLOP/row, max_batch {}, max_queue_delay_us {}",
+                "beast:   model {} v{} (digest {}): {} {:?}, {:.2} MFLOP/row, max_batch {}, max_queue_delay_us {}",
                 m.name,
                 m.version,
+                m.short_digest(),
                 dims.join("→"),
                 m.output,
                 m.flops_per_row() as f64 / 1e6,

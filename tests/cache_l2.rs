@@ -37,7 +37,7 @@ fn cleanup(p: &PathBuf) {
 
 fn key(i: u64) -> CacheKey {
     KeyBuilder::new("t")
-        .model("m", 1)
+        .model("m", 1, 0)
         .shape(1, 2, 1)
         .input(&i.to_le_bytes())
         .finish()

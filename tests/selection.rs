@@ -45,7 +45,9 @@ fn constant(name: &str, bias: [f32; C]) -> Model {
         }],
         output: OutputTransform::Softmax,
         batch: batch(50),
+        digest: 0,
     }
+    .with_params_digest()
 }
 
 /// 4 → 64 → 3, expensive: class 1 (sure) when x0 = 1, class 0 (p 0.78) when x0 = 0.
@@ -80,7 +82,9 @@ fn expensive(name: &str, delay_us: u64) -> Model {
         ],
         output: OutputTransform::Softmax,
         batch: batch(delay_us),
+        digest: 0,
     }
+    .with_params_digest()
 }
 
 fn ens(name: &str, members: &[&str], combiner: Combiner, policy: Policy) -> EnsembleSpec {

@@ -1,9 +1,13 @@
 //! Cache keys: a 128-bit xxh3 fingerprint of everything that decides a
-//! prediction — the target name, the exact model versions (or the ensemble
-//! definition fingerprint), and the input's dtype, shape and bytes.
+//! prediction — the target name, each model involved with its exact version
+//! and content digest (xxh3-128 of its `model.toml` and weights bytes, taken
+//! once at load), the ensemble definition fingerprint, and the input's
+//! dtype, shape and bytes.
 //!
-//! Because the model versions are inside the key, a new model version can
-//! never be served a stale answer: its keys are simply different.
+//! Because versions and digests are inside the key, a new model version, or
+//! new weights written into an existing version folder, can never be served
+//! a stale answer (from L1, or from an L2 file kept across restarts): its
+//! keys are simply different. An ensemble's key has every member's.
 //!
 //! Every field is folded into a 64-bit chain with its one-byte tag and its
 //! length in the seed, so two different field sequences do not hash alike
@@ -86,7 +90,7 @@ const TAG_GENERATION: u8 = 6;
 /// use beast::cache::KeyBuilder;
 /// let input = [0u8; 16];
 /// let key = KeyBuilder::new("fraud")
-///     .model("fraud_mlp", 2)
+///     .model("fraud_mlp", 2, 0x5eed)
 ///     .shape(1, 4, 1)
 ///     .input(&input)
 ///     .finish();
@@ -118,12 +122,21 @@ impl KeyBuilder {
         }
     }
 
-    /// One model involved in the answer, with its exact version. Call once
-    /// per member, in a fixed order (the ensemble's member order).
+    /// One model involved in the answer, with its exact version and its
+    /// content digest ([`crate::model::Model::digest`]). Call once per
+    /// member, in a fixed order (the ensemble's member order).
+    ///
+    /// Version and digest go in as one 16-byte field (the digest folded to
+    /// 64 bits, like the rest of the metadata chain): one xxh3-64 call on
+    /// 16 bytes costs what the former 8-byte version field did.
     #[inline]
-    pub fn model(mut self, name: &str, version: u64) -> Self {
+    pub fn model(mut self, name: &str, version: u64, digest: u128) -> Self {
         self.acc = absorb(self.acc, TAG_MODEL, name.as_bytes());
-        self.acc = absorb(self.acc, TAG_MODEL, &version.to_le_bytes());
+        let fold = (digest as u64) ^ ((digest >> 64) as u64);
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&version.to_le_bytes());
+        b[8..].copy_from_slice(&fold.to_le_bytes());
+        self.acc = absorb(self.acc, TAG_MODEL, &b);
         self
     }
 
@@ -188,7 +201,7 @@ mod tests {
 
     fn k(t: &str, m: &str, v: u64, input: &[u8]) -> CacheKey {
         KeyBuilder::new(t)
-            .model(m, v)
+            .model(m, v, 7)
             .shape(1, input.len() as u32 / 4, 1)
             .input(input)
             .finish()
@@ -202,6 +215,16 @@ mod tests {
         assert_ne!(a, k("u", "m", 1, &[1, 2, 3, 4]), "target must change key");
         assert_ne!(a, k("t", "n", 1, &[1, 2, 3, 4]), "model must change key");
         assert_ne!(a, k("t", "m", 1, &[1, 2, 3, 5]), "input must change key");
+        let d = |digest: u128| {
+            KeyBuilder::new("t")
+                .model("m", 1, digest)
+                .shape(1, 1, 1)
+                .input(&[1, 2, 3, 4])
+                .finish()
+        };
+        assert_eq!(a, d(7));
+        assert_ne!(a, d(8), "the digest must change the key");
+        assert_ne!(a, d(7 | 1 << 100), "every half of the digest counts");
         let s1 = KeyBuilder::new("t").shape(2, 1, 1).input(&[0; 8]).finish();
         let s2 = KeyBuilder::new("t").shape(1, 2, 1).input(&[0; 8]).finish();
         assert_ne!(s1, s2, "shape must change key");
@@ -211,15 +234,21 @@ mod tests {
 
     #[test]
     fn cache_key_field_boundaries() {
-        let a = KeyBuilder::new("ab").model("c", 1).finish();
-        let b = KeyBuilder::new("a").model("bc", 1).finish();
+        let a = KeyBuilder::new("ab").model("c", 1, 0).finish();
+        let b = KeyBuilder::new("a").model("bc", 1, 0).finish();
         assert_ne!(a, b);
         let e1 = KeyBuilder::new("t").ensemble(7).finish();
         let e2 = KeyBuilder::new("t").ensemble(8).finish();
         assert_ne!(e1, e2);
         // Order matters, and a field after the input still counts.
-        let o1 = KeyBuilder::new("t").model("m", 1).shape(1, 2, 0).finish();
-        let o2 = KeyBuilder::new("t").shape(1, 2, 0).model("m", 1).finish();
+        let o1 = KeyBuilder::new("t")
+            .model("m", 1, 0)
+            .shape(1, 2, 0)
+            .finish();
+        let o2 = KeyBuilder::new("t")
+            .shape(1, 2, 0)
+            .model("m", 1, 0)
+            .finish();
         assert_ne!(o1, o2);
         let i1 = KeyBuilder::new("t").input(&[1, 2]).finish();
         let i2 = KeyBuilder::new("t").input(&[1, 2]).generation(1).finish();
@@ -231,9 +260,9 @@ mod tests {
         // A digest taken once builds the same key as the bytes themselves.
         let x = [9u8; 40];
         assert_eq!(
-            KeyBuilder::new("t").model("m", 1).input(&x).finish(),
+            KeyBuilder::new("t").model("m", 1, 0).input(&x).finish(),
             KeyBuilder::new("t")
-                .model("m", 1)
+                .model("m", 1, 0)
                 .input_digest(input_digest(&x))
                 .finish()
         );

@@ -2,15 +2,19 @@
 //! `<dir>/<model>/<version>/weights.safetensors`, `<dir>/ensembles.toml`.
 //! The format is documented in docs/MODELS.md.
 //!
-//! FP16 weights are used in place: the safetensors file is memory-mapped and
-//! each weight becomes an `F16Storage::Mapped` window into it (the header is
-//! parsed by the `safetensors` crate, which validates the offsets). F32
-//! weights are converted once into owned FP16. Nothing is trusted: every
+//! A weights file is read once into a buffer the process owns
+//! ([`WeightsBuf`]), never mapped: overwriting or truncating the file in
+//! place while the server runs cannot reach a loaded model. FP16 weights are
+//! used from that buffer without a copy, each an `F16Storage::Window` into it
+//! (the header is parsed by the `safetensors` crate, which validates the
+//! offsets). F32 weights are converted once into owned FP16. The model's
+//! digest (xxh3-128 of `model.toml` and the weights bytes) is taken from the
+//! same bytes the model is built from. Nothing is trusted: every
 //! shape, dtype and value is checked, a bad model/version/ensemble is refused
 //! with a one-line error naming the file and the field, and the rest load.
 
 use super::manifest::{self, ModelManifest};
-use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model};
+use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model, WeightsBuf};
 use half::f16;
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
@@ -147,7 +151,7 @@ fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &Batc
     let mut loaded = Vec::new();
     for v in versions {
         let wpath = mdir.join(v.to_string()).join(WEIGHTS_FILE);
-        match load_weights(&wpath, name, v, &man) {
+        match load_weights(&wpath, name, v, &man, text.as_bytes()) {
             Ok(m) => loaded.push(Arc::new(m)),
             Err(e) => repo.refuse(format!("{}: {e}", wpath.display())),
         }
@@ -157,25 +161,25 @@ fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &Batc
     }
 }
 
-/// Build one model version from its weights file and manifest. Errors name
-/// the tensor; the caller prefixes the file.
+/// Build one model version from its weights file and manifest (whose bytes
+/// are `manifest_bytes`). Errors name the tensor; the caller prefixes the file.
 fn load_weights(
     path: &Path,
     name: &str,
     version: u32,
     man: &ModelManifest,
+    manifest_bytes: &[u8],
 ) -> Result<Model, String> {
-    let file = fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut file = fs::File::open(path).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     if len < 8 {
         return Err(format!("{len} bytes: too short for a safetensors file"));
     }
-    // SAFETY: the map is read-only and the loader's contract is that a
-    // version folder is never modified in place (a new version is a new
-    // folder); the bytes are validated below before any use.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("mmap: {e}"))?;
-    let map = Arc::new(map);
-    let (header_len, meta) = SafeTensors::read_metadata(&map[..])
+    let len = usize::try_from(len).map_err(|_| format!("{len} bytes: too large"))?;
+    let buf = Arc::new(WeightsBuf::read(&mut file, len).map_err(|e| e.to_string())?);
+    drop(file);
+    let digest = model_digest(manifest_bytes, buf.as_bytes());
+    let (header_len, meta) = SafeTensors::read_metadata(buf.as_bytes())
         .map_err(|e| format!("not a valid safetensors file: {e}"))?;
     let data_start = 8 + header_len;
     let tensors = meta.tensors();
@@ -205,9 +209,9 @@ fn load_weights(
         };
         let wname = format!("layers.{i}.weight");
         let winfo = get("weight", &[in_dim, out_dim])?;
-        let weight = f16_storage(&map, data_start, winfo, &wname)?;
+        let weight = f16_storage(&buf, data_start, winfo, &wname)?;
         let bias = f32_vec(
-            &map,
+            buf.as_bytes(),
             data_start,
             get("bias", &[out_dim])?,
             &format!("layers.{i}.bias"),
@@ -216,13 +220,13 @@ fn load_weights(
         expected.push(format!("layers.{i}.bias"));
         let layer_norm = if spec.layer_norm {
             let gamma = f32_vec(
-                &map,
+                buf.as_bytes(),
                 data_start,
                 get("ln_gamma", &[out_dim])?,
                 &format!("layers.{i}.ln_gamma"),
             )?;
             let beta = f32_vec(
-                &map,
+                buf.as_bytes(),
                 data_start,
                 get("ln_beta", &[out_dim])?,
                 &format!("layers.{i}.ln_beta"),
@@ -266,7 +270,18 @@ fn load_weights(
         layers,
         output: man.output,
         batch: man.batch,
+        digest,
     })
+}
+
+/// A loaded model's identity: xxh3-128 of its `model.toml` bytes (length
+/// first, so the boundary is part of the hash) and its weights file bytes.
+pub fn model_digest(manifest: &[u8], weights: &[u8]) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+    h.update(&(manifest.len() as u64).to_le_bytes());
+    h.update(manifest);
+    h.update(weights);
+    h.digest128()
 }
 
 fn expected_summary(man: &ModelManifest) -> String {
@@ -283,27 +298,29 @@ fn expected_summary(man: &ModelManifest) -> String {
     )
 }
 
-fn tensor_bytes<'a>(map: &'a [u8], data_start: usize, info: &TensorInfo) -> &'a [u8] {
-    // read_metadata has checked that the offsets lie within the buffer.
-    &map[data_start + info.data_offsets.0..data_start + info.data_offsets.1]
+fn tensor_bytes<'a>(bytes: &'a [u8], data_start: usize, info: &TensorInfo) -> &'a [u8] {
+    // read_metadata has checked that the offsets lie within the file.
+    &bytes[data_start + info.data_offsets.0..data_start + info.data_offsets.1]
 }
 
-/// F16 → a window into the map (zero copy) when 2-byte aligned, else a copy;
-/// F32 → converted to owned FP16. Refuses NaN/inf and values beyond FP16.
+/// F16 → a window into the file's buffer (zero copy) when 2-byte aligned,
+/// else a copy; F32 → converted to owned FP16. Refuses NaN/inf and values
+/// beyond FP16.
 fn f16_storage(
-    map: &Arc<memmap2::Mmap>,
+    buf: &Arc<WeightsBuf>,
     data_start: usize,
     info: &TensorInfo,
     tname: &str,
 ) -> Result<F16Storage, String> {
-    let bytes = tensor_bytes(map, data_start, info);
+    let bytes = tensor_bytes(buf.as_bytes(), data_start, info);
     match info.dtype {
         Dtype::F16 => {
             let offset = data_start + info.data_offsets.0;
-            let aligned = (map.as_ptr() as usize + offset) % std::mem::align_of::<f16>() == 0;
+            let aligned =
+                (buf.as_bytes().as_ptr() as usize + offset) % std::mem::align_of::<f16>() == 0;
             let storage = if aligned && cfg!(target_endian = "little") {
-                F16Storage::Mapped {
-                    map: Arc::clone(map),
+                F16Storage::Window {
+                    buf: Arc::clone(buf),
                     offset,
                     len: bytes.len() / 2,
                 }
@@ -347,12 +364,12 @@ fn f16_storage(
 
 /// A small per-feature vector (bias, layer-norm parameters), F16 or F32 → f32.
 fn f32_vec(
-    map: &[u8],
+    file: &[u8],
     data_start: usize,
     info: &TensorInfo,
     tname: &str,
 ) -> Result<Vec<f32>, String> {
-    let bytes = tensor_bytes(map, data_start, info);
+    let bytes = tensor_bytes(file, data_start, info);
     let v: Vec<f32> = match info.dtype {
         Dtype::F16 => bytes
             .chunks_exact(2)

@@ -138,7 +138,7 @@ fn refused(r: &TempRepo, file: &str, needles: &[&str]) -> String {
 }
 
 #[test]
-fn demo_repository_round_trips_bit_exactly_and_mapped() {
+fn demo_repository_round_trips_bit_exactly_without_copies() {
     let r = TempRepo::new("demo");
     write_demo_repository(r.path()).unwrap();
     let repo = r.load();
@@ -156,7 +156,7 @@ fn demo_repository_round_trips_bit_exactly_and_mapped() {
         assert_eq!(got.batch, w.batch);
         assert_eq!(got.layers.len(), w.layers.len());
         for (g, e) in got.layers.iter().zip(&w.layers) {
-            assert!(g.weight.is_mapped(), "F16 weights must be used in place");
+            assert!(g.weight.is_window(), "F16 weights must be used in place");
             assert_eq!(
                 (g.in_dim, g.out_dim, g.activation),
                 (e.in_dim, e.out_dim, e.activation)
@@ -235,11 +235,11 @@ fn f32_weights_are_converted_to_owned_f16() {
     let repo = r.load();
     assert!(repo.errors.is_empty(), "{:?}", repo.errors);
     let m = repo.model("f", None).unwrap();
-    assert!(!m.layers[0].weight.is_mapped());
+    assert!(!m.layers[0].weight.is_window());
     let want: Vec<f16> = w0.iter().map(|&x| f16::from_f32(x)).collect();
     assert_eq!(m.layers[0].weight(), &want[..]);
     assert_eq!(m.layers[0].bias, vec![0.1, 0.2, 0.3]); // F32 biases stay exact
-    assert!(repo.model("ok", None).unwrap().layers[0].weight.is_mapped());
+    assert!(repo.model("ok", None).unwrap().layers[0].weight.is_window());
 }
 
 #[test]
@@ -267,12 +267,54 @@ fn unaligned_f16_tensor_is_copied() {
     let repo = r.load();
     assert!(repo.errors.is_empty(), "{:?}", repo.errors);
     let m = repo.model("u", None).unwrap();
-    assert!(!m.layers[0].weight.is_mapped());
+    assert!(!m.layers[0].weight.is_window());
     assert_eq!(
         m.layers[0].weight(),
         &[f16::from_f32(1.5), f16::from_f32(-2.0)]
     );
     assert_eq!(m.layers[0].bias, vec![0.5]);
+}
+
+#[test]
+fn digest_covers_the_weights_and_model_toml_bytes() {
+    let r = base_repo("digest");
+    let first = r.load().model("ok", None).unwrap().digest;
+    let weights = fs::read(r.path().join("ok/1/weights.safetensors")).unwrap();
+    assert_eq!(first, model_digest(TINY_TOML.as_bytes(), &weights));
+    assert_eq!(r.load().model("ok", None).unwrap().digest, first, "stable");
+    // One weight changed, same version folder.
+    let mut t = tiny_tensors();
+    t[2].1 = f16_raw(&[3, 2], (0..6).map(|i| i as f32 * -0.3));
+    write_st(&r, "ok/1/weights.safetensors", t);
+    let second = r.load().model("ok", None).unwrap().digest;
+    assert_ne!(second, first, "new weights, new digest");
+    // Only model.toml changed (a batching limit): a different model file.
+    r.write(
+        "ok/model.toml",
+        &format!("{TINY_TOML}[batching]\nmax_batch = 8\n"),
+    );
+    let m = r.load().model("ok", None).unwrap().clone();
+    assert_eq!(m.batch.max_batch, 8);
+    assert_ne!(m.digest, second, "new model.toml, new digest");
+    assert_eq!(m.short_digest().len(), 12);
+    assert_eq!(m.short_digest(), format!("{:032x}", m.digest)[..12]);
+    // In-memory models: the digest follows the parameters.
+    let a = Model::random("x", &[4, 3], Activation::Relu, OutputTransform::Softmax, 1);
+    let b = Model::random("x", &[4, 3], Activation::Relu, OutputTransform::Softmax, 2);
+    assert_eq!(a.digest, a.params_digest());
+    assert_ne!(a.digest, b.digest);
+}
+
+#[test]
+fn a_file_that_changes_length_while_read_is_refused() {
+    let bytes = [7u8; 100];
+    let b = WeightsBuf::read(&mut &bytes[..], 100).unwrap();
+    assert_eq!(b.as_bytes(), &bytes[..]);
+    assert_eq!(b.as_bytes().as_ptr() as usize % 64, 0, "64-byte aligned");
+    let e = WeightsBuf::read(&mut &bytes[..], 101).err().unwrap();
+    assert!(e.to_string().contains("shorter than its 101 bytes"), "{e}");
+    let e = WeightsBuf::read(&mut &bytes[..], 99).err().unwrap();
+    assert!(e.to_string().contains("longer than its 99 bytes"), "{e}");
 }
 
 #[test]
@@ -562,7 +604,7 @@ fn committed_digits_ensemble_matches_recorded_accuracy() {
         .collect();
     for m in &members {
         assert_eq!((m.input_width, m.output_width), (64, 10), "{}", m.name);
-        assert!(m.layers.iter().all(|l| l.weight.is_mapped()));
+        assert!(m.layers.iter().all(|l| l.weight.is_window()));
     }
     let csv = fs::read_to_string(dir.join("digits_holdout.csv")).unwrap();
     let mut lines = csv.lines();

@@ -4,7 +4,9 @@
 //! repository folder becomes a set of models and ensembles (`load`,
 //! `manifest`) and the deterministic benchmark models (`demo`). The loaded
 //! `Repository` is shared by the shards through an `Arc` (no hot reload yet).
-//! May touch: the file system at load time only. Nothing here runs per request.
+//! May touch: the file system at load time only (each file is read once into
+//! memory the process owns; nothing is mapped, so changing a file later
+//! cannot reach a loaded model). Nothing here runs per request.
 //!
 //! Layout conventions (see docs/MODELS.md):
 //! - a dense layer's weight is `[in, out]` row-major ("x @ W", the layout of
@@ -58,12 +60,75 @@ impl OutputTransform {
     ];
 }
 
-/// FP16 storage that is either a window into a memory-mapped safetensors file
-/// (zero copy) or an owned buffer (weights converted from f32, or unaligned
-/// in the file, or built in memory for tests).
+/// The bytes of a weights file, read once into memory the process owns
+/// (64-byte aligned, like the start of a page), so that nothing done to the
+/// file afterwards — overwritten or truncated in place — can reach a
+/// loaded model. Tensors are windows into it ([`F16Storage::Window`]).
+pub struct WeightsBuf {
+    blocks: Vec<Block>,
+    len: usize,
+}
+
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Block([u8; 64]);
+
+impl WeightsBuf {
+    /// A buffer of `len` zero bytes.
+    pub fn zeroed(len: usize) -> WeightsBuf {
+        WeightsBuf {
+            blocks: vec![Block([0; 64]); len.div_ceil(64)],
+            len,
+        }
+    }
+
+    /// Read all of `file`, whose length is expected to be `len`: an error
+    /// when it is shorter or longer by the time it is read (it is being
+    /// written), rather than a model built from half a file.
+    pub fn read(file: &mut impl std::io::Read, len: usize) -> std::io::Result<WeightsBuf> {
+        let mut buf = WeightsBuf::zeroed(len);
+        file.read_exact(buf.as_bytes_mut()).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::other(format!(
+                    "shorter than its {len} bytes while being read (is it being written?)"
+                ))
+            } else {
+                e
+            }
+        })?;
+        if file.read(&mut [0u8; 1])? != 0 {
+            return Err(std::io::Error::other(format!(
+                "longer than its {len} bytes while being read (is it being written?)"
+            )));
+        }
+        Ok(buf)
+    }
+
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice::<Block, u8>(&self.blocks)[..self.len]
+    }
+
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut::<Block, u8>(&mut self.blocks)[..self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// FP16 storage that is either a window into the model's weights buffer
+/// (zero copy) or a buffer of its own (weights converted from f32, or
+/// unaligned in the file, or built in memory for tests). Both are memory
+/// the process owns.
 pub enum F16Storage {
-    Mapped {
-        map: Arc<memmap2::Mmap>,
+    Window {
+        buf: Arc<WeightsBuf>,
         /// Byte offset of the first element; always 2-byte aligned in memory.
         offset: usize,
         len: usize,
@@ -75,22 +140,23 @@ impl F16Storage {
     #[inline]
     pub fn as_slice(&self) -> &[f16] {
         match self {
-            F16Storage::Mapped { map, offset, len } => {
-                bytemuck::cast_slice(&map[*offset..*offset + *len * 2])
+            F16Storage::Window { buf, offset, len } => {
+                bytemuck::cast_slice(&buf.as_bytes()[*offset..*offset + *len * 2])
             }
             F16Storage::Owned(v) => v,
         }
     }
 
-    pub fn is_mapped(&self) -> bool {
-        matches!(self, F16Storage::Mapped { .. })
+    /// True when the weights are a window into the file's bytes (no copy).
+    pub fn is_window(&self) -> bool {
+        matches!(self, F16Storage::Window { .. })
     }
 }
 
 impl std::fmt::Debug for F16Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            F16Storage::Mapped { len, .. } => write!(f, "F16Storage::Mapped({len})"),
+            F16Storage::Window { len, .. } => write!(f, "F16Storage::Window({len})"),
             F16Storage::Owned(v) => write!(f, "F16Storage::Owned({})", v.len()),
         }
     }
@@ -157,9 +223,57 @@ pub struct Model {
     pub layers: Vec<Dense>,
     pub output: OutputTransform,
     pub batch: BatchLimits,
+    /// What the model is, byte for byte: for a loaded model the xxh3-128 of
+    /// its `model.toml` and `weights.safetensors` bytes, for one built in
+    /// memory that of its parameters ([`Model::params_digest`]). Part of
+    /// every cache key beside name and version, so an answer computed by
+    /// other bytes under the same name and version is never returned.
+    pub digest: u128,
 }
 
 impl Model {
+    /// The first 12 hex digits of [`Model::digest`], as logs and
+    /// /v1/models show it.
+    pub fn short_digest(&self) -> String {
+        format!("{:012x}", self.digest >> 80)
+    }
+
+    /// A digest of everything that decides the model's answers (shapes,
+    /// activations, weights, biases, layer norms, output transform), for
+    /// models built in memory rather than loaded from files.
+    pub fn params_digest(&self) -> u128 {
+        let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+        let usize_ =
+            |h: &mut xxhash_rust::xxh3::Xxh3Default, x: usize| h.update(&(x as u64).to_le_bytes());
+        usize_(&mut h, self.input_width);
+        usize_(&mut h, self.layers.len());
+        for l in &self.layers {
+            usize_(&mut h, l.in_dim);
+            usize_(&mut h, l.out_dim);
+            h.update(&[l.activation as u8]);
+            h.update(bytemuck::cast_slice(l.weight()));
+            h.update(bytemuck::cast_slice(&l.bias));
+            match &l.layer_norm {
+                Some(n) => {
+                    h.update(&[1]);
+                    h.update(bytemuck::cast_slice(&n.gamma));
+                    h.update(bytemuck::cast_slice(&n.beta));
+                    h.update(&n.eps.to_le_bytes());
+                }
+                None => h.update(&[0]),
+            }
+        }
+        h.update(&[self.output as u8]);
+        h.digest128()
+    }
+
+    /// The model with [`Model::digest`] set to [`Model::params_digest`]
+    /// (for models built in memory).
+    pub fn with_params_digest(mut self) -> Model {
+        self.digest = self.params_digest();
+        self
+    }
+
     /// Multiply-adds × 2 for one input row.
     pub fn flops_per_row(&self) -> u64 {
         self.layers
@@ -213,7 +327,7 @@ impl Model {
                 activation: if last { Activation::Identity } else { hidden },
             });
         }
-        Model {
+        let mut m = Model {
             name: name.to_string(),
             version: 1,
             input_width: dims[0],
@@ -221,7 +335,10 @@ impl Model {
             layers,
             output,
             batch: BatchLimits::default(),
-        }
+            digest: 0,
+        };
+        m.digest = m.params_digest();
+        m
     }
 }
 
@@ -255,6 +372,7 @@ impl Model {
                 });
             }
         }
+        m.digest = m.params_digest();
         m
     }
 }

@@ -371,6 +371,7 @@ fn models_json(repo: &Repository) -> serde_json::Value {
             json!({
                 "name": m.name,
                 "version": m.version,
+                "digest": m.short_digest(),
                 "input_width": m.input_width,
                 "output_width": m.output_width,
                 "layers": layers,

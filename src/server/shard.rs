@@ -501,7 +501,7 @@ impl Shard {
         let deadline = Self::deadline(req, arrival);
         let out_len = rows * s.model.output_width;
         let key = self.cache.key(&s.model.name, s.cache, req, out_len, |k| {
-            k.model(&s.model.name, s.model.version as u64)
+            k.model(&s.model.name, s.model.version as u64, s.model.digest)
         });
         let mut leader = false;
         if let (Some(k), CacheControl::Use) = (key, req.cache) {
@@ -645,7 +645,7 @@ impl Shard {
                     k = k.ensemble(fp);
                     for &m in &plan.members {
                         let m = &self.slots[m].model;
-                        k = k.model(&m.name, m.version as u64);
+                        k = k.model(&m.name, m.version as u64, m.digest);
                     }
                     k
                 })
@@ -751,7 +751,7 @@ impl Shard {
                     s.cache,
                     req,
                     rows * s.model.output_width,
-                    |k| k.model(&s.model.name, s.model.version as u64),
+                    |k| k.model(&s.model.name, s.model.version as u64, s.model.digest),
                 );
             }
             e.input.clear();
