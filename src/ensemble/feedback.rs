@@ -181,12 +181,14 @@ impl Learned {
     }
 }
 
-/// Fingerprint of a member (name and version): learned state about a
-/// member is kept across restarts only while this matches.
-pub fn member_fingerprint(name: &str, version: u32) -> u64 {
+/// Fingerprint of a member (name, version and content digest, see
+/// `Model::digest`): learned state about a member is kept across restarts
+/// only while this matches, so new weights under the same version start over.
+pub fn member_fingerprint(name: &str, version: u32, digest: u128) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3Default::new();
     h.update(name.as_bytes());
     h.update(&version.to_le_bytes());
+    h.update(&digest.to_le_bytes());
     h.digest()
 }
 
@@ -198,7 +200,7 @@ pub fn member_fingerprint(name: &str, version: u32) -> u64 {
 /// stack <ensemble> <member_fp> <w0> <w1> ...
 /// ```
 /// `arm_fp` is the xor of its members' fingerprints. Lines whose
-/// fingerprint no longer matches (a member's version changed) are dropped.
+/// fingerprint no longer matches (a member's version or digest changed) are dropped.
 pub fn state_path(base: &std::path::Path, shard: usize) -> std::path::PathBuf {
     let mut s = base.as_os_str().to_owned();
     s.push(format!(".{shard}"));

@@ -119,7 +119,7 @@ impl SelState {
         path: &std::path::Path,
         shard: usize,
         plans: &[EnsemblePlan],
-        model_of: impl Fn(usize) -> (String, u32),
+        model_of: impl Fn(usize) -> (String, u32, u128),
     ) -> Result<(), String> {
         let mut s = String::new();
         for (p, plan) in plans.iter().enumerate() {
@@ -128,8 +128,8 @@ impl SelState {
                 .members
                 .iter()
                 .map(|&slot| {
-                    let (n, v) = model_of(slot);
-                    member_fingerprint(&n, v)
+                    let (n, v, d) = model_of(slot);
+                    member_fingerprint(&n, v, d)
                 })
                 .collect();
             let d = &self.domains[p];
@@ -180,7 +180,7 @@ impl SelState {
         path: &std::path::Path,
         shard: usize,
         plans: &[EnsemblePlan],
-        model_of: impl Fn(usize) -> (String, u32),
+        model_of: impl Fn(usize) -> (String, u32, u128),
     ) -> usize {
         let Ok(text) = std::fs::read_to_string(state_path(path, shard)) else {
             return 0;
@@ -199,8 +199,8 @@ impl SelState {
                 .members
                 .iter()
                 .map(|&slot| {
-                    let (n, v) = model_of(slot);
-                    member_fingerprint(&n, v)
+                    let (n, v, d) = model_of(slot);
+                    member_fingerprint(&n, v, d)
                 })
                 .collect();
             let num = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok());
@@ -307,8 +307,10 @@ mod tests {
         let path = dir.join("state");
         let (cfg, plans, models) = setup(1);
         let refs: Vec<&Arc<Model>> = models.iter().collect();
-        let name_of =
-            |models: &[Arc<Model>], slot: usize| (models[slot].name.clone(), models[slot].version);
+        let name_of = |models: &[Arc<Model>], slot: usize| {
+            let m = &models[slot];
+            (m.name.clone(), m.version, m.digest)
+        };
         let mut s = SelState::new(0, &cfg, &plans, &refs);
         let slot = s.domains[0].slot(crate::ensemble::cost::domain_hash(Some("shop")));
         // arms: a alone, b alone, both
@@ -335,6 +337,17 @@ mod tests {
         assert_eq!(u.learned[0].bandit.posterior(slot3, 0), (2.0, 1.0));
         assert_eq!(u.learned[0].bandit.posterior(slot3, 1), (1.0, 1.0));
         assert_eq!(u.learned[0].accuracy(slot3, 1).total, 0.0);
+        // `b` got new weights under the same version (another digest): the
+        // same, what was learned about the old bytes is not carried over.
+        let (cfg, plans, mut models3) = setup(1);
+        Arc::get_mut(&mut models3[1]).unwrap().digest ^= 1;
+        let refs3: Vec<&Arc<Model>> = models3.iter().collect();
+        let mut w = SelState::new(0, &cfg, &plans, &refs3);
+        w.load(&path, 0, &plans, |i| name_of(&models3, i));
+        let slot4 = w.domains[0].slot(crate::ensemble::cost::domain_hash(Some("shop")));
+        assert_eq!(w.learned[0].bandit.posterior(slot4, 0), (2.0, 1.0));
+        assert_eq!(w.learned[0].bandit.posterior(slot4, 1), (1.0, 1.0));
+        assert_eq!(w.learned[0].accuracy(slot4, 1).total, 0.0);
         // Another shard's file is not this one's.
         let mut v = SelState::new(1, &cfg, &plans, &refs2);
         assert_eq!(v.load(&path, 1, &plans, |i| name_of(&models2, i)), 0);

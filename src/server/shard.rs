@@ -203,7 +203,8 @@ impl Shard {
         let mut sel = SelState::new(id, &cfg, &plans, &models);
         if !cfg.selection_state_path.as_os_str().is_empty() {
             let used = sel.load(&cfg.selection_state_path, id, &plans, |slot| {
-                (slots[slot].model.name.clone(), slots[slot].model.version)
+                let m = &slots[slot].model;
+                (m.name.clone(), m.version, m.digest)
             });
             if used > 0 {
                 eprintln!("beast: shard {id}: selection state: {used} entries loaded");
@@ -1494,10 +1495,8 @@ impl Shard {
             return;
         }
         let r = self.sel.borrow().save(path, self.id, &self.plans, |slot| {
-            (
-                self.slots[slot].model.name.clone(),
-                self.slots[slot].model.version,
-            )
+            let m = &self.slots[slot].model;
+            (m.name.clone(), m.version, m.digest)
         });
         if let Err(e) = r {
             eprintln!("beast: shard {}: saving selection state: {e}", self.id);
