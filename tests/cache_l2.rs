@@ -717,3 +717,27 @@ fn cache_l2_occupancy_is_counted_not_scanned() {
     drop(c);
     cleanup(&p);
 }
+
+#[test]
+fn cache_l2_file_shorter_than_its_header_is_never_mapped() {
+    // A valid header over a file cut short (a failed copy, a truncate):
+    // inspect and open compare the length with the header before mapping.
+    let p = tmp("cut");
+    let file_bytes = {
+        let (c, _) = L2Cache::open(&p, SMALL).unwrap();
+        c.insert(&key(1), 1, &[1.0], 0);
+        c.geometry().file_bytes
+    };
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(file_bytes / 2).unwrap();
+    drop(f);
+    let e = inspect(&p).err().expect("a short file is refused");
+    assert!(e.contains("header says"), "{e}");
+    let (c, report) = L2Cache::open(&p, SMALL).unwrap();
+    assert!(report.created, "{report:?}");
+    assert!(report.reason.unwrap().contains("header says"));
+    let mut out = [0f32; 16];
+    assert_eq!(c.get(&key(1), &mut out), None);
+    drop(c);
+    cleanup(&p);
+}
