@@ -35,6 +35,12 @@ fn cleanup(p: &PathBuf) {
     }
 }
 
+/// A count from `inspect`'s report (`live`, `expired`, `corrupt`, ...).
+fn scanned(text: &str, field: &str) -> u64 {
+    let line = text.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 fn key(i: u64) -> CacheKey {
     KeyBuilder::new("t")
         .model("m", 1, 0)
@@ -116,6 +122,12 @@ fn cache_l2_concurrent_readers_writers_never_torn() {
     assert!(hits > 100_000, "hits must happen: {hits}");
     assert!(st.evictions > 10_000, "evictions must race reads");
     assert_eq!(st.checksum_failures, 0);
+    let text = inspect(&p).unwrap();
+    assert_eq!(
+        st.occupancy,
+        scanned(&text, "live") + scanned(&text, "expired"),
+        "the occupancy counter agrees with a scan after racing writers"
+    );
     drop(c);
     cleanup(&p);
 }
@@ -517,6 +529,215 @@ fn cache_l2_checksum_failure_never_served_live() {
     let mut out = [0f32; 16];
     assert_eq!(c.get(&key(5), &mut out), None);
     assert_eq!(c.stats().checksum_failures, 1);
+    drop(c);
+    cleanup(&p);
+}
+
+const RACE_ENV: &str = "BEAST_L2_RACE_DIR";
+
+/// Child mode for the concurrent-create test: many rounds of two openers
+/// racing on a new path; the winner then writes every slot.
+#[test]
+#[ignore = "run by cache_l2_two_openers_of_a_new_path_never_truncate_the_winner as a child"]
+fn cache_l2_race_child() {
+    let Ok(dir) = std::env::var(RACE_ENV) else {
+        return;
+    };
+    let cfg = SMALL;
+    for round in 0..1000 {
+        let p = PathBuf::from(&dir).join(format!("race-{round}.cache"));
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let opened: Vec<_> = (0..2)
+            .map(|_| {
+                let (p, barrier) = (p.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    L2Cache::open(&p, cfg)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let (won, lost): (Vec<_>, Vec<_>) = opened.into_iter().partition(|r| r.is_ok());
+        let errs: Vec<_> = lost.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert_eq!(won.len(), 1, "round {round}: one owner, errors {errs:?}");
+        let lost = lost.into_iter().next().unwrap().err().unwrap();
+        assert!(lost.contains("locked"), "round {round}: {lost}");
+        let (c, report) = won.into_iter().next().unwrap().unwrap();
+        assert!(report.created, "round {round}: {report:?}");
+        assert_eq!(
+            report.moved_aside, None,
+            "round {round}: the loser set the winner's new file aside"
+        );
+        // Touch every page: a file truncated under the mapping kills us here.
+        let geo = c.geometry();
+        for i in 0..geo.slots() * 2 {
+            c.insert(&key(i), 1, &[1.0], 0);
+        }
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), geo.file_bytes);
+        drop(c);
+        cleanup(&p);
+    }
+}
+
+#[test]
+fn cache_l2_two_openers_of_a_new_path_never_truncate_the_winner() {
+    let dir = std::env::temp_dir().join(format!("beast-cache-l2-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "cache_l2_race_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(RACE_ENV, &dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "racing openers: child {:?}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+}
+
+/// `<name>.bad-<digits>` files next to `p`.
+fn bad_files(p: &std::path::Path) -> Vec<PathBuf> {
+    let prefix = format!("{}.bad-", p.file_name().unwrap().to_string_lossy());
+    let mut v: Vec<PathBuf> = std::fs::read_dir(p.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(&prefix)
+                .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn cache_l2_only_the_newest_bad_file_is_kept() {
+    let dir = std::env::temp_dir().join(format!("beast-cache-l2-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("l2.cache");
+    // Leftovers of earlier move-asides, and files that are not ours.
+    for old in ["l2.cache.bad-1000", "l2.cache.bad-2000"] {
+        std::fs::write(dir.join(old), b"old").unwrap();
+    }
+    for keep in ["l2.cache.bad-notes", "other.cache.bad-5"] {
+        std::fs::write(dir.join(keep), b"keep").unwrap();
+    }
+    for (round, garbage) in [b"first garbage", b"secnd garbage"].iter().enumerate() {
+        std::fs::write(&p, garbage).unwrap();
+        let (c, report) = L2Cache::open(&p, SMALL).unwrap();
+        let aside = report.moved_aside.clone().expect("moved aside");
+        assert_eq!(bad_files(&p), vec![aside.clone()], "round {round}");
+        assert_eq!(&std::fs::read(&aside).unwrap(), garbage, "the newest kept");
+        drop(c);
+    }
+    for keep in ["l2.cache.bad-notes", "other.cache.bad-5"] {
+        assert!(dir.join(keep).exists(), "{keep} is not ours to remove");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn cache_l2_occupancy_is_counted_not_scanned() {
+    let p = tmp("occupancy");
+    let (c, _) = L2Cache::open(&p, SMALL).unwrap();
+    let geo = c.geometry();
+    let mut v = [0f32; 16];
+    // Fill past capacity (evictions), replace in place, remove, purge,
+    // replace expired entries: the counter must follow every path.
+    for i in 0..geo.slots() * 2 {
+        let n = value_of(i, &mut v);
+        c.insert(&key(i), 1, &v[..n], 0);
+    }
+    for i in 0..200 {
+        c.remove(&key(i));
+    }
+    let other = target_tag("other");
+    for i in 0..300 {
+        let k = KeyBuilder::new("other").input(&[i as u8, 7]).finish();
+        c.insert(&k, other, &[1.0], 1); // expired at once
+    }
+    for i in 0..300 {
+        let k = KeyBuilder::new("other2").input(&[i as u8, 9]).finish();
+        c.insert(&k, 2, &[2.0], 0); // may take the expired slots
+    }
+    c.purge_target(other);
+    let text = inspect(&p).unwrap();
+    let occupied = scanned(&text, "live") + scanned(&text, "expired");
+    let st = c.stats();
+    assert_eq!(st.occupancy, occupied, "counter vs a scan of the file");
+    assert!(occupied > 0 && occupied < geo.slots(), "{occupied}");
+
+    // Mark an empty slot occupied behind the cache's back (through the file,
+    // which the mapping shares): a scrape that scans the slots would count
+    // it; the counter must not move. O(slots) per scrape is what this rules
+    // out (a 64 GiB file has 500 M slots).
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let empty = (0..geo.slots())
+            .map(|i| 4096 + i * geo.slot_size as u64)
+            .find(|&o| {
+                let mut lf = [0u8; 8];
+                f.seek(SeekFrom::Start(o + 40)).unwrap();
+                f.read_exact(&mut lf).unwrap();
+                lf[4] & 1 == 0
+            })
+            .expect("an empty slot");
+        f.seek(SeekFrom::Start(empty + 44)).unwrap();
+        f.write_all(&[1]).unwrap();
+    }
+    let text = inspect(&p).unwrap();
+    let seen = scanned(&text, "live") + scanned(&text, "expired") + scanned(&text, "corrupt");
+    assert_eq!(seen, occupied + 1, "the forged slot is visible to a scan");
+    assert_eq!(
+        c.stats().occupancy,
+        st.occupancy,
+        "stats() must read a counter, not scan the slots"
+    );
+    drop(c);
+    cleanup(&p);
+}
+
+#[test]
+fn cache_l2_file_shorter_than_its_header_is_never_mapped() {
+    // A valid header over a file cut short (a failed copy, a truncate):
+    // inspect and open compare the length with the header before mapping.
+    let p = tmp("cut");
+    let file_bytes = {
+        let (c, _) = L2Cache::open(&p, SMALL).unwrap();
+        c.insert(&key(1), 1, &[1.0], 0);
+        c.geometry().file_bytes
+    };
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(file_bytes / 2).unwrap();
+    drop(f);
+    let e = inspect(&p).err().expect("a short file is refused");
+    assert!(e.contains("header says"), "{e}");
+    let (c, report) = L2Cache::open(&p, SMALL).unwrap();
+    assert!(report.created, "{report:?}");
+    assert!(report.reason.unwrap().contains("header says"));
+    let mut out = [0f32; 16];
+    assert_eq!(c.get(&key(1), &mut out), None);
     drop(c);
     cleanup(&p);
 }

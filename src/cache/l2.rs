@@ -38,7 +38,17 @@
 //!
 //! A writer killed mid-write leaves its slot odd; [`L2Cache::open`] clears
 //! such slots (and any whose checksum fails) before serving. The file is
-//! locked with `flock(LOCK_EX)` while open, so one process owns it.
+//! locked with `flock(LOCK_EX)` while open, so one process owns it; `open`
+//! takes the lock before it reads, sizes or moves the file, so a second
+//! opener can never truncate the owner's mapping.
+//!
+//! # Disk space
+//!
+//! Every block of the file is reserved (`posix_fallocate`) at create and
+//! again at open, before the mapping is touched: a store (or, on tmpfs, a
+//! load) into an unbacked page of a full disk would kill the process with
+//! SIGBUS. Where the disk cannot hold the file, `open` fails with the
+//! reason and the caller runs without L2.
 //!
 //! # Eviction
 //!
@@ -53,7 +63,7 @@ use super::key::CacheKey;
 use super::metrics::{bump, L2Counters, L2Stats};
 use memmap2::{MmapMut, MmapOptions};
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
@@ -242,6 +252,8 @@ pub struct OpenReport {
     pub moved_aside: Option<PathBuf>,
     /// Why it was moved.
     pub reason: Option<String>,
+    /// Older `<path>.bad-*` files removed (only the newest is kept).
+    pub old_bad_removed: Vec<PathBuf>,
     /// Live entries served from the reopened file.
     pub entries: u64,
     /// Slots left odd by a writer that died, cleared.
@@ -266,7 +278,7 @@ struct Slots {
     geo: Geometry,
 }
 
-/// What a full read of one slot found (scans: open, stats, inspect).
+/// What a full read of one slot found (scans: open, inspect).
 enum SlotState {
     Empty,
     Odd,
@@ -291,6 +303,39 @@ fn checksum(lo: u64, hi: u64, tag: u64, expires: u64, len_flags: u64, value: &[f
     } else {
         xxh3_64_with_seed(bytes, xxh3_64(&h))
     }
+}
+
+/// Decode one slot from a plain copy of its bytes (`inspect`: a copy read
+/// beside a live writer may be torn, which shows as odd or corrupt).
+/// `buf` holds value_f32_max.
+fn decode_slot(b: &[u8], buf: &mut [f32]) -> SlotState {
+    let w = |i: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+        u64::from_ne_bytes(a)
+    };
+    if w(W_SEQ) & 1 == 1 {
+        return SlotState::Odd;
+    }
+    let lf = w(W_LEN_FLAGS);
+    if (lf >> 32) as u32 & FLAG_OCCUPIED == 0 {
+        return SlotState::Empty;
+    }
+    let len = lf as u32 as usize;
+    if len > buf.len() {
+        return SlotState::Corrupt;
+    }
+    for (i, v) in buf[..len].iter_mut().enumerate() {
+        let o = SLOT_HEADER_BYTES + i * 4;
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&b[o..o + 4]);
+        *v = f32::from_ne_bytes(a);
+    }
+    let (tag, expires) = (w(W_TAG), w(W_EXPIRES));
+    if checksum(w(W_KEY_LO), w(W_KEY_HI), tag, expires, lf, &buf[..len]) != w(W_CHECKSUM) {
+        return SlotState::Corrupt;
+    }
+    SlotState::Live { tag, expires }
 }
 
 impl Slots {
@@ -406,14 +451,15 @@ unsafe impl Send for L2Cache {}
 // SAFETY: as above: `&L2Cache` only gives atomic access to the mapping.
 unsafe impl Sync for L2Cache {}
 
-fn lock_exclusive(file: &File) -> Result<(), String> {
+fn lock_exclusive(file: &File, path: &Path) -> Result<(), String> {
     // SAFETY: flock on a valid, owned descriptor; no memory is passed.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
         Ok(())
     } else {
         Err(format!(
-            "beast: L2 file is locked by another process: {}",
+            "beast: L2 file {} is locked by another process (another server uses it): {}",
+            path.display(),
             std::io::Error::last_os_error()
         ))
     }
@@ -429,73 +475,166 @@ fn read_header(file: &mut File) -> Result<(Header, u64), String> {
     Ok((decode_header(&b, len)?, len))
 }
 
+/// Reserve the blocks of `file`'s first `len` bytes (and extend it to
+/// `len`), so that no later write through the mapping needs a free block:
+/// a mapping of a sparse file on a full disk dies of SIGBUS at the first
+/// store into a hole (or, on tmpfs, at the first load).
+fn reserve(file: &File, len: u64) -> Result<(), String> {
+    let len = libc::off_t::try_from(len).map_err(|_| "file too large".to_string())?;
+    loop {
+        // SAFETY: a valid, owned descriptor; no memory is passed. Returns
+        // an error number instead of setting errno.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+        match rc {
+            0 => return Ok(()),
+            libc::EINTR => continue,
+            e => return Err(std::io::Error::from_raw_os_error(e).to_string()),
+        }
+    }
+}
+
+/// Whether `file` is still the file at `path` (not renamed away or
+/// replaced between our open and our lock).
+fn still_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// `<name>.bad-<digits>` files beside `path` other than `keep`, removed:
+/// only the newest moved-aside file is kept. Returns what was removed.
+fn prune_bad_files(path: &Path, keep: &Path) -> Vec<PathBuf> {
+    let (Some(name), dir) = (path.file_name(), path.parent()) else {
+        return Vec::new();
+    };
+    let dir = match dir {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let prefix = format!("{}.bad-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        let ours = n
+            .strip_prefix(&prefix)
+            .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()));
+        let p = e.path();
+        if !ours || p.file_name() == keep.file_name() {
+            continue;
+        }
+        match std::fs::remove_file(&p) {
+            Ok(()) => {
+                eprintln!("beast: removed older bad L2 file {}", p.display());
+                removed.push(p);
+            }
+            Err(err) => eprintln!(
+                "beast: cannot remove old bad L2 file {}: {err}",
+                p.display()
+            ),
+        }
+    }
+    removed
+}
+
 impl L2Cache {
     /// Open (or create) the cache file at `path` sized by `cfg`.
     ///
-    /// A file with a valid header and the same format and geometry is
-    /// served as is (odd or corrupt slots are cleared first). Any other
-    /// file is renamed to `<path>.bad-<unix time>` and a fresh one is made.
+    /// The file is locked (`flock`, exclusive, non-blocking) before anything
+    /// reads, sizes or moves it, so a second opener gets an error and never
+    /// touches the owner's file. A file with a valid header and the same
+    /// format and geometry is served as is (odd or corrupt slots are
+    /// cleared first). An empty file is sized as a new cache. Any other
+    /// file is renamed to `<path>.bad-<unix time>` (older `.bad-*` files of
+    /// this path are removed) and a fresh one is made. Every block of the
+    /// file is reserved before it is mapped; where the disk cannot hold it,
+    /// `open` fails with the reason (a new file is removed again).
     pub fn open(path: impl AsRef<Path>, cfg: L2Config) -> Result<(L2Cache, OpenReport), String> {
         let path = path.as_ref();
         let geo = Geometry::for_config(&cfg)?;
         let mut report = OpenReport::default();
-        match OpenOptions::new().read(true).write(true).open(path) {
-            Ok(mut file) => {
-                lock_exclusive(&file)?;
-                let why = match read_header(&mut file) {
-                    Ok((h, _)) if h.geometry == geo => None,
-                    Ok((h, _)) => Some(format!(
-                        "geometry {:?} differs from configured {:?}",
-                        h.geometry, geo
-                    )),
-                    Err(e) => Some(e),
-                };
-                match why {
-                    None => return Self::map_existing(path, file, geo, report),
-                    Some(why) => {
-                        let aside = PathBuf::from(format!("{}.bad-{}", path.display(), unix_now()));
-                        std::fs::rename(path, &aside).map_err(|e| {
-                            format!("beast: cannot move bad L2 file {}: {e}", path.display())
-                        })?;
-                        eprintln!(
-                            "beast: L2 cache file {} unusable ({why}); moved to {}, starting cold",
-                            path.display(),
-                            aside.display()
-                        );
-                        report.moved_aside = Some(aside);
-                        report.reason = Some(why);
-                        drop(file);
-                    }
+        // Retried only when the path was replaced between open and lock
+        // (another opener moved a bad file aside), or after a move aside.
+        for _ in 0..8 {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| format!("beast: cannot open L2 file {}: {e}", path.display()))?;
+            lock_exclusive(&file, path)?;
+            if !still_at(&file, path) {
+                continue;
+            }
+            let len = file
+                .metadata()
+                .map_err(|e| format!("beast: cannot stat L2 file {}: {e}", path.display()))?
+                .len();
+            if len == 0 {
+                return Self::create(path, file, geo, report);
+            }
+            let why = match read_header(&mut file) {
+                Ok((h, _)) if h.geometry == geo => {
+                    return Self::map_existing(path, file, geo, report)
                 }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(format!(
-                    "beast: cannot open L2 file {}: {e}",
-                    path.display()
-                ))
-            }
+                Ok((h, _)) => format!(
+                    "geometry {:?} differs from configured {:?}",
+                    h.geometry, geo
+                ),
+                Err(e) => e,
+            };
+            // Still holding the lock: nobody else may be using it.
+            let aside = PathBuf::from(format!("{}.bad-{}", path.display(), unix_now()));
+            std::fs::rename(path, &aside)
+                .map_err(|e| format!("beast: cannot move bad L2 file {}: {e}", path.display()))?;
+            eprintln!(
+                "beast: L2 cache file {} unusable ({why}); moved to {}, starting cold",
+                path.display(),
+                aside.display()
+            );
+            report.old_bad_removed = prune_bad_files(path, &aside);
+            report.moved_aside = Some(aside);
+            report.reason = Some(why);
         }
-        Self::create(path, geo, report)
+        Err(format!(
+            "beast: L2 file {} kept being replaced while opening it",
+            path.display()
+        ))
     }
 
+    /// Size the new (empty, locked) `file` and write its header.
     fn create(
         path: &Path,
+        file: File,
         geo: Geometry,
         mut report: OpenReport,
     ) -> Result<(L2Cache, OpenReport), String> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| format!("beast: cannot create L2 file {}: {e}", path.display()))?;
-        lock_exclusive(&file)?;
-        file.set_len(geo.file_bytes)
-            .map_err(|e| format!("beast: cannot size L2 file {}: {e}", path.display()))?;
-        // SAFETY: the file is ours (exclusive flock) and sized; nothing else
-        // maps or truncates it while the mapping lives.
+        if let Err(e) = reserve(&file, geo.file_bytes) {
+            // Give the space back; a later start tries again.
+            let _ = file.set_len(0);
+            let _ = std::fs::remove_file(path);
+            let mut why = format!(
+                "beast: cannot reserve {} bytes for L2 file {}: {e}",
+                geo.file_bytes,
+                path.display()
+            );
+            if let Some(aside) = &report.moved_aside {
+                let held = std::fs::metadata(aside).map(|m| m.len()).unwrap_or(0);
+                why.push_str(&format!(
+                    " (the moved-aside {} holds {held} bytes)",
+                    aside.display()
+                ));
+            }
+            return Err(why);
+        }
+        // SAFETY: the file is ours (exclusive flock), sized and its blocks
+        // reserved; nothing else maps or truncates it while the mapping lives.
         let mut mmap = unsafe { MmapOptions::new().map_mut(&file) }
             .map_err(|e| format!("beast: cannot map L2 file: {e}"))?;
         let h = encode_header(&geo, unix_now());
@@ -513,8 +652,17 @@ impl L2Cache {
         geo: Geometry,
         mut report: OpenReport,
     ) -> Result<(L2Cache, OpenReport), String> {
+        // A file left sparse (by an older version, a copy, a restore) must
+        // have its holes backed before the scan below touches them.
+        reserve(&file, geo.file_bytes).map_err(|e| {
+            format!(
+                "beast: cannot reserve the {} bytes of L2 file {}: {e}",
+                geo.file_bytes,
+                path.display()
+            )
+        })?;
         // SAFETY: as in `create`: exclusive flock, file length checked
-        // against the header.
+        // against the header (read_header), blocks reserved.
         let mmap = unsafe { MmapOptions::new().map_mut(&file) }
             .map_err(|e| format!("beast: cannot map L2 file: {e}"))?;
         let cache = Self::from_parts(path, file, mmap, geo);
@@ -543,6 +691,11 @@ impl L2Cache {
                 }
             }
         }
+        // Every occupied slot left is a live (possibly expired) entry.
+        cache
+            .counters
+            .occupancy
+            .store(report.entries, Ordering::Relaxed);
         if report.odd_slots_cleared + report.corrupt_slots_cleared > 0 {
             eprintln!(
                 "beast: L2 cache {}: cleared {} half-written and {} corrupt slots, {} entries kept",
@@ -741,6 +894,11 @@ impl L2Cache {
                     }
                 }
             }
+            // Under the claim the slot's state is settled: count a fill.
+            let was = s.word(slot, W_LEN_FLAGS).load(Ordering::Relaxed);
+            if (was >> 32) as u32 & FLAG_OCCUPIED == 0 {
+                bump(&self.counters.occupancy);
+            }
             let lf = ((FLAG_OCCUPIED as u64) << 32) | value.len() as u64;
             s.word(slot, W_KEY_LO).store(lo, Ordering::Relaxed);
             s.word(slot, W_KEY_HI).store(hi, Ordering::Relaxed);
@@ -789,6 +947,7 @@ impl L2Cache {
                         != 0
                 {
                     s.clear_claimed(slot);
+                    self.counters.occupancy.fetch_sub(1, Ordering::Relaxed);
                     removed = true;
                 }
                 s.release(slot, v);
@@ -837,21 +996,14 @@ impl L2Cache {
             }
         }
         self.counters.purged.fetch_add(n, Ordering::Relaxed);
+        self.counters.occupancy.fetch_sub(n, Ordering::Relaxed);
         n
     }
 
-    /// Counters, plus occupancy from a scan of every slot (O(slots): for
-    /// scrapes and tools, not the request path).
+    /// Counters and occupancy: O(1), whatever the file size (occupancy is
+    /// a counter kept by every path that fills or empties a slot).
     pub fn stats(&self) -> L2Stats {
-        let s = self.slots;
-        let mut occupied = 0;
-        for idx in 0..s.geo.slots() {
-            let lf = s.word(s.slot_ptr(idx), W_LEN_FLAGS).load(Ordering::Relaxed);
-            if (lf >> 32) as u32 & FLAG_OCCUPIED != 0 {
-                occupied += 1;
-            }
-        }
-        self.counters.snapshot(occupied, s.geo.slots())
+        self.counters.snapshot(self.slots.geo.slots())
     }
 
     /// Write dirty pages back to the file (msync). Also done on drop.
@@ -870,54 +1022,74 @@ impl Drop for L2Cache {
     }
 }
 
-/// Describe a cache file: header, occupancy, per-target-tag counts. Reads
-/// through a private copy-on-write mapping, so it needs only read access
-/// and may run beside a live server (it sees a moving snapshot).
+/// Describe a cache file: header, allocated bytes, occupancy, per-target-tag
+/// counts. Checks the length against the header first, then reads the file
+/// with plain reads (never maps it), so it needs only read access, cannot
+/// be killed by a sparse file on a full disk, and may run beside a live
+/// server (it sees a moving snapshot).
 pub fn inspect(path: impl AsRef<Path>) -> Result<String, String> {
     use std::fmt::Write;
     let path = path.as_ref();
     let mut file =
         File::open(path).map_err(|e| format!("beast: cannot open {}: {e}", path.display()))?;
-    let (h, len) = read_header(&mut file).map_err(|e| format!("beast: {}: {e}", path.display()))?;
+    // The header, and the file length against it, before anything else.
+    let (h, _) = read_header(&mut file).map_err(|e| format!("beast: {}: {e}", path.display()))?;
     let geo = h.geometry;
-    // SAFETY: a private mapping of a file whose length was just checked
-    // against the header; we never write through it, and every read of the
-    // slot area is an atomic load (a live server may be writing).
-    let mut mmap = unsafe { MmapOptions::new().map_copy(&file) }
-        .map_err(|e| format!("beast: cannot map {}: {e}", path.display()))?;
-    if (mmap.len() as u64) < len {
-        return Err("beast: file shrank while mapping".into());
-    }
-    let s = Slots {
-        base: mmap.as_mut_ptr(),
-        geo,
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
     };
+    // Plain reads, not a mapping: a hole in a sparse file on a full disk
+    // reads as zeros instead of killing the process (a mapped tmpfs page
+    // must be allocated even to be read).
+    file.seek(SeekFrom::Start(HEADER_BYTES as u64))
+        .map_err(|e| format!("beast: {}: {e}", path.display()))?;
+    let slot_size = geo.slot_size as usize;
+    let bucket_bytes = slot_size * geo.ways as usize;
+    let per_chunk = ((4 << 20) / bucket_bytes).max(1) as u64;
+    let mut chunk = vec![0u8; per_chunk as usize * bucket_bytes];
     let now = unix_now();
     let mut buf = vec![0f32; geo.value_f32_max as usize];
     let (mut live, mut odd, mut corrupt, mut expired) = (0u64, 0u64, 0u64, 0u64);
     let mut per_tag: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-    for idx in 0..geo.slots() {
-        match s.read_any(idx, &mut buf) {
-            SlotState::Empty => {}
-            SlotState::Odd => odd += 1,
-            SlotState::Corrupt => corrupt += 1,
-            SlotState::Live { tag, expires } => {
-                if expires != 0 && expires <= now {
-                    expired += 1;
-                } else {
-                    live += 1;
-                    *per_tag.entry(tag).or_insert(0) += 1;
+    let mut bucket = 0;
+    while bucket < geo.bucket_count {
+        let n = per_chunk.min(geo.bucket_count - bucket) as usize;
+        let bytes = &mut chunk[..n * bucket_bytes];
+        file.read_exact(bytes)
+            .map_err(|e| format!("beast: cannot read {}: {e}", path.display()))?;
+        for slot in bytes.chunks_exact(slot_size) {
+            match decode_slot(slot, &mut buf) {
+                SlotState::Empty => {}
+                SlotState::Odd => odd += 1,
+                SlotState::Corrupt => corrupt += 1,
+                SlotState::Live { tag, expires } => {
+                    if expires != 0 && expires <= now {
+                        expired += 1;
+                    } else {
+                        live += 1;
+                        *per_tag.entry(tag).or_insert(0) += 1;
+                    }
                 }
             }
         }
+        bucket += n as u64;
     }
-    drop(mmap);
     let slots = geo.slots();
     let mut o = String::new();
     let _ = writeln!(o, "file           {}", path.display());
     let _ = writeln!(o, "format         {}", h.format_version);
     let _ = writeln!(o, "created_unix   {}", h.created_unix);
     let _ = writeln!(o, "file_bytes     {}", geo.file_bytes);
+    let _ = writeln!(
+        o,
+        "allocated      {allocated}{}",
+        if allocated < geo.file_bytes {
+            " (sparse: a server reserves the rest at start, or runs without L2)"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(o, "slot_size      {}", geo.slot_size);
     let _ = writeln!(o, "value_f32_max  {}", geo.value_f32_max);
     let _ = writeln!(o, "ways           {}", geo.ways);

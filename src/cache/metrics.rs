@@ -58,7 +58,9 @@ pub struct L2Stats {
     pub insert_contended: u64,
     /// Entries removed by `purge_target`.
     pub purged: u64,
-    /// Live entries (computed by a scan in `stats()`).
+    /// Occupied slots: live entries, expired ones not yet replaced
+    /// included. A counter kept by inserts, removals and purges (and set by
+    /// the open-time scan), so reading it costs the same at any file size.
     pub occupancy: u64,
     /// Total slots.
     pub capacity: u64,
@@ -77,6 +79,8 @@ pub(crate) struct L2Counters {
     pub expired: CachePadded<AtomicU64>,
     pub insert_contended: CachePadded<AtomicU64>,
     pub purged: CachePadded<AtomicU64>,
+    /// Occupied slots (see [`L2Stats::occupancy`]).
+    pub occupancy: CachePadded<AtomicU64>,
 }
 
 #[inline]
@@ -85,7 +89,7 @@ pub(crate) fn bump(c: &AtomicU64) {
 }
 
 impl L2Counters {
-    pub(crate) fn snapshot(&self, occupancy: u64, capacity: u64) -> L2Stats {
+    pub(crate) fn snapshot(&self, capacity: u64) -> L2Stats {
         L2Stats {
             hits: self.hits.load(Relaxed),
             misses: self.misses.load(Relaxed),
@@ -97,7 +101,7 @@ impl L2Counters {
             expired: self.expired.load(Relaxed),
             insert_contended: self.insert_contended.load(Relaxed),
             purged: self.purged.load(Relaxed),
-            occupancy,
+            occupancy: self.occupancy.load(Relaxed),
             capacity,
         }
     }

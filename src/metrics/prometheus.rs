@@ -339,8 +339,22 @@ pub fn render(shards: &[Arc<ShardMetrics>], info: &Info) -> String {
     out
 }
 
+/// Whether the configured L2 file is in use (0: the server runs with L1
+/// only; the reason is in the log, /readyz and /v1/stats). Rendered only
+/// when an L2 file is configured.
+pub fn render_l2_enabled(out: &mut String, enabled: bool) {
+    let name = "beast_cache_l2_enabled";
+    header(
+        out,
+        name,
+        "gauge",
+        "1 when the configured L2 cache file is in use, 0 when the server runs with L1 only.",
+    );
+    sample(out, name, &[], enabled as u64);
+}
+
 /// The shared L2 cache file's own counters and occupancy (read by the admin
-/// thread from the file's atomics; `occupancy` scans the slots).
+/// thread from the file's atomics: O(1) at any file size).
 pub fn render_l2(out: &mut String, s: &crate::cache::L2Stats) {
     let rows: [(&str, &str, &str, u64); 8] = [
         (

@@ -297,12 +297,17 @@ fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
             if let Some(l2) = &st.cache.l2 {
                 metrics::prometheus::render_l2(&mut text, &l2.stats());
             }
+            if st.cache.l2_status().is_some() {
+                metrics::prometheus::render_l2_enabled(&mut text, st.cache.l2.is_some());
+            }
             (200, metrics::prometheus::CONTENT_TYPE, text)
         }
         "/healthz" => (200, "text/plain", "ok\n".into()),
         "/readyz" => {
             if st.stop.load(Ordering::Relaxed) {
                 (503, "text/plain", "shutting down\n".into())
+            } else if let Some(why) = st.cache.not_ready_reason() {
+                (503, "text/plain", format!("{why}\n"))
             } else if st.ready.load(Ordering::Acquire) {
                 (200, "text/plain", "ready\n".into())
             } else {
@@ -319,7 +324,11 @@ fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
                 st.started.elapsed().as_secs_f64(),
                 i.process,
             );
-            (200, JSON, serde_json::to_string(&s).unwrap_or_default())
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            if let (Some(o), Some(l2)) = (v.as_object_mut(), st.cache.l2_status()) {
+                o.insert("cache_l2".into(), l2);
+            }
+            (200, JSON, v.to_string())
         }
         "/debug/trace" => {
             let secs = match query_param(r.query, "seconds").map(|s| s.parse::<f64>()) {

@@ -24,6 +24,11 @@ use std::time::Instant;
 /// Server-wide cache state: shared by every shard and the admin port.
 pub struct CacheShared {
     pub l2: Option<Arc<L2Cache>>,
+    /// The configured L2 file ("" = no L2 wanted).
+    pub l2_path: std::path::PathBuf,
+    /// Why the configured L2 file is not in use (the server runs with L1
+    /// only); `None` when it is in use or none is configured.
+    pub l2_disabled: Option<String>,
     /// Target name → purge generation (part of every key of the target).
     generations: BTreeMap<String, usize>,
     counters: Vec<AtomicU64>,
@@ -31,11 +36,14 @@ pub struct CacheShared {
 
 impl CacheShared {
     /// Open the L2 file (if configured) and index the targets. An L2 that
-    /// cannot be opened (unwritable path, held by another server) is logged
-    /// and left out: the server still runs with its L1 tables.
+    /// cannot be opened (unwritable path, a full disk, held by another
+    /// server) is logged and left out, with its reason kept for /readyz,
+    /// /metrics and /v1/stats: the server still runs with its L1 tables.
     pub fn open(cfg: &Config, targets: impl Iterator<Item = String>) -> CacheShared {
         let mut l2 = None;
-        if cfg.cache.enabled && !cfg.cache.l2_path.as_os_str().is_empty() {
+        let mut l2_disabled = None;
+        let wanted = cfg.cache.enabled && !cfg.cache.l2_path.as_os_str().is_empty();
+        if wanted {
             let l2cfg = L2Config {
                 total_bytes: cfg.cache.l2_bytes,
                 ways: 8,
@@ -56,16 +64,49 @@ impl CacheShared {
                     );
                     l2 = Some(Arc::new(c));
                 }
-                Err(e) => eprintln!("beast: cache: L2 disabled: {e}"),
+                Err(e) => {
+                    let why = e.strip_prefix("beast: ").unwrap_or(&e).to_string();
+                    eprintln!(
+                        "beast: cache: L2 file {} disabled: {why}; running with L1 only",
+                        cfg.cache.l2_path.display()
+                    );
+                    l2_disabled = Some(why);
+                }
             }
         }
         let generations: BTreeMap<String, usize> =
             targets.enumerate().map(|(i, t)| (t, i)).collect();
         CacheShared {
             l2,
+            l2_path: if wanted {
+                cfg.cache.l2_path.clone()
+            } else {
+                Default::default()
+            },
+            l2_disabled,
             counters: (0..generations.len()).map(|_| AtomicU64::new(0)).collect(),
             generations,
         }
+    }
+
+    /// Why the server is not ready as far as the cache goes: the L2 file
+    /// was configured but is not in use.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        self.l2_disabled
+            .as_ref()
+            .map(|why| format!("l2 cache disabled: {why}"))
+    }
+
+    /// The L2 file's state for /v1/stats (`None` when no L2 is configured).
+    pub fn l2_status(&self) -> Option<serde_json::Value> {
+        if self.l2_path.as_os_str().is_empty() {
+            return None;
+        }
+        Some(serde_json::json!({
+            "path": self.l2_path.display().to_string(),
+            "enabled": self.l2.is_some(),
+            "reason": self.l2_disabled,
+        }))
     }
 
     /// Drop every cached answer of `target` on every core: its generation
