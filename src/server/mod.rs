@@ -126,7 +126,10 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
     } else {
         // SO_REUSEPORT would let this server silently share the port with
         // another process of the same user (splitting its traffic): bind
-        // once without it to make sure the port is really free.
+        // once without it to make sure the port is really free. std binds
+        // with SO_REUSEADDR, as the shards' listeners do (see `listen`), so
+        // connections left in TIME_WAIT by a previous server on this port
+        // do not count as "in use"; a live listener does.
         std::net::TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))?;
         None
     };
@@ -294,7 +297,7 @@ async fn run_shard(start: ShardStart) {
         let _ = ready.send(Err(format!("shard {id}: {e}")));
         return;
     }
-    let listener = match glommio::net::TcpListener::bind(addr) {
+    let listener = match listen(addr) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: bind {addr}: {e}")));
@@ -374,6 +377,29 @@ async fn run_shard(start: ShardStart) {
             Rc::strong_count(&shard) - 1
         );
     }
+}
+
+/// A shard's listener: SO_REUSEPORT (every shard binds the same port) and
+/// SO_REUSEADDR. The latter is inherited by every accepted connection, so
+/// the connections a stopped or killed server leaves in TIME_WAIT or
+/// FIN_WAIT2 do not block the free-port check (a plain SO_REUSEADDR bind)
+/// of the next server on that port; a live listener still does.
+fn listen(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use std::os::fd::IntoRawFd;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_port(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    // SAFETY: a bound, listening socket whose fd we hand over (into_raw_fd
+    // gives up our ownership).
+    Ok(unsafe {
+        <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(s.into_raw_fd())
+    })
 }
 
 /// The soft RLIMIT_MEMLOCK in bytes; `None` when unlimited or unknown.
