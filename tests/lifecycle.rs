@@ -6,6 +6,7 @@
 mod common;
 
 use beast::model::{Activation, BatchLimits, Model, OutputTransform};
+use beast::server::admin::get;
 use common::{rows, spec, Raw};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
@@ -98,6 +99,10 @@ impl Beast {
 
     fn listening(&mut self) -> SocketAddr {
         self.addr_after("listening on ")
+    }
+
+    fn admin(&mut self) -> SocketAddr {
+        self.addr_after("admin port on http://")
     }
 
     fn signal(&self, sig: i32) {
@@ -274,5 +279,232 @@ fn a_port_held_by_another_live_server_is_still_refused() {
     assert!(TcpStream::connect(addr).is_ok());
     first.signal(libc::SIGTERM);
     assert!(first.wait().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A port nothing listens on now (bound once, then let go).
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+fn fetch(admin: SocketAddr, path: &str) -> (u16, String) {
+    get(&admin.to_string(), path, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Poll `/readyz` until its body contains `want` (deadline-bounded).
+fn readyz_until(admin: SocketAddr, want: &str) -> (u16, String) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let r = fetch(admin, "/readyz");
+        if r.1.contains(want) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never said '{want}'; last: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The slow repository plus an ensemble calibrated at load from
+/// `cal.csv`, which is a FIFO: loading blocks until the test writes the
+/// rows, so start-up is held in "loading models" for as long as needed.
+fn repository_held_at_calibration(dir: &Path) -> (PathBuf, PathBuf) {
+    let models = slow_repository(dir);
+    std::fs::write(
+        models.join("ensembles.toml"),
+        "[ensembles.casc]\nmembers = [\"fast\", \"slow\"]\npolicy = \"cascade\"\n\
+         cascade_target_agreement = 0.9\ncalibration = \"cal.csv\"\n",
+    )
+    .unwrap();
+    let fifo = models.join("cal.csv");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    (models, fifo)
+}
+
+/// Calibration rows for `repository_held_at_calibration`.
+fn calibration_csv() -> String {
+    let header: Vec<String> = (0..WIDTH).map(|i| format!("x{i}")).collect();
+    let mut text = header.join(",") + "\n";
+    for r in 0..16 {
+        let row: Vec<String> = rows(r, 1, WIDTH).iter().map(|v| v.to_string()).collect();
+        text += &(row.join(",") + "\n");
+    }
+    text
+}
+
+#[test]
+fn during_model_load_the_admin_port_answers_and_sigterm_exits_0() {
+    let dir = common::temp_dir("startup-load");
+    let (models, fifo) = repository_held_at_calibration(&dir);
+    let cfg = config(&dir, "");
+    let listen = free_port();
+    let mut b = Beast::spawn(&serve_args(&listen, &models, &cfg));
+    let admin = b.admin();
+    // Start-up is held reading the calibration FIFO.
+    assert_eq!(fetch(admin, "/healthz"), (200, "ok\n".to_string()));
+    let (code, body) = readyz_until(admin, "starting");
+    assert_eq!(code, 503);
+    assert!(body.contains("loading models"), "{body}");
+    assert_eq!(fetch(admin, "/v1/models").0, 503);
+    let (code, metrics) = fetch(admin, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("\nbeast_ready 0\n"), "{metrics}");
+    assert!(
+        TcpStream::connect(&listen).is_err(),
+        "nothing listens on the main port during start-up"
+    );
+    b.signal(libc::SIGTERM);
+    let status = b.wait();
+    assert!(status.success(), "{status}; log: {:#?}", b.log);
+    assert!(
+        b.log.iter().any(|l| l.contains("SIGTERM during start-up")),
+        "{:#?}",
+        b.log
+    );
+    assert!(!b.log.iter().any(|l| l.contains("listening on")));
+    drop(fifo);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn once_start_up_is_done_the_server_is_ready() {
+    let dir = common::temp_dir("startup-done");
+    let (models, fifo) = repository_held_at_calibration(&dir);
+    let cfg = config(&dir, "");
+    let listen = free_port();
+    let mut b = Beast::spawn(&serve_args(&listen, &models, &cfg));
+    let admin = b.admin();
+    readyz_until(admin, "loading models");
+    // Let the load go on: write the calibration rows into the FIFO.
+    std::fs::write(&fifo, calibration_csv()).unwrap();
+    assert_eq!(readyz_until(admin, "ready"), (200, "ready\n".to_string()));
+    assert_eq!(b.listening().to_string(), listen);
+    let client = beast::client::Client::connect(&listen).unwrap();
+    let x = rows(5, 1, WIDTH);
+    assert_eq!(client.predict(&spec("casc", 1, WIDTH, &x)).unwrap().rows, 1);
+    let metrics = fetch(admin, "/metrics").1;
+    assert!(metrics.contains("\nbeast_ready 1\n"), "{metrics}");
+    b.signal(libc::SIGTERM);
+    assert!(b.wait().success());
+    assert!(
+        b.log.iter().any(|l| l.contains("stopped after")),
+        "{:#?}",
+        b.log
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn during_the_l2_open_scan_the_admin_port_answers_and_sigterm_exits_0() {
+    let dir = common::temp_dir("startup-l2");
+    let models = slow_repository(&dir);
+    let l2 = dir.join("l2.cache");
+    // A large L2 file: reopening it scans every slot (2 GiB: about a
+    // second) before serving. The file is sparse: no disk is used.
+    let cfg = dir.join("l2.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "admin_listen = \"127.0.0.1:0\"\n[cache]\nl2_path = \"{}\"\nl2_bytes = {}\n",
+            l2.display(),
+            2u64 << 30
+        ),
+    )
+    .unwrap();
+    // The first run creates the file (sparse: fast).
+    let mut first = Beast::spawn(&serve_args("127.0.0.1:0", &models, &cfg));
+    first.listening();
+    first.signal(libc::SIGTERM);
+    assert!(first.wait().success(), "{:#?}", first.log);
+
+    let listen = free_port();
+    let mut b = Beast::spawn(&serve_args(&listen, &models, &cfg));
+    let admin = b.admin();
+    const STEP: &str = "opening the L2 cache";
+    loop {
+        let (code, body) = readyz_until(admin, STEP);
+        assert_eq!(code, 503, "{body}");
+        let healthz = fetch(admin, "/healthz").0;
+        let refused = TcpStream::connect(&listen).is_err();
+        // Still in the scan afterwards: both answers were given during it.
+        if fetch(admin, "/readyz").1.contains(STEP) {
+            assert_eq!(healthz, 200);
+            assert!(
+                refused,
+                "nothing listens on the main port during the L2 scan"
+            );
+            break;
+        }
+    }
+    b.signal(libc::SIGTERM);
+    let status = b.wait();
+    assert!(status.success(), "{status}; log: {:#?}", b.log);
+    assert!(
+        b.log.iter().any(|l| l.contains("SIGTERM during start-up")),
+        "{:#?}",
+        b.log
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_refused_model_or_ensemble_keeps_the_server_not_ready_unless_allowed() {
+    let dir = common::temp_dir("refused");
+    let models = slow_repository(&dir);
+    std::fs::create_dir_all(models.join("broken/1")).unwrap();
+    std::fs::write(
+        models.join("broken/model.toml"),
+        "input_width = 4\noutput = \"softmax\"\nlayers = [{ units = 2, activation = \"relux\" }]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        models.join("ensembles.toml"),
+        "[ensembles.ok]\nmembers = [\"fast\", \"slow\"]\n[ensembles.bad]\nmembers = [\"fast\", \"nope\"]\n",
+    )
+    .unwrap();
+    for allowed in [false, true] {
+        let repo = beast::model::load::load_repository(&models, &BatchLimits::default()).unwrap();
+        let mut cfg = common::test_config();
+        cfg.ready_with_refused = allowed;
+        let server = common::start_with(cfg, repo);
+        let admin = server.admin_addr.unwrap();
+        let (code, body) = fetch(admin, "/readyz");
+        if allowed {
+            assert_eq!((code, body.as_str()), (200, "ready\n"));
+        } else {
+            assert_eq!(code, 503, "{body}");
+            assert!(
+                body.starts_with("refused at load: 1 model(s), 1 ensemble(s)"),
+                "{body}"
+            );
+            assert!(body.contains("broken/model.toml"), "{body}");
+            assert!(body.contains("ensembles.bad"), "{body}");
+        }
+        let metrics = fetch(admin, "/metrics").1;
+        for line in [
+            "beast_models_refused 1",
+            "beast_ensembles_refused 1",
+            if allowed {
+                "beast_ready 1"
+            } else {
+                "beast_ready 0"
+            },
+        ] {
+            assert!(
+                metrics.contains(&format!("\n{line}\n")),
+                "{line}: {metrics}"
+            );
+        }
+        // What loaded is served either way.
+        let client = beast::client::Client::connect(server.addr).unwrap();
+        let x = rows(4, 1, WIDTH);
+        assert_eq!(client.predict(&spec("ok", 1, WIDTH, &x)).unwrap().rows, 1);
+        server.shutdown();
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
