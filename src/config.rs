@@ -369,6 +369,9 @@ mod tests {
         let c: Config =
             toml::from_str("listen = \"0.0.0.0:9000\"\n[batch]\nmax_batch = 8").unwrap();
         assert_eq!(c.batch.max_batch, 8);
+        assert!(!c.ready_with_refused);
+        let c: Config = toml::from_str("ready_with_refused = true").unwrap();
+        assert!(c.ready_with_refused);
         assert_eq!(
             c.batch.queue_rows_max,
             BatchLimits::default().queue_rows_max
