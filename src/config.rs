@@ -66,6 +66,10 @@ pub struct Config {
     /// File (one per shard: `<path>.<shard>`) where learned selection state
     /// is saved on clean shutdown and read at start; "" = not kept.
     pub selection_state_path: PathBuf,
+    /// Answer `/readyz` 200 even when a model or ensemble was refused at
+    /// load (the rest is served either way); by default a refusal keeps
+    /// the server not ready, with the refusals as the reason.
+    pub ready_with_refused: bool,
 }
 
 /// Prediction cache settings (docs/CACHE.md).
@@ -174,6 +178,7 @@ impl Default for Config {
             trace_sample_rate: 0.0,
             trace_ring_records: 16384,
             cache: CacheSettings::default(),
+            ready_with_refused: false,
         }
     }
 }
@@ -364,6 +369,9 @@ mod tests {
         let c: Config =
             toml::from_str("listen = \"0.0.0.0:9000\"\n[batch]\nmax_batch = 8").unwrap();
         assert_eq!(c.batch.max_batch, 8);
+        assert!(!c.ready_with_refused);
+        let c: Config = toml::from_str("ready_with_refused = true").unwrap();
+        assert!(c.ready_with_refused);
         assert_eq!(
             c.batch.queue_rows_max,
             BatchLimits::default().queue_rows_max

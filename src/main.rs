@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -230,6 +231,9 @@ fn serve(
     cores: Option<String>,
     config: Option<PathBuf>,
 ) -> Result<(), String> {
+    // Signals first: SIGINT/SIGTERM during the slow start-up steps exit 0
+    // at once; once the server runs they stop it gracefully.
+    let running = on_stop_signals()?;
     let mut cfg = match &config {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
@@ -246,7 +250,13 @@ fn serve(
     if let Some(c) = cores {
         cfg.cores = parse_cores(&c)?;
     }
-    cfg.validate()?;
+    // Checks the port and brings up the admin port before the slow steps.
+    let starting = beast::server::Starting::begin(cfg)?;
+    let cfg = starting.config();
+    if let Some(a) = starting.admin_addr() {
+        eprintln!("beast: admin port on http://{a} (/metrics, /healthz, /readyz, /v1/models, /v1/stats, /debug/trace); /readyz answers 503 until start-up is done");
+    }
+    starting.step("loading models");
     let repo = beast::model::load::load_repository(&cfg.models_dir, &cfg.batch.limits())?;
     if repo.models.is_empty() {
         return Err(format!(
@@ -293,11 +303,8 @@ fn serve(
         eprintln!("beast:   refused: {e}");
     }
     let cpus = cfg.shard_cpus();
-    let handle = beast::server::start(cfg, Arc::new(repo))?;
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, handle.stop_flag())
-            .map_err(|e| format!("signal handler: {e}"))?;
-    }
+    let handle = starting.start(Arc::new(repo))?;
+    *running.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.stop_flag());
     eprintln!(
         "beast: listening on {} with {} shard(s) on CPUs {:?}, backend {}",
         handle.addr,
@@ -305,9 +312,6 @@ fn serve(
         cpus,
         handle.backend
     );
-    if let Some(a) = handle.admin_addr {
-        eprintln!("beast: admin port on http://{a} (/metrics, /healthz, /readyz, /v1/models, /v1/stats, /debug/trace)");
-    }
     let totals = handle.wait();
     eprintln!(
         "beast: stopped after {} responses ({} ok), {} batches, mean batch {:.1} rows",
@@ -317,6 +321,45 @@ fn serve(
         totals.batch_rows as f64 / totals.batches.max(1) as f64
     );
     Ok(())
+}
+
+/// Handle SIGINT and SIGTERM on a thread of their own. While the returned
+/// slot is empty (start-up), a signal logs a line and exits 0 at once:
+/// nothing is served yet, and every start-up step is safe to cut off (the
+/// L2 file is repaired when next opened, as after a crash). Once the slot
+/// holds the server's stop flag, a signal sets it: the server stops
+/// gracefully (answers what is in flight) and exits 0.
+fn on_stop_signals() -> Result<Arc<Mutex<Option<Arc<AtomicBool>>>>, String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("signal handler: {e}"))?;
+    let running: Arc<Mutex<Option<Arc<AtomicBool>>>> = Arc::new(Mutex::new(None));
+    let slot = running.clone();
+    std::thread::Builder::new()
+        .name("beast-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                // Held while deciding, so start-up cannot end in between.
+                let running = slot.lock().unwrap_or_else(|e| e.into_inner());
+                match &*running {
+                    None => {
+                        eprintln!("beast: {name} during start-up: exiting before serving");
+                        // SAFETY: _exit ends the process at once; no
+                        // destructors or atexit handlers run while other
+                        // threads are mid-step.
+                        unsafe { libc::_exit(0) };
+                    }
+                    Some(stop) => {
+                        if !stop.swap(true, Ordering::SeqCst) {
+                            eprintln!("beast: {name}: stopping (answering requests in flight)");
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| format!("signal thread: {e}"))?;
+    Ok(running)
 }
 
 fn trace(admin: &str, seconds: f64, out: &Path) -> Result<(), String> {

@@ -32,6 +32,10 @@ pub struct Repository {
     /// One line per model/version/ensemble that was refused, naming the
     /// file and field (already logged; kept for /v1/models and tests).
     pub errors: Vec<String>,
+    /// How many of `errors` refused a model folder or version, and how
+    /// many an ensemble (or `ensembles.toml` as a whole).
+    pub refused_models: usize,
+    pub refused_ensembles: usize,
     /// Things skipped without refusing anything (a folder that is not a
     /// version number); already logged.
     pub warnings: Vec<String>,
@@ -90,7 +94,9 @@ pub fn load_repository(dir: &Path, defaults: &BatchLimits) -> Result<Repository,
     for name in model_dirs {
         load_model_dir(&mut repo, dir, &name, defaults);
     }
+    repo.refused_models = repo.errors.len();
     load_ensembles(&mut repo, dir);
+    repo.refused_ensembles = repo.errors.len() - repo.refused_models;
     if repo.models.is_empty() && repo.errors.is_empty() {
         repo.refuse(format!(
             "{}: empty repository (no <model>/model.toml found)",

@@ -11,6 +11,11 @@
 //!
 //! Endpoints: `/metrics` (Prometheus text 0.0.4), `/healthz`, `/readyz`,
 //! `/v1/models`, `/v1/stats`, `/debug/trace?seconds=N` (docs/OBSERVABILITY.md).
+//!
+//! The port is up before the slow start-up steps (model load and cascade
+//! calibration, the L2 open scan, shard warm-up): meanwhile `/healthz`
+//! answers 200, `/readyz` 503 `starting: <step>`, `/metrics` the process
+//! gauges, and what needs the loaded models 503 `starting`.
 
 use crate::metrics::{self, trace, ShardMetrics};
 use crate::model::load::Repository;
@@ -19,7 +24,7 @@ use serde_json::json;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,10 +41,17 @@ pub const TRACE_SECONDS_MAX: f64 = 60.0;
 /// from `/metrics`.
 pub const TRACES_MAX: usize = HANDLERS_MAX / 4;
 
-/// What the admin thread reads.
+/// What the admin thread reads. It exists from the start of start-up;
+/// what start-up produces is set once it is there.
 pub(crate) struct AdminState {
-    pub metrics: Vec<Arc<ShardMetrics>>,
-    pub repo: Arc<Repository>,
+    /// The loaded repository (set once the models are loaded).
+    pub repo: OnceLock<Arc<Repository>>,
+    /// The shards' counters and the cache (set before the shards start).
+    pub serving: OnceLock<Serving>,
+    /// The start-up step under way, for `/readyz`.
+    step: Mutex<&'static str>,
+    /// Be ready even when a model or ensemble was refused at load.
+    ready_with_refused: bool,
     /// Every shard has warmed up and listens.
     pub ready: AtomicBool,
     /// The server's stop flag: set means shutting down (not ready).
@@ -47,35 +59,116 @@ pub(crate) struct AdminState {
     pub backend: OnceLock<String>,
     pub started: Instant,
     pub trace_sample_rate: f64,
-    /// The prediction cache, for `POST /v1/cache/purge`.
-    pub cache: Arc<super::CacheShared>,
     exit: AtomicBool,
     handlers: AtomicUsize,
     /// `/debug/trace` windows open now.
     traces: AtomicUsize,
 }
 
+/// What the shards publish, once they exist.
+pub(crate) struct Serving {
+    pub metrics: Vec<Arc<ShardMetrics>>,
+    /// The prediction cache, for `POST /v1/cache/purge` and the L2 gauges.
+    pub cache: Arc<super::CacheShared>,
+}
+
 impl AdminState {
     pub fn new(
-        metrics: Vec<Arc<ShardMetrics>>,
-        repo: Arc<Repository>,
         stop: Arc<AtomicBool>,
         trace_sample_rate: f64,
-        cache: Arc<super::CacheShared>,
+        ready_with_refused: bool,
     ) -> AdminState {
         AdminState {
-            metrics,
-            repo,
+            repo: OnceLock::new(),
+            serving: OnceLock::new(),
+            step: Mutex::new("starting up"),
+            ready_with_refused,
             ready: AtomicBool::new(false),
             stop,
             backend: OnceLock::new(),
             started: Instant::now(),
             trace_sample_rate,
-            cache,
             exit: AtomicBool::new(false),
             handlers: AtomicUsize::new(0),
             traces: AtomicUsize::new(0),
         }
+    }
+
+    /// Name the start-up step under way (shown by `/readyz`).
+    pub fn set_step(&self, step: &'static str) {
+        *self.step.lock().unwrap_or_else(|e| e.into_inner()) = step;
+    }
+
+    fn step(&self) -> &'static str {
+        *self.step.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The shards' counters; empty until they exist.
+    fn metrics(&self) -> &[Arc<ShardMetrics>] {
+        self.serving.get().map_or(&[], |s| &s.metrics)
+    }
+}
+
+/// Why the server is not ready (the body of a 503 from `/readyz`), or
+/// `None` when it is. Kept apart from the routing so other reasons can be
+/// added in one place.
+fn not_ready(st: &AdminState) -> Option<String> {
+    if st.stop.load(Ordering::Relaxed) {
+        return Some("shutting down\n".into());
+    }
+    if !st.ready.load(Ordering::Acquire) {
+        return Some(format!("starting: {}\n", st.step()));
+    }
+    if let Some(why) = st.serving.get().and_then(|s| s.cache.not_ready_reason()) {
+        return Some(format!("{why}\n"));
+    }
+    refused_reason(st)
+}
+
+/// Models and ensembles refused at load: not ready unless the operator
+/// opted into partial readiness (`ready_with_refused`).
+fn refused_reason(st: &AdminState) -> Option<String> {
+    let repo = st.repo.get()?;
+    if repo.errors.is_empty() || st.ready_with_refused {
+        return None;
+    }
+    let mut why = format!(
+        "refused at load: {} model(s), {} ensemble(s) (set ready_with_refused = true to be ready with the rest)\n",
+        repo.refused_models, repo.refused_ensembles
+    );
+    for e in &repo.errors {
+        why.push_str(e);
+        why.push('\n');
+    }
+    Some(why)
+}
+
+/// `beast_ready` and the refused-target gauges, appended to `/metrics`.
+fn render_readiness(out: &mut String, st: &AdminState) {
+    use std::fmt::Write as _;
+    let (models, ensembles) = st
+        .repo
+        .get()
+        .map_or((0, 0), |r| (r.refused_models, r.refused_ensembles));
+    let gauges = [
+        (
+            "beast_ready",
+            "1 while /readyz answers 200 (ready to serve), else 0.",
+            usize::from(not_ready(st).is_none()),
+        ),
+        (
+            "beast_models_refused",
+            "Model folders and versions refused at load (see /v1/models \"refused\").",
+            models,
+        ),
+        (
+            "beast_ensembles_refused",
+            "Ensembles refused at load (see /v1/models \"refused\").",
+            ensembles,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
 }
 
@@ -273,13 +366,16 @@ const JSON: &str = "application/json";
 /// `POST /v1/cache/purge?target=NAME`: drop every cached answer of NAME on
 /// every core (its L1 entries become unreachable, its L2 slots are cleared).
 fn purge(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
+    let Some(cache) = st.serving.get().map(|s| &s.cache) else {
+        return (503, "text/plain", "starting\n".into());
+    };
     match query_param(r.query, "target") {
         None => (
             400,
             "text/plain",
             "target: required, e.g. /v1/cache/purge?target=digits\n".into(),
         ),
-        Some(t) => match st.cache.purge(t) {
+        Some(t) => match cache.purge(t) {
             Ok(n) => (
                 200,
                 JSON,
@@ -293,39 +389,39 @@ fn purge(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
 fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
     match r.path {
         "/metrics" => {
-            let mut text = metrics::prometheus::render(&st.metrics, &info(st));
-            if let Some(l2) = &st.cache.l2 {
+            let mut text = metrics::prometheus::render(st.metrics(), &info(st));
+            if let Some(l2) = st.serving.get().and_then(|s| s.cache.l2.as_ref()) {
                 metrics::prometheus::render_l2(&mut text, &l2.stats());
             }
-            if st.cache.l2_status().is_some() {
-                metrics::prometheus::render_l2_enabled(&mut text, st.cache.l2.is_some());
+            if let Some(cache) = st.serving.get().map(|s| &s.cache) {
+                if cache.l2_status().is_some() {
+                    metrics::prometheus::render_l2_enabled(&mut text, cache.l2.is_some());
+                }
             }
+            render_readiness(&mut text, st);
             (200, metrics::prometheus::CONTENT_TYPE, text)
         }
         "/healthz" => (200, "text/plain", "ok\n".into()),
-        "/readyz" => {
-            if st.stop.load(Ordering::Relaxed) {
-                (503, "text/plain", "shutting down\n".into())
-            } else if let Some(why) = st.cache.not_ready_reason() {
-                (503, "text/plain", format!("{why}\n"))
-            } else if st.ready.load(Ordering::Acquire) {
-                (200, "text/plain", "ready\n".into())
-            } else {
-                (503, "text/plain", "starting\n".into())
-            }
-        }
-        "/v1/models" => (200, JSON, models_json(&st.repo).to_string()),
+        "/readyz" => match not_ready(st) {
+            Some(why) => (503, "text/plain", why),
+            None => (200, "text/plain", "ready\n".into()),
+        },
+        "/v1/models" => match st.repo.get() {
+            Some(repo) => (200, JSON, models_json(repo).to_string()),
+            None => (503, "text/plain", "starting\n".into()),
+        },
         "/v1/stats" => {
             let i = info(st);
             let s = metrics::stats::snapshot(
-                &st.metrics,
+                st.metrics(),
                 &i.version,
                 &i.backend,
                 st.started.elapsed().as_secs_f64(),
                 i.process,
             );
             let mut v = serde_json::to_value(&s).unwrap_or_default();
-            if let (Some(o), Some(l2)) = (v.as_object_mut(), st.cache.l2_status()) {
+            let l2 = st.serving.get().and_then(|s| s.cache.l2_status());
+            if let (Some(o), Some(l2)) = (v.as_object_mut(), l2) {
                 o.insert("cache_l2".into(), l2);
             }
             (200, JSON, v.to_string())
@@ -406,14 +502,14 @@ fn models_json(repo: &Repository) -> serde_json::Value {
 /// records in the rings when `secs` is 0) as Chrome trace-event JSON.
 fn trace_json(st: &AdminState, secs: f64) -> serde_json::Value {
     let t0 = trace::since_epoch_ns(Instant::now());
-    let written0: Vec<u64> = st.metrics.iter().map(|m| m.trace.written()).collect();
+    let written0: Vec<u64> = st.metrics().iter().map(|m| m.trace.written()).collect();
     if secs > 0.0 {
         std::thread::sleep(Duration::from_secs_f64(secs));
     }
     let mut records = Vec::new();
     let mut buf = Vec::new();
     let mut overwritten = 0u64;
-    for (m, w0) in st.metrics.iter().zip(&written0) {
+    for (m, w0) in st.metrics().iter().zip(&written0) {
         buf.clear();
         m.trace.read(&mut buf);
         let core = m.core;
@@ -425,7 +521,7 @@ fn trace_json(st: &AdminState, secs: f64) -> serde_json::Value {
         overwritten += (m.trace.written() - w0).saturating_sub(m.trace.capacity() as u64);
     }
     let targets = st
-        .metrics
+        .metrics()
         .first()
         .map(|m| m.targets.clone())
         .unwrap_or_default();

@@ -94,49 +94,161 @@ impl ServerHandle {
     }
 }
 
-/// Start one shard per configured CPU and return once all listen.
+/// Start one shard per configured CPU and return once all listen
+/// ([`Starting::begin`] then [`Starting::start`]).
 pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String> {
-    cfg.validate()?;
-    let mut addr: SocketAddr = cfg
-        .listen
-        .parse()
-        .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
-    // With port 0 every shard would get a different port: bind (without
-    // listening, so it never takes a connection) to learn one, and hold it
-    // until the shards have bound it too.
-    let placeholder = if addr.port() == 0 {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )
-        .map_err(|e| format!("socket: {e}"))?;
-        s.set_reuse_port(true)
-            .map_err(|e| format!("SO_REUSEPORT: {e}"))?;
-        s.set_reuse_address(true)
-            .map_err(|e| format!("SO_REUSEADDR: {e}"))?;
-        s.bind(&addr.into())
-            .map_err(|e| format!("bind {addr}: {e}"))?;
-        addr = s
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .ok_or("placeholder socket has no address")?;
-        Some(s)
-    } else {
-        // SO_REUSEPORT would let this server silently share the port with
-        // another process of the same user (splitting its traffic): bind
-        // once without it to make sure the port is really free.
-        std::net::TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))?;
-        None
+    Starting::begin(cfg)?.start(repo)
+}
+
+/// A server on its way up. [`Starting::begin`] does the fast checks (the
+/// config, the port is free) and brings up the admin port, so that
+/// `/healthz` answers and `/readyz` says `starting: <step>` while the slow
+/// steps run: loading the models (the caller's, between `begin` and
+/// `start`), the L2 open scan and shard warm-up (in [`Starting::start`]).
+pub struct Starting {
+    cfg: Config,
+    /// The port the shards will bind (the real one when 0 was asked for).
+    addr: SocketAddr,
+    /// With port 0: a bound, not listening socket that holds the port
+    /// until the shards have bound it too.
+    placeholder: Option<socket2::Socket>,
+    stop: Arc<AtomicBool>,
+    admin: Option<admin::Admin>,
+}
+
+impl Starting {
+    /// Validate `cfg`, check that its port is free, and start the admin port.
+    pub fn begin(cfg: Config) -> Result<Starting, String> {
+        cfg.validate()?;
+        let mut addr: SocketAddr = cfg
+            .listen
+            .parse()
+            .map_err(|e| format!("listen {}: {e}", cfg.listen))?;
+        // With port 0 every shard would get a different port: bind (without
+        // listening, so it never takes a connection) to learn one, and hold it
+        // until the shards have bound it too.
+        let placeholder = if addr.port() == 0 {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )
+            .map_err(|e| format!("socket: {e}"))?;
+            s.set_reuse_port(true)
+                .map_err(|e| format!("SO_REUSEPORT: {e}"))?;
+            s.set_reuse_address(true)
+                .map_err(|e| format!("SO_REUSEADDR: {e}"))?;
+            s.bind(&addr.into())
+                .map_err(|e| format!("bind {addr}: {e}"))?;
+            addr = s
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .ok_or("placeholder socket has no address")?;
+            Some(s)
+        } else {
+            // SO_REUSEPORT would let this server silently share the port with
+            // another process of the same user (splitting its traffic): bind
+            // once without it to make sure the port is really free. std binds
+            // with SO_REUSEADDR, as the shards' listeners do (see `listen`), so
+            // connections left in TIME_WAIT by a previous server on this port
+            // do not count as "in use"; a live listener does.
+            std::net::TcpListener::bind(addr).map_err(|e| format!("listen {addr}: {e}"))?;
+            None
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let admin = match cfg.admin_addr()? {
+            Some(a) => Some(admin::Admin::spawn(
+                a,
+                Arc::new(admin::AdminState::new(
+                    stop.clone(),
+                    cfg.trace_sample_rate,
+                    cfg.ready_with_refused,
+                )),
+            )?),
+            None => None,
+        };
+        Ok(Starting {
+            cfg,
+            addr,
+            placeholder,
+            stop,
+            admin,
+        })
+    }
+
+    /// The validated config.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The admin port's address (the real port when 0 was asked for).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.addr)
+    }
+
+    /// Name the start-up step under way; `/readyz` answers
+    /// `starting: <step>` meanwhile.
+    pub fn step(&self, step: &'static str) {
+        if let Some(a) = &self.admin {
+            a.state.set_step(step);
+        }
+    }
+
+    /// Open the cache, start one shard per configured CPU and return once
+    /// all listen.
+    pub fn start(mut self, repo: Arc<Repository>) -> Result<ServerHandle, String> {
+        let admin = self.admin.take();
+        let stop = self.stop.clone();
+        let stop_admin = |admin: Option<admin::Admin>| admin.map(admin::Admin::shutdown);
+        let started = start_shards(&self.cfg, self.addr, stop.clone(), repo, admin.as_ref());
+        // The shards have bound the port (or given up): let it go.
+        drop(self.placeholder.take());
+        match started {
+            Ok(parts) => Ok(ServerHandle {
+                addr: self.addr,
+                admin_addr: admin.as_ref().map(|a| a.addr),
+                admin,
+                stop,
+                backend: parts.backend,
+                cache: parts.cache,
+                threads: parts.threads,
+                metrics: parts.metrics,
+                selection: parts.selection,
+            }),
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                stop_admin(admin);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Open the cache and start the shards; returns once all listen.
+fn start_shards(
+    cfg: &Config,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    repo: Arc<Repository>,
+    admin: Option<&admin::Admin>,
+) -> Result<Running, String> {
+    let step = |s: &'static str| {
+        if let Some(a) = admin {
+            a.state.set_step(s);
+        }
     };
+    if let Some(a) = admin {
+        let _ = a.state.repo.set(repo.clone());
+    }
+    let cfg = Arc::new(cfg.clone());
     let cpus = cfg.shard_cpus();
+    step("opening the L2 cache");
     let cache = Arc::new(CacheShared::open(
         &cfg,
         repo.models.keys().chain(repo.ensembles.keys()).cloned(),
     ));
-    let cfg = Arc::new(cfg);
-    let stop = Arc::new(AtomicBool::new(false));
+    step("warming up shards");
     let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
     let mut threads = Vec::new();
     // Metrics: sized once for every target name, labelled by CPU.
@@ -153,21 +265,12 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             ))
         })
         .collect();
-    // The admin port answers /healthz while the shards warm up.
-    let admin = match cfg.admin_addr()? {
-        Some(a) => Some(admin::Admin::spawn(
-            a,
-            Arc::new(admin::AdminState::new(
-                metrics.clone(),
-                repo.clone(),
-                stop.clone(),
-                cfg.trace_sample_rate,
-                cache.clone(),
-            )),
-        )?),
-        None => None,
-    };
-    let stop_admin = |admin: Option<admin::Admin>| admin.map(admin::Admin::shutdown);
+    if let Some(a) = admin {
+        let _ = a.state.serving.set(admin::Serving {
+            metrics: metrics.clone(),
+            cache: cache.clone(),
+        });
+    }
     let io_memory = io_memory_per_shard(cfg.io_memory_bytes, cpus.len(), memlock_limit());
     if io_memory < cfg.io_memory_bytes {
         eprintln!(
@@ -212,7 +315,9 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
             Ok(h) => threads.push(h),
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
-                stop_admin(admin);
+                for t in threads {
+                    let _ = t.join();
+                }
                 return Err(format!(
                     "shard {id} on cpu {cpu}: cannot start executor: {e}"
                 ));
@@ -233,27 +338,39 @@ pub fn start(cfg: Config, repo: Arc<Repository>) -> Result<ServerHandle, String>
                 for t in threads {
                     let _ = t.join();
                 }
-                stop_admin(admin);
                 return Err(e);
             }
         }
     }
-    drop(placeholder);
-    if let Some(a) = &admin {
+    if let Some(a) = admin {
         let _ = a.state.backend.set(backend.clone());
         a.state.ready.store(true, Ordering::Release);
     }
-    Ok(ServerHandle {
-        addr,
-        cache,
+    Ok(Running {
         backend,
-        admin_addr: admin.as_ref().map(|a| a.addr),
-        admin,
-        stop,
+        cache,
         threads,
         metrics,
         selection,
     })
+}
+
+impl Drop for Starting {
+    /// A start-up given up before [`Starting::start`]: close the admin port.
+    fn drop(&mut self) {
+        if let Some(a) = self.admin.take() {
+            a.shutdown();
+        }
+    }
+}
+
+/// What [`start_shards`] hands to the [`ServerHandle`].
+struct Running {
+    backend: String,
+    cache: Arc<CacheShared>,
+    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    metrics: Vec<Arc<ShardMetrics>>,
+    selection: Vec<Arc<SelectionCounters>>,
 }
 
 /// Everything a shard thread starts from.
@@ -294,7 +411,7 @@ async fn run_shard(start: ShardStart) {
         let _ = ready.send(Err(format!("shard {id}: {e}")));
         return;
     }
-    let listener = match glommio::net::TcpListener::bind(addr) {
+    let listener = match listen(addr) {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: bind {addr}: {e}")));
@@ -374,6 +491,29 @@ async fn run_shard(start: ShardStart) {
             Rc::strong_count(&shard) - 1
         );
     }
+}
+
+/// A shard's listener: SO_REUSEPORT (every shard binds the same port) and
+/// SO_REUSEADDR. The latter is inherited by every accepted connection, so
+/// the connections a stopped or killed server leaves in TIME_WAIT or
+/// FIN_WAIT2 do not block the free-port check (a plain SO_REUSEADDR bind)
+/// of the next server on that port; a live listener still does.
+fn listen(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use std::os::fd::IntoRawFd;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.set_reuse_port(true)?;
+    s.set_reuse_address(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    // SAFETY: a bound, listening socket whose fd we hand over (into_raw_fd
+    // gives up our ownership).
+    Ok(unsafe {
+        <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(s.into_raw_fd())
+    })
 }
 
 /// The soft RLIMIT_MEMLOCK in bytes; `None` when unlimited or unknown.
