@@ -28,8 +28,10 @@ const SLOW_DELAY_US: u64 = 200_000;
 /// milliseconds of work.
 fn repository() -> Repository {
     let mut repo = test_repository(SLOW_DELAY_US);
-    repo.ensembles
-        .insert("ens_slow".into(), EnsembleSpec::mean("ens_slow", &["a", "slow"]));
+    repo.ensembles.insert(
+        "ens_slow".into(),
+        EnsembleSpec::mean("ens_slow", &["a", "slow"]),
+    );
     let mut heavy = Model::random(
         "heavy",
         &[WIDTH, 1024, 1024, CLASSES],
@@ -128,7 +130,11 @@ fn members_of_an_answered_ensemble_are_not_computed() {
     assert!(p.partial, "{p:?}");
     // When `slow`'s batch comes, its member job is dropped, not computed.
     assert!(
-        eventually(|| metric(&h, "beast_batch_rows_dropped_total", ("reason", "cancelled")) == 1),
+        eventually(|| metric(
+            &h,
+            "beast_batch_rows_dropped_total",
+            ("reason", "cancelled")
+        ) == 1),
         "the member nobody waits for was not dropped"
     );
     assert_eq!(

@@ -514,8 +514,9 @@ impl Shard {
 
     /// Admission by predicted wait: refuse at once (DEADLINE_EXCEEDED with a
     /// deadline, OVERLOADED over `queue_wait_max_us` without one) a request
-    /// whose slowest queue (`slots`) is predicted to take longer than its
-    /// budget, instead of computing an answer nobody can use. Answers the
+    /// whose slowest queue (`slots`) is predicted to take longer than
+    /// [`ADMIT_BUDGET_FRACTION`] of its budget, instead of computing an
+    /// answer nobody can use. Answers the
     /// refusal and returns false.
     fn admit(
         &self,
@@ -526,15 +527,21 @@ impl Shard {
         deadline: Option<Instant>,
         arrival: Instant,
     ) -> bool {
-        let budget_us = match deadline {
-            Some(d) => d.saturating_duration_since(Instant::now()).as_secs_f32() * 1e6,
-            None if self.cfg.queue_wait_max_us > 0 => self.cfg.queue_wait_max_us as f32,
+        let (budget_us, limit_us) = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now()).as_secs_f32() * 1e6;
+                (left, ADMIT_BUDGET_FRACTION * left)
+            }
+            None if self.cfg.queue_wait_max_us > 0 => {
+                let max = self.cfg.queue_wait_max_us as f32;
+                (max, max)
+            }
             None => return true,
         };
         let wait_us = slots
             .map(|s| self.predicted_wait_us(s, rows))
             .fold(0.0f32, f32::max);
-        if wait_us <= budget_us {
+        if wait_us <= limit_us {
             return true;
         }
         if deadline.is_some() {
@@ -545,8 +552,10 @@ impl Shard {
                 Status::DeadlineExceeded,
                 arrival,
                 format_args!(
-                    "predicted queue wait {:.0} us exceeds the {:.0} us left of the deadline",
-                    wait_us, budget_us
+                    "predicted queue wait {:.0} us is over {:.0}% of the {:.0} us left of the deadline",
+                    wait_us,
+                    ADMIT_BUDGET_FRACTION * 100.0,
+                    budget_us
                 ),
             );
         } else {
@@ -1681,6 +1690,12 @@ pub(crate) fn spawn_tasks(shard: &Rc<Shard>) {
     }
     glommio::spawn_local(shard.clone().run_deadlines()).detach();
 }
+
+/// Admission lets in a request whose predicted queue wait is at most this
+/// share of its budget: the rest absorbs what the prediction does not see
+/// (the connections' own work, the OS taking the core). Under overload a
+/// queue of half the budget still keeps the core busy.
+const ADMIT_BUDGET_FRACTION: f32 = 0.5;
 
 /// How long busy batchers may run before the executor polls for I/O and
 /// timers.
