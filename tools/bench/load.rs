@@ -263,13 +263,14 @@ async fn run_thread(
             start,
         )));
     }
-    // Sample this thread's CPU over the measured window.
+    // Sample this thread's CPU over the measured window (or until the
+    // server went away, when that ends the run early).
     let (w0, w1) = window(&plan);
-    let cpu = glommio::spawn_local(async move {
+    let c0 = Rc::new(Cell::new(None));
+    let c0_set = c0.clone();
+    let _sampler = glommio::spawn_local(async move {
         sleep_until(start + Duration::from_secs_f64(w0)).await;
-        let c0 = rusage_s(libc::RUSAGE_THREAD);
-        sleep_until(start + Duration::from_secs_f64(w1)).await;
-        rusage_s(libc::RUSAGE_THREAD) - c0
+        c0_set.set(Some(rusage_s(libc::RUSAGE_THREAD)));
     });
     let mut report = Report::new();
     let mut err = None;
@@ -279,7 +280,13 @@ async fn run_thread(
             Err(e) => err = err.or(Some(e)),
         }
     }
-    report.thread_cpu_s.push(cpu.await);
+    if !report.server_gone {
+        sleep_until(start + Duration::from_secs_f64(w1)).await;
+    }
+    let cpu = c0
+        .get()
+        .map_or(0.0, |c0| rusage_s(libc::RUSAGE_THREAD) - c0);
+    report.thread_cpu_s.push(cpu);
     match err {
         Some(e) => Err(e),
         None => Ok(report),
