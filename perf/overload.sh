@@ -68,6 +68,20 @@ start_server() {
     exit 1
 }
 
+# Server CPU seconds so far (all its threads), from /proc.
+server_cpu() {
+    awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$SERVER_PID/stat"
+}
+# OK responses the server has sent so far (its own counter, over all targets).
+server_ok() {
+    local text
+    exec 3<>"/dev/tcp/${ADMIN%:*}/${ADMIN#*:}"
+    printf 'GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n' >&3
+    text=$(cat <&3)
+    exec 3<&-
+    awk '/^beast_requests_total\{.*status="ok"/ { s += $NF } END { printf "%.0f", s }' <<<"$text"
+}
+
 json_field() { # NAME JSON: the number after "NAME":
     sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" <<<"$2" | head -1
 }
@@ -80,22 +94,30 @@ COMMON="--server $ADDR --cpus $BENCH_CPUS --target bench_ens --no-cache --durati
     echo "- machine: $(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1); $(nproc) CPUs online; load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- servers: new \`$NEW\`${BASE:+, base \`$BASE\`}, each \`taskset -c $SERVER_CPU BEAST serve --cores $SERVER_CPU\`; generator on CPU(s) $BENCH_CPUS"
     echo "- saturation: \`beast-bench $COMMON --closed -c 16 -k 16\`"
-    echo "- overload: \`beast-bench $COMMON --rate (FACTOR x saturation) -c 32 -k 64 --deadline-us $DEADLINE_US\`, FACTOR $FACTOR"
+    echo "- overload: \`beast-bench $COMMON --rate (FACTOR x saturation) -c 16 -k 64 --deadline-us $DEADLINE_US\`, FACTOR $FACTOR"
     echo
-    echo "| round | server | saturation req/s | offered req/s | ok req/s | ok / saturation | partial | late (client) | late (server total) | deadline exceeded | overloaded | unanswered |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "- per CPU-second: OK answers the server sent (its own counter) per second of CPU it got (/proc/PID/stat), over the whole beast-bench run (warm-up and drain included): on a shared machine the server rarely has its core alone, and this ratio does not depend on how much of it it got"
+    echo
+    echo "| round | server | saturation req/s | saturation ok per CPU-s | offered req/s | ok req/s | ok per CPU-s | ok / saturation (per CPU-s) | partial | late (client) | late (server total) | deadline exceeded | overloaded | unanswered |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 } >"$OUT"
 
 one() { # ROUND NAME BINARY
     start_server "$3"
-    local sat_json sat rate over
+    local sat_json sat rate over c0 k0 c1 k1 c2 k2
+    c0=$(server_cpu); k0=$(server_ok)
     sat_json=$($BENCH $COMMON --closed -c 16 -k 16 --json)
+    c1=$(server_cpu); k1=$(server_ok)
     echo "$sat_json" >>"$WORK/$2.jsonl"
     sat=$(json_field achieved_rps "$sat_json")
     rate=$(awk -v s="$sat" -v f="$FACTOR" 'BEGIN { printf "%.0f", s * f }')
     # The saturation run's queue drains before the overload starts.
-    over=$($BENCH $COMMON --rate "$rate" -c 32 -k 64 --deadline-us "$DEADLINE_US" --json)
+    over=$($BENCH $COMMON --rate "$rate" -c 16 -k 64 --deadline-us "$DEADLINE_US" --json)
+    c2=$(server_cpu); k2=$(server_ok)
     echo "$over" >>"$WORK/$2.jsonl"
+    local satc overc
+    satc=$(awk -v k="$((k1 - k0))" -v a="$c0" -v b="$c1" 'BEGIN { printf "%.0f", k / (b - a) }')
+    overc=$(awk -v k="$((k2 - k1))" -v a="$c1" -v b="$c2" 'BEGIN { printf "%.0f", k / (b - a) }')
     stop_server
     local ok partial late lates dl ov un
     ok=$(json_field achieved_rps "$over")
@@ -105,8 +127,8 @@ one() { # ROUND NAME BINARY
     dl=$(json_field deadline_exceeded "$over")
     ov=$(json_field overloaded "$over")
     un=$(json_field unanswered "$over")
-    echo "| $1 | $2 | $sat | $rate | $ok | $(awk -v o="$ok" -v s="$sat" 'BEGIN { printf "%.0f%%", 100 * o / s }') | $partial | $late | $lates | $dl | $ov | $un |" >>"$OUT"
-    echo "overload: round $1 $2: saturation $sat req/s, at $rate: ok $ok req/s, partial $partial, late $late/$lates" >&2
+    echo "| $1 | $2 | $sat | $satc | $rate | $ok | $overc | $(awk -v o="$overc" -v s="$satc" 'BEGIN { printf "%.0f%%", 100 * o / s }') | $partial | $late | $lates | $dl | $ov | $un |" >>"$OUT"
+    echo "overload: round $1 $2: saturation $sat req/s ($satc per CPU-s), at $rate: ok $ok req/s ($overc per CPU-s), partial $partial, late $late/$lates" >&2
 }
 
 for r in $(seq "$ROUNDS"); do

@@ -552,10 +552,10 @@ impl Shard {
                 Status::DeadlineExceeded,
                 arrival,
                 format_args!(
-                    "predicted queue wait {:.0} us is over {:.0}% of the {:.0} us left of the deadline",
-                    wait_us,
-                    ADMIT_BUDGET_FRACTION * 100.0,
-                    budget_us
+                    "predicted queue wait {} us is over {}% of the {} us left of the deadline",
+                    wait_us as u64,
+                    (ADMIT_BUDGET_FRACTION * 100.0) as u32,
+                    budget_us as u64
                 ),
             );
         } else {
@@ -566,8 +566,8 @@ impl Shard {
                 Status::Overloaded,
                 arrival,
                 format_args!(
-                    "predicted queue wait {:.0} us exceeds queue_wait_max_us {:.0}",
-                    wait_us, budget_us
+                    "predicted queue wait {} us exceeds queue_wait_max_us {}",
+                    wait_us as u64, budget_us as u64
                 ),
             );
         }
@@ -1498,14 +1498,17 @@ impl Shard {
             let ok = !failed && !late;
             self.release_waiters(key, ok, partial, rows, out_w, combined, &runs[..n], t, now);
         }
-        // A partial answer is the deadline's own answer: it is not late.
+        // A partial answer is the deadline's own answer, given at the
+        // deadline: late only when the cutoff itself came over
+        // PARTIAL_GRACE after it (the core was taken away, say).
         let refused = if late && !failed {
             Some((
                 Status::DeadlineExceeded,
                 "deadline passed before any member answered",
             ))
         } else {
-            refusal(!failed, deadline.filter(|_| !partial), now)
+            let by = deadline.map(|d| if partial { d + PARTIAL_GRACE } else { d });
+            refusal(!failed, by, now)
         };
         if let Some((status, message)) = refused {
             self.respond_error(&conn, id, status, message, arrival);
@@ -1696,6 +1699,10 @@ pub(crate) fn spawn_tasks(shard: &Rc<Shard>) {
 /// (the connections' own work, the OS taking the core). Under overload a
 /// queue of half the budget still keeps the core busy.
 const ADMIT_BUDGET_FRACTION: f32 = 0.5;
+
+/// A cut-off (partial) answer may leave this long after its deadline: the
+/// timer fires at the deadline, not before it.
+const PARTIAL_GRACE: Duration = Duration::from_millis(1);
 
 /// How long busy batchers may run before the executor polls for I/O and
 /// timers.
