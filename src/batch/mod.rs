@@ -213,12 +213,19 @@ impl RowCost {
     pub fn us_per_row(&self) -> f32 {
         self.us
     }
-    /// Fold in one batch of `rows` rows that took `us` µs.
+    /// Fold in one batch of `rows` rows that took `us` µs. One observation
+    /// counts at most twice the current figure: a batch stretched by the OS
+    /// taking the core away (tens of ms) must not make admission refuse
+    /// everything for the next hundred batches; a lasting slow-down still
+    /// doubles the figure within about 15 batches.
     pub fn observe(&mut self, rows: usize, us: f32) {
         if rows == 0 || !us.is_finite() {
             return;
         }
-        let per_row = us / rows as f32;
+        let mut per_row = us / rows as f32;
+        if self.us > 0.0 {
+            per_row = per_row.min(2.0 * self.us);
+        }
         self.us += ROW_COST_EWMA_ALPHA * (per_row - self.us);
     }
 }
@@ -439,6 +446,14 @@ mod tests {
         assert!((c.us_per_row() - 10.0).abs() < 0.1);
         c.observe(0, 1e9);
         assert!((c.us_per_row() - 10.0).abs() < 0.1);
+        // An outlier (the core taken away) moves it by at most α × itself.
+        c.observe(1, 1e6);
+        assert!((c.us_per_row() - 10.5).abs() < 0.1, "{}", c.us_per_row());
+        // A lasting slow-down is followed.
+        for _ in 0..500 {
+            c.observe(10, 1000.0);
+        }
+        assert!((c.us_per_row() - 100.0).abs() < 1.0);
     }
 
     #[test]
