@@ -1290,9 +1290,9 @@ impl Shard {
                             compute_us,
                             total_us: 0,
                         };
-                        self.release_waiters(k, ok, false, q.rows, out_w, out, &runs, t, now);
+                        self.release_waiters(k, ok, false, q.rows, out_w, out, &runs, t);
                     }
-                    if let Some((status, message)) = refusal(ok, deadline, now) {
+                    if let Some((status, message)) = refusal(ok, deadline, Instant::now()) {
                         self.respond_error(&conn, id, status, message, arrival);
                     } else {
                         let t = Timings {
@@ -1350,12 +1350,11 @@ impl Shard {
         out: &[f32],
         runs: &[RunInfo<'_>],
         t: Timings,
-        now: Instant,
     ) {
         let mut co = self.cache.coalescer.borrow_mut();
         for w in co.complete(key) {
             w.conn.in_flight.set(w.conn.in_flight.get() - 1);
-            if let Some((status, message)) = refusal(ok, w.deadline, now) {
+            if let Some((status, message)) = refusal(ok, w.deadline, Instant::now()) {
                 self.respond_error(&w.conn, w.id, status, message, w.arrival);
             } else {
                 self.respond_ok(
@@ -1496,7 +1495,7 @@ impl Shard {
         }
         if let (true, Some(key)) = (leader, key) {
             let ok = !failed && !late;
-            self.release_waiters(key, ok, partial, rows, out_w, combined, &runs[..n], t, now);
+            self.release_waiters(key, ok, partial, rows, out_w, combined, &runs[..n], t);
         }
         // A partial answer is the deadline's own answer, given at the
         // deadline: late only when the cutoff itself came over
@@ -1508,7 +1507,7 @@ impl Shard {
             ))
         } else {
             let by = deadline.map(|d| if partial { d + PARTIAL_GRACE } else { d });
-            refusal(!failed, by, now)
+            refusal(!failed, by, Instant::now())
         };
         if let Some((status, message)) = refused {
             self.respond_error(&conn, id, status, message, arrival);
@@ -1751,7 +1750,9 @@ impl Shard {
 }
 
 /// Why a computed answer cannot go out as OK: the backend failed, or the
-/// request's deadline passed while it was computed.
+/// request's deadline passed while it was computed. Callers pass the time
+/// of answering itself (not of the batch's end): answering a batch can be
+/// interrupted by the OS, and an OK answer must not leave after its deadline.
 fn refusal(ok: bool, deadline: Option<Instant>, now: Instant) -> Option<(Status, &'static str)> {
     if !ok {
         Some((Status::Internal, "backend failed"))
