@@ -33,6 +33,10 @@ pub struct Config {
     pub rows_per_request_max: usize,
     /// Ensemble requests in flight per shard (each holds one accumulator); beyond it: OVERLOADED.
     pub ensemble_in_flight_per_shard_max: usize,
+    /// A request without a deadline whose predicted queue wait exceeds this
+    /// (µs) is answered OVERLOADED at once; 0: never (requests with a
+    /// deadline are refused when the prediction exceeds their budget).
+    pub queue_wait_max_us: u64,
     /// Initial receive buffer per connection; it grows (once) up to
     /// `frame_bytes_max + 4` only if a larger frame arrives.
     pub read_buffer_bytes: usize,
@@ -166,6 +170,7 @@ impl Default for Config {
             in_flight_per_connection_max: 1024,
             rows_per_request_max: 1024,
             ensemble_in_flight_per_shard_max: 16384,
+            queue_wait_max_us: 0,
             feedback_window: 65536,
             selection_domains_max: 64,
             selection_state_path: PathBuf::new(),

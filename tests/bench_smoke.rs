@@ -194,3 +194,57 @@ fn recorded_trace_replays_with_its_timing() {
     assert_eq!(j.get("mode").and_then(|v| v.str()), Some("trace"));
     assert_eq!(j.get("ok").and_then(|v| v.num()), Some(measured as f64));
 }
+
+#[test]
+fn a_server_that_goes_away_gets_a_report_not_an_abort() {
+    let server = common::start_server();
+    let addr = server.addr;
+    let child = Command::new(env!("CARGO_BIN_EXE_beast-bench"))
+        .args(["--server", &addr.to_string(), "--width", "12", "-c", "4"])
+        .args(["-k", "8", "--warmup", "0", "--duration", "30", "--json"])
+        .args([
+            "--target",
+            "ens",
+            "--rate",
+            "2000",
+            "--deadline-us",
+            "1000000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run beast-bench");
+    // Once requests flow, the server stops (and closes every connection).
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server.totals().responses[0] < 100 {
+        assert!(
+            std::time::Instant::now() < end,
+            "no requests reached the server"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    server.shutdown();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no report\nstdout: {stdout}\nstderr: {stderr}"));
+    let j = json::parse(line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
+    assert_eq!(
+        j.get("server_gone"),
+        Some(&json::Json::Bool(true)),
+        "{line}"
+    );
+    assert_eq!(j.get("deadline_us").and_then(|v| v.num()), Some(1e6));
+    assert!(
+        j.get("ok").and_then(|v| v.num()).unwrap() >= 100.0,
+        "{line}"
+    );
+    // 1 s budgets on a light load: nothing late (the cut-off applies to
+    // ensembles: nothing partial either).
+    assert_eq!(j.get("late_server").and_then(|v| v.num()), Some(0.0));
+    assert_eq!(j.get("partial").and_then(|v| v.num()), Some(0.0));
+}

@@ -112,6 +112,11 @@ struct Args {
     /// Ask the server to bypass its cache.
     #[arg(long)]
     no_cache: bool,
+    /// Give every request this budget (µs from its arrival at the server):
+    /// the report then counts partial answers and late ones (OK later than
+    /// the budget + 1 ms after the send) apart.
+    #[arg(long, value_name = "US")]
+    deadline_us: Option<u64>,
     /// Fail (exit 1) when more than this fraction of requests erred or went unanswered.
     #[arg(long, default_value_t = 0.001)]
     max_error_fraction: f64,
@@ -186,6 +191,9 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
     }
     if !(args.rate > 0.0 && args.rate.is_finite()) {
         return Err(format!("--rate must be > 0, got {}", args.rate));
+    }
+    if args.deadline_us == Some(0) {
+        return Err("--deadline-us must be at least 1".into());
     }
     if !(0.0..=1.0).contains(&args.max_error_fraction) {
         return Err("--max-error-fraction must be within 0..=1".into());
@@ -364,6 +372,7 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
         rows: args.rows,
         f16: args.f16,
         no_cache: args.no_cache,
+        deadline_us: args.deadline_us,
         connections: args.connections,
         in_flight: args.in_flight,
         warmup_s: args.warmup,
@@ -582,6 +591,7 @@ fn one_run(args: &Args, base: &Plan, label: &str, rate: Option<f64>) -> Result<S
             _ => args.target.clone(),
         },
         rows: args.rows,
+        deadline_us: args.deadline_us,
         connections: args.connections,
         in_flight: args.in_flight,
         threads,

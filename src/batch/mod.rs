@@ -2,11 +2,15 @@
 //! decides when a batch closes.
 //!
 //! Owns: queued rows (copied into a preallocated ring of f32 rows) and the
-//! job tokens that say whose rows they are. A batch closes when it holds
-//! `max_batch` rows or its oldest row has waited `max_queue_delay_us`.
-//! At `queue_rows_max` queued rows `push` refuses (the caller answers
-//! OVERLOADED) instead of growing. Single-threaded: one shard owns it.
-//! Knows nothing of sockets or of what a job token means.
+//! job tokens that say whose rows they are, each with its deadline. A batch
+//! closes when it holds `max_batch` rows or its oldest row has waited
+//! `max_queue_delay_us`. At `queue_rows_max` queued rows `push` refuses (the
+//! caller answers OVERLOADED) instead of growing. When a batch is taken,
+//! jobs whose deadline has passed, or that the caller says nobody will read
+//! (an ensemble already answered), are handed back as dropped instead of
+//! being computed. [`predict_wait_us`] estimates how long a new job would
+//! wait, for admission. Single-threaded: one shard owns it. Knows nothing
+//! of sockets or of what a job token means.
 
 use crate::model::BatchLimits;
 use std::collections::VecDeque;
@@ -26,12 +30,24 @@ pub enum Readiness {
     At(Instant),
 }
 
-/// A queued job: the caller's token, its row count and when it arrived.
+/// A queued job: the caller's token, its row count, when it arrived and
+/// when its answer stops being useful.
 #[derive(Debug)]
 pub struct Queued<J> {
     pub job: J,
     pub rows: usize,
     pub enqueued: Instant,
+    /// Past this the job is dropped, not computed.
+    pub deadline: Option<Instant>,
+}
+
+/// Why a job was dropped instead of computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Its deadline had passed when its batch was taken.
+    Expired,
+    /// The caller said nobody will read its answer.
+    Cancelled,
 }
 
 pub struct Queue<J> {
@@ -72,7 +88,13 @@ impl<J> Queue<J> {
     }
 
     /// Queue `rows` rows (`input.len() == rows * width`). Refuses at the limit.
-    pub fn push(&mut self, job: J, input: &[f32], now: Instant) -> Result<(), Full> {
+    pub fn push(
+        &mut self,
+        job: J,
+        input: &[f32],
+        now: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<(), Full> {
         let rows = input.len() / self.width;
         debug_assert_eq!(rows * self.width, input.len());
         if rows == 0 || !self.has_room(rows) {
@@ -91,6 +113,7 @@ impl<J> Queue<J> {
             job,
             rows,
             enqueued: now,
+            deadline,
         });
         Ok(())
     }
@@ -112,36 +135,126 @@ impl<J> Queue<J> {
         }
     }
 
-    /// Move whole jobs totalling at most `max_batch` rows (or one larger job
-    /// alone) into `jobs_out`, and their rows, in order, into `input_out`
-    /// (resized to rows × width; it keeps its capacity between batches).
-    /// Returns the batch's row count.
-    pub fn take_batch(&mut self, jobs_out: &mut Vec<Queued<J>>, input_out: &mut Vec<f32>) -> usize {
+    /// Move whole live jobs totalling at most `max_batch` rows (or one
+    /// larger job alone) into `jobs_out`, and their rows, in order, into
+    /// `input_out` (resized to rows × width; it keeps its capacity between
+    /// batches). Jobs met on the way whose deadline is at or before `now`,
+    /// or for which `verdict` gives a reason, leave the queue into
+    /// `dropped_out` (with the reason) and their rows are skipped. Returns the batch's row
+    /// count (0 when every job met was dropped). Neither output allocates
+    /// when its capacity is `queue_rows_max`.
+    pub fn take_batch(
+        &mut self,
+        now: Instant,
+        mut verdict: impl FnMut(&J) -> Option<Dropped>,
+        jobs_out: &mut Vec<Queued<J>>,
+        dropped_out: &mut Vec<(Queued<J>, Dropped)>,
+        input_out: &mut Vec<f32>,
+    ) -> usize {
         jobs_out.clear();
+        dropped_out.clear();
+        input_out.clear();
+        let w = self.width;
+        let cap = self.limits.queue_rows_max;
         let mut rows = 0;
         while let Some(front) = self.jobs.front() {
-            if rows > 0 && rows + front.rows > self.limits.max_batch {
+            let why = if front.deadline.is_some_and(|d| d <= now) {
+                Some(Dropped::Expired)
+            } else {
+                verdict(&front.job)
+            };
+            if why.is_none() && rows > 0 && rows + front.rows > self.limits.max_batch {
                 break;
             }
-            rows += front.rows;
-            jobs_out.push(self.jobs.pop_front().expect("front exists"));
+            let q = self.jobs.pop_front().expect("front exists");
+            let n = q.rows;
+            match why {
+                Some(why) => dropped_out.push((q, why)),
+                None => {
+                    // Copy this job's rows (they may wrap around the ring).
+                    let first = n.min(cap - self.head_row);
+                    input_out.extend_from_slice(
+                        &self.ring[self.head_row * w..(self.head_row + first) * w],
+                    );
+                    if first < n {
+                        input_out.extend_from_slice(&self.ring[..(n - first) * w]);
+                    }
+                    rows += n;
+                    jobs_out.push(q);
+                }
+            }
+            self.head_row = (self.head_row + n) % cap;
+            self.rows -= n;
             if rows >= self.limits.max_batch {
                 break;
             }
         }
-        let w = self.width;
-        let cap = self.limits.queue_rows_max;
-        input_out.resize(rows * w, 0.0);
-        let first = rows.min(cap - self.head_row);
-        input_out[..first * w]
-            .copy_from_slice(&self.ring[self.head_row * w..(self.head_row + first) * w]);
-        if first < rows {
-            input_out[first * w..].copy_from_slice(&self.ring[..(rows - first) * w]);
-        }
-        self.head_row = (self.head_row + rows) % cap;
-        self.rows -= rows;
         rows
     }
+}
+
+/// Per-row cost of a model on one shard, learned from real batches: an EWMA
+/// of (batch wall time, compute and answering) / rows.
+#[derive(Debug, Clone, Copy)]
+pub struct RowCost {
+    us: f32,
+}
+
+/// Weight of a new batch in [`RowCost`].
+pub const ROW_COST_EWMA_ALPHA: f32 = 0.05;
+
+impl RowCost {
+    /// Starts from a measured (warm-up) figure.
+    pub fn new(us_per_row: f32) -> Self {
+        RowCost {
+            us: us_per_row.max(0.0),
+        }
+    }
+    pub fn us_per_row(&self) -> f32 {
+        self.us
+    }
+    /// Fold in one batch of `rows` rows that took `us` µs. One observation
+    /// counts at most twice the current figure: a batch stretched by the OS
+    /// taking the core away (tens of ms) must not make admission refuse
+    /// everything for the next hundred batches; a lasting slow-down still
+    /// doubles the figure within about 15 batches.
+    pub fn observe(&mut self, rows: usize, us: f32) {
+        if rows == 0 || !us.is_finite() {
+            return;
+        }
+        let mut per_row = us / rows as f32;
+        if self.us > 0.0 {
+            per_row = per_row.min(2.0 * self.us);
+        }
+        self.us += ROW_COST_EWMA_ALPHA * (per_row - self.us);
+    }
+}
+
+/// One model's queue as admission sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Backlog {
+    /// Rows queued now.
+    pub rows: usize,
+    /// Rows per batch, at most.
+    pub max_batch: usize,
+    /// µs per row ([`RowCost`]).
+    pub us_per_row: f32,
+}
+
+/// Predicted µs until a job of `rows` rows joining queue `target` has been
+/// computed, when one core's batchers take turns, one batch each, over
+/// `target` and the `others` queues of the shard: its own queue's rows
+/// ahead and its own, plus what each other queue runs in as many turns (at
+/// most what it holds). An ensemble waits for the slowest of its members'
+/// predictions.
+pub fn predict_wait_us(target: Backlog, others: impl Iterator<Item = Backlog>, rows: usize) -> f32 {
+    let mine = target.rows + rows;
+    let turns = mine.div_ceil(target.max_batch.max(1));
+    let mut us = mine as f32 * target.us_per_row;
+    for o in others {
+        us += o.rows.min(turns * o.max_batch) as f32 * o.us_per_row;
+    }
+    us
 }
 
 #[cfg(test)]
@@ -161,13 +274,14 @@ mod tests {
         let mut q = Queue::new(limits(4, 100, 16), 2);
         let t0 = Instant::now();
         assert_eq!(q.readiness(t0), Readiness::Empty);
-        q.push(1, &[1.0, 2.0], t0).unwrap();
+        q.push(1, &[1.0, 2.0], t0, None).unwrap();
         assert_eq!(
             q.readiness(t0),
             Readiness::At(t0 + Duration::from_micros(100))
         );
         assert_eq!(q.readiness(t0 + Duration::from_micros(100)), Readiness::Now);
-        q.push(2, &[3.0, 4.0, 5.0, 6.0, 7.0, 8.0], t0).unwrap();
+        q.push(2, &[3.0, 4.0, 5.0, 6.0, 7.0, 8.0], t0, None)
+            .unwrap();
         assert_eq!(q.readiness(t0), Readiness::Now);
     }
 
@@ -175,17 +289,17 @@ mod tests {
     fn full_queue_refuses_instead_of_growing() {
         let mut q = Queue::new(limits(2, 0, 3), 1);
         let t = Instant::now();
-        q.push('a', &[1.0, 2.0], t).unwrap();
-        assert_eq!(q.push('b', &[3.0, 4.0], t), Err(Full));
-        q.push('c', &[3.0], t).unwrap();
-        assert_eq!(q.push('d', &[4.0], t), Err(Full));
+        q.push('a', &[1.0, 2.0], t, None).unwrap();
+        assert_eq!(q.push('b', &[3.0, 4.0], t, None), Err(Full));
+        q.push('c', &[3.0], t, None).unwrap();
+        assert_eq!(q.push('d', &[4.0], t, None), Err(Full));
         assert_eq!(q.rows_queued(), 3);
     }
 
     #[test]
     fn batches_keep_order_and_wrap_around_the_ring() {
         let mut q = Queue::new(limits(3, 0, 5), 2);
-        let (mut jobs, mut input) = (Vec::new(), Vec::new());
+        let (mut jobs, mut dropped, mut input) = (Vec::new(), Vec::new(), Vec::new());
         let t = Instant::now();
         let mut next = 0.0f32;
         let mut expect = Vec::new();
@@ -204,15 +318,15 @@ mod tests {
                     })
                     .collect();
                 expect.extend_from_slice(&data);
-                q.push(round, &data, t).unwrap();
+                q.push(round, &data, t, None).unwrap();
             }
-            let rows = q.take_batch(&mut jobs, &mut input);
+            let rows = q.take_batch(t, |_| None, &mut jobs, &mut dropped, &mut input);
             assert!(rows <= 3 || jobs.len() == 1);
             assert_eq!(rows, jobs.iter().map(|j| j.rows).sum::<usize>());
             seen.extend_from_slice(&input);
         }
         while !q.is_empty() {
-            q.take_batch(&mut jobs, &mut input);
+            q.take_batch(t, |_| None, &mut jobs, &mut dropped, &mut input);
             seen.extend_from_slice(&input);
         }
         assert_eq!(seen, expect);
@@ -222,11 +336,146 @@ mod tests {
     fn a_job_larger_than_max_batch_runs_alone() {
         let mut q = Queue::new(limits(2, 0, 8), 1);
         let t = Instant::now();
-        q.push(0, &[1.0], t).unwrap();
-        q.push(1, &[2.0, 3.0, 4.0], t).unwrap();
-        let (mut jobs, mut input) = (Vec::new(), Vec::new());
-        assert_eq!(q.take_batch(&mut jobs, &mut input), 1);
-        assert_eq!(q.take_batch(&mut jobs, &mut input), 3);
+        q.push(0, &[1.0], t, None).unwrap();
+        q.push(1, &[2.0, 3.0, 4.0], t, None).unwrap();
+        let (mut jobs, mut dropped, mut input) = (Vec::new(), Vec::new(), Vec::new());
+        assert_eq!(
+            q.take_batch(t, |_| None, &mut jobs, &mut dropped, &mut input),
+            1
+        );
+        assert_eq!(
+            q.take_batch(t, |_| None, &mut jobs, &mut dropped, &mut input),
+            3
+        );
         assert_eq!(input, vec![2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn expired_jobs_are_dropped_not_computed() {
+        let mut q = Queue::new(limits(4, 0, 16), 1);
+        let t = Instant::now();
+        let soon = Some(t + Duration::from_micros(10));
+        let later = Some(t + Duration::from_secs(10));
+        q.push('a', &[1.0], t, soon).unwrap();
+        q.push('b', &[2.0, 3.0], t, later).unwrap();
+        q.push('c', &[4.0], t, soon).unwrap();
+        q.push('d', &[5.0], t, None).unwrap();
+        let (mut jobs, mut dropped, mut input) = (Vec::new(), Vec::new(), Vec::new());
+        // Before the deadline everything runs.
+        let mut q2 = Queue::new(limits(4, 0, 16), 1);
+        q2.push('a', &[1.0], t, soon).unwrap();
+        assert_eq!(
+            q2.take_batch(t, |_| None, &mut jobs, &mut dropped, &mut input),
+            1
+        );
+        assert!(dropped.is_empty());
+        // At the deadline: 'a' and 'c' are dropped, their rows skipped.
+        let now = t + Duration::from_micros(10);
+        assert_eq!(
+            q.take_batch(now, |_| None, &mut jobs, &mut dropped, &mut input),
+            3
+        );
+        assert_eq!(
+            jobs.iter().map(|j| j.job).collect::<Vec<_>>(),
+            vec!['b', 'd']
+        );
+        assert_eq!(input, vec![2.0, 3.0, 5.0]);
+        let d: Vec<_> = dropped
+            .iter()
+            .map(|(j, why)| (j.job, j.rows, *why))
+            .collect();
+        assert_eq!(
+            d,
+            vec![('a', 1, Dropped::Expired), ('c', 1, Dropped::Expired)]
+        );
+        assert_eq!(q.rows_queued(), 0);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn cancelled_jobs_are_dropped_and_free_their_room() {
+        let mut q = Queue::new(limits(2, 0, 4), 1);
+        let t = Instant::now();
+        for (j, x) in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)] {
+            q.push(j, &[x], t, None).unwrap();
+        }
+        assert!(!q.has_room(1));
+        let (mut jobs, mut dropped, mut input) = (Vec::new(), Vec::new(), Vec::new());
+        // Odd jobs are cancelled: the batch is the two even ones.
+        let rows = q.take_batch(
+            t,
+            |j| (j % 2 == 1).then_some(Dropped::Cancelled),
+            &mut jobs,
+            &mut dropped,
+            &mut input,
+        );
+        assert_eq!(rows, 2);
+        assert_eq!(input, vec![2.0, 4.0]);
+        assert_eq!(dropped.len(), 2);
+        assert!(dropped.iter().all(|(_, why)| *why == Dropped::Cancelled));
+        assert!(q.is_empty() && q.has_room(4));
+        // The ring keeps working after skipped rows (wrap-around).
+        q.push(5, &[5.0, 6.0, 7.0], t, None).unwrap();
+        assert_eq!(
+            q.take_batch(t, |_| None, &mut jobs, &mut dropped, &mut input),
+            3
+        );
+        assert_eq!(input, vec![5.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn a_batch_of_only_dropped_jobs_has_no_rows() {
+        let mut q = Queue::new(limits(2, 0, 8), 1);
+        let t = Instant::now();
+        q.push(0, &[1.0], t, Some(t)).unwrap();
+        let (mut jobs, mut dropped, mut input) = (Vec::new(), Vec::new(), Vec::new());
+        assert_eq!(
+            q.take_batch(t, |_| None, &mut jobs, &mut dropped, &mut input),
+            0
+        );
+        assert!(jobs.is_empty() && input.is_empty());
+        assert_eq!(dropped.len(), 1);
+    }
+
+    #[test]
+    fn row_cost_learns_per_row_time() {
+        let mut c = RowCost::new(100.0);
+        for _ in 0..500 {
+            c.observe(64, 640.0);
+        }
+        assert!((c.us_per_row() - 10.0).abs() < 0.1);
+        c.observe(0, 1e9);
+        assert!((c.us_per_row() - 10.0).abs() < 0.1);
+        // An outlier (the core taken away) moves it by at most α × itself.
+        c.observe(1, 1e6);
+        assert!((c.us_per_row() - 10.5).abs() < 0.1, "{}", c.us_per_row());
+        // A lasting slow-down is followed.
+        for _ in 0..500 {
+            c.observe(10, 1000.0);
+        }
+        assert!((c.us_per_row() - 100.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn predicted_wait_counts_the_turns_of_other_queues() {
+        let b = |rows, us_per_row| Backlog {
+            rows,
+            max_batch: 10,
+            us_per_row,
+        };
+        // Alone: rows ahead plus own, times the cost.
+        assert_eq!(predict_wait_us(b(19, 2.0), [].into_iter(), 1), 40.0);
+        // Two turns of its own queue: each other queue runs at most two
+        // batches meanwhile (20 rows), or what it holds.
+        let others = [b(100, 1.0), b(5, 3.0)];
+        assert_eq!(
+            predict_wait_us(b(19, 2.0), others.into_iter(), 1),
+            40.0 + 20.0 + 15.0
+        );
+        // An empty queue of its own still waits one turn of the others.
+        assert_eq!(
+            predict_wait_us(b(0, 2.0), [b(100, 1.0)].into_iter(), 1),
+            2.0 + 10.0
+        );
     }
 }

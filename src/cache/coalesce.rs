@@ -188,6 +188,11 @@ impl<W> Coalescer<W> {
         Ok(())
     }
 
+    /// How many requests wait on `key` (0 when it is not in flight).
+    pub fn waiters(&self, key: &CacheKey) -> u32 {
+        self.lookup(key).map_or(0, |i| self.table[i].count)
+    }
+
     /// Whether `key` is in flight.
     pub fn in_flight(&self, key: &CacheKey) -> bool {
         self.lookup(key).is_some()

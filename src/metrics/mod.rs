@@ -218,6 +218,17 @@ pub struct ShardMetrics {
     pub compute_us: Counter,
     /// By [`Shed`] reason.
     pub shed: [Counter; 4],
+    /// Queued rows dropped before compute: their deadline had passed (or
+    /// would pass during the batch).
+    pub rows_dropped_expired: Counter,
+    /// Queued rows dropped before compute: nobody would read the answer
+    /// (an ensemble answered already, a closed connection).
+    pub rows_dropped_cancelled: Counter,
+    /// Requests refused at admission because their predicted queue wait
+    /// exceeded their budget: answered DEADLINE_EXCEEDED (a deadline) ...
+    pub admission_refused_deadline: Counter,
+    /// ... or OVERLOADED (no deadline, over `queue_wait_max_us`).
+    pub admission_refused_overloaded: Counter,
     pub cache_hits_l1: Counter,
     pub cache_hits_l2: Counter,
     pub cache_misses: Counter,
@@ -280,6 +291,10 @@ impl ShardMetrics {
             queue_us: Counter::default(),
             compute_us: Counter::default(),
             shed: Default::default(),
+            rows_dropped_expired: Counter::default(),
+            rows_dropped_cancelled: Counter::default(),
+            admission_refused_deadline: Counter::default(),
+            admission_refused_overloaded: Counter::default(),
             cache_hits_l1: Counter::default(),
             cache_hits_l2: Counter::default(),
             cache_misses: Counter::default(),

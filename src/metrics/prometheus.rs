@@ -221,6 +221,51 @@ pub fn render(shards: &[Arc<ShardMetrics>], info: &Info) -> String {
 
     header(
         o,
+        "beast_batch_rows_dropped_total",
+        "counter",
+        "Queued rows dropped before compute, by reason: expired (deadline passed or would pass during the batch), cancelled (nobody would read the answer).",
+    );
+    for (reason, f) in [
+        (
+            "expired",
+            (|m: &ShardMetrics| m.rows_dropped_expired.get()) as fn(&ShardMetrics) -> u64,
+        ),
+        ("cancelled", |m: &ShardMetrics| {
+            m.rows_dropped_cancelled.get()
+        }),
+    ] {
+        sample(
+            o,
+            "beast_batch_rows_dropped_total",
+            &[("reason", reason)],
+            sum(shards, f),
+        );
+    }
+    header(
+        o,
+        "beast_admission_refused_total",
+        "counter",
+        "Requests refused at once because their predicted queue wait exceeded their budget, by the status answered.",
+    );
+    for (status, f) in [
+        (
+            "deadline_exceeded",
+            (|m: &ShardMetrics| m.admission_refused_deadline.get()) as fn(&ShardMetrics) -> u64,
+        ),
+        ("overloaded", |m: &ShardMetrics| {
+            m.admission_refused_overloaded.get()
+        }),
+    ] {
+        sample(
+            o,
+            "beast_admission_refused_total",
+            &[("status", status)],
+            sum(shards, f),
+        );
+    }
+
+    header(
+        o,
         "beast_cache_hits_total",
         "counter",
         "Prediction cache hits, by tier.",

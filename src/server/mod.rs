@@ -418,10 +418,7 @@ async fn run_shard(start: ShardStart) {
             return;
         }
     };
-    for slot in 0..shard.slots.len() {
-        glommio::spawn_local(shard.clone().run_batcher(slot)).detach();
-    }
-    glommio::spawn_local(shard.clone().run_deadlines()).detach();
+    shard::spawn_tasks(&shard);
     let _ = ready.send(Ok(shard.backend_name()));
     drop(ready);
 

@@ -18,7 +18,7 @@ use super::notify::Notify;
 use super::select::SelState;
 use super::slab::Slab;
 use crate::backend::Backend;
-use crate::batch::{Queue, Queued, Readiness};
+use crate::batch::{predict_wait_us, Backlog, Dropped, Queue, Queued, Readiness, RowCost};
 use crate::cache::CacheKey;
 use crate::config::{Config, ENSEMBLE_MEMBERS_MAX};
 use crate::ensemble::cascade::confident;
@@ -69,6 +69,8 @@ pub(crate) struct ModelSlot {
     pub model: Arc<Model>,
     pub queue: RefCell<Queue<Job>>,
     pub wake: Notify,
+    /// µs per row of this model's batches on this shard (admission).
+    pub row_cost: Cell<RowCost>,
     cache: TargetPolicy,
 }
 
@@ -173,6 +175,7 @@ impl Shard {
                     model: m.clone(),
                     queue: RefCell::new(Queue::new(m.batch, m.input_width)),
                     wake: Notify::default(),
+                    row_cost: Cell::new(RowCost::new(0.0)),
                     cache: cache.policy(&cfg, name),
                 });
             }
@@ -271,6 +274,9 @@ impl Shard {
                 }
                 profile.set(i, best);
             }
+            // Admission starts from the largest batch's cost per row.
+            s.row_cost
+                .set(RowCost::new(profile.us[2] / profile.sizes[2].max(1) as f32));
         }
         Ok(())
     }
@@ -486,6 +492,89 @@ impl Shard {
             .map(|us| arrival + Duration::from_micros(us))
     }
 
+    /// One slot's queue as admission sees it.
+    fn backlog(s: &ModelSlot) -> Backlog {
+        Backlog {
+            rows: s.queue.borrow().rows_queued(),
+            max_batch: s.model.batch.max_batch,
+            us_per_row: s.row_cost.get().us_per_row(),
+        }
+    }
+
+    /// Predicted µs until `rows` more rows queued for `slot` are computed,
+    /// with every other queue of the shard taking its turns meanwhile.
+    pub(crate) fn predicted_wait_us(&self, slot: usize, rows: usize) -> f32 {
+        let others = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != slot)
+            .map(|(_, s)| Self::backlog(s));
+        predict_wait_us(Self::backlog(&self.slots[slot]), others, rows)
+    }
+
+    /// Admission by predicted wait: refuse at once (DEADLINE_EXCEEDED with a
+    /// deadline, OVERLOADED over `queue_wait_max_us` without one) a request
+    /// whose slowest queue (`slots`) is predicted to take longer than
+    /// [`ADMIT_BUDGET_FRACTION`] of its budget, instead of computing an
+    /// answer nobody can use. Answers the
+    /// refusal and returns false.
+    fn admit(
+        &self,
+        conn: &Conn,
+        id: u64,
+        slots: impl Iterator<Item = usize>,
+        rows: usize,
+        deadline: Option<Instant>,
+        arrival: Instant,
+    ) -> bool {
+        let (budget_us, limit_us) = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now()).as_secs_f32() * 1e6;
+                (left, ADMIT_BUDGET_FRACTION * left)
+            }
+            None if self.cfg.queue_wait_max_us > 0 => {
+                let max = self.cfg.queue_wait_max_us as f32;
+                (max, max)
+            }
+            None => return true,
+        };
+        let wait_us = slots
+            .map(|s| self.predicted_wait_us(s, rows))
+            .fold(0.0f32, f32::max);
+        if wait_us <= limit_us {
+            return true;
+        }
+        if deadline.is_some() {
+            self.metrics.admission_refused_deadline.inc();
+            self.respond_error_fmt(
+                conn,
+                id,
+                Status::DeadlineExceeded,
+                arrival,
+                format_args!(
+                    "predicted queue wait {} us is over {}% of the {} us left of the deadline",
+                    wait_us as u64,
+                    (ADMIT_BUDGET_FRACTION * 100.0) as u32,
+                    budget_us as u64
+                ),
+            );
+        } else {
+            self.metrics.admission_refused_overloaded.inc();
+            self.respond_error_fmt(
+                conn,
+                id,
+                Status::Overloaded,
+                arrival,
+                format_args!(
+                    "predicted queue wait {} us exceeds queue_wait_max_us {}",
+                    wait_us as u64, budget_us as u64
+                ),
+            );
+        }
+        false
+    }
+
     fn submit_model(&self, conn: &Rc<Conn>, req: &RequestView<'_>, slot: usize, arrival: Instant) {
         let s = &self.slots[slot];
         let rows = req.rows as usize;
@@ -531,6 +620,9 @@ impl Shard {
                 );
             }
         }
+        if !self.admit(conn, req.id, std::iter::once(slot), rows, deadline, arrival) {
+            return;
+        }
         // Before joining: a request refused here must not leave a leader
         // entry behind (nothing can join in between on this thread).
         if !self.read_input(conn, req, arrival) {
@@ -556,8 +648,11 @@ impl Shard {
             key,
             leader,
         };
+        // A leader's deadline is checked when its batch is taken, since
+        // requests waiting on it may have none (see `run_batcher`).
+        let queue_deadline = if leader { None } else { deadline };
         let mut q = s.queue.borrow_mut();
-        let pushed = q.push(job, input, arrival);
+        let pushed = q.push(job, input, arrival, queue_deadline);
         debug_assert!(pushed.is_ok(), "room was checked");
         conn.in_flight.set(conn.in_flight.get() + 1);
         if q.readiness(arrival) == Readiness::Now || q.rows_queued() == rows {
@@ -685,6 +780,10 @@ impl Shard {
                     Extra::default(),
                 );
             }
+        }
+        let members = set.iter().map(|i| plan.members[i]);
+        if !self.admit(conn, req.id, members, rows, deadline, arrival) {
+            return;
         }
         if !self.read_input(conn, req, arrival) {
             return;
@@ -923,7 +1022,9 @@ impl Shard {
                 member: i as u8,
                 key: member_key,
             };
-            let pushed = q.push(job, input, enqueued);
+            // A member is not dropped for its deadline in the queue: the
+            // straggler cutoff answers the entry, and that cancels it.
+            let pushed = q.push(job, input, enqueued, None);
             debug_assert!(pushed.is_ok(), "room was checked");
             e.remaining += 1;
             if q.readiness(enqueued) == Readiness::Now || q.rows_queued() == rows {
@@ -1076,22 +1177,70 @@ impl Shard {
                     }
                 }
             }
-            let now = Instant::now();
-            loop {
-                let item = {
-                    let mut sel = self.sel.borrow_mut();
-                    match sel.deadlines.peek() {
-                        Some(r) if r.0 .0 <= now => sel.deadlines.pop(),
-                        _ => None,
-                    }
-                };
-                let Some(std::cmp::Reverse((_, k, generation))) = item else {
-                    break;
-                };
-                if self.pending.borrow().is_live(k, generation) {
-                    self.pending.borrow_mut().get_mut(k).partial = true;
-                    self.finish_ensemble(k, now);
+            self.cut_off_due(Instant::now());
+        }
+    }
+
+    /// Answer every watched ensemble request whose deadline is at or before
+    /// `horizon` with the members that finished (`partial`); their queued
+    /// members are then dropped, not computed. Returns how many were
+    /// answered. Called by the timer task at the deadline and by every
+    /// batcher before each batch, with the batch's predicted end as the
+    /// horizon: a busy core still answers on time.
+    fn cut_off_due(&self, horizon: Instant) -> usize {
+        let now = Instant::now();
+        let mut answered = 0;
+        loop {
+            let item = {
+                let mut sel = self.sel.borrow_mut();
+                match sel.deadlines.peek() {
+                    Some(r) if r.0 .0 <= horizon => sel.deadlines.pop(),
+                    _ => None,
                 }
+            };
+            let Some(std::cmp::Reverse((_, k, generation))) = item else {
+                break;
+            };
+            if self.pending.borrow().is_live(k, generation) {
+                self.pending.borrow_mut().get_mut(k).partial = true;
+                self.finish_ensemble(k, now);
+                answered += 1;
+            }
+        }
+        answered
+    }
+
+    /// Answer the jobs `take_batch` dropped: an expired direct request gets
+    /// DEADLINE_EXCEEDED (a cancelled member needs nothing: its ensemble
+    /// was answered).
+    fn answer_dropped(&self, slot: usize, dropped: &mut Vec<(Queued<Job>, Dropped)>) {
+        for (q, why) in dropped.drain(..) {
+            match why {
+                Dropped::Expired => self.metrics.rows_dropped_expired.add(q.rows as u64),
+                Dropped::Cancelled => self.metrics.rows_dropped_cancelled.add(q.rows as u64),
+            }
+            if let Job::Direct {
+                conn,
+                id,
+                arrival,
+                key,
+                leader,
+                ..
+            } = q.job
+            {
+                self.metrics.set_target_slot(slot);
+                conn.in_flight.set(conn.in_flight.get() - 1);
+                if let (true, Some(k)) = (leader, key) {
+                    // Dropped only without waiters: this ends the flight.
+                    drop(self.cache.coalescer.borrow_mut().complete(k));
+                }
+                self.respond_error(
+                    &conn,
+                    id,
+                    Status::DeadlineExceeded,
+                    "deadline passed before the request was computed",
+                    arrival,
+                );
             }
         }
     }
@@ -1142,9 +1291,9 @@ impl Shard {
                             compute_us,
                             total_us: 0,
                         };
-                        self.release_waiters(k, ok, false, q.rows, out_w, out, &runs, t, now);
+                        self.release_waiters(k, ok, false, q.rows, out_w, out, &runs, t);
                     }
-                    if let Some((status, message)) = refusal(ok, deadline, now) {
+                    if let Some((status, message)) = refusal(ok, deadline, Instant::now()) {
                         self.respond_error(&conn, id, status, message, arrival);
                     } else {
                         let t = Timings {
@@ -1202,12 +1351,11 @@ impl Shard {
         out: &[f32],
         runs: &[RunInfo<'_>],
         t: Timings,
-        now: Instant,
     ) {
         let mut co = self.cache.coalescer.borrow_mut();
         for w in co.complete(key) {
             w.conn.in_flight.set(w.conn.in_flight.get() - 1);
-            if let Some((status, message)) = refusal(ok, w.deadline, now) {
+            if let Some((status, message)) = refusal(ok, w.deadline, Instant::now()) {
                 self.respond_error(&w.conn, w.id, status, message, w.arrival);
             } else {
                 self.respond_ok(
@@ -1348,16 +1496,19 @@ impl Shard {
         }
         if let (true, Some(key)) = (leader, key) {
             let ok = !failed && !late;
-            self.release_waiters(key, ok, partial, rows, out_w, combined, &runs[..n], t, now);
+            self.release_waiters(key, ok, partial, rows, out_w, combined, &runs[..n], t);
         }
-        // A partial answer is the deadline's own answer: it is not late.
+        // A partial answer is the deadline's own answer, given at the
+        // deadline: late only when the cutoff itself came over
+        // PARTIAL_GRACE after it (the core was taken away, say).
         let refused = if late && !failed {
             Some((
                 Status::DeadlineExceeded,
                 "deadline passed before any member answered",
             ))
         } else {
-            refusal(!failed, deadline.filter(|_| !partial), now)
+            let by = deadline.map(|d| if partial { d + PARTIAL_GRACE } else { d });
+            refusal(!failed, by, Instant::now())
         };
         if let Some((status, message)) = refused {
             self.respond_error(&conn, id, status, message, arrival);
@@ -1420,16 +1571,32 @@ impl Shard {
         conn.writer_wake.notify();
     }
 
-    /// The batcher of one model slot: wait for the policy to say "now",
-    /// run the batch, answer its jobs, let the connections read, repeat.
+    /// The batcher of one model slot: answer the ensembles this batch would
+    /// make late (straggler cutoff), wait for the policy to say "now", take
+    /// a batch (dropping jobs that expire before it ends and members nobody
+    /// waits for), run it, answer its jobs, then yield the batch task queue
+    /// so connections read, write and time out before the next batch.
     pub async fn run_batcher(self: Rc<Self>, slot: usize) {
         let s = &self.slots[slot];
         let limits = s.model.batch;
         let mut jobs: Vec<Queued<Job>> = Vec::with_capacity(limits.max_batch);
+        let mut dropped: Vec<(Queued<Job>, Dropped)> = Vec::with_capacity(limits.queue_rows_max);
         let mut input: Vec<f32> = Vec::with_capacity(limits.max_batch * s.model.input_width);
         let mut output: Vec<f32> = Vec::with_capacity(limits.max_batch * s.model.output_width);
         loop {
-            let readiness = s.queue.borrow().readiness(Instant::now());
+            let now = Instant::now();
+            // When the next batch would end, were it taken now.
+            let batch_end = {
+                let rows = s.queue.borrow().rows_queued().min(limits.max_batch);
+                let us = rows as f32 * s.row_cost.get().us_per_row();
+                now + Duration::from_micros(if us.is_finite() { us as u64 } else { 0 })
+            };
+            if self.cut_off_due(batch_end + CUTOFF_MARGIN) > 0 {
+                // Let the writers send those answers before computing.
+                glommio::executor().yield_task_queue_now().await;
+                continue;
+            }
+            let readiness = s.queue.borrow().readiness(now);
             match readiness {
                 Readiness::Empty => {
                     // Shutdown: nothing queued, and nothing can arrive once
@@ -1448,7 +1615,40 @@ impl Shard {
                 }
                 Readiness::Now => {}
             }
-            let rows = s.queue.borrow_mut().take_batch(&mut jobs, &mut input);
+            let rows = {
+                let pending = self.pending.borrow();
+                let co = self.cache.coalescer.borrow();
+                let verdict = |j: &Job| match *j {
+                    Job::Member {
+                        pending: k,
+                        generation,
+                        ..
+                    } => (!pending.is_live(k, generation)).then_some(Dropped::Cancelled),
+                    // A leader is queued without its deadline: it is
+                    // dropped for it only while nobody waits on it.
+                    Job::Direct {
+                        leader: true,
+                        deadline: Some(d),
+                        key: Some(k),
+                        ..
+                    } if d <= batch_end && co.waiters(&k) == 0 => Some(Dropped::Expired),
+                    Job::Direct { .. } => None,
+                };
+                s.queue.borrow_mut().take_batch(
+                    batch_end,
+                    verdict,
+                    &mut jobs,
+                    &mut dropped,
+                    &mut input,
+                )
+            };
+            if !dropped.is_empty() {
+                self.answer_dropped(slot, &mut dropped);
+            }
+            if rows == 0 {
+                glommio::executor().yield_task_queue_now().await;
+                continue;
+            }
             output.clear();
             output.resize(rows * s.model.output_width, 0.0);
             let started = Instant::now();
@@ -1461,12 +1661,56 @@ impl Shard {
             self.metrics.record_batch(slot, rows, compute);
             self.sel.borrow_mut().profiles[slot].observe(rows as u32, compute.as_secs_f32() * 1e6);
             self.dispatch(slot, &mut jobs, &output, started, compute, ok);
-            // Let connections read what arrived during the compute, so the
-            // next batch is as full as the load allows.
-            futures_lite::future::yield_now().await;
+            // What a row costs this shard, answering included (admission).
+            let mut cost = s.row_cost.get();
+            cost.observe(rows, started.elapsed().as_secs_f32() * 1e6);
+            s.row_cost.set(cost);
+            // Let connections read what arrived during the compute (so the
+            // next batch is as full as the load allows) and write what this
+            // batch answered: the other task queue runs before the next batch.
+            glommio::executor().yield_task_queue_now().await;
         }
     }
 }
+
+/// Start the shard's tasks: one batcher per model slot, in a task queue of
+/// their own, and the straggler-cutoff timer task. The batch queue's
+/// latency requirement keeps glommio's preemption timer short: without it
+/// busy batchers would run back to back for glommio's default 100 ms before
+/// timers fired or sockets were read (straggler cutoffs 100 ms late).
+pub(crate) fn spawn_tasks(shard: &Rc<Shard>) {
+    let tq = glommio::executor().create_task_queue(
+        glommio::Shares::default(),
+        glommio::Latency::Matters(BATCH_PREEMPT),
+        "beast-batch",
+    );
+    for slot in 0..shard.slots.len() {
+        let batcher = shard.clone().run_batcher(slot);
+        match glommio::spawn_local_into(batcher, tq) {
+            Ok(t) => drop(t.detach()),
+            Err(_) => drop(glommio::spawn_local(shard.clone().run_batcher(slot)).detach()),
+        }
+    }
+    glommio::spawn_local(shard.clone().run_deadlines()).detach();
+}
+
+/// Admission lets in a request whose predicted queue wait is at most this
+/// share of its budget: the rest absorbs what the prediction does not see
+/// (the connections' own work, the OS taking the core). Under overload a
+/// queue of half the budget still keeps the core busy.
+const ADMIT_BUDGET_FRACTION: f32 = 0.5;
+
+/// A cut-off (partial) answer may leave this long after its deadline: the
+/// timer fires at the deadline, not before it.
+const PARTIAL_GRACE: Duration = Duration::from_millis(1);
+
+/// How long busy batchers may run before the executor polls for I/O and
+/// timers.
+const BATCH_PREEMPT: Duration = Duration::from_micros(500);
+
+/// Ensembles whose deadline falls within this much after the end of the
+/// next batch are answered before it (their answer must still be written).
+const CUTOFF_MARGIN: Duration = Duration::from_micros(300);
 
 /// What an answer carries besides its output.
 #[derive(Debug, Clone, Copy, Default)]
@@ -1505,7 +1749,9 @@ impl Shard {
 }
 
 /// Why a computed answer cannot go out as OK: the backend failed, or the
-/// request's deadline passed while it was computed.
+/// request's deadline passed while it was computed. Callers pass the time
+/// of answering itself (not of the batch's end): answering a batch can be
+/// interrupted by the OS, and an OK answer must not leave after its deadline.
 fn refusal(ok: bool, deadline: Option<Instant>, now: Instant) -> Option<(Status, &'static str)> {
     if !ok {
         Some((Status::Internal, "backend failed"))

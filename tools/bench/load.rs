@@ -51,6 +51,8 @@ pub struct Plan {
     pub rows: usize,
     pub f16: bool,
     pub no_cache: bool,
+    /// Every request's `deadline_us`.
+    pub deadline_us: Option<u64>,
     pub connections: usize,
     pub in_flight: usize,
     pub warmup_s: f64,
@@ -79,6 +81,16 @@ pub struct Report {
     pub sent: u64,
     pub ok: u64,
     pub cached: u64,
+    /// OK answers marked `partial` (an ensemble cut off by its deadline).
+    pub partial: u64,
+    /// OK answers received later than the deadline + [`LATE_SLACK_US`]
+    /// after their actual send (with `--deadline-us`).
+    pub late: u64,
+    /// OK answers whose server-side time (`total_us`) exceeds the deadline
+    /// + [`LATE_SLACK_US`].
+    pub late_server: u64,
+    /// A connection found the server gone (closed or reset) before the end.
+    pub server_gone: bool,
     pub by_status: [u64; 6],
     pub unanswered: u64,
     /// Requests due in the measured window that never got a window slot
@@ -122,6 +134,10 @@ impl Report {
             sent: 0,
             ok: 0,
             cached: 0,
+            partial: 0,
+            late: 0,
+            late_server: 0,
+            server_gone: false,
             by_status: [0; 6],
             unanswered: 0,
             unsent: 0,
@@ -142,6 +158,10 @@ impl Report {
         self.sent += o.sent;
         self.ok += o.ok;
         self.cached += o.cached;
+        self.partial += o.partial;
+        self.late += o.late;
+        self.late_server += o.late_server;
+        self.server_gone |= o.server_gone;
         for i in 0..6 {
             self.by_status[i] += o.by_status[i];
         }
@@ -166,6 +186,9 @@ impl Report {
         self.by_status[1..].iter().sum()
     }
 }
+
+/// An OK answer later than its deadline by more than this is late.
+pub const LATE_SLACK_US: u64 = 1000;
 
 /// Measured window of the plan, in seconds from the start.
 pub fn window(plan: &Plan) -> (f64, f64) {
@@ -240,13 +263,14 @@ async fn run_thread(
             start,
         )));
     }
-    // Sample this thread's CPU over the measured window.
+    // Sample this thread's CPU over the measured window (or until the
+    // server went away, when that ends the run early).
     let (w0, w1) = window(&plan);
-    let cpu = glommio::spawn_local(async move {
+    let c0 = Rc::new(Cell::new(None));
+    let c0_set = c0.clone();
+    let _sampler = glommio::spawn_local(async move {
         sleep_until(start + Duration::from_secs_f64(w0)).await;
-        let c0 = rusage_s(libc::RUSAGE_THREAD);
-        sleep_until(start + Duration::from_secs_f64(w1)).await;
-        rusage_s(libc::RUSAGE_THREAD) - c0
+        c0_set.set(Some(rusage_s(libc::RUSAGE_THREAD)));
     });
     let mut report = Report::new();
     let mut err = None;
@@ -256,7 +280,13 @@ async fn run_thread(
             Err(e) => err = err.or(Some(e)),
         }
     }
-    report.thread_cpu_s.push(cpu.await);
+    if !report.server_gone {
+        sleep_until(start + Duration::from_secs_f64(w1)).await;
+    }
+    let cpu = c0
+        .get()
+        .map_or(0.0, |c0| rusage_s(libc::RUSAGE_THREAD) - c0);
+    report.thread_cpu_s.push(cpu);
     match err {
         Some(e) => Err(e),
         None => Ok(report),
@@ -282,6 +312,10 @@ struct ConnState {
     free: RefCell<Vec<usize>>,
     freed: Notify,
     report: RefCell<Report>,
+    /// The request budget, for counting late answers.
+    deadline_us: Option<u64>,
+    /// The receiver saw the connection end (the server went away).
+    closed: Cell<bool>,
 }
 
 /// The connection's schedule: yields (intended offset s, target, row).
@@ -323,6 +357,8 @@ async fn run_conn(
             }
             r
         }),
+        deadline_us: plan.deadline_us,
+        closed: Cell::new(false),
     });
     let recv = glommio::spawn_local(receive(reader, st.clone()));
     let (w0, w1) = window(&plan);
@@ -435,7 +471,7 @@ async fn run_conn(
                 rows: plan.rows as u32,
                 cols: target.width as u32,
                 input,
-                deadline_us: None,
+                deadline_us: plan.deadline_us,
                 domain: None,
                 cache,
                 policy: beast::wire::PolicyOverride::Default,
@@ -460,11 +496,15 @@ async fn run_conn(
             }
             due = advance(&mut sched, &mut rng, &draw, start, now);
         }
-        if !out.is_empty() {
-            writer
-                .write_all(&out)
-                .await
-                .map_err(|e| format!("write: {e}"))?;
+        if !out.is_empty() && writer.write_all(&out).await.is_err() {
+            // The server went away (broken pipe, reset): stop sending and
+            // report what was answered; the rest is unanswered or unsent.
+            st.report.borrow_mut().server_gone = true;
+            break;
+        }
+        if st.closed.get() {
+            st.report.borrow_mut().server_gone = true;
+            break;
         }
         if stalled || closed {
             if stalled && !closed && due.is_some_and(|d| d.0 >= measure_from) {
@@ -493,7 +533,7 @@ async fn run_conn(
     }
     // Give outstanding requests a grace period, then count them unanswered.
     let grace = Instant::now() + Duration::from_secs(2);
-    while st.free.borrow().len() < k && Instant::now() < grace {
+    while st.free.borrow().len() < k && Instant::now() < grace && !st.closed.get() {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
     let unanswered = st
@@ -543,7 +583,14 @@ fn advance(
     }
 }
 
-async fn receive(mut reader: TcpStream, st: Rc<ConnState>) {
+async fn receive(reader: TcpStream, st: Rc<ConnState>) {
+    receive_frames(reader, &st).await;
+    st.closed.set(true);
+    // Wake a sender waiting for a free slot: none will come.
+    st.freed.notify();
+}
+
+async fn receive_frames(mut reader: TcpStream, st: &ConnState) {
     let mut buf = vec![0u8; 1 << 20];
     let (mut start, mut end) = (0usize, 0usize);
     loop {
@@ -579,6 +626,13 @@ async fn receive(mut reader: TcpStream, st: Rc<ConnState>) {
                                 if v.status == Status::Ok {
                                     r.ok += 1;
                                     r.cached += v.cached as u64;
+                                    r.partial += v.partial as u64;
+                                    if let Some(d) = st.deadline_us {
+                                        let limit = d + LATE_SLACK_US;
+                                        let took = now.duration_since(sent).as_micros() as u64;
+                                        r.late += (took > limit) as u64;
+                                        r.late_server += (v.timings.total_us as u64 > limit) as u64;
+                                    }
                                     let _ = r.corrected.record(corrected);
                                     let _ = r
                                         .uncorrected

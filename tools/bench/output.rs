@@ -3,7 +3,7 @@
 //! latency percentiles against offered rate.
 
 use super::admin::Delta;
-use super::load::Report;
+use super::load::{Report, LATE_SLACK_US};
 use beast::wire::Status;
 use hdrhistogram::Histogram;
 use std::fmt::Write as _;
@@ -18,6 +18,8 @@ pub struct Summary {
     pub mode: String,
     pub targets: String,
     pub rows: usize,
+    /// `--deadline-us`, if given.
+    pub deadline_us: Option<u64>,
     pub connections: usize,
     pub in_flight: usize,
     pub threads: usize,
@@ -143,6 +145,25 @@ pub fn print_table(s: &Summary) {
             ""
         }
     );
+    if let Some(d) = s.deadline_us {
+        println!(
+            "  deadline  {d} us: ok {} = full {} + partial {}; late (ok after deadline + {} ms) {} at the client, {} by the server's total",
+            r.ok,
+            r.ok - r.partial,
+            r.partial,
+            LATE_SLACK_US / 1000,
+            r.late,
+            r.late_server
+        );
+    } else if r.partial > 0 {
+        println!("  partial   {} of the ok answers", r.partial);
+    }
+    if r.server_gone {
+        println!(
+            "  SERVER WENT AWAY during the run (connection closed): {} unanswered, {} never sent",
+            r.unanswered, r.unsent
+        );
+    }
     println!(
         "  server    total p50 {} us, p99 {} us; mean queue {:.1} us, mean compute {:.1} us; cached {:.1}% of ok",
         r.server_total.value_at_quantile(0.5),
@@ -256,7 +277,7 @@ pub fn json(s: &Summary) -> String {
         None => "null".into(),
     };
     format!(
-        "{{\"label\": {}, \"mode\": {}, \"target\": {}, \"rows\": {}, \"connections\": {}, \"in_flight\": {}, \"threads\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"offered_rps\": {}, \"achieved_rps\": {}, \"sent\": {}, \"ok\": {}, \"errors\": {{{}}}, \"error_count\": {}, \"unanswered\": {}, \"unsent\": {}, \"cached_fraction\": {}, \"latency_ms\": {}, \"uncorrected_ms\": {}, \"send_lag_ms\": {}, \"window_full\": {}, \"client_cpu_s\": {}, \"client_thread_cpu_max_pct\": {}, \"generator_limited\": {}, \"generator_limited_reason\": {}, \"generator_cpu_high\": {}, \"server\": {{\"total_p50_us\": {}, \"total_p99_us\": {}, \"mean_queue_us\": {}, \"mean_compute_us\": {}}}, \"admin\": {}, \"slo_ok\": {}, \"per_target\": [{}]}}",
+        "{{\"label\": {}, \"mode\": {}, \"target\": {}, \"rows\": {}, \"connections\": {}, \"in_flight\": {}, \"threads\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"offered_rps\": {}, \"achieved_rps\": {}, \"sent\": {}, \"ok\": {}, \"errors\": {{{}}}, \"error_count\": {}, \"unanswered\": {}, \"unsent\": {}, \"cached_fraction\": {}, \"latency_ms\": {}, \"uncorrected_ms\": {}, \"send_lag_ms\": {}, \"window_full\": {}, \"client_cpu_s\": {}, \"client_thread_cpu_max_pct\": {}, \"generator_limited\": {}, \"generator_limited_reason\": {}, \"generator_cpu_high\": {}, \"server\": {{\"total_p50_us\": {}, \"total_p99_us\": {}, \"mean_queue_us\": {}, \"mean_compute_us\": {}}}, \"admin\": {}, \"slo_ok\": {}, \"deadline_us\": {}, \"partial\": {}, \"late\": {}, \"late_server\": {}, \"server_gone\": {}, \"per_target\": [{}]}}",
         jstr(&s.label),
         jstr(&s.mode),
         jstr(&s.targets),
@@ -290,6 +311,11 @@ pub fn json(s: &Summary) -> String {
         jnum(r.server_compute_us as f64 / r.ok.max(1) as f64),
         admin,
         s.slo_ok.map_or("null".into(), |b| b.to_string()),
+        s.deadline_us.map_or("null".into(), |d| d.to_string()),
+        r.partial,
+        r.late,
+        r.late_server,
+        r.server_gone,
         s.target_names
             .iter()
             .zip(&r.per_target)
@@ -305,7 +331,7 @@ pub fn json(s: &Summary) -> String {
     )
 }
 
-pub const CSV_HEADER: &str = "label,mode,target,rows,connections,in_flight,threads,offered_rps,achieved_rps,sent,ok,errors,unanswered,unsent,p50_ms,p90_ms,p95_ms,p99_ms,p999_ms,max_ms,uncorrected_p50_ms,uncorrected_p99_ms,send_lag_p99_ms,send_lag_max_ms,window_full,client_cpu_s,client_thread_cpu_max_pct,generator_limited,server_total_p50_us,server_total_p99_us,server_mean_queue_us,server_mean_compute_us,cached_fraction,admin_mean_batch_size,admin_cache_hit_ratio,slo_ok";
+pub const CSV_HEADER: &str = "label,mode,target,rows,connections,in_flight,threads,offered_rps,achieved_rps,sent,ok,errors,unanswered,unsent,p50_ms,p90_ms,p95_ms,p99_ms,p999_ms,max_ms,uncorrected_p50_ms,uncorrected_p99_ms,send_lag_p99_ms,send_lag_max_ms,window_full,client_cpu_s,client_thread_cpu_max_pct,generator_limited,server_total_p50_us,server_total_p99_us,server_mean_queue_us,server_mean_compute_us,cached_fraction,admin_mean_batch_size,admin_cache_hit_ratio,slo_ok,deadline_us,partial,late,late_server,server_gone";
 
 pub fn csv(s: &Summary) -> String {
     let r = &s.report;
@@ -350,6 +376,11 @@ pub fn csv(s: &Summary) -> String {
         opt(s.admin.as_ref().and_then(|a| a.mean_batch)),
         opt(s.admin.as_ref().and_then(|a| a.cache_hit_ratio)),
         s.slo_ok.map_or(String::new(), |b| b.to_string()),
+        s.deadline_us.map_or(String::new(), |d| d.to_string()),
+        r.partial.to_string(),
+        r.late.to_string(),
+        r.late_server.to_string(),
+        r.server_gone.to_string(),
     ];
     fields.join(",")
 }
@@ -631,12 +662,15 @@ mod tests {
         r.sent = 10;
         r.ok = 9;
         r.by_status[2] = 1;
+        r.partial = 3;
+        r.late = 2;
         r.corrected.record(1500).unwrap();
         let s = Summary {
             label: "sweep 1/2".into(),
             mode: "open/poisson".into(),
             targets: "a:3,\"b\":1".into(),
             rows: 1,
+            deadline_us: Some(20_000),
             connections: 2,
             in_flight: 4,
             threads: 1,
@@ -668,6 +702,9 @@ mod tests {
             Some(1.5)
         );
         assert_eq!(j.get("admin"), Some(&super::super::json::Json::Null));
+        assert_eq!(j.get("deadline_us").and_then(|v| v.num()), Some(20000.0));
+        assert_eq!(j.get("partial").and_then(|v| v.num()), Some(3.0));
+        assert_eq!(j.get("late").and_then(|v| v.num()), Some(2.0));
         assert_eq!(
             j.get("per_target"),
             Some(&super::super::json::Json::Arr(vec![]))
