@@ -268,11 +268,11 @@ fn decode_request_rejects_missing_and_unknown() {
     );
     assert_eq!(
         decode_request(&raw_request(Some("m"), Some(&four), 2, 0)).unwrap_err(),
-        DecodeError::Verify
+        DecodeError::Unknown("dtype")
     );
     assert_eq!(
         decode_request(&raw_request(Some("m"), Some(&four), 0, 3)).unwrap_err(),
-        DecodeError::Verify
+        DecodeError::Unknown("cache")
     );
     // A message with no body, and a body kind from the future (Feedback = 3).
     let mut fbb = flatbuffers::FlatBufferBuilder::new();
@@ -488,7 +488,47 @@ fn unknown_policy_value_is_malformed() {
     assert_eq!(g.len(), h.len());
     let at = (0..g.len()).find(|&i| g[i] != h[i]).unwrap();
     g[at] = 200;
-    assert_eq!(decode_request(body(&g)).unwrap_err(), DecodeError::Verify);
+    assert_eq!(
+        decode_request(body(&g)).unwrap_err(),
+        DecodeError::Unknown("policy")
+    );
+    // The body verified: its id is kept for the answer.
+    assert_eq!(
+        decode_incoming_with_id(body(&g)).unwrap_err(),
+        Refused {
+            id: 3,
+            error: DecodeError::Unknown("policy")
+        }
+    );
+}
+
+#[test]
+fn refusals_keep_the_id_only_of_verified_requests() {
+    let x = [0f32; 8];
+    let frame = encode_request(77, &spec(Input::F32(&x[..5]), 2, 3));
+    assert_eq!(
+        decode_incoming_with_id(body(&frame)).unwrap_err(),
+        Refused {
+            id: 77,
+            error: DecodeError::Shape
+        }
+    );
+    let four = [0u8; 4];
+    assert_eq!(
+        decode_incoming_with_id(&raw_request(None, Some(&four), 0, 0))
+            .unwrap_err()
+            .error,
+        DecodeError::Missing("target")
+    );
+    let mut bad = body(&frame).to_vec();
+    bad[0] = 0xff;
+    assert_eq!(
+        decode_incoming_with_id(&bad).unwrap_err(),
+        Refused {
+            id: 0,
+            error: DecodeError::Verify
+        }
+    );
 }
 
 /// The worked example of docs/PROTOCOL.md: a request with the default
