@@ -144,6 +144,10 @@ pub(crate) struct Shard {
     scratch: RefCell<Vec<f32>>,
     /// Error messages are formatted here instead of in a fresh String.
     message: RefCell<String>,
+    /// Bytes of the largest answer (whole frame) any request may get here:
+    /// each request in flight holds this much of its connection's
+    /// `pending_bytes_per_connection_max`.
+    pub response_bytes_max: usize,
     pub metrics: Arc<ShardMetrics>,
     pub stopping: Cell<bool>,
     /// Numbers connections (wrapping; 0 is never used).
@@ -220,6 +224,7 @@ impl Shard {
             plans.push(plan);
             plan_cache.push(cache.policy(&cfg, name));
         }
+        let response_bytes_max = largest_answer(&cfg, &slots, &plans, &plan_rows_max)?;
         let models: Vec<&Arc<Model>> = slots.iter().map(|s| &s.model).collect();
         let mut sel = SelState::new(id, &cfg, &plans, &models);
         if !cfg.selection_state_path.as_os_str().is_empty() {
@@ -247,6 +252,7 @@ impl Shard {
             encoder: RefCell::new(Encoder::new()),
             scratch: RefCell::new(Vec::new()),
             message: RefCell::new(String::with_capacity(256)),
+            response_bytes_max,
             metrics,
             stopping: Cell::new(false),
             conn_serial: Cell::new(0),
@@ -1589,6 +1595,43 @@ fn refusal(ok: bool, deadline: Option<Instant>, now: Instant) -> Option<(Status,
 #[inline]
 fn micros(d: Duration) -> u32 {
     d.as_micros().min(u32::MAX as u128) as u32
+}
+
+/// The largest answer frame any request can get from these targets (an
+/// error answer at least), or why it cannot fit a connection's
+/// `pending_bytes_per_connection_max`.
+fn largest_answer(
+    cfg: &Config,
+    slots: &[ModelSlot],
+    plans: &[EnsemblePlan],
+    plan_rows_max: &[(usize, usize)],
+) -> Result<usize, String> {
+    let bound = cfg.pending_bytes_per_connection_max;
+    let mut largest = wire::response_frame_len_max(MESSAGE_BYTES_MAX, 0, []);
+    let mut check = |name: &str, rows: usize, cols: usize, n: usize| {
+        if n > bound {
+            return Err(format!(
+                "'{name}': its largest answer ({rows} rows x {cols} outputs) takes {n} bytes, \
+                 over pending_bytes_per_connection_max ({bound}): raise it or lower \
+                 rows_per_request_max"
+            ));
+        }
+        largest = largest.max(n);
+        Ok(())
+    };
+    for s in slots {
+        let m = &s.model;
+        let rows = cfg.rows_per_request_max.min(m.batch.queue_rows_max);
+        let n = wire::response_frame_len_max(0, rows * m.output_width, [m.name.len()]);
+        check(&m.name, rows, m.output_width, n)?;
+    }
+    for (plan, &(cap, _)) in plans.iter().zip(plan_rows_max) {
+        let rows = cfg.rows_per_request_max.min(cap);
+        let names = plan.members.iter().map(|&m| slots[m].model.name.len());
+        let n = wire::response_frame_len_max(0, rows * plan.output_width, names);
+        check(&plan.name, rows, plan.output_width, n)?;
+    }
+    Ok(largest)
 }
 
 /// Longest name quoted in a message (bytes, cut on a char boundary): a

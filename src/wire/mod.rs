@@ -433,6 +433,30 @@ fn non_zero<T: Default + PartialEq>(v: T) -> Option<T> {
     (v != T::default()).then_some(v)
 }
 
+/// An upper bound of the bytes of a response frame (length prefix
+/// included) that [`Encoder::response`] writes for a message of
+/// `message_len` bytes, `values` output f32s, and one run per item of
+/// `run_names` (each a model name's byte length). Generous on purpose: it
+/// covers the flatbuffers vtables, tables and alignment padding, so a
+/// server can reserve room for an answer before computing it.
+pub fn response_frame_len_max(
+    message_len: usize,
+    values: usize,
+    run_names: impl IntoIterator<Item = usize>,
+) -> usize {
+    // Frame length, root offset, Message and Response vtables and tables.
+    const FIXED: usize = 256;
+    // A vector's or string's length prefix, NUL and alignment padding.
+    const PER_VECTOR: usize = 16;
+    // A Run's vtable, table, its offset in `runs` and its name's prefix.
+    const PER_RUN: usize = 64;
+    FIXED
+        + (message_len + PER_VECTOR)
+        + (values * 4 + PER_VECTOR)
+        + PER_VECTOR
+        + run_names.into_iter().map(|n| n + PER_RUN).sum::<usize>()
+}
+
 /// Reusable encoder: owns one flatbuffers builder, reset per message, so a
 /// warmed-up encoder does not allocate.
 pub struct Encoder {

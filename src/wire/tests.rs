@@ -554,3 +554,52 @@ fn default_policy_keeps_the_documented_bytes() {
     );
     assert_eq!(got, want);
 }
+
+#[test]
+fn response_frame_len_max_bounds_what_the_encoder_writes() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let names = ["a", "model_with_a_longer_name", &"n".repeat(300)];
+    let mut enc = Encoder::new();
+    for _ in 0..500 {
+        let values = rng.random_range(0..3000usize);
+        let out = vec![1.5f32; values];
+        let msg = "m".repeat(rng.random_range(0..1100usize));
+        let nruns = rng.random_range(0..17usize);
+        let runs: Vec<RunInfo<'_>> = (0..nruns)
+            .map(|i| RunInfo {
+                model: names[i % 3],
+                version: i as u32,
+                flops: u64::MAX - i as u64,
+            })
+            .collect();
+        let h = ResponseHeader {
+            id: u64::MAX,
+            status: if values > 0 {
+                Status::Ok
+            } else {
+                Status::Internal
+            },
+            message: &msg,
+            rows: values as u32,
+            cols: (values > 0) as u32,
+            timings: Timings {
+                queue_us: u32::MAX,
+                compute_us: u32::MAX,
+                total_us: u32::MAX,
+            },
+            cached: true,
+            partial: true,
+            ticket: u64::MAX,
+        };
+        let mut frame = Vec::new();
+        enc.response(&h, &runs, &out, &mut frame);
+        let bound = response_frame_len_max(msg.len(), values, runs.iter().map(|r| r.model.len()));
+        assert!(frame.len() <= bound, "{} > {bound}", frame.len());
+        // Not wildly loose either.
+        assert!(
+            bound - frame.len() <= 512 + 64 * nruns,
+            "{} vs {bound}",
+            frame.len()
+        );
+    }
+}
