@@ -288,9 +288,8 @@ impl Config {
             "read_buffer_bytes: must be >= 4096",
         );
         check(
-            self.pending_bytes_per_connection_max
-                >= self.frame_bytes_max + crate::wire::FRAME_HEADER_LEN,
-            "pending_bytes_per_connection_max: must be >= frame_bytes_max + 4 (the largest answer, one whole frame, must fit; the models' largest answers are checked at start)",
+            self.pending_bytes_per_connection_max >= self.frame_bytes_max,
+            "pending_bytes_per_connection_max: must be >= frame_bytes_max (a frame-sized answer must fit; the models' largest answers are checked at start)",
         );
         for (v, name) in [
             (self.frame_timeout_ms, "frame_timeout_ms"),
@@ -402,7 +401,7 @@ mod tests {
             }
         }
         let c = Config {
-            pending_bytes_per_connection_max: 4 << 20,
+            pending_bytes_per_connection_max: (4 << 20) - 1,
             ..Config::default()
         };
         let e = c.validate().unwrap_err();
