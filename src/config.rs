@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 /// in a fixed-size array, so this is a compile-time bound).
 pub const ENSEMBLE_MEMBERS_MAX: usize = 16;
 
+/// Longest connection timeout (`frame_timeout_ms`, `idle_timeout_ms`,
+/// `write_stall_timeout_ms`): one day.
+pub const TIMEOUT_MS_MAX: u64 = 24 * 3600 * 1000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -40,9 +44,22 @@ pub struct Config {
     /// Initial receive buffer per connection; it grows (once) up to
     /// `frame_bytes_max + 4` only if a larger frame arrives.
     pub read_buffer_bytes: usize,
-    /// Pending response bytes per connection above which the server stops
-    /// reading that connection until its peer reads (backpressure).
-    pub write_buffer_bytes_max: usize,
+    /// Answer bytes one connection may hold: encoded and not yet written,
+    /// plus room for the answer of every request in flight (each counted
+    /// at the largest answer the server's targets can give). A hard bound:
+    /// at it the server stops reading that connection until its peer reads
+    /// (backpressure). `write_buffer_bytes_max` is its former name.
+    #[serde(alias = "write_buffer_bytes_max")]
+    pub pending_bytes_per_connection_max: usize,
+    /// A frame whose first bytes arrived must be complete within this;
+    /// beyond it the connection is closed (after answering what is in flight).
+    pub frame_timeout_ms: u64,
+    /// A connection with nothing in flight that receives nothing for this
+    /// long is closed.
+    pub idle_timeout_ms: u64,
+    /// A connection whose peer reads none of its pending answers for this
+    /// long is closed (the peer is not reading).
+    pub write_stall_timeout_ms: u64,
     /// glommio's registered I/O memory per shard. Kept small so the server
     /// runs under the default 8 MiB memlock limit as a non-root user.
     pub io_memory_bytes: usize,
@@ -175,7 +192,10 @@ impl Default for Config {
             selection_domains_max: 64,
             selection_state_path: PathBuf::new(),
             read_buffer_bytes: 64 << 10,
-            write_buffer_bytes_max: 8 << 20,
+            pending_bytes_per_connection_max: 8 << 20,
+            frame_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            write_stall_timeout_ms: 10_000,
             io_memory_bytes: 512 << 10,
             shutdown_grace_ms: 10_000,
             batch: BatchDefaults::default(),
@@ -278,9 +298,19 @@ impl Config {
             "read_buffer_bytes: must be >= 4096",
         );
         check(
-            self.write_buffer_bytes_max >= self.frame_bytes_max,
-            "write_buffer_bytes_max: must be >= frame_bytes_max (one response must fit)",
+            self.pending_bytes_per_connection_max >= self.frame_bytes_max,
+            "pending_bytes_per_connection_max: must be >= frame_bytes_max (a frame-sized answer must fit; the models' largest answers are checked at start)",
         );
+        for (v, name) in [
+            (self.frame_timeout_ms, "frame_timeout_ms"),
+            (self.idle_timeout_ms, "idle_timeout_ms"),
+            (self.write_stall_timeout_ms, "write_stall_timeout_ms"),
+        ] {
+            check(
+                (1..=TIMEOUT_MS_MAX).contains(&v),
+                &format!("{name}: must be in 1..={TIMEOUT_MS_MAX} (1 ms to 1 day)"),
+            );
+        }
         check(
             self.io_memory_bytes >= 64 << 10,
             "io_memory_bytes: must be >= 64 KiB",
@@ -365,6 +395,27 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().unwrap_err().contains("trace_sample_rate"));
+        for (f, i) in [
+            ("frame_timeout_ms", 0),
+            ("idle_timeout_ms", 1),
+            ("write_stall_timeout_ms", 2),
+        ] {
+            for bad in [0, TIMEOUT_MS_MAX + 1] {
+                let mut c = Config::default();
+                *[
+                    &mut c.frame_timeout_ms,
+                    &mut c.idle_timeout_ms,
+                    &mut c.write_stall_timeout_ms,
+                ][i] = bad;
+                assert!(c.validate().unwrap_err().contains(f), "{f} = {bad}");
+            }
+        }
+        let c = Config {
+            pending_bytes_per_connection_max: (4 << 20) - 1,
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("pending_bytes_per_connection_max"), "{e}");
     }
 
     #[test]
@@ -381,5 +432,8 @@ mod tests {
             c.batch.queue_rows_max,
             BatchLimits::default().queue_rows_max
         );
+        // The bound's former name still reads.
+        let c: Config = toml::from_str("write_buffer_bytes_max = 12345678").unwrap();
+        assert_eq!(c.pending_bytes_per_connection_max, 12345678);
     }
 }

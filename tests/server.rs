@@ -472,7 +472,7 @@ fn a_declared_frame_length_alone_does_not_allocate_the_frame() {
     // `frame_bytes_max` of memory each.
     let mut cfg = test_config();
     cfg.frame_bytes_max = 32 << 20;
-    cfg.write_buffer_bytes_max = 32 << 20;
+    cfg.pending_bytes_per_connection_max = 32 << 20;
     // The 1000-row request below must grow the read buffer.
     cfg.read_buffer_bytes = 4096;
     let server = start_with(cfg, test_repository(300_000));

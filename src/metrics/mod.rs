@@ -87,6 +87,29 @@ impl Shed {
     }
 }
 
+/// Why a connection was closed on a timer (label `reason` of
+/// `beast_connections_timed_out_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimedOut {
+    /// A frame began and did not complete within `frame_timeout_ms`.
+    Frame = 0,
+    /// Nothing received and nothing in flight for `idle_timeout_ms`.
+    Idle = 1,
+    /// The peer read nothing of pending answers for `write_stall_timeout_ms`.
+    WriteStall = 2,
+}
+
+impl TimedOut {
+    pub const ALL: [TimedOut; 3] = [TimedOut::Frame, TimedOut::Idle, TimedOut::WriteStall];
+    pub fn label(self) -> &'static str {
+        match self {
+            TimedOut::Frame => "frame",
+            TimedOut::Idle => "idle",
+            TimedOut::WriteStall => "write_stall",
+        }
+    }
+}
+
 /// Prediction cache tier (label `tier` of `beast_cache_hits_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheTier {
@@ -212,6 +235,12 @@ pub struct ShardMetrics {
     pub connections_refused: Counter,
     /// Connections closed for a protocol violation (bad length prefix).
     pub connections_dropped: Counter,
+    /// Connections closed on a timer, by [`TimedOut`] reason.
+    pub connections_timed_out: [Counter; 3],
+    /// Most answer bytes one connection of this shard has held at once
+    /// (encoded and not yet written); bounded by
+    /// `pending_bytes_per_connection_max`.
+    pub pending_bytes_peak: Counter,
     pub batches: Counter,
     pub batch_rows: Counter,
     pub queue_us: Counter,
@@ -286,6 +315,8 @@ impl ShardMetrics {
             connections_closed: Counter::default(),
             connections_refused: Counter::default(),
             connections_dropped: Counter::default(),
+            connections_timed_out: Default::default(),
+            pending_bytes_peak: Counter::default(),
             batches: Counter::default(),
             batch_rows: Counter::default(),
             queue_us: Counter::default(),
@@ -382,6 +413,19 @@ impl ShardMetrics {
 
     /// A request is about to be answered OVERLOADED for `reason`.
     #[inline]
+    pub fn record_timed_out(&self, reason: TimedOut) {
+        self.connections_timed_out[reason as usize].inc();
+    }
+
+    /// A connection holds `bytes` of answers: keep the peak.
+    #[inline]
+    pub fn record_pending(&self, bytes: usize) {
+        if bytes as u64 > self.pending_bytes_peak.get() {
+            self.pending_bytes_peak.set(bytes as u64);
+        }
+    }
+
+    #[inline]
     pub fn record_shed(&self, reason: Shed) {
         self.shed[reason as usize].inc();
     }
@@ -462,6 +506,10 @@ pub struct Totals {
     pub responses: [u64; 6],
     pub connections_accepted: u64,
     pub connections_dropped: u64,
+    /// By [`TimedOut`] reason.
+    pub connections_timed_out: [u64; 3],
+    /// Largest over shards.
+    pub pending_bytes_peak: u64,
     pub batches: u64,
     pub batch_rows: u64,
     pub cache_hits_l1: u64,
@@ -479,6 +527,10 @@ impl Totals {
             }
             t.connections_accepted += m.connections_accepted.get();
             t.connections_dropped += m.connections_dropped.get();
+            for (i, c) in m.connections_timed_out.iter().enumerate() {
+                t.connections_timed_out[i] += c.get();
+            }
+            t.pending_bytes_peak = t.pending_bytes_peak.max(m.pending_bytes_peak.get());
             t.batches += m.batches.get();
             t.batch_rows += m.batch_rows.get();
             t.cache_hits_l1 += m.cache_hits_l1.get();

@@ -5,7 +5,7 @@
 
 use super::histogram::{HistogramSnapshot, BATCH_BOUNDS_ROWS, DURATION_BOUNDS_US};
 use super::process::Process;
-use super::{CacheTier, ShardMetrics, Shed, TargetKind};
+use super::{CacheTier, ShardMetrics, Shed, TargetKind, TimedOut};
 use crate::wire::Status;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -363,6 +363,27 @@ pub fn render(shards: &[Arc<ShardMetrics>], info: &Info) -> String {
         "counter",
         "Connections closed for a protocol violation (bad frame length).",
         &|m| m.connections_dropped.get(),
+    );
+    header(
+        o,
+        "beast_connections_timed_out_total",
+        "counter",
+        "Connections closed on a timer, by reason: frame (frame_timeout_ms), idle (idle_timeout_ms), write_stall (write_stall_timeout_ms).",
+    );
+    for r in TimedOut::ALL {
+        sample(
+            o,
+            "beast_connections_timed_out_total",
+            &[("reason", r.label())],
+            sum(shards, |m| m.connections_timed_out[r as usize].get()),
+        );
+    }
+    per_core(
+        o,
+        "beast_connection_pending_bytes_peak",
+        "gauge",
+        "Most answer bytes one connection has held unwritten at once, by core (bounded by pending_bytes_per_connection_max).",
+        &|m| m.pending_bytes_peak.get(),
     );
 
     if let Some(p) = info.process {

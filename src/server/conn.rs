@@ -3,30 +3,50 @@
 //!
 //! The two halves are two glommio streams over one socket (the fd is
 //! duplicated), so reads and writes proceed independently without a lock.
+//! Frames come out of [`FrameReader`] (src/wire/frame.rs, the same reader
+//! the client uses): the connection reads into `FrameReader::spare`, marks
+//! the bytes with `filled`, and takes whole bodies with `next_frame`.
 //! Responses are encoded straight into `out` by whoever finishes a request
 //! (batcher or error path); the writer swaps `out` with a spare buffer and
 //! writes it in one call, so a batch's responses leave in one syscall.
-//! Bounds: `in_flight_per_connection_max` requests (beyond: OVERLOADED),
-//! `write_buffer_bytes_max` pending bytes (beyond: stop reading until the
-//! peer reads), `frame_bytes_max` per frame (beyond: close).
+//!
+//! Bounds:
+//! - `in_flight_per_connection_max` requests (beyond: OVERLOADED);
+//! - `pending_bytes_per_connection_max` answer bytes: encoded and not yet
+//!   written, plus the shard's largest answer for every request in flight.
+//!   The reader takes the next frame only when one more largest answer
+//!   still fits, so the bound is hard (beyond it: stop reading until the
+//!   peer reads);
+//! - `frame_bytes_max` per frame (beyond: close);
+//! - time: a frame must complete within `frame_timeout_ms` of its first
+//!   bytes, a connection with nothing in flight is closed after
+//!   `idle_timeout_ms` without a byte, and one whose peer reads nothing
+//!   for `write_stall_timeout_ms` is closed. These are the streams' own
+//!   read and write timeouts (one timer per stream, armed only when a read
+//!   or write has to wait): nothing per request.
 
 use super::notify::Notify;
 use super::shard::Shard;
-use crate::wire::{check_frame, FrameCheck, FRAME_HEADER_LEN};
+use crate::metrics::TimedOut;
+use crate::wire::FrameReader;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
+use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub(crate) struct Conn {
     /// Encoded responses not yet handed to the writer.
     pub out: RefCell<Vec<u8>>,
     /// Requests accepted and not yet answered.
     pub in_flight: Cell<usize>,
+    /// Bytes the writer is writing now (taken from `out`).
+    writing: Cell<usize>,
     pub writer_wake: Notify,
-    /// The writer took `out` (the reader waits on this under backpressure).
+    /// The writer took `out` or finished a write (the reader waits on this
+    /// under backpressure).
     pub drained: Notify,
     /// A write failed: drop further responses.
     pub dead: Cell<bool>,
@@ -43,16 +63,29 @@ impl Conn {
             serial,
             out: RefCell::new(Vec::with_capacity(cap)),
             in_flight: Cell::new(0),
+            writing: Cell::new(0),
             writer_wake: Notify::default(),
             drained: Notify::default(),
             dead: Cell::new(false),
             closing: Cell::new(false),
         }
     }
+
+    /// Answer bytes held: encoded, being written, and `answer` for each
+    /// request in flight.
+    fn pending(&self, answer: usize) -> usize {
+        self.out.borrow().len() + self.writing.get() + self.in_flight.get() * answer
+    }
+
+    /// Nothing in flight and nothing left to write.
+    fn is_quiet(&self) -> bool {
+        self.in_flight.get() == 0 && self.writing.get() == 0 && self.out.borrow().is_empty()
+    }
 }
 
-/// Serve one connection until the peer closes, a protocol violation, or
-/// shutdown; in-flight requests are always answered before it returns.
+/// Serve one connection until the peer closes, a protocol violation, a
+/// timeout, or shutdown; in-flight requests are always answered (or, if
+/// the peer stopped reading, dropped) before it returns.
 pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
     let cfg = shard.cfg.clone();
     // SAFETY: dup returns a new fd we own; TcpStream takes ownership of it.
@@ -62,76 +95,110 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
     }
     // SAFETY: wfd is a fresh, valid socket fd owned by nobody else.
     let writer = unsafe { TcpStream::from_raw_fd(wfd) };
+    let stall = Duration::from_millis(cfg.write_stall_timeout_ms);
+    let _ = writer.set_write_timeout(Some(stall));
     let conn = Rc::new(Conn::new(cfg.read_buffer_bytes, shard.next_conn_serial()));
-    let wtask = glommio::spawn_local(write_loop(conn.clone(), writer));
-
-    let mut buf = vec![0u8; cfg.read_buffer_bytes];
-    let (mut start, mut end) = (0usize, 0usize);
-    'conn: loop {
-        let arrival = Instant::now();
-        loop {
-            match check_frame(&buf[start..end], cfg.frame_bytes_max) {
-                FrameCheck::Complete { body_len } => {
-                    let body = &buf[start + FRAME_HEADER_LEN..start + FRAME_HEADER_LEN + body_len];
-                    shard.handle_frame(&conn, body, arrival);
-                    start += FRAME_HEADER_LEN + body_len;
-                }
-                FrameCheck::Incomplete => break,
-                FrameCheck::Invalid { .. } => {
-                    // The stream cannot be resynchronised: answer what is in
-                    // flight, then close.
-                    shard.metrics.connections_dropped.inc();
-                    break 'conn;
-                }
-            }
-        }
-        // Make room: move a partial frame to the front; grow (bounded by
-        // frame_bytes_max) only when one frame is larger than the buffer,
-        // and only as its bytes arrive (doubling), so a length prefix alone
-        // cannot make a connection hold a whole maximal frame.
-        if start == end {
-            start = 0;
-            end = 0;
-            // A large frame grew the buffer: give the memory back once it
-            // has been handled, so an idle connection holds only its
-            // initial buffer.
-            if buf.len() > cfg.read_buffer_bytes {
-                buf.truncate(cfg.read_buffer_bytes);
-                buf.shrink_to_fit();
-            }
-        } else if start > 0 {
-            buf.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-        }
-        if end >= FRAME_HEADER_LEN {
-            let need =
-                FRAME_HEADER_LEN + u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            if need > buf.len() && end == buf.len() {
-                buf.resize(need.min(buf.len() * 2), 0);
-            }
-        }
-        while conn.out.borrow().len() > cfg.write_buffer_bytes_max && !conn.dead.get() {
-            conn.drained.wait().await;
-        }
-        if conn.dead.get() {
-            break;
-        }
-        match reader.read(&mut buf[end..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => end += n,
-        }
-    }
+    let wtask = glommio::spawn_local(write_loop(shard.clone(), conn.clone(), writer));
+    read_loop(&shard, &conn, &mut reader).await;
     conn.closing.set(true);
     conn.writer_wake.notify();
     wtask.await;
     // Both fds close on drop; make sure the peer sees the close even if a
-    // writer error left the socket half-open.
+    // writer error left the socket half-open. (The read fd stays open
+    // until now: the server shuts it down by number on stop.)
     // SAFETY: the fd is still owned by `reader`.
     unsafe { libc::shutdown(reader.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
-async fn write_loop(conn: Rc<Conn>, mut w: TcpStream) {
+async fn read_loop(shard: &Shard, conn: &Rc<Conn>, reader: &mut TcpStream) {
+    let cfg = &shard.cfg;
+    let bound = cfg.pending_bytes_per_connection_max;
+    // Every request in flight holds room for the largest answer; the next
+    // frame is taken only when its answer fits too (`response_bytes_max`
+    // <= bound was checked at start, so an idle connection always can).
+    let answer = shard.response_bytes_max;
+    let room = |c: &Conn| c.pending(answer) + answer <= bound;
+    let frame_timeout = Duration::from_millis(cfg.frame_timeout_ms);
+    let idle_timeout = Duration::from_millis(cfg.idle_timeout_ms);
+    let mut frames = FrameReader::with_capacity(cfg.frame_bytes_max, cfg.read_buffer_bytes);
+    // When the first bytes of the frame not yet complete arrived.
+    let mut frame_started: Option<Instant> = None;
+    let mut arrival = Instant::now();
+    loop {
+        let mut took = false;
+        loop {
+            if !room(conn) {
+                // The connection is at its fullest now.
+                shard
+                    .metrics
+                    .record_pending(conn.out.borrow().len() + conn.writing.get());
+                let waited = Instant::now();
+                while !room(conn) && !conn.dead.get() {
+                    conn.drained.wait().await;
+                }
+                // Time spent waiting for our own output is not the peer's.
+                if let Some(s) = frame_started.as_mut() {
+                    *s += waited.elapsed();
+                }
+            }
+            if conn.dead.get() {
+                return;
+            }
+            match frames.next_frame() {
+                Ok(Some(body)) => {
+                    shard.handle_frame(conn, body, arrival);
+                    took = true;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    // The stream cannot be resynchronised: answer what is
+                    // in flight, then close.
+                    shard.metrics.connections_dropped.inc();
+                    return;
+                }
+            }
+        }
+        let timeout = if frames.buffered() == 0 {
+            frame_started = None;
+            idle_timeout
+        } else {
+            // A frame is under way: it must complete in time.
+            if took || frame_started.is_none() {
+                frame_started = Some(arrival);
+            }
+            let end = frame_started.unwrap_or(arrival) + frame_timeout;
+            match end.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left,
+                _ => {
+                    shard.metrics.record_timed_out(TimedOut::Frame);
+                    return;
+                }
+            }
+        };
+        let _ = reader.set_read_timeout(Some(timeout));
+        match reader.read(frames.spare()).await {
+            Ok(0) => return,
+            Ok(n) => {
+                frames.filled(n);
+                arrival = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::TimedOut => {
+                if frames.buffered() > 0 {
+                    shard.metrics.record_timed_out(TimedOut::Frame);
+                    return;
+                }
+                if conn.is_quiet() {
+                    shard.metrics.record_timed_out(TimedOut::Idle);
+                    return;
+                }
+                // Requests in flight: not idle; wait again.
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut w: TcpStream) {
     let mut spare: Vec<u8> = Vec::with_capacity(conn.out.borrow().capacity());
     loop {
         if conn.out.borrow().is_empty() {
@@ -142,15 +209,30 @@ async fn write_loop(conn: Rc<Conn>, mut w: TcpStream) {
             continue;
         }
         std::mem::swap(&mut *conn.out.borrow_mut(), &mut spare);
+        conn.writing.set(spare.len());
         conn.drained.notify();
-        if w.write_all(&spare).await.is_err() {
+        let written = w.write_all(&spare).await;
+        // The most this connection held: what was being written and what
+        // was encoded meanwhile.
+        shard
+            .metrics
+            .record_pending(spare.len() + conn.out.borrow().len());
+        conn.writing.set(0);
+        if let Err(e) = written {
+            if e.kind() == ErrorKind::TimedOut {
+                shard.metrics.record_timed_out(TimedOut::WriteStall);
+            }
             conn.dead.set(true);
             conn.out.borrow_mut().clear();
-            conn.drained.notify();
+            // Wake the reader out of a read (or out of waiting for room):
+            // nothing more is read from a peer that does not read.
+            // SAFETY: the fd is owned by `w`, open until it drops.
+            unsafe { libc::shutdown(w.as_raw_fd(), libc::SHUT_RDWR) };
             // Keep waiting for in-flight work so the counters settle; its
             // responses are dropped because the connection is dead.
         }
         spare.clear();
+        conn.drained.notify();
         // Give back memory a burst made the buffer keep.
         if spare.capacity() > 4 << 20 {
             spare.shrink_to(1 << 20);

@@ -135,6 +135,9 @@ pub(crate) struct Shard {
     plans: Vec<EnsemblePlan>,
     /// Cache policy of each plan (same index).
     plan_cache: Vec<TargetPolicy>,
+    /// Most rows a request to each plan may carry (same index): the
+    /// smallest member queue, and that member's slot.
+    plan_rows_max: Vec<(usize, usize)>,
     cache: ShardCache,
     backend: RefCell<Box<dyn Backend>>,
     encoder: RefCell<Encoder>,
@@ -143,6 +146,10 @@ pub(crate) struct Shard {
     scratch: RefCell<Vec<f32>>,
     /// Error messages are formatted here instead of in a fresh String.
     message: RefCell<String>,
+    /// Bytes of the largest answer (whole frame) any request may get here:
+    /// each request in flight holds this much of its connection's
+    /// `pending_bytes_per_connection_max`.
+    pub response_bytes_max: usize,
     pub metrics: Arc<ShardMetrics>,
     pub stopping: Cell<bool>,
     /// Numbers connections (wrapping; 0 is never used).
@@ -181,8 +188,20 @@ impl Shard {
             }
             targets.insert(name.clone(), TargetRef::Model(v));
         }
+        if id == 0 {
+            for s in &slots {
+                let cap = s.model.batch.queue_rows_max;
+                if cap < cfg.rows_per_request_max {
+                    eprintln!(
+                        "beast: model '{}' v{} queues at most {cap} rows (queue_rows_max), fewer than rows_per_request_max ({}): larger requests to it are answered BAD_REQUEST",
+                        s.model.name, s.model.version, cfg.rows_per_request_max
+                    );
+                }
+            }
+        }
         let mut plans = Vec::new();
         let mut plan_cache = Vec::new();
+        let mut plan_rows_max = Vec::new();
         for (name, spec) in &repo.ensembles {
             let mut members = Vec::new();
             for m in &spec.members {
@@ -196,12 +215,19 @@ impl Shard {
                 .iter()
                 .map(|&m| slots[m].model.flops_per_row())
                 .collect();
+            let rows_max = members
+                .iter()
+                .map(|&m| (slots[m].model.batch.queue_rows_max, m))
+                .min()
+                .expect("an ensemble has members");
+            plan_rows_max.push(rows_max);
             let plan =
                 EnsemblePlan::new(spec, members, flops, first.input_width, first.output_width)?;
             targets.insert(name.clone(), TargetRef::Ensemble(plans.len()));
             plans.push(plan);
             plan_cache.push(cache.policy(&cfg, name));
         }
+        let response_bytes_max = largest_answer(&cfg, &slots, &plans, &plan_rows_max)?;
         let models: Vec<&Arc<Model>> = slots.iter().map(|s| &s.model).collect();
         let mut sel = SelState::new(id, &cfg, &plans, &models);
         if !cfg.selection_state_path.as_os_str().is_empty() {
@@ -224,11 +250,13 @@ impl Shard {
             targets,
             plans,
             plan_cache,
+            plan_rows_max,
             cache,
             backend: RefCell::new(backend),
             encoder: RefCell::new(Encoder::new()),
             scratch: RefCell::new(Vec::new()),
             message: RefCell::new(String::with_capacity(256)),
+            response_bytes_max,
             metrics,
             stopping: Cell::new(false),
             conn_serial: Cell::new(0),
@@ -306,7 +334,9 @@ impl Shard {
         let h = ResponseHeader {
             id,
             status,
-            message,
+            // Names in messages are clipped already; this bounds the rest,
+            // so an error answer has a fixed largest size.
+            message: clip(message, MESSAGE_BYTES_MAX),
             rows: 0,
             cols: 0,
             timings: Timings {
@@ -342,11 +372,20 @@ impl Shard {
     pub fn handle_frame(&self, conn: &Rc<Conn>, body: &[u8], arrival: Instant) {
         self.metrics.begin_request();
         self.cache.begin_request();
-        let req = match wire::decode_incoming(body) {
+        let req = match wire::decode_incoming_with_id(body) {
             Ok(Incoming::Request(r)) => r,
             Ok(Incoming::Feedback(f)) => return self.handle_feedback(conn, &f, arrival),
-            // The id is unreadable: answer with id 0 (docs/PROTOCOL.md).
-            Err(e) => return self.respond_error(conn, 0, Status::BadRequest, e.message(), arrival),
+            // The request's id when the body verified; 0 when it is
+            // unreadable (docs/PROTOCOL.md).
+            Err(r) => {
+                return self.respond_error(
+                    conn,
+                    r.id,
+                    Status::BadRequest,
+                    r.error.message(),
+                    arrival,
+                )
+            }
         };
         if conn.in_flight.get() >= self.cfg.in_flight_per_connection_max {
             self.metrics.record_shed(Shed::ConnInFlight);
@@ -387,7 +426,7 @@ impl Shard {
                 req.id,
                 Status::NotFound,
                 arrival,
-                format_args!("unknown target '{}'", req.target),
+                format_args!("unknown target '{}'", Clip(req.target)),
             ),
             Some(TargetRef::Model(versions)) => {
                 if let Some(&(_, s)) = versions.first() {
@@ -405,13 +444,28 @@ impl Shard {
                         arrival,
                         format_args!(
                             "model '{}' has no version {}",
-                            req.target,
+                            Clip(req.target),
                             req.version.unwrap_or(0)
                         ),
                     );
                 };
                 if !self.check_width(conn, &req, self.slots[slot].model.input_width, arrival) {
                     return;
+                }
+                let cap = self.slots[slot].queue.borrow().limits().queue_rows_max;
+                if rows > cap {
+                    // Never fits, however idle the server: not OVERLOADED.
+                    return self.respond_error_fmt(
+                        conn,
+                        req.id,
+                        Status::BadRequest,
+                        arrival,
+                        format_args!(
+                            "{rows} rows exceed the {cap} rows model '{}' can queue \
+                             (its queue_rows_max): send at most {cap} rows per request",
+                            Clip(req.target)
+                        ),
+                    );
                 }
                 self.submit_model(conn, &req, slot, arrival);
             }
@@ -428,6 +482,23 @@ impl Shard {
                 }
                 if !self.check_width(conn, &req, self.plans[*p].input_width, arrival) {
                     return;
+                }
+                let (cap, member) = self.plan_rows_max[*p];
+                if rows > cap {
+                    // Any member may run (cascade steps, bandit arms): the
+                    // smallest member queue bounds every request.
+                    return self.respond_error_fmt(
+                        conn,
+                        req.id,
+                        Status::BadRequest,
+                        arrival,
+                        format_args!(
+                            "{rows} rows exceed the {cap} rows member '{}' of '{}' can queue \
+                             (its queue_rows_max): send at most {cap} rows per request",
+                            Clip(&self.slots[member].model.name),
+                            Clip(req.target)
+                        ),
+                    );
                 }
                 self.submit_ensemble(conn, &req, *p, arrival);
             }
@@ -451,7 +522,8 @@ impl Shard {
                 arrival,
                 format_args!(
                     "input has {} columns but '{}' takes {width}",
-                    req.cols, req.target
+                    req.cols,
+                    Clip(req.target)
                 ),
             );
             return false;
@@ -1768,4 +1840,73 @@ fn refusal(ok: bool, deadline: Option<Instant>, now: Instant) -> Option<(Status,
 #[inline]
 fn micros(d: Duration) -> u32 {
     d.as_micros().min(u32::MAX as u128) as u32
+}
+
+/// The largest answer frame any request can get from these targets (an
+/// error answer at least), or why it cannot fit a connection's
+/// `pending_bytes_per_connection_max`.
+fn largest_answer(
+    cfg: &Config,
+    slots: &[ModelSlot],
+    plans: &[EnsemblePlan],
+    plan_rows_max: &[(usize, usize)],
+) -> Result<usize, String> {
+    let bound = cfg.pending_bytes_per_connection_max;
+    let mut largest = wire::response_frame_len_max(MESSAGE_BYTES_MAX, 0, []);
+    let mut check = |name: &str, rows: usize, cols: usize, n: usize| {
+        if n > bound {
+            return Err(format!(
+                "'{name}': its largest answer ({rows} rows x {cols} outputs) takes {n} bytes, \
+                 over pending_bytes_per_connection_max ({bound}): raise it or lower \
+                 rows_per_request_max"
+            ));
+        }
+        largest = largest.max(n);
+        Ok(())
+    };
+    for s in slots {
+        let m = &s.model;
+        let rows = cfg.rows_per_request_max.min(m.batch.queue_rows_max);
+        let n = wire::response_frame_len_max(0, rows * m.output_width, [m.name.len()]);
+        check(&m.name, rows, m.output_width, n)?;
+    }
+    for (plan, &(cap, _)) in plans.iter().zip(plan_rows_max) {
+        let rows = cfg.rows_per_request_max.min(cap);
+        let names = plan.members.iter().map(|&m| slots[m].model.name.len());
+        let n = wire::response_frame_len_max(0, rows * plan.output_width, names);
+        check(&plan.name, rows, plan.output_width, n)?;
+    }
+    Ok(largest)
+}
+
+/// Longest name quoted in a message (bytes, cut on a char boundary): a
+/// client's 4 MiB target name must not come back in a 4 MiB answer.
+pub(crate) const NAME_BYTES_MAX: usize = 256;
+/// Longest message text of any answer (bytes).
+pub(crate) const MESSAGE_BYTES_MAX: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a char boundary.
+fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A name for a message: at most [`NAME_BYTES_MAX`] bytes, "..." when cut.
+struct Clip<'a>(&'a str);
+
+impl std::fmt::Display for Clip<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = clip(self.0, NAME_BYTES_MAX);
+        f.write_str(c)?;
+        if c.len() < self.0.len() {
+            f.write_str("...")?;
+        }
+        Ok(())
+    }
 }

@@ -56,8 +56,16 @@ impl std::fmt::Display for FrameError {
 impl std::error::Error for FrameError {}
 
 /// Sans-IO receive buffer: bytes go in (`feed`, or `spare` + `filled`, or
-/// `read_from`), whole frame bodies come out (`next_frame`). Grows to at
-/// most one maximal frame plus its header, so it is bounded by `max_frame`.
+/// `read_from`), whole frame bodies come out (`next_frame`). The server's
+/// connections and the client both read through it.
+///
+/// Memory: it starts at `capacity` bytes and grows only for a frame larger
+/// than that, by doubling as that frame's bytes arrive (so a length prefix
+/// alone never makes it allocate a whole maximal frame), to at most one
+/// maximal frame plus its header (bounded by `max_frame`). Once nothing is
+/// buffered it shrinks back to `capacity`, so an idle connection holds
+/// only its initial buffer. A run of small frames costs no memmove: the
+/// unframed tail moves to the front only when there is no room after it.
 #[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
@@ -66,6 +74,8 @@ pub struct FrameReader {
     /// Bytes in `start..end` are received and not yet framed.
     end: usize,
     max_frame: usize,
+    /// The size the buffer shrinks back to once empty.
+    initial: usize,
 }
 
 impl FrameReader {
@@ -74,11 +84,13 @@ impl FrameReader {
     }
 
     pub fn with_capacity(max_frame: usize, capacity: usize) -> Self {
+        let initial = capacity.max(FRAME_HEADER_LEN);
         FrameReader {
-            buf: vec![0; capacity.max(FRAME_HEADER_LEN)],
+            buf: vec![0; initial],
             start: 0,
             end: 0,
             max_frame,
+            initial,
         }
     }
 
@@ -109,15 +121,23 @@ impl FrameReader {
         }
     }
 
-    /// Room to receive into, at least `FRAME_HEADER_LEN` bytes and, once a
-    /// frame header is buffered, enough for the whole frame. Call
-    /// [`filled`](Self::filled) with the count written.
+    /// Room to receive into: never empty, and once a frame header is
+    /// buffered, never more than that frame still needs beyond what the
+    /// buffer already holds (the buffer doubles toward the whole frame as
+    /// its bytes arrive). Call [`filled`](Self::filled) with the count
+    /// written.
     pub fn spare(&mut self) -> &mut [u8] {
         // Move the unframed tail to the front only when that is cheap (no
         // tail) or needed (no room): a run of small frames costs no memmove.
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            // A large frame grew the buffer: give the memory back once it
+            // has been taken.
+            if self.buf.len() > self.initial {
+                self.buf.truncate(self.initial);
+                self.buf.shrink_to_fit();
+            }
         }
         let need = self.frame_need().max(FRAME_HEADER_LEN);
         let want = need.saturating_sub(self.buffered()).max(1);
@@ -125,10 +145,12 @@ impl FrameReader {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
-            // A caller that drains `next_frame` first only ever grows to one
-            // whole frame; one that does not still gets a non-empty slice.
-            let len = self.end + want;
-            if self.buf.len() < len {
+            // Grow (doubling, never past the whole frame) only when the
+            // move left no room at all. A caller that drains `next_frame`
+            // first only ever grows to one whole frame; one that does not
+            // still gets a non-empty slice.
+            if self.end == self.buf.len() {
+                let len = (self.buf.len() * 2).min(self.end + want);
                 self.buf.resize(len, 0);
             }
         }
@@ -171,5 +193,73 @@ impl FrameReader {
             return 0;
         }
         FRAME_HEADER_LEN + declared
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_le_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn frames_come_out_whole_however_the_bytes_are_split() {
+        let bodies: Vec<Vec<u8>> = (1..40u8).map(|n| vec![n; n as usize * 7]).collect();
+        let stream: Vec<u8> = bodies.iter().flat_map(|b| frame(b)).collect();
+        for step in [1, 3, 64, 1000, stream.len()] {
+            let mut r = FrameReader::with_capacity(1 << 20, 16);
+            let mut got = Vec::new();
+            for chunk in stream.chunks(step) {
+                r.feed(chunk);
+                while let Some(b) = r.next_frame().unwrap() {
+                    got.push(b.to_vec());
+                }
+            }
+            assert_eq!(got, bodies, "step {step}");
+            assert_eq!(r.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn a_length_prefix_alone_does_not_allocate_the_frame() {
+        let mut r = FrameReader::with_capacity(64 << 20, 4096);
+        r.feed(&((64u32 << 20) - 1).to_le_bytes());
+        assert_eq!(r.next_frame().unwrap(), None);
+        let _ = r.spare();
+        assert!(r.capacity() <= 8192, "{}", r.capacity());
+    }
+
+    #[test]
+    fn a_large_frame_grows_the_buffer_to_the_frame_then_it_shrinks_back() {
+        let body = vec![9u8; 100_000];
+        let mut r = FrameReader::with_capacity(1 << 20, 4096);
+        let f = frame(&body);
+        for chunk in f.chunks(5000) {
+            r.feed(chunk);
+            assert!(r.capacity() <= f.len().max(4096), "{}", r.capacity());
+        }
+        assert_eq!(r.next_frame().unwrap(), Some(&body[..]));
+        assert_eq!(r.spare().len(), 4096);
+        assert_eq!(r.capacity(), 4096);
+    }
+
+    #[test]
+    fn bad_lengths_are_errors() {
+        let mut r = FrameReader::new(1024);
+        r.feed(&0u32.to_le_bytes());
+        assert_eq!(
+            r.next_frame().unwrap_err(),
+            FrameError {
+                declared: 0,
+                max_frame: 1024
+            }
+        );
+        let mut r = FrameReader::new(1024);
+        r.feed(&1025u32.to_le_bytes());
+        assert!(r.next_frame().is_err());
     }
 }

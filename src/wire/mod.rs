@@ -128,6 +128,9 @@ pub enum DecodeError {
     Missing(&'static str),
     /// rows × cols × dtype size != input byte length, or rows/cols zero.
     Shape,
+    /// An enum field (dtype, cache, policy) holds a value this build does
+    /// not know.
+    Unknown(&'static str),
 }
 
 impl DecodeError {
@@ -139,6 +142,10 @@ impl DecodeError {
             DecodeError::Missing("input") => "missing field: input",
             DecodeError::Missing(_) => "missing required field",
             DecodeError::Shape => "input length does not match rows x cols",
+            DecodeError::Unknown("dtype") => "unknown dtype value",
+            DecodeError::Unknown("cache") => "unknown cache value",
+            DecodeError::Unknown("policy") => "unknown policy value",
+            DecodeError::Unknown(_) => "unknown enum value",
         }
     }
 }
@@ -309,11 +316,31 @@ pub fn decode_request(body: &[u8]) -> Result<RequestView<'_>, DecodeError> {
 
 /// Decode and verify what a client sends: a request or a feedback message.
 pub fn decode_incoming(body: &[u8]) -> Result<Incoming<'_>, DecodeError> {
-    let msg = verify(body)?;
+    decode_incoming_with_id(body).map_err(|r| r.error)
+}
+
+/// Why a client's message was refused, with the id to answer it with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// The request's id when the body verified (so a client matching by
+    /// id sees the answer); 0 when it did not verify or is not a request.
+    pub id: u64,
+    pub error: DecodeError,
+}
+
+/// [`decode_incoming`], keeping the request's id when the body verified
+/// but a field is wrong (missing, shape, unknown enum value).
+pub fn decode_incoming_with_id(body: &[u8]) -> Result<Incoming<'_>, Refused> {
+    let refused = |id, error| Refused { id, error };
+    let msg = verify(body).map_err(|e| refused(0, e))?;
     if let Some(req) = msg.body_as_request() {
-        return request_view(req).map(Incoming::Request);
+        return request_view(req)
+            .map(Incoming::Request)
+            .map_err(|e| refused(req.id(), e));
     }
-    let fb = msg.body_as_feedback().ok_or(DecodeError::WrongKind)?;
+    let fb = msg
+        .body_as_feedback()
+        .ok_or(refused(0, DecodeError::WrongKind))?;
     Ok(Incoming::Feedback(FeedbackView {
         id: fb.id(),
         ticket: fb.ticket(),
@@ -329,15 +356,15 @@ fn request_view(req: fb::Request<'_>) -> Result<RequestView<'_>, DecodeError> {
     let dtype = match req.dtype() {
         fb::DType::F32 => DType::F32,
         fb::DType::F16 => DType::F16,
-        _ => return Err(DecodeError::Verify),
+        _ => return Err(DecodeError::Unknown("dtype")),
     };
     let cache = match req.cache() {
         fb::CacheControl::Use => CacheControl::Use,
         fb::CacheControl::Bypass => CacheControl::Bypass,
         fb::CacheControl::Refresh => CacheControl::Refresh,
-        _ => return Err(DecodeError::Verify),
+        _ => return Err(DecodeError::Unknown("cache")),
     };
-    let policy = PolicyOverride::from_wire(req.policy().0).ok_or(DecodeError::Verify)?;
+    let policy = PolicyOverride::from_wire(req.policy().0).ok_or(DecodeError::Unknown("policy"))?;
     let (rows, cols) = (req.rows(), req.cols());
     if rows == 0 || cols == 0 || tensor_bytes(rows, cols, dtype.size()) != Some(input.len()) {
         return Err(DecodeError::Shape);
@@ -404,6 +431,30 @@ fn tensor_bytes(rows: u32, cols: u32, elem_size: usize) -> Option<usize> {
 
 fn non_zero<T: Default + PartialEq>(v: T) -> Option<T> {
     (v != T::default()).then_some(v)
+}
+
+/// An upper bound of the bytes of a response frame (length prefix
+/// included) that [`Encoder::response`] writes for a message of
+/// `message_len` bytes, `values` output f32s, and one run per item of
+/// `run_names` (each a model name's byte length). Generous on purpose: it
+/// covers the flatbuffers vtables, tables and alignment padding, so a
+/// server can reserve room for an answer before computing it.
+pub fn response_frame_len_max(
+    message_len: usize,
+    values: usize,
+    run_names: impl IntoIterator<Item = usize>,
+) -> usize {
+    // Frame length, root offset, Message and Response vtables and tables.
+    const FIXED: usize = 256;
+    // A vector's or string's length prefix, NUL and alignment padding.
+    const PER_VECTOR: usize = 16;
+    // A Run's vtable, table, its offset in `runs` and its name's prefix.
+    const PER_RUN: usize = 64;
+    FIXED
+        + (message_len + PER_VECTOR)
+        + (values * 4 + PER_VECTOR)
+        + PER_VECTOR
+        + run_names.into_iter().map(|n| n + PER_RUN).sum::<usize>()
 }
 
 /// Reusable encoder: owns one flatbuffers builder, reset per message, so a

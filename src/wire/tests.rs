@@ -268,11 +268,11 @@ fn decode_request_rejects_missing_and_unknown() {
     );
     assert_eq!(
         decode_request(&raw_request(Some("m"), Some(&four), 2, 0)).unwrap_err(),
-        DecodeError::Verify
+        DecodeError::Unknown("dtype")
     );
     assert_eq!(
         decode_request(&raw_request(Some("m"), Some(&four), 0, 3)).unwrap_err(),
-        DecodeError::Verify
+        DecodeError::Unknown("cache")
     );
     // A message with no body, and a body kind from the future (Feedback = 3).
     let mut fbb = flatbuffers::FlatBufferBuilder::new();
@@ -488,7 +488,47 @@ fn unknown_policy_value_is_malformed() {
     assert_eq!(g.len(), h.len());
     let at = (0..g.len()).find(|&i| g[i] != h[i]).unwrap();
     g[at] = 200;
-    assert_eq!(decode_request(body(&g)).unwrap_err(), DecodeError::Verify);
+    assert_eq!(
+        decode_request(body(&g)).unwrap_err(),
+        DecodeError::Unknown("policy")
+    );
+    // The body verified: its id is kept for the answer.
+    assert_eq!(
+        decode_incoming_with_id(body(&g)).unwrap_err(),
+        Refused {
+            id: 3,
+            error: DecodeError::Unknown("policy")
+        }
+    );
+}
+
+#[test]
+fn refusals_keep_the_id_only_of_verified_requests() {
+    let x = [0f32; 8];
+    let frame = encode_request(77, &spec(Input::F32(&x[..5]), 2, 3));
+    assert_eq!(
+        decode_incoming_with_id(body(&frame)).unwrap_err(),
+        Refused {
+            id: 77,
+            error: DecodeError::Shape
+        }
+    );
+    let four = [0u8; 4];
+    assert_eq!(
+        decode_incoming_with_id(&raw_request(None, Some(&four), 0, 0))
+            .unwrap_err()
+            .error,
+        DecodeError::Missing("target")
+    );
+    let mut bad = body(&frame).to_vec();
+    bad[0] = 0xff;
+    assert_eq!(
+        decode_incoming_with_id(&bad).unwrap_err(),
+        Refused {
+            id: 0,
+            error: DecodeError::Verify
+        }
+    );
 }
 
 /// The worked example of docs/PROTOCOL.md: a request with the default
@@ -513,4 +553,53 @@ fn default_policy_keeps_the_documented_bytes() {
         },
     );
     assert_eq!(got, want);
+}
+
+#[test]
+fn response_frame_len_max_bounds_what_the_encoder_writes() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let names = ["a", "model_with_a_longer_name", &"n".repeat(300)];
+    let mut enc = Encoder::new();
+    for _ in 0..500 {
+        let values = rng.random_range(0..3000usize);
+        let out = vec![1.5f32; values];
+        let msg = "m".repeat(rng.random_range(0..1100usize));
+        let nruns = rng.random_range(0..17usize);
+        let runs: Vec<RunInfo<'_>> = (0..nruns)
+            .map(|i| RunInfo {
+                model: names[i % 3],
+                version: i as u32,
+                flops: u64::MAX - i as u64,
+            })
+            .collect();
+        let h = ResponseHeader {
+            id: u64::MAX,
+            status: if values > 0 {
+                Status::Ok
+            } else {
+                Status::Internal
+            },
+            message: &msg,
+            rows: values as u32,
+            cols: (values > 0) as u32,
+            timings: Timings {
+                queue_us: u32::MAX,
+                compute_us: u32::MAX,
+                total_us: u32::MAX,
+            },
+            cached: true,
+            partial: true,
+            ticket: u64::MAX,
+        };
+        let mut frame = Vec::new();
+        enc.response(&h, &runs, &out, &mut frame);
+        let bound = response_frame_len_max(msg.len(), values, runs.iter().map(|r| r.model.len()));
+        assert!(frame.len() <= bound, "{} > {bound}", frame.len());
+        // Not wildly loose either.
+        assert!(
+            bound - frame.len() <= 512 + 64 * nruns,
+            "{} vs {bound}",
+            frame.len()
+        );
+    }
 }
