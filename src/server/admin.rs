@@ -175,6 +175,19 @@ fn parse_head(head: &str) -> Option<Request<'_>> {
     })
 }
 
+/// Fuzzing entry point (fuzz/ and tests/fuzz_corpus.rs), not an API: what
+/// `handle` makes of a received head — at most [`REQUEST_BYTES_MAX`] bytes,
+/// UTF-8, parsed — as (method, path, query, the query's value of `key`).
+#[doc(hidden)]
+pub fn fuzz_request_head<'a>(
+    head: &'a [u8],
+    key: &str,
+) -> Option<(&'a str, &'a str, &'a str, Option<&'a str>)> {
+    let head = std::str::from_utf8(&head[..head.len().min(REQUEST_BYTES_MAX)]).ok()?;
+    let r = parse_head(head)?;
+    Some((r.method, r.path, r.query, query_param(r.query, key)))
+}
+
 fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query
         .split('&')

@@ -56,8 +56,10 @@ impl std::fmt::Display for FrameError {
 impl std::error::Error for FrameError {}
 
 /// Sans-IO receive buffer: bytes go in (`feed`, or `spare` + `filled`, or
-/// `read_from`), whole frame bodies come out (`next_frame`). Grows to at
-/// most one maximal frame plus its header, so it is bounded by `max_frame`.
+/// `read_from`), whole frame bodies come out (`next_frame`). A caller that
+/// drains `next_frame` between reads (`spare`/`filled`, `read_from`) grows it
+/// to at most one maximal frame plus its header, so it is bounded by
+/// `max_frame`; `feed` copies its whole slice in (see there).
 #[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
@@ -141,7 +143,9 @@ impl FrameReader {
         self.end += n;
     }
 
-    /// Copy `bytes` in.
+    /// Copy `bytes` in — all of them: a slice holding several frames grows
+    /// the buffer to the whole slice (fuzzing found the struct's bound
+    /// claimed for it). Feed socket-sized pieces and drain between them.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             let spare = self.spare();
