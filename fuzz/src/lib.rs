@@ -327,18 +327,28 @@ pub fn admin_head(data: &[u8]) {
     };
     let head = std::str::from_utf8(&head[..head.len().min(REQUEST_BYTES_MAX)])
         .expect("a head that parsed is UTF-8");
-    let line = head.split("\r\n").next().unwrap();
+    let line = head.lines().next().unwrap();
     assert!(!method.is_empty() && !method.contains(' '));
     assert!(path.starts_with('/') && !path.contains(' ') && !path.contains('?'));
     assert!(!query.contains(' '));
-    let target = if query.is_empty() && !line.contains('?') {
-        path.to_string()
-    } else {
-        format!("{path}?{query}")
-    };
     assert!(
-        line.starts_with(&format!("{method} {target} HTTP/1.")),
-        "parsed ({method:?}, {path:?}, {query:?}) from {line:?}"
+        !line.bytes().any(|b| b.is_ascii_control()),
+        "control bytes in {line:?}"
+    );
+    let mut parts = line.split(' ');
+    assert_eq!(parts.next(), Some(method));
+    let target = parts.next().unwrap();
+    if query.is_empty() {
+        assert!(
+            target == path || target == format!("{path}?"),
+            "{target:?} is not {path:?}"
+        );
+    } else {
+        assert_eq!(target, format!("{path}?{query}"));
+    }
+    assert!(
+        matches!(parts.next(), Some("HTTP/1.0" | "HTTP/1.1")),
+        "{line:?}"
     );
     if let Some(v) = value {
         assert!(
@@ -526,8 +536,11 @@ pub fn l2_open(data: &[u8]) {
         file.resize((new_len % L2_BYTES_MAX) as usize, 0);
     }
     let open_cfg = if flags & 8 != 0 {
+        // Room for a bucket of the other width (crash-477b…: 4224 bytes
+        // held no bucket of 8 ways).
         L2Config {
             ways: cfg.ways % 8 + 1,
+            total_bytes: cfg.total_bytes + 8 * slot,
             ..cfg
         }
     } else {
