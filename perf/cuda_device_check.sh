@@ -54,7 +54,7 @@ done
 
 echo "== tests/cuda.rs"
 if [ -x "$bin/cuda_test" ]; then
-  timeout 150 "$bin/cuda_test" --nocapture --test-threads=3
+  timeout 150 "$bin/cuda_test" --include-ignored --nocapture --test-threads=3
   r=$?; echo "cuda_test exit $r"; [ $r -ne 0 ] && rc=1
 else
   echo "missing $bin/cuda_test (run scripts/build-devbin.sh on the build machine)"; rc=1

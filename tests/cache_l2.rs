@@ -7,9 +7,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod common;
 
 const CHILD_ENV: &str = "BEAST_L2_CHILD_PATH";
 
@@ -132,6 +134,16 @@ fn cache_l2_concurrent_readers_writers_never_torn() {
     cleanup(&p);
 }
 
+/// The `live` count of an `inspect` report.
+fn live_entries(report: &str) -> u64 {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix("live"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Child mode for the kill -9 test: write forever until killed.
 #[test]
 #[ignore = "run by cache_l2_kill9_writer_leaves_no_bad_entries as a child"]
@@ -141,15 +153,15 @@ fn cache_l2_kill9_child_writer() {
     };
     let (c, _) = L2Cache::open(&path, SMALL).unwrap();
     let c = Arc::new(c);
-    let stop = Arc::new(AtomicBool::new(false));
+    // The parent kills us long before this; the bound only ends an orphan.
+    let deadline = Instant::now() + Duration::from_secs(30);
     let ts: Vec<_> = (0..2u64)
         .map(|t| {
             let c = c.clone();
-            let stop = stop.clone();
             std::thread::spawn(move || {
                 let mut rng = StdRng::seed_from_u64(100 + t);
                 let mut v = [0f32; 16];
-                while !stop.load(Ordering::Relaxed) {
+                while Instant::now() < deadline {
                     let i = rng.random_range(0..10_000u64);
                     let n = value_of(i, &mut v);
                     c.insert(&key(i), 1, &v[..n], 0);
@@ -157,9 +169,6 @@ fn cache_l2_kill9_child_writer() {
             })
         })
         .collect();
-    // The parent kills us long before this.
-    std::thread::sleep(Duration::from_secs(30));
-    stop.store(true, Ordering::Relaxed);
     for t in ts {
         let _ = t.join();
     }
@@ -181,12 +190,13 @@ fn cache_l2_kill9_writer_leaves_no_bad_entries() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Wait for the child to create the file, then let it write ~300 ms.
-    let t0 = Instant::now();
-    while !p.exists() && t0.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // Kill it while it writes: once the file (read beside the writer, as
+    // `beast cache inspect` does) holds a good number of live entries.
+    common::wait_until(
+        Duration::from_secs(20),
+        "the child to write 200 entries (of 480 slots)",
+        || inspect(&p).is_ok_and(|report| live_entries(&report) >= 200),
+    );
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
     assert!(!status.success(), "child must have died by the signal");

@@ -64,18 +64,17 @@ fn serve(
 fn sigterm_and_wait(mut child: Child, rx: std::sync::mpsc::Receiver<String>) -> Vec<String> {
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let t0 = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "beast serve exited with {status}");
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "beast serve did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut status = None;
+    common::wait_until(
+        Duration::from_secs(15),
+        "beast serve to stop on SIGTERM",
+        || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        },
+    );
+    let status = status.unwrap();
+    assert!(status.success(), "beast serve exited with {status}");
     rx.try_iter().collect()
 }
 

@@ -214,7 +214,11 @@ fn bad_requests_get_a_status_and_the_connection_keeps_serving() {
     let mut frame = Vec::new();
     beast::wire::Encoder::new().request(6, &spec("a", 1, WIDTH, &x), &mut frame);
     raw.send_bytes(&frame[..7]);
-    std::thread::sleep(Duration::from_millis(50));
+    common::wait_until(
+        Duration::from_secs(10),
+        "the server to read the first 7 bytes",
+        || common::server_has_read(&raw.s),
+    );
     raw.send_bytes(&frame[7..]);
     let r = raw.recv();
     assert_eq!((r.id, r.status), (6, Status::Ok));
@@ -357,7 +361,10 @@ fn shutdown_answers_every_request_in_flight() {
     let pending: Vec<_> = (0..50)
         .map(|_| client.send(&spec("slow", 1, WIDTH, &x)).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
+    let admin = server.admin_addr.unwrap();
+    common::wait_until(Duration::from_secs(10), "50 requests in flight", || {
+        common::metric(admin, "beast_in_flight_requests") == Some(50.0)
+    });
     let t0 = Instant::now();
     server.stop();
     for p in pending {
@@ -444,8 +451,16 @@ fn a_peer_that_resets_with_requests_in_flight_frees_its_connection() {
         .set_linger(Some(Duration::ZERO))
         .unwrap();
     drop(raw);
-    // Both slow answers have come (and gone nowhere) by then.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Both slow answers come (and go nowhere), and the slot is released.
+    let admin = server.admin_addr.unwrap();
+    common::wait_until(
+        Duration::from_secs(10),
+        "the reset connection closed",
+        || {
+            common::metric(admin, "beast_connections_open") == Some(0.0)
+                && common::metric(admin, "beast_in_flight_requests") == Some(0.0)
+        },
+    );
     let client = Client::connect(server.addr).unwrap();
     let r = client.predict(&spec("a", 1, WIDTH, &x));
     assert!(r.is_ok(), "the only connection slot is free again: {r:?}");
@@ -458,47 +473,8 @@ fn a_peer_that_resets_with_requests_in_flight_frees_its_connection() {
     );
 }
 
-/// Resident set size of this process, bytes.
-fn rss_bytes() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
-
-#[test]
-fn a_declared_frame_length_alone_does_not_allocate_the_frame() {
-    // Four bytes declaring a large frame made the connection allocate (and
-    // zero) the whole frame at once: a few bytes per connection pinned
-    // `frame_bytes_max` of memory each.
-    let mut cfg = test_config();
-    cfg.frame_bytes_max = 32 << 20;
-    cfg.pending_bytes_per_connection_max = 32 << 20;
-    // The 1000-row request below must grow the read buffer.
-    cfg.read_buffer_bytes = 4096;
-    let server = start_with(cfg, test_repository(300_000));
-    let before = rss_bytes();
-    let conns: Vec<Raw> = (0..16)
-        .map(|_| {
-            let mut r = Raw::connect(server.addr);
-            r.send_bytes(&((32u32 << 20) - 1).to_le_bytes());
-            r
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let grown = rss_bytes().saturating_sub(before);
-    assert!(
-        grown < 128 << 20,
-        "16 connections that sent 4 bytes each grew RSS by {} MiB",
-        grown >> 20
-    );
-    // A real large frame still goes through.
-    let x = rows(8, 1000, WIDTH);
-    let client = beast::client::Client::connect(server.addr).unwrap();
-    let r = client.predict(&spec("a", 1000, WIDTH, &x)).unwrap();
-    assert_eq!(r.outputs.len(), 1000 * CLASSES);
-    drop(conns);
-    server.shutdown();
-}
+// a_declared_frame_length_alone_does_not_allocate_the_frame: tests/frame_memory.rs
+// (its own binary: it counts bytes in a global allocator).
 
 #[test]
 fn a_cut_off_ensemble_request_does_not_fail_identical_ones_without_a_deadline() {
@@ -582,7 +558,10 @@ fn shutdown_answers_a_cascade_whose_next_member_is_idle() {
     let y = rows(13, 1, WIDTH);
     let mut direct = Raw::connect(server.addr);
     direct.send(2, &spec("mid", 1, WIDTH, &y));
-    std::thread::sleep(Duration::from_millis(50));
+    let admin = server.admin_addr.unwrap();
+    common::wait_until(Duration::from_secs(10), "both requests in flight", || {
+        common::metric(admin, "beast_in_flight_requests") == Some(2.0)
+    });
     server.stop();
     assert_eq!(direct.recv().status, Status::Ok);
     let r = casc

@@ -422,7 +422,8 @@ impl Slots {
 
     #[inline]
     fn release(&self, slot: *mut u8, s: u64) {
-        self.word(slot, W_SEQ).store(s + 2, Ordering::Release);
+        self.word(slot, W_SEQ)
+            .store(s.wrapping_add(2), Ordering::Release);
     }
 
     /// Mark a claimed slot empty.
@@ -679,7 +680,9 @@ impl L2Cache {
                     let seq = s.word(slot, W_SEQ);
                     let v = seq.load(Ordering::Relaxed);
                     s.clear_claimed(slot);
-                    seq.store((v | 1) + 1, Ordering::Release);
+                    // A file may hold any seq, u64::MAX too: wrap, never
+                    // overflow (found by fuzz/l2_open).
+                    seq.store((v | 1).wrapping_add(1), Ordering::Release);
                     report.odd_slots_cleared += 1;
                 }
                 SlotState::Corrupt => {

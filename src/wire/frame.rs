@@ -66,6 +66,9 @@ impl std::error::Error for FrameError {}
 /// buffered it shrinks back to `capacity`, so an idle connection holds
 /// only its initial buffer. A run of small frames costs no memmove: the
 /// unframed tail moves to the front only when there is no room after it.
+///
+/// `feed` copies its whole slice in (see there), so the bound holds for a
+/// caller that drains `next_frame` between reads, as the server does.
 #[derive(Debug)]
 pub struct FrameReader {
     buf: Vec<u8>,
@@ -163,7 +166,9 @@ impl FrameReader {
         self.end += n;
     }
 
-    /// Copy `bytes` in.
+    /// Copy `bytes` in — all of them: a slice holding several frames grows
+    /// the buffer to the whole slice (fuzzing found the struct's bound
+    /// claimed for it). Feed socket-sized pieces and drain between them.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             let spare = self.spare();

@@ -246,3 +246,78 @@ pub fn assert_close(a: &[f32], b: &[f32], tol: f32) {
         assert!((x - y).abs() <= tol, "element {i}: {x} vs {y} (tol {tol})");
     }
 }
+
+/// Poll `cond` every few milliseconds until it holds; panic naming `what`
+/// when it still does not after `within`. Tests wait on a condition, never
+/// on a sleep.
+pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The sum of every series of the Prometheus metric `name` on the admin
+/// port at `admin` (all label sets), or `None` when it is not exposed.
+pub fn metric(admin: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let (code, text) =
+        beast::server::admin::get(&admin.to_string(), "/metrics", Duration::from_secs(5)).ok()?;
+    if code != 200 {
+        return None;
+    }
+    let mut sum = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let v: f64 = rest.rsplit(' ').next()?.parse().ok()?;
+        sum = Some(sum.unwrap_or(0.0) + v);
+    }
+    sum
+}
+
+/// The server's side of the connection `client` has read everything the
+/// client sent (its receive queue in /proc/net/tcp is empty). Lets a test
+/// wait until bytes were really taken by the server, not just sent.
+pub fn server_has_read(client: &TcpStream) -> bool {
+    let (me, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => {
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            )
+        }
+        std::net::SocketAddr::V6(_) => panic!("server_has_read: IPv4 only"),
+    };
+    let (server_side, client_side) = (hex(peer), hex(me));
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    // (tx_queue, rx_queue) of the socket local → remote.
+    let queues = |local: &str, remote: &str| {
+        table.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 4 && f[1] == local && f[2] == remote).then(|| {
+                let (tx, rx) = f[4].split_once(':').unwrap();
+                (
+                    u64::from_str_radix(tx, 16).unwrap(),
+                    u64::from_str_radix(rx, 16).unwrap(),
+                )
+            })
+        })
+    };
+    // Nothing unacknowledged on our side (it all reached the server's
+    // socket) and nothing unread on the server's.
+    matches!(queues(&client_side, &server_side), Some((0, _)))
+        && matches!(queues(&server_side, &client_side), Some((_, 0)))
+}
