@@ -741,7 +741,7 @@ fn cache_l2_file_shorter_than_its_header_is_never_mapped() {
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.set_len(file_bytes / 2).unwrap();
     drop(f);
-    let e = inspect(&p).err().expect("a short file is refused");
+    let e = inspect(&p).expect_err("a short file is refused");
     assert!(e.contains("header says"), "{e}");
     let (c, report) = L2Cache::open(&p, SMALL).unwrap();
     assert!(report.created, "{report:?}");
