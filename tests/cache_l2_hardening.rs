@@ -13,7 +13,6 @@ mod common;
 use beast::cache::{inspect, L2Cache, L2Config};
 use beast::server::admin;
 use common::*;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::Receiver;
@@ -284,13 +283,7 @@ fn spawn_serve(dir: &Path, l2: &Path, n: usize) -> Serve {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = common::stderr_lines(&mut child);
     Serve {
         child,
         addr: String::new(),

@@ -8,7 +8,6 @@ mod common;
 use beast::model::{Activation, BatchLimits, Model, OutputTransform};
 use beast::server::admin::get;
 use common::{rows, spec, Raw};
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -35,13 +34,7 @@ impl Beast {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let rx = common::stderr_lines(&mut child);
         Beast {
             child,
             lines: rx,

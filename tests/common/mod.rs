@@ -321,3 +321,22 @@ pub fn server_has_read(client: &TcpStream) -> bool {
     matches!(queues(&client_side, &server_side), Some((0, _)))
         && matches!(queues(&server_side, &client_side), Some((_, 0)))
 }
+
+/// Forward a child's stderr, line by line, to a channel (read on a thread of
+/// its own, so a test can wait for a log line with a deadline).
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
