@@ -3,7 +3,10 @@
 # For each server binary (an old build and the current one, run in turn so
 # both see the same neighbours): (a) a lone request, closed loop, one
 # connection, one in flight: latency is compute + network + whatever the
-# batch policy adds; (b) an open-loop sweep of offered rates with --plot.
+# batch policy adds (and (a') the same for one model, bench_a, whose queue
+# time is the batch policy's alone: an ensemble's queue time includes its
+# members computing one after another); (b) an open-loop sweep of offered
+# rates with --plot.
 #
 #   perf/batching.sh                          # the current build only
 #   BASE=/path/to/old/beast perf/batching.sh  # old and new, side by side
@@ -11,7 +14,7 @@
 # Environment: BASE, NEW (default target/release/beast), BENCH (default
 # target/release/beast-bench), NO_BUILD=1, SERVER_CPU (0), BENCH_CPUS (1),
 # PORT (7996), ADMIN_PORT (7997), LONE_DURATION (5), RATES
-# (500,2000,5000,10000,20000,30000), DURATION (3), WARMUP (1),
+# (1000,5000,10000,20000,30000,40000,50000), DURATION (3), WARMUP (1),
 # OUT (results folder; default perf/results/DATE-SHA-batching).
 set -euo pipefail
 
@@ -29,7 +32,7 @@ PORT=${PORT:-7996}
 ADDR=127.0.0.1:$PORT
 ADMIN=127.0.0.1:${ADMIN_PORT:-7997}
 LONE_DURATION=${LONE_DURATION:-5}
-RATES=${RATES:-500,2000,5000,10000,20000,30000}
+RATES=${RATES:-1000,5000,10000,20000,30000,40000,50000}
 DURATION=${DURATION:-3}
 WARMUP=${WARMUP:-1}
 SHA=$(git rev-parse --short HEAD)
@@ -64,9 +67,11 @@ start_server() {
     exit 1
 }
 
-bench() {
+bench() { # TARGET FLAGS...
+    local target=$1
+    shift
     taskset -c "$BENCH_CPUS" "$BENCH" --server "$ADDR" --admin "$ADMIN" --cpus "$BENCH_CPUS" \
-        --target bench_ens --no-cache "$@"
+        --target "$target" --no-cache "$@"
 }
 
 run_one() { # LABEL BINARY
@@ -74,9 +79,11 @@ run_one() { # LABEL BINARY
     echo "== $label: $bin (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
     start_server "$bin"
     echo "-- (a) lone request: closed loop, 1 connection, 1 in flight"
-    bench --closed -c 1 -k 1 --duration "$LONE_DURATION" --warmup "$WARMUP"
+    bench bench_ens --closed -c 1 -k 1 --duration "$LONE_DURATION" --warmup "$WARMUP"
+    echo "-- (a') the same, one model (bench_a): its queue time is the batch policy's alone"
+    bench bench_a --closed -c 1 -k 1 --duration "$LONE_DURATION" --warmup "$WARMUP"
     echo "-- (b) sweep: open loop, 16 connections x 64 in flight, rates $RATES"
-    bench -c 16 -k 64 --sweep "$RATES" --duration "$DURATION" --warmup "$WARMUP" \
+    bench bench_ens -c 16 -k 64 --sweep "$RATES" --duration "$DURATION" --warmup "$WARMUP" \
         --max-error-fraction 1 --plot "$OUT/$label-sweep.svg" --csv | tee "$OUT/$label-sweep.csv"
     stop_server
 }
