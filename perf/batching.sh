@@ -15,6 +15,7 @@
 # target/release/beast-bench), NO_BUILD=1, SERVER_CPU (0), BENCH_CPUS (1),
 # PORT (7996), ADMIN_PORT (7997), LONE_DURATION (5), RATES
 # (1000,5000,10000,20000,30000,40000,50000), DURATION (3), WARMUP (1),
+# ROUNDS (1; base and new take turns, round after round),
 # OUT (results folder; default perf/results/DATE-SHA-batching).
 set -euo pipefail
 
@@ -34,6 +35,7 @@ ADMIN=127.0.0.1:${ADMIN_PORT:-7997}
 LONE_DURATION=${LONE_DURATION:-5}
 RATES=${RATES:-1000,5000,10000,20000,30000,40000,50000}
 DURATION=${DURATION:-3}
+ROUNDS=${ROUNDS:-1}
 WARMUP=${WARMUP:-1}
 SHA=$(git rev-parse --short HEAD)
 OUT=${OUT:-perf/results/$(date -u +%Y-%m-%d)-$SHA-batching}
@@ -90,6 +92,9 @@ run_one() { # LABEL BINARY
 
 {
     echo "batching: $(date -u +%FT%TZ), HEAD $SHA, $(nproc) CPUs, server on $SERVER_CPU, load on $BENCH_CPUS"
-    if [ -n "$BASE" ]; then run_one base "$BASE"; fi
-    run_one new "$NEW"
+    for r in $(seq "$ROUNDS"); do
+        sfx=$([ "$ROUNDS" = 1 ] || echo "-r$r")
+        if [ -n "$BASE" ]; then run_one "base$sfx" "$BASE"; fi
+        run_one "new$sfx" "$NEW"
+    done
 } 2>&1 | tee "$OUT/run.log"
