@@ -6,7 +6,9 @@
 # batch policy adds (and (a') the same for one model, bench_a, whose queue
 # time is the batch policy's alone: an ensemble's queue time includes its
 # members computing one after another); (b) an open-loop sweep of offered
-# rates with --plot.
+# rates with --plot; (c) saturation, closed loop, with OK answers per CPU
+# second the server got (on a shared machine the server rarely has its core
+# alone: this ratio does not depend on how much of it it got).
 #
 #   perf/batching.sh                          # the current build only
 #   BASE=/path/to/old/beast perf/batching.sh  # old and new, side by side
@@ -69,6 +71,20 @@ start_server() {
     exit 1
 }
 
+# Server CPU seconds so far (all its threads), from /proc.
+server_cpu() {
+    awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / hz }' "/proc/$SERVER_PID/stat"
+}
+# OK responses the server has sent so far (its own counter).
+server_ok() {
+    local text
+    exec 3<>"/dev/tcp/${ADMIN%:*}/${ADMIN#*:}"
+    printf 'GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n' >&3
+    text=$(cat <&3)
+    exec 3<&-
+    awk '/^beast_requests_total\{.*status="ok"/ { s += $NF } END { printf "%.0f", s }' <<<"$text"
+}
+
 bench() { # TARGET FLAGS...
     local target=$1
     shift
@@ -87,6 +103,12 @@ run_one() { # LABEL BINARY
     echo "-- (b) sweep: open loop, 16 connections x 64 in flight, rates $RATES"
     bench bench_ens -c 16 -k 64 --sweep "$RATES" --duration "$DURATION" --warmup "$WARMUP" \
         --max-error-fraction 1 --plot "$OUT/$label-sweep.svg" --csv | tee "$OUT/$label-sweep.csv"
+    echo "-- (c) saturation: closed loop, 16 connections x 64 in flight"
+    local c0 k0 c1 k1
+    c0=$(server_cpu); k0=$(server_ok)
+    bench bench_ens --closed -c 16 -k 64 --duration "$DURATION" --warmup "$WARMUP"
+    c1=$(server_cpu); k1=$(server_ok)
+    echo "   server: $((k1 - k0)) ok in $(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }') CPU-s = $(awk -v k="$((k1 - k0))" -v a="$c0" -v b="$c1" 'BEGIN { printf "%.0f", k / (b - a) }') ok per CPU-s (warm-up included)"
     stop_server
 }
 
