@@ -145,6 +145,7 @@ impl Default for CacheSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct BatchDefaults {
     pub max_batch: usize,
+    pub min_batch: usize,
     pub max_queue_delay_us: u64,
     pub queue_rows_max: usize,
 }
@@ -154,6 +155,7 @@ impl Default for BatchDefaults {
         let d = BatchLimits::default();
         BatchDefaults {
             max_batch: d.max_batch,
+            min_batch: d.min_batch,
             max_queue_delay_us: d.max_queue_delay_us,
             queue_rows_max: d.queue_rows_max,
         }
@@ -164,6 +166,7 @@ impl BatchDefaults {
     pub fn limits(&self) -> BatchLimits {
         BatchLimits {
             max_batch: self.max_batch,
+            min_batch: self.min_batch,
             max_queue_delay_us: self.max_queue_delay_us,
             queue_rows_max: self.queue_rows_max,
         }
@@ -316,6 +319,10 @@ impl Config {
             "io_memory_bytes: must be >= 64 KiB",
         );
         check(self.batch.max_batch >= 1, "batch.max_batch: must be >= 1");
+        check(
+            self.batch.min_batch >= 1 && self.batch.min_batch <= self.batch.max_batch,
+            "batch.min_batch: must be >= 1 and <= batch.max_batch",
+        );
         check(
             self.batch.queue_rows_max >= self.batch.max_batch,
             "batch.queue_rows_max: must be >= batch.max_batch",

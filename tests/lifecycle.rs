@@ -141,7 +141,8 @@ impl Drop for Beast {
 /// requests are in flight when a stop comes) and `fast`.
 fn slow_repository(dir: &Path) -> PathBuf {
     let models = dir.join("models");
-    for (name, delay_us, seed) in [("slow", 300_000, 7), ("fast", 50, 8)] {
+    // `slow` waits for a full batch: its requests sit in the queue 300 ms.
+    for (name, min_batch, delay_us, seed) in [("slow", 1024, 300_000, 7), ("fast", 1, 50, 8)] {
         let mut m = Model::random(
             name,
             &[WIDTH, 8, 5],
@@ -151,6 +152,7 @@ fn slow_repository(dir: &Path) -> PathBuf {
         );
         m.batch = BatchLimits {
             max_batch: 1024,
+            min_batch,
             max_queue_delay_us: delay_us,
             queue_rows_max: 4096,
         };

@@ -26,6 +26,7 @@ fn small(name: &str, hidden: usize, seed: u64) -> Model {
     );
     m.batch = BatchLimits {
         max_batch: 16,
+        min_batch: 1,
         max_queue_delay_us: 50,
         queue_rows_max: 4096,
     };

@@ -41,6 +41,7 @@ fn repository() -> Repository {
     );
     heavy.batch = BatchLimits {
         max_batch: 1024,
+        min_batch: 1024,
         max_queue_delay_us: 300_000,
         queue_rows_max: 4096,
     };

@@ -23,6 +23,7 @@ const C: usize = 3;
 fn batch(delay_us: u64) -> BatchLimits {
     BatchLimits {
         max_batch: 16,
+        min_batch: 1,
         max_queue_delay_us: delay_us,
         queue_rows_max: 1 << 16,
     }
@@ -100,6 +101,8 @@ fn repository() -> Repository {
     let mut repo = Repository::default();
     let mut slow = expensive("slow", 300_000);
     slow.batch.max_batch = 1024;
+    // Waits for a full batch: a request sits in the queue for the delay.
+    slow.batch.min_batch = 1024;
     for m in [
         constant("sure0", [8.0, 0.0, 0.0]),
         constant("unsure", [0.2, 0.0, 0.0]),

@@ -308,6 +308,7 @@ fn a_full_queue_answers_overloaded_at_once() {
     );
     m.batch = beast::model::BatchLimits {
         max_batch: 8,
+        min_batch: 8,
         max_queue_delay_us: 500_000,
         queue_rows_max: 8,
     };
@@ -432,6 +433,7 @@ fn a_peer_that_resets_with_requests_in_flight_frees_its_connection() {
     );
     slower.batch = beast::model::BatchLimits {
         max_batch: 16,
+        min_batch: 16,
         max_queue_delay_us: 900_000,
         queue_rows_max: 64,
     };
@@ -525,6 +527,7 @@ fn shutdown_answers_a_cascade_whose_next_member_is_idle() {
     );
     mid.batch = beast::model::BatchLimits {
         max_batch: 16,
+        min_batch: 16,
         max_queue_delay_us: 150_000,
         queue_rows_max: 64,
     };

@@ -2,9 +2,13 @@
 //! decides when a batch closes.
 //!
 //! Owns: queued rows (copied into a preallocated ring of f32 rows) and the
-//! job tokens that say whose rows they are, each with its deadline. A batch
-//! closes when it holds `max_batch` rows or its oldest row has waited
-//! `max_queue_delay_us`. At `queue_rows_max` queued rows `push` refuses (the
+//! job tokens that say whose rows they are, each with its deadline. The
+//! policy ([`Queue::readiness`]) is asked when the model's backend is free:
+//! it runs what is queued now (at most `max_batch` rows), so a lone request
+//! never waits for company that is not coming, and under load a batch is
+//! what arrived while the previous one computed. Only a model that asks for
+//! fuller batches (`min_batch` > 1) waits, for at most `max_queue_delay_us`
+//! after its oldest row. At `queue_rows_max` queued rows `push` refuses (the
 //! caller answers OVERLOADED) instead of growing. When a batch is taken,
 //! jobs whose deadline has passed, or that the caller says nobody will read
 //! (an ensemble already answered), are handed back as dropped instead of
@@ -118,13 +122,14 @@ impl<J> Queue<J> {
         Ok(())
     }
 
-    /// The policy: run now when a full batch is queued or the oldest row
-    /// has waited its delay; else say when.
+    /// The policy, asked when the backend is free: run now whatever is
+    /// queued once it holds `min_batch` rows (1 by default: anything), or
+    /// when the oldest row has waited `max_queue_delay_us`; else say when.
     pub fn readiness(&self, now: Instant) -> Readiness {
         let Some(oldest) = self.jobs.front() else {
             return Readiness::Empty;
         };
-        if self.rows >= self.limits.max_batch {
+        if self.rows >= self.limits.min_batch.min(self.limits.max_batch) {
             return Readiness::Now;
         }
         let due = oldest.enqueued + Duration::from_micros(self.limits.max_queue_delay_us);
@@ -264,24 +269,68 @@ mod tests {
     fn limits(max_batch: usize, delay_us: u64, cap: usize) -> BatchLimits {
         BatchLimits {
             max_batch,
+            min_batch: 1,
             max_queue_delay_us: delay_us,
             queue_rows_max: cap,
         }
     }
 
     #[test]
-    fn closes_on_size_or_delay() {
-        let mut q = Queue::new(limits(4, 100, 16), 2);
+    fn a_lone_row_runs_at_once_whatever_the_delay() {
+        // The backend is free and one row is queued: nothing else is
+        // coming, so it runs now, not after `max_queue_delay_us`.
+        let mut q = Queue::new(limits(64, 50_000, 128), 2);
         let t0 = Instant::now();
         assert_eq!(q.readiness(t0), Readiness::Empty);
+        q.push(1, &[1.0, 2.0], t0, None).unwrap();
+        assert_eq!(q.readiness(t0), Readiness::Now);
+    }
+
+    #[test]
+    fn what_arrived_together_runs_as_one_batch() {
+        // Jobs queued while the backend was busy (or in the same poll of
+        // the reactor) are one batch when it is free, up to `max_batch`.
+        let mut q = Queue::new(limits(4, 50_000, 16), 1);
+        let t0 = Instant::now();
+        for j in 0..6 {
+            q.push(j, &[j as f32], t0, None).unwrap();
+        }
+        let (mut jobs, mut dropped, mut input) = (Vec::new(), Vec::new(), Vec::new());
+        assert_eq!(q.readiness(t0), Readiness::Now);
+        assert_eq!(
+            q.take_batch(t0, |_| None, &mut jobs, &mut dropped, &mut input),
+            4
+        );
+        // The rest runs at once too: no waiting for the batch to fill.
+        assert_eq!(q.readiness(t0), Readiness::Now);
+        assert_eq!(
+            q.take_batch(t0, |_| None, &mut jobs, &mut dropped, &mut input),
+            2
+        );
+        assert_eq!(q.readiness(t0), Readiness::Empty);
+    }
+
+    #[test]
+    fn min_batch_waits_at_most_the_delay() {
+        let mut l = limits(4, 100, 16);
+        l.min_batch = 3;
+        let mut q = Queue::new(l, 2);
+        let t0 = Instant::now();
         q.push(1, &[1.0, 2.0], t0, None).unwrap();
         assert_eq!(
             q.readiness(t0),
             Readiness::At(t0 + Duration::from_micros(100))
         );
         assert_eq!(q.readiness(t0 + Duration::from_micros(100)), Readiness::Now);
-        q.push(2, &[3.0, 4.0, 5.0, 6.0, 7.0, 8.0], t0, None)
-            .unwrap();
+        // Two rows more: `min_batch` is reached, it runs now.
+        q.push(2, &[3.0, 4.0, 5.0, 6.0], t0, None).unwrap();
+        assert_eq!(q.readiness(t0), Readiness::Now);
+        // A `min_batch` above `max_batch` waits for no more than a full batch.
+        l.min_batch = 10;
+        let mut q = Queue::new(l, 1);
+        q.push(1, &[1.0, 2.0, 3.0], t0, None).unwrap();
+        assert!(matches!(q.readiness(t0), Readiness::At(_)));
+        q.push(2, &[4.0], t0, None).unwrap();
         assert_eq!(q.readiness(t0), Readiness::Now);
     }
 

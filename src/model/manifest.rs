@@ -83,8 +83,11 @@ impl ModelManifest {
             );
         }
         s += &format!(
-            "]\n\n[batching]\nmax_batch = {}\nmax_queue_delay_us = {}\nqueue_rows_max = {}\n",
-            self.batch.max_batch, self.batch.max_queue_delay_us, self.batch.queue_rows_max
+            "]\n\n[batching]\nmax_batch = {}\nmin_batch = {}\nmax_queue_delay_us = {}\nqueue_rows_max = {}\n",
+            self.batch.max_batch,
+            self.batch.min_batch,
+            self.batch.max_queue_delay_us,
+            self.batch.queue_rows_max
         );
         s
     }
@@ -219,11 +222,19 @@ fn parse_batching(bt: &Table, defaults: &BatchLimits) -> Result<BatchLimits, Str
     deny_unknown(
         bt,
         "batching",
-        &["max_batch", "max_queue_delay_us", "queue_rows_max"],
+        &[
+            "max_batch",
+            "min_batch",
+            "max_queue_delay_us",
+            "queue_rows_max",
+        ],
     )?;
     let mut b = *defaults;
     if let Some(v) = bt.get("max_batch") {
         b.max_batch = uint(v, "batching.max_batch")? as usize;
+    }
+    if let Some(v) = bt.get("min_batch") {
+        b.min_batch = uint(v, "batching.min_batch")? as usize;
     }
     if let Some(v) = bt.get("max_queue_delay_us") {
         b.max_queue_delay_us = uint(v, "batching.max_queue_delay_us")?;
@@ -239,6 +250,12 @@ fn parse_batching(bt: &Table, defaults: &BatchLimits) -> Result<BatchLimits, Str
 pub fn validate_batch_limits(b: &BatchLimits) -> Result<(), String> {
     if b.max_batch == 0 {
         return Err("max_batch: must be >= 1".into());
+    }
+    if b.min_batch == 0 || b.min_batch > b.max_batch {
+        return Err(format!(
+            "min_batch: {} must be >= 1 and <= max_batch ({})",
+            b.min_batch, b.max_batch
+        ));
     }
     if b.queue_rows_max < b.max_batch {
         return Err(format!(
@@ -559,6 +576,18 @@ max_batch = 32
             e.starts_with("batching.queue_rows_max: 8 must be >= max_batch (64)"),
             "{e}"
         );
+        let e = err(&GOOD.replace("max_batch = 32", "max_batch = 32\nmin_batch = 33"));
+        assert!(
+            e.starts_with("batching.min_batch: 33 must be >= 1 and <= max_batch (32)"),
+            "{e}"
+        );
+        let b = parse_model_manifest(
+            &GOOD.replace("max_batch = 32", "max_batch = 32\nmin_batch = 8"),
+            &BatchLimits::default(),
+        )
+        .unwrap()
+        .batch;
+        assert_eq!((b.max_batch, b.min_batch), (32, 8));
         assert!(err(&GOOD.replace("max_batch", "max_bach"))
             .starts_with("batching.max_bach: unknown field"));
         assert!(

@@ -193,9 +193,12 @@ impl Dense {
 /// Batching limits of one model (from `model.toml`, with defaults from config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
-    /// A batch closes when it has this many rows.
+    /// A batch takes at most this many rows (a larger request runs alone).
     pub max_batch: usize,
-    /// ... or when its oldest request has waited this long.
+    /// When the backend is free, a batch runs once this many rows are
+    /// queued; 1 (the default): whatever is queued runs at once.
+    pub min_batch: usize,
+    /// The longest the oldest queued row waits for `min_batch` rows.
     pub max_queue_delay_us: u64,
     /// Rows that may wait in one shard's queue for this model; beyond it
     /// requests are answered OVERLOADED at once.
@@ -206,6 +209,7 @@ impl Default for BatchLimits {
     fn default() -> Self {
         BatchLimits {
             max_batch: 64,
+            min_batch: 1,
             max_queue_delay_us: 200,
             queue_rows_max: 4096,
         }

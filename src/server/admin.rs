@@ -499,6 +499,7 @@ fn models_json(repo: &Repository) -> serde_json::Value {
                 "flops_per_row": m.flops_per_row(),
                 "batch": {
                     "max_batch": m.batch.max_batch,
+                    "min_batch": m.batch.min_batch,
                     "max_queue_delay_us": m.batch.max_queue_delay_us,
                     "queue_rows_max": m.batch.queue_rows_max,
                 },

@@ -972,17 +972,19 @@ impl Shard {
         // learned from answered requests.
         let slack = &sel.deadline_slack_us;
         let l = &sel.learned[p];
-        // Predicted time of one member: its batching delay (unless the
-        // batch is full at once), then every batch ahead of it and its own.
+        // Predicted time of one member: its batching delay (only a turn of
+        // the executor once `min_batch` rows are queued), then every batch
+        // ahead of it and its own.
         let member_us = |i: usize| {
             let slot = plan.members[i];
             let s = &self.slots[slot];
             let q = s.queue.borrow();
             let ahead = (q.rows_queued() + rows) as u32;
-            let delay = if ahead as usize >= s.model.batch.max_batch {
-                0.0
+            let b = s.model.batch;
+            let delay = if ahead as usize >= b.min_batch.min(b.max_batch) {
+                BATCHER_TURN_US
             } else {
-                s.model.batch.max_queue_delay_us as f32
+                b.max_queue_delay_us as f32
             };
             (delay, sel.profiles[slot].predict_us(ahead))
         };
@@ -1779,6 +1781,11 @@ const PARTIAL_GRACE: Duration = Duration::from_millis(1);
 /// How long busy batchers may run before the executor polls for I/O and
 /// timers.
 const BATCH_PREEMPT: Duration = Duration::from_micros(500);
+
+/// A queued job waits at least this long for its batcher, even when the
+/// backend is free: the connection task must yield and the batch task
+/// queue get its turn (a few µs measured on an idle server).
+const BATCHER_TURN_US: f32 = 5.0;
 
 /// Ensembles whose deadline falls within this much after the end of the
 /// next batch are answered before it (their answer must still be written).

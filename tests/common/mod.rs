@@ -16,12 +16,14 @@ pub const WIDTH: usize = 12;
 pub const CLASSES: usize = 5;
 
 /// Three small members of different shapes and an ensemble `ens` of them,
-/// plus `slow` (a long batching delay, for shutdown tests) and `m` v1 + v2.
+/// plus `slow` (waits for a full batch, up to `delay_us_slow`: requests sit
+/// in its queue, for shutdown and overload tests) and `m` v1 + v2.
 pub fn test_models(delay_us_slow: u64) -> Vec<Model> {
     let mk = |name: &str, dims: &[usize], seed: u64| {
         let mut m = Model::random(name, dims, Activation::Relu, OutputTransform::Softmax, seed);
         m.batch = BatchLimits {
             max_batch: 16,
+            min_batch: 1,
             max_queue_delay_us: 50,
             queue_rows_max: 4096,
         };
@@ -30,6 +32,8 @@ pub fn test_models(delay_us_slow: u64) -> Vec<Model> {
     let mut slow = mk("slow", &[WIDTH, 8, CLASSES], 7);
     slow.batch.max_queue_delay_us = delay_us_slow;
     slow.batch.max_batch = 1024;
+    // Waits for a full batch: a request sits in the queue for the delay.
+    slow.batch.min_batch = 1024;
     let mut m2 = mk("m", &[WIDTH, 24, CLASSES], 22);
     m2.version = 2;
     vec![
