@@ -13,7 +13,7 @@
 //! writes.
 
 use super::cache::{CacheShared, Joined, ShardCache, TargetPolicy};
-use super::conn::Conn;
+use super::conn_state::Conn;
 use super::notify::Notify;
 use super::select::SelState;
 use super::slab::Slab;
