@@ -24,107 +24,26 @@ use crate::config::{Config, ENSEMBLE_MEMBERS_MAX};
 use crate::ensemble::cascade::confident;
 use crate::ensemble::cost::{domain_hash, SelectionCounters};
 use crate::ensemble::feedback::Entry;
-use crate::ensemble::{argmax, effective_policy, Accumulator, EnsemblePlan, MemberSet, Weight};
+use crate::ensemble::{argmax, effective_policy, EnsemblePlan, MemberSet, Weight};
 use crate::metrics::{ShardMetrics, Shed};
 use crate::model::load::Repository;
 use crate::model::{Combiner, Model, Policy};
 use crate::wire::{
-    self, CacheControl, Encoder, FeedbackView, Incoming, RequestView, ResponseHeader, RunInfo,
-    Status, Timings,
+    self, CacheControl, Encoder, FeedbackView, Incoming, RequestView, RunInfo, Status, Timings,
 };
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Whose rows these are: a token in a batch queue.
-pub(crate) enum Job {
-    /// A request for one model: answer the connection directly.
-    Direct {
-        conn: Rc<Conn>,
-        id: u64,
-        arrival: Instant,
-        deadline: Option<Instant>,
-        /// Cache the answer under this key.
-        key: Option<CacheKey>,
-        /// Identical requests wait on this one (coalescing).
-        leader: bool,
-    },
-    /// One member's share of an ensemble request.
-    Member {
-        pending: usize,
-        /// The entry's generation when enqueued: a result for an entry
-        /// answered since (straggler cutoff) is dropped.
-        generation: u32,
-        member: u8,
-        /// The member-level cache key.
-        key: Option<CacheKey>,
-    },
-}
+mod answer;
+mod respond;
+mod state;
 
-/// One loaded (model, version) on this shard.
-pub(crate) struct ModelSlot {
-    pub model: Arc<Model>,
-    pub queue: RefCell<Queue<Job>>,
-    pub wake: Notify,
-    /// µs per row of this model's batches on this shard (admission).
-    pub row_cost: Cell<RowCost>,
-    cache: TargetPolicy,
-}
-
-/// What a target name resolves to.
-enum TargetRef {
-    /// Slots of each loaded version, ascending by version.
-    Model(Vec<(u32, usize)>),
-    Ensemble(usize),
-}
-
-/// An ensemble request waiting for its members.
-#[derive(Default)]
-struct EnsemblePending {
-    conn: Option<Rc<Conn>>,
-    id: u64,
-    plan: usize,
-    rows: u32,
-    /// Members enqueued in the current step and not answered yet.
-    remaining: u8,
-    /// Members whose output was computed (not read from the cache).
-    computed: MemberSet,
-    /// Members whose output was combined (computed or from the cache).
-    ran: MemberSet,
-    failed: bool,
-    /// Bumped when the entry is answered: late member results see a
-    /// different generation and are ignored.
-    generation: u32,
-    policy: Policy,
-    domain_slot: u16,
-    domain_hash: u64,
-    /// Cascade: position in the plan's cost order of the next member.
-    step: u8,
-    /// Bandit: the arm that chose the members.
-    arm: Option<u8>,
-    /// Deadline: µs from arrival to answer the profiles predicted, before
-    /// the learned slack (0: not predicted).
-    predicted_us: f32,
-    /// Answered before every chosen member did (deadline, full queue).
-    partial: bool,
-    cache_control: CacheControl,
-    /// Member-level cache keys (computed while the request was at hand).
-    member_keys: [Option<CacheKey>; ENSEMBLE_MEMBERS_MAX],
-    /// The request's rows, kept for later cascade steps (capacity reused).
-    input: Vec<f32>,
-    /// Each member's first output row (`members × cols`), for feedback.
-    first_rows: Vec<f32>,
-    arrival: Option<Instant>,
-    deadline: Option<Instant>,
-    queue_us: u32,
-    compute_us: u32,
-    key: Option<CacheKey>,
-    leader: bool,
-    acc: Accumulator,
-}
+use answer::{largest_answer, micros, refusal, Clip, Extra};
+use state::{EnsemblePending, TargetRef};
+use state::{Job, ModelSlot};
 
 pub(crate) struct Shard {
     /// Index of this shard (0-based), for logs.
@@ -311,60 +230,6 @@ impl Shard {
 
     pub fn backend_name(&self) -> String {
         self.backend.borrow().name().to_string()
-    }
-
-    /// Answer an error at once.
-    pub fn respond_error(
-        &self,
-        conn: &Conn,
-        id: u64,
-        status: Status,
-        message: &str,
-        arrival: Instant,
-    ) {
-        let total_us = micros(arrival.elapsed());
-        self.metrics
-            .record_response(id, status, arrival, total_us, 0, 0);
-        if conn.dead.get() {
-            // The writer of a dead connection waits for the last answer in
-            // flight to exit: wake it even though nothing is written.
-            conn.writer_wake.notify();
-            return;
-        }
-        let h = ResponseHeader {
-            id,
-            status,
-            // Names in messages are clipped already; this bounds the rest,
-            // so an error answer has a fixed largest size.
-            message: clip(message, MESSAGE_BYTES_MAX),
-            rows: 0,
-            cols: 0,
-            timings: Timings {
-                total_us,
-                ..Timings::default()
-            },
-            cached: false,
-            partial: false,
-            ticket: 0,
-        };
-        self.encoder
-            .borrow_mut()
-            .response(&h, &[], &[], &mut conn.out.borrow_mut());
-        conn.writer_wake.notify();
-    }
-
-    fn respond_error_fmt(
-        &self,
-        conn: &Conn,
-        id: u64,
-        status: Status,
-        arrival: Instant,
-        args: std::fmt::Arguments<'_>,
-    ) {
-        let mut msg = self.message.borrow_mut();
-        msg.clear();
-        let _ = msg.write_fmt(args);
-        self.respond_error(conn, id, status, &msg, arrival);
     }
 
     /// One whole frame body from a connection. Never panics on bad bytes:
@@ -1604,47 +1469,6 @@ impl Shard {
         pending.release(k);
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn respond_ok(
-        &self,
-        conn: &Conn,
-        id: u64,
-        rows: usize,
-        cols: usize,
-        out: &[f32],
-        runs: &[RunInfo<'_>],
-        arrival: Instant,
-        t: Timings,
-        cached: bool,
-        extra: Extra,
-    ) {
-        let total_us = micros(arrival.elapsed());
-        self.metrics
-            .record_response(id, Status::Ok, arrival, total_us, t.queue_us, t.compute_us);
-        if conn.dead.get() {
-            // The writer of a dead connection waits for the last answer in
-            // flight to exit: wake it even though nothing is written.
-            conn.writer_wake.notify();
-            return;
-        }
-        let h = ResponseHeader {
-            id,
-            status: Status::Ok,
-            message: "",
-            rows: rows as u32,
-            cols: cols as u32,
-            timings: Timings { total_us, ..t },
-            cached,
-            partial: extra.partial,
-            ticket: extra.ticket,
-        };
-
-        self.encoder
-            .borrow_mut()
-            .response(&h, runs, out, &mut conn.out.borrow_mut());
-        conn.writer_wake.notify();
-    }
-
     /// The batcher of one model slot: answer the ensembles this batch would
     /// make late (straggler cutoff), wait for the policy to say "now", take
     /// a batch (dropping jobs that expire before it ends and members nobody
@@ -1791,24 +1615,9 @@ const BATCHER_TURN_US: f32 = 5.0;
 /// next batch are answered before it (their answer must still be written).
 const CUTOFF_MARGIN: Duration = Duration::from_micros(300);
 
-/// What an answer carries besides its output.
-#[derive(Debug, Clone, Copy, Default)]
-struct Extra {
-    ticket: u64,
-    partial: bool,
-}
-
 /// Ensembles of at most this many members have every subset considered
 /// by the deadline policy (2^n − 1 sets); larger ones, prefixes of the cost order.
 const DEADLINE_SUBSETS_MEMBERS_MAX: usize = 6;
-
-impl Slab<EnsemblePending> {
-    /// Entry `k` is still waiting for members, in generation `generation`.
-    fn is_live(&self, k: usize, generation: u32) -> bool {
-        self.get(k)
-            .is_some_and(|e| e.generation == generation && e.conn.is_some())
-    }
-}
 
 impl Shard {
     /// Save what selection learned (clean shutdown).
@@ -1824,96 +1633,5 @@ impl Shard {
         if let Err(e) = r {
             eprintln!("beast: shard {}: saving selection state: {e}", self.id);
         }
-    }
-}
-
-/// Why a computed answer cannot go out as OK: the backend failed, or the
-/// request's deadline passed while it was computed. Callers pass the time
-/// of answering itself (not of the batch's end): answering a batch can be
-/// interrupted by the OS, and an OK answer must not leave after its deadline.
-fn refusal(ok: bool, deadline: Option<Instant>, now: Instant) -> Option<(Status, &'static str)> {
-    if !ok {
-        Some((Status::Internal, "backend failed"))
-    } else if deadline.is_some_and(|d| now > d) {
-        Some((
-            Status::DeadlineExceeded,
-            "deadline passed before the answer was ready",
-        ))
-    } else {
-        None
-    }
-}
-
-#[inline]
-fn micros(d: Duration) -> u32 {
-    d.as_micros().min(u32::MAX as u128) as u32
-}
-
-/// The largest answer frame any request can get from these targets (an
-/// error answer at least), or why it cannot fit a connection's
-/// `pending_bytes_per_connection_max`.
-fn largest_answer(
-    cfg: &Config,
-    slots: &[ModelSlot],
-    plans: &[EnsemblePlan],
-    plan_rows_max: &[(usize, usize)],
-) -> Result<usize, String> {
-    let bound = cfg.pending_bytes_per_connection_max;
-    let mut largest = wire::response_frame_len_max(MESSAGE_BYTES_MAX, 0, []);
-    let mut check = |name: &str, rows: usize, cols: usize, n: usize| {
-        if n > bound {
-            return Err(format!(
-                "'{name}': its largest answer ({rows} rows x {cols} outputs) takes {n} bytes, \
-                 over pending_bytes_per_connection_max ({bound}): raise it or lower \
-                 rows_per_request_max"
-            ));
-        }
-        largest = largest.max(n);
-        Ok(())
-    };
-    for s in slots {
-        let m = &s.model;
-        let rows = cfg.rows_per_request_max.min(m.batch.queue_rows_max);
-        let n = wire::response_frame_len_max(0, rows * m.output_width, [m.name.len()]);
-        check(&m.name, rows, m.output_width, n)?;
-    }
-    for (plan, &(cap, _)) in plans.iter().zip(plan_rows_max) {
-        let rows = cfg.rows_per_request_max.min(cap);
-        let names = plan.members.iter().map(|&m| slots[m].model.name.len());
-        let n = wire::response_frame_len_max(0, rows * plan.output_width, names);
-        check(&plan.name, rows, plan.output_width, n)?;
-    }
-    Ok(largest)
-}
-
-/// Longest name quoted in a message (bytes, cut on a char boundary): a
-/// client's 4 MiB target name must not come back in a 4 MiB answer.
-pub(crate) const NAME_BYTES_MAX: usize = 256;
-/// Longest message text of any answer (bytes).
-pub(crate) const MESSAGE_BYTES_MAX: usize = 1024;
-
-/// `s` cut to at most `max` bytes on a char boundary.
-fn clip(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// A name for a message: at most [`NAME_BYTES_MAX`] bytes, "..." when cut.
-struct Clip<'a>(&'a str);
-
-impl std::fmt::Display for Clip<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let c = clip(self.0, NAME_BYTES_MAX);
-        f.write_str(c)?;
-        if c.len() < self.0.len() {
-            f.write_str("...")?;
-        }
-        Ok(())
     }
 }
