@@ -69,7 +69,7 @@ pub(crate) struct AdminState {
 pub(crate) struct Serving {
     pub metrics: Vec<Arc<ShardMetrics>>,
     /// The prediction cache, for `POST /v1/cache/purge` and the L2 gauges.
-    pub cache: Arc<super::CacheShared>,
+    pub cache: Arc<super::cache::CacheShared>,
 }
 
 impl AdminState {
