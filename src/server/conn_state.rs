@@ -43,6 +43,21 @@ impl Conn {
         }
     }
 
+    /// One request of this connection was answered (or dropped). Checked in
+    /// release builds too: an answer for no request in flight would wrap
+    /// the count, and the connection would refuse every request and its
+    /// writer wait forever for the count to reach 0.
+    #[inline]
+    pub fn request_done(&self) {
+        match self.in_flight.get().checked_sub(1) {
+            Some(n) => self.in_flight.set(n),
+            None => eprintln!(
+                "beast: internal error: connection {}: an answer with no request in flight",
+                self.serial
+            ),
+        }
+    }
+
     /// Answer bytes held: encoded, being written, and `answer` for each
     /// request in flight.
     pub(super) fn pending(&self, answer: usize) -> usize {
@@ -52,5 +67,21 @@ impl Conn {
     /// Nothing in flight and nothing left to write.
     pub(super) fn is_quiet(&self) -> bool {
         self.in_flight.get() == 0 && self.writing.get() == 0 && self.out.borrow().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Conn;
+
+    #[test]
+    fn an_answer_with_nothing_in_flight_leaves_the_count_at_zero() {
+        let c = Conn::new(16, 1);
+        c.in_flight.set(1);
+        c.request_done();
+        assert_eq!(c.in_flight.get(), 0);
+        c.request_done();
+        assert_eq!(c.in_flight.get(), 0, "count wrapped");
+        assert!(c.is_quiet());
     }
 }

@@ -378,8 +378,26 @@ impl Shard {
         // requests waiting on it may have none (see `run_batcher`).
         let queue_deadline = if leader { None } else { deadline };
         let mut q = s.queue.borrow_mut();
-        let pushed = q.push(job, input, arrival, queue_deadline);
-        debug_assert!(pushed.is_ok(), "room was checked");
+        if q.push(job, input, arrival, queue_deadline).is_err() {
+            // Room was checked above. Were that ever wrong, the request and
+            // those waiting on it must still be answered, not left hanging.
+            drop((q, scratch));
+            eprintln!(
+                "beast: internal error: queue of '{}' refused a job it had room for",
+                s.model.name
+            );
+            if let (true, Some(k)) = (leader, key) {
+                let t = Timings::default();
+                self.release_waiters(k, false, false, 0, 0, &[], &[], t);
+            }
+            return self.respond_error(
+                conn,
+                req.id,
+                Status::Internal,
+                "internal error: the request could not be queued",
+                arrival,
+            );
+        }
         conn.in_flight.set(conn.in_flight.get() + 1);
         if q.readiness(arrival) == Readiness::Now || q.rows_queued() == rows {
             s.wake.notify();

@@ -133,7 +133,7 @@ impl Shard {
             } = q.job
             {
                 self.metrics.set_target_slot(slot);
-                conn.in_flight.set(conn.in_flight.get() - 1);
+                conn.request_done();
                 if let (true, Some(k)) = (leader, key) {
                     // Dropped only without waiters: this ends the flight.
                     drop(self.cache.coalescer.borrow_mut().complete(k));
@@ -180,7 +180,7 @@ impl Shard {
                     leader,
                 } => {
                     self.metrics.set_target_slot(slot);
-                    conn.in_flight.set(conn.in_flight.get() - 1);
+                    conn.request_done();
                     let runs = [RunInfo {
                         model: &s.model.name,
                         version: s.model.version,
@@ -258,7 +258,7 @@ impl Shard {
     ) {
         let mut co = self.cache.coalescer.borrow_mut();
         for w in co.complete(key) {
-            w.conn.in_flight.set(w.conn.in_flight.get() - 1);
+            w.conn.request_done();
             if let Some((status, message)) = refusal(ok, w.deadline, Instant::now()) {
                 self.respond_error(&w.conn, w.id, status, message, w.arrival);
             } else {

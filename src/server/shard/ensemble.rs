@@ -243,8 +243,16 @@ impl Shard {
             drop(pending);
             self.deadline_wake.notify();
         }
-        let started = self.run_members(k, set, true, arrival);
-        debug_assert!(started.is_ok(), "room was checked");
+        if self.run_members(k, set, true, arrival).is_err() {
+            // Room was checked above. Were that ever wrong, nothing was
+            // enqueued: the entry is answered INTERNAL below, not left
+            // waiting for members that never run.
+            eprintln!(
+                "beast: internal error: a member queue of '{}' refused a job it had room for",
+                plan.name
+            );
+            self.pending.borrow_mut().get_mut(k).failed = true;
+        }
         if self.pending.borrow_mut().get_mut(k).remaining == 0 {
             self.advance(k, Instant::now());
         }
@@ -301,8 +309,16 @@ impl Shard {
             };
             // A member is not dropped for its deadline in the queue: the
             // straggler cutoff answers the entry, and that cancels it.
-            let pushed = q.push(job, input, enqueued, None);
-            debug_assert!(pushed.is_ok(), "room was checked");
+            if q.push(job, input, enqueued, None).is_err() {
+                // Room was checked above. Were that ever wrong, the entry
+                // must not wait for this member: it is answered INTERNAL.
+                eprintln!(
+                    "beast: internal error: queue of '{}' refused a member job it had room for",
+                    s.model.name
+                );
+                e.failed = true;
+                continue;
+            }
             e.remaining += 1;
             if q.readiness(enqueued) == Readiness::Now || q.rows_queued() == rows {
                 s.wake.notify();
@@ -396,7 +412,15 @@ impl Shard {
         e.computed.insert(member);
         e.queue_us = e.queue_us.max(queue_us);
         e.compute_us = e.compute_us.saturating_add(compute_us);
-        e.remaining -= 1;
+        // Checked in release builds too: a wrapped count would never reach 0
+        // and the request would never be answered.
+        match e.remaining.checked_sub(1) {
+            Some(r) => e.remaining = r,
+            None => {
+                eprintln!("beast: internal error: a member result for an entry waiting for none");
+                e.failed = true;
+            }
+        }
         if e.remaining == 0 {
             drop(pending);
             self.advance(k, now);
@@ -415,7 +439,7 @@ impl Shard {
             return;
         };
         let arrival = e.arrival.expect("pending entry has an arrival");
-        conn.in_flight.set(conn.in_flight.get() - 1);
+        conn.request_done();
         let mut runs = [RunInfo {
             model: "",
             version: 0,
