@@ -6,7 +6,7 @@
 //! (the first miss computes, identical later misses wait for it) → compute
 //! → insert into L2 and L1 → answer the waiters.
 
-use super::conn::Conn;
+use super::conn_state::Conn;
 use crate::cache::{
     input_digest, target_tag, unix_now, Begin, CacheKey, CoalesceConfig, Coalescer, KeyBuilder,
     L1Cache, L1Config, L2Cache, L2Config,

@@ -9,6 +9,8 @@
 //! Responses are encoded straight into `out` by whoever finishes a request
 //! (batcher or error path); the writer swaps `out` with a spare buffer and
 //! writes it in one call, so a batch's responses leave in one syscall.
+//! The state the request path shares with these tasks (`Conn`: `out`,
+//! `in_flight`, the wake-ups) lives in `conn_state.rs`.
 //!
 //! Bounds:
 //! - `in_flight_per_connection_max` requests (beyond: OVERLOADED);
@@ -25,63 +27,16 @@
 //!   read and write timeouts (one timer per stream, armed only when a read
 //!   or write has to wait): nothing per request.
 
-use super::notify::Notify;
+use super::conn_state::Conn;
 use super::shard::Shard;
 use crate::metrics::TimedOut;
 use crate::wire::FrameReader;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
-use std::cell::{Cell, RefCell};
 use std::io::ErrorKind;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-
-pub(crate) struct Conn {
-    /// Encoded responses not yet handed to the writer.
-    pub out: RefCell<Vec<u8>>,
-    /// Requests accepted and not yet answered.
-    pub in_flight: Cell<usize>,
-    /// Bytes the writer is writing now (taken from `out`).
-    writing: Cell<usize>,
-    pub writer_wake: Notify,
-    /// The writer took `out` or finished a write (the reader waits on this
-    /// under backpressure).
-    pub drained: Notify,
-    /// A write failed: drop further responses.
-    pub dead: Cell<bool>,
-    /// The reader is done: the writer exits once nothing is in flight.
-    pub closing: Cell<bool>,
-    /// This connection's number on its shard: feedback tickets are bound to
-    /// the connection that got the answer.
-    pub serial: u32,
-}
-
-impl Conn {
-    fn new(cap: usize, serial: u32) -> Self {
-        Conn {
-            serial,
-            out: RefCell::new(Vec::with_capacity(cap)),
-            in_flight: Cell::new(0),
-            writing: Cell::new(0),
-            writer_wake: Notify::default(),
-            drained: Notify::default(),
-            dead: Cell::new(false),
-            closing: Cell::new(false),
-        }
-    }
-
-    /// Answer bytes held: encoded, being written, and `answer` for each
-    /// request in flight.
-    fn pending(&self, answer: usize) -> usize {
-        self.out.borrow().len() + self.writing.get() + self.in_flight.get() * answer
-    }
-
-    /// Nothing in flight and nothing left to write.
-    fn is_quiet(&self) -> bool {
-        self.in_flight.get() == 0 && self.writing.get() == 0 && self.out.borrow().is_empty()
-    }
-}
 
 /// Serve one connection until the peer closes, a protocol violation, a
 /// timeout, or shutdown; in-flight requests are always answered (or, if

@@ -14,6 +14,7 @@
 pub mod admin;
 mod cache;
 mod conn;
+mod conn_state;
 mod notify;
 mod select;
 mod shard;

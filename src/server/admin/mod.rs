@@ -17,21 +17,21 @@
 //! answers 200, `/readyz` 503 `starting: <step>`, `/metrics` the process
 //! gauges, and what needs the loaded models 503 `starting`.
 
+mod http;
+
+pub use http::{fuzz_request_head, get, request, READ_TIMEOUT, REQUEST_BYTES_MAX};
+use http::{parse_head, query_param, read_head, write_response, Request};
+
 use crate::metrics::{self, trace, ShardMetrics};
 use crate::model::load::Repository;
 use crate::wire::Status;
 use serde_json::json;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Largest request head (request line + headers) read.
-pub const REQUEST_BYTES_MAX: usize = 8 << 10;
-/// How long a client may take to send its request head.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Handler threads at once; beyond it a connection gets 503 at once.
 pub const HANDLERS_MAX: usize = 16;
 /// Longest `/debug/trace` window.
@@ -69,7 +69,7 @@ pub(crate) struct AdminState {
 pub(crate) struct Serving {
     pub metrics: Vec<Arc<ShardMetrics>>,
     /// The prediction cache, for `POST /v1/cache/purge` and the L2 gauges.
-    pub cache: Arc<super::CacheShared>,
+    pub cache: Arc<super::cache::CacheShared>,
 }
 
 impl AdminState {
@@ -239,127 +239,6 @@ fn accept_loop(listener: TcpListener, st: Arc<AdminState>) {
         }
     }
 }
-
-/// A parsed request line.
-#[derive(Debug, PartialEq, Eq)]
-struct Request<'a> {
-    method: &'a str,
-    path: &'a str,
-    query: &'a str,
-}
-
-/// Parse the head of an HTTP/1.x request; `None` when malformed.
-fn parse_head(head: &str) -> Option<Request<'_>> {
-    // A line ends at "\n", with or without "\r" (read_head accepts both).
-    let line = head.lines().next()?;
-    let mut parts = line.split(' ');
-    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some()
-        || !matches!(version, "HTTP/1.0" | "HTTP/1.1")
-        || method.is_empty()
-        || !target.starts_with('/')
-        || line.bytes().any(|b| b.is_ascii_control())
-    {
-        return None;
-    }
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    Some(Request {
-        method,
-        path,
-        query,
-    })
-}
-
-/// Fuzzing entry point (fuzz/ and tests/fuzz_corpus.rs), not an API: what
-/// `handle` makes of a received head — at most [`REQUEST_BYTES_MAX`] bytes,
-/// UTF-8, parsed — as (method, path, query, the query's value of `key`).
-#[doc(hidden)]
-pub fn fuzz_request_head<'a>(
-    head: &'a [u8],
-    key: &str,
-) -> Option<(&'a str, &'a str, &'a str, Option<&'a str>)> {
-    let head = std::str::from_utf8(&head[..head.len().min(REQUEST_BYTES_MAX)]).ok()?;
-    let r = parse_head(head)?;
-    Some((r.method, r.path, r.query, query_param(r.query, key)))
-}
-
-fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
-}
-
-/// Read the request head (until an empty line), bounded in size and time.
-fn read_head(stream: &mut TcpStream) -> Option<String> {
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-    let deadline = Instant::now() + READ_TIMEOUT;
-    let mut buf = vec![0u8; REQUEST_BYTES_MAX];
-    let mut n = 0;
-    while n < buf.len() {
-        // Each read waits only for what is left of the whole request's
-        // time, so a trickling or idle client holds a handler at most
-        // READ_TIMEOUT in all.
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            break;
-        }
-        match stream.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => {
-                n += k;
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
-                    || buf[..n].windows(2).any(|w| w == b"\n\n")
-                {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    String::from_utf8(buf[..n].to_vec()).ok()
-}
-
-fn write_response(
-    stream: &mut TcpStream,
-    code: u16,
-    content_type: &str,
-    body: &[u8],
-) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "Error",
-    };
-    let head = format!("HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    // One deadline for the whole response: a client that reads a few bytes
-    // at a time cannot hold a handler longer than WRITE_TIMEOUT.
-    let deadline = Instant::now() + WRITE_TIMEOUT;
-    for part in [head.as_bytes(), body] {
-        let mut rest = part;
-        while !rest.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::ErrorKind::TimedOut.into());
-            }
-            stream.set_write_timeout(Some(left))?;
-            match stream.write(rest) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => rest = &rest[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    stream.flush()
-}
-
-/// Longest time one response may take to be written.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn handle(mut stream: TcpStream, st: &AdminState) {
     let (code, ctype, body) = match read_head(&mut stream).as_deref().and_then(parse_head) {
@@ -557,78 +436,4 @@ fn trace_json(st: &AdminState, secs: f64) -> serde_json::Value {
         "note": note,
     });
     v
-}
-
-/// A minimal HTTP GET for the tools and tests: returns (status code, body).
-pub fn get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
-    request("GET", addr, path, timeout)
-}
-
-/// A minimal HTTP request without a body (GET, POST): (status code, body).
-pub fn request(
-    method: &str,
-    addr: &str,
-    path: &str,
-    timeout: Duration,
-) -> Result<(u16, String), String> {
-    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
-        .map_err(|e| format!("{addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(5))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| format!("read {addr}{path}: {e}"))?;
-    let text = String::from_utf8(raw).map_err(|_| "response is not UTF-8".to_string())?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("response has no header end")?;
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line: {}", head.lines().next().unwrap_or("")))?;
-    Ok((code, body.to_string()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_request_lines() {
-        let r = parse_head("GET /debug/trace?seconds=2 HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        assert_eq!(
-            (r.method, r.path, r.query),
-            ("GET", "/debug/trace", "seconds=2")
-        );
-        assert_eq!(query_param(r.query, "seconds"), Some("2"));
-        assert!(parse_head("garbage").is_none());
-        assert!(parse_head("GET metrics HTTP/1.1\r\n\r\n").is_none());
-        assert!(parse_head("GET / HTTP/2 extra\r\n\r\n").is_none());
-        assert!(parse_head("").is_none());
-    }
-
-    #[test]
-    fn parses_heads_with_bare_newlines_and_refuses_control_characters() {
-        // read_head ends a head at "\n\n" as well as "\r\n\r\n"; the parser
-        // took only "\r\n" as a line end, so such a head with any header
-        // was one long "request line" and got 400 (found by fuzz/admin_head).
-        let r = parse_head("GET /metrics HTTP/1.1\nHost: x\n\n").unwrap();
-        assert_eq!((r.method, r.path, r.query), ("GET", "/metrics", ""));
-        // Control characters in the target, and versions that are not
-        // HTTP/1.x, are malformed.
-        assert!(parse_head("GET /vc\rs HTTP/1.1\r\n\r\n").is_none());
-        assert!(parse_head("GET /a HTTP/1.\x07x\n\n").is_none());
-        assert!(parse_head("GET /a HTTP/1.1x\r\n\r\n").is_none());
-        assert!(parse_head("GET /a HTTP/1.0\r\n\r\n").is_some());
-    }
 }
