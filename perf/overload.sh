@@ -51,7 +51,9 @@ stop_server() {
 }
 cleanup() { stop_server; rm -rf "$WORK"; }
 trap cleanup EXIT
-"$NEW" demo-models --out "$WORK/models" >&2
+# The base binary writes the models when given: a newer model.toml may carry
+# keys (min_batch) an older binary refuses, while the new one reads the old.
+"${BASE:-$NEW}" demo-models --out "$WORK/models" >&2
 
 # start_server BINARY: a fresh folder (cold L2 cache) per start.
 start_server() {
