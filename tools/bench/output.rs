@@ -656,6 +656,76 @@ mod tests {
         );
     }
 
+    /// A run with every optional part filled in (admin deltas, a mix of
+    /// targets, a generator verdict, a non-finite figure).
+    fn full_summary() -> Summary {
+        let mut r = Report::new();
+        r.sent = 1000;
+        r.ok = 990;
+        r.cached = 99;
+        r.by_status[2] = 4;
+        r.by_status[5] = 1;
+        r.unanswered = 5;
+        r.unsent = 2;
+        r.window_full = 7;
+        r.partial = 3;
+        r.late = 2;
+        r.late_server = 1;
+        r.server_queue_us = 12_345;
+        r.server_compute_us = 67_890;
+        for v in [1500, 2500, 12_000] {
+            r.corrected.record(v).unwrap();
+            r.uncorrected.record(v / 2).unwrap();
+            r.send_lag.record(v / 100).unwrap();
+            r.server_total.record(v / 3).unwrap();
+        }
+        let mut t = |ok, errors, v| {
+            let mut corrected = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            corrected.record(v).unwrap();
+            r.per_target.push(super::super::load::TargetStats {
+                corrected,
+                ok,
+                errors,
+            });
+        };
+        t(600, 3, 1000);
+        t(390, 2, 3000);
+        Summary {
+            label: "search 3".into(),
+            mode: "open/uniform".into(),
+            targets: "a:3,\"b\\c\":1".into(),
+            rows: 2,
+            deadline_us: None,
+            connections: 8,
+            in_flight: 64,
+            threads: 2,
+            offered: Some(1234.5678),
+            achieved: f64::NAN,
+            duration_s: 2.0,
+            warmup_s: 0.25,
+            report: r,
+            cpu_s: 0.123_456,
+            thread_cpu_max_pct: 97.5,
+            generator_limited: Some("send lag p99 \"9\" ms".into()),
+            admin: Some(Delta {
+                mean_batch: Some(3.5),
+                batches: Some(100.0),
+                cache_hit_ratio: None,
+                cache_lookups: Some(0.0),
+            }),
+            slo_ok: Some(false),
+            target_names: vec!["a".into(), "b\\c".into()],
+        }
+    }
+
+    /// The `--json` line byte for byte: perf/*.sh read fields with sed on
+    /// `"name": number` and the figures keep three decimals.
+    #[test]
+    fn json_line_is_stable_byte_for_byte() {
+        let want = r#"{"label": "search 3", "mode": "open/uniform", "target": "a:3,\"b\\c\":1", "rows": 2, "connections": 8, "in_flight": 64, "threads": 2, "duration_s": 2.000, "warmup_s": 0.250, "offered_rps": 1234.568, "achieved_rps": null, "sent": 1000, "ok": 990, "errors": {"bad_request": 0, "not_found": 4, "overloaded": 0, "deadline_exceeded": 0, "internal": 1}, "error_count": 5, "unanswered": 5, "unsent": 2, "cached_fraction": 0.100, "latency_ms": {"p50": 2.501, "p90": 12.007, "p95": 12.007, "p99": 12.007, "p99.9": 12.007, "max": 12.007, "mean": 5.335}, "uncorrected_ms": {"p50": 1.250, "p90": 6.003, "p95": 6.003, "p99": 6.003, "p99.9": 6.003, "max": 6.003, "mean": 2.667}, "send_lag_ms": {"p50": 0.025, "p90": 0.120, "p95": 0.120, "p99": 0.120, "p99.9": 0.120, "max": 0.120, "mean": 0.053}, "window_full": 7, "client_cpu_s": 0.123, "client_thread_cpu_max_pct": 97.500, "generator_limited": true, "generator_limited_reason": "send lag p99 \"9\" ms", "generator_cpu_high": true, "server": {"total_p50_us": 833, "total_p99_us": 4001, "mean_queue_us": 12.470, "mean_compute_us": 68.576}, "admin": {"mean_batch_size": 3.500, "batches": 100.000, "cache_hit_ratio": null, "cache_lookups": 0.000}, "slo_ok": false, "deadline_us": null, "partial": 3, "late": 2, "late_server": 1, "server_gone": false, "per_target": [{"target": "a", "ok": 600, "errors": 3, "latency_ms": {"p50": 1.000, "p90": 1.000, "p95": 1.000, "p99": 1.000, "p99.9": 1.000, "max": 1.000, "mean": 1.000}}, {"target": "b\\c", "ok": 390, "errors": 2, "latency_ms": {"p50": 3.001, "p90": 3.001, "p95": 3.001, "p99": 3.001, "p99.9": 3.001, "max": 3.001, "mean": 3.001}}]}"#;
+        assert_eq!(json(&full_summary()), want);
+    }
+
     #[test]
     fn json_and_csv_lines_are_well_formed() {
         let mut r = Report::new();
