@@ -85,7 +85,7 @@ server_ok() {
 }
 
 json_field() { # NAME JSON: the number after "NAME":
-    sed -n "s/.*\"$1\": \([0-9.]*\).*/\1/p" <<<"$2" | head -1
+    sed -n "s/.*\"$1\": *\([0-9.]*\).*/\1/p" <<<"$2" | head -1
 }
 
 COMMON="--server $ADDR --cpus $BENCH_CPUS --target bench_ens --no-cache --duration $DURATION --warmup $WARMUP --admin $ADMIN --max-error-fraction 1"

@@ -3,8 +3,6 @@
 //! run against an unknown target must fail.
 
 mod common;
-#[path = "../tools/bench/json.rs"]
-mod json;
 
 use std::process::Command;
 
@@ -57,10 +55,11 @@ fn open_loop_run_reaches_its_rate_and_prints_json() {
         .lines()
         .find(|l| l.starts_with('{'))
         .expect("a JSON line");
-    let j = json::parse(line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
+    let j = serde_json::from_str::<serde_json::Value>(line)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
     let num = |k: &str| {
         j.get(k)
-            .and_then(|v| v.num())
+            .and_then(|v| v.as_f64())
             .unwrap_or_else(|| panic!("no {k} in {line}"))
     };
     let (offered, achieved) = (num("offered_rps"), num("achieved_rps"));
@@ -72,18 +71,18 @@ fn open_loop_run_reaches_its_rate_and_prints_json() {
     );
     assert_eq!(num("error_count"), 0.0, "{line}");
     assert_eq!(num("unanswered"), 0.0, "{line}");
-    assert_eq!(j.get("mode").and_then(|v| v.str()), Some("open/poisson"));
+    assert_eq!(j.get("mode").and_then(|v| v.as_str()), Some("open/poisson"));
     let lat = j.get("latency_ms").expect("latency_ms");
-    let p50 = lat.get("p50").and_then(|v| v.num()).unwrap();
-    let p99 = lat.get("p99").and_then(|v| v.num()).unwrap();
+    let p50 = lat.get("p50").and_then(|v| v.as_f64()).unwrap();
+    let p99 = lat.get("p99").and_then(|v| v.as_f64()).unwrap();
     assert!(p50 > 0.0 && p99 >= p50, "{line}");
     // The mix ens:3,a:1 is reported per target too, in proportion.
-    let Some(json::Json::Arr(per)) = j.get("per_target") else {
+    let Some(serde_json::Value::Array(per)) = j.get("per_target") else {
         panic!("no per_target in {line}")
     };
-    let ok_of = |i: usize| per[i].get("ok").and_then(|v| v.num()).unwrap_or(0.0);
+    let ok_of = |i: usize| per[i].get("ok").and_then(|v| v.as_f64()).unwrap_or(0.0);
     assert_eq!(per.len(), 2, "{line}");
-    assert_eq!(per[0].get("target").and_then(|v| v.str()), Some("ens"));
+    assert_eq!(per[0].get("target").and_then(|v| v.as_str()), Some("ens"));
     assert!(
         (ok_of(0) / (ok_of(0) + ok_of(1)) - 0.75).abs() < 0.06,
         "{line}"
@@ -91,7 +90,7 @@ fn open_loop_run_reaches_its_rate_and_prints_json() {
     assert!(j
         .get("server")
         .and_then(|s| s.get("total_p50_us"))
-        .and_then(|v| v.num())
+        .and_then(|v| v.as_f64())
         .is_some());
 }
 
@@ -116,7 +115,7 @@ fn unknown_target_fails_the_run() {
     );
     assert!(stderr.contains("FAIL"), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let j = json::parse(
+    let j = serde_json::from_str::<serde_json::Value>(
         stdout
             .lines()
             .find(|l| l.starts_with('{'))
@@ -126,7 +125,7 @@ fn unknown_target_fails_the_run() {
     assert!(
         j.get("errors")
             .and_then(|e| e.get("not_found"))
-            .and_then(|v| v.num())
+            .and_then(|v| v.as_f64())
             .unwrap()
             > 0.0
     );
@@ -184,15 +183,15 @@ fn recorded_trace_replays_with_its_timing() {
         "replay: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let j = json::parse(
+    let j = serde_json::from_str::<serde_json::Value>(
         stdout
             .lines()
             .find(|l| l.starts_with('{'))
             .expect("a JSON line"),
     )
     .unwrap();
-    assert_eq!(j.get("mode").and_then(|v| v.str()), Some("trace"));
-    assert_eq!(j.get("ok").and_then(|v| v.num()), Some(measured as f64));
+    assert_eq!(j.get("mode").and_then(|v| v.as_str()), Some("trace"));
+    assert_eq!(j.get("ok").and_then(|v| v.as_f64()), Some(measured as f64));
 }
 
 #[test]
@@ -232,19 +231,20 @@ fn a_server_that_goes_away_gets_a_report_not_an_abort() {
         .lines()
         .find(|l| l.starts_with('{'))
         .unwrap_or_else(|| panic!("no report\nstdout: {stdout}\nstderr: {stderr}"));
-    let j = json::parse(line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
+    let j = serde_json::from_str::<serde_json::Value>(line)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"));
     assert_eq!(
         j.get("server_gone"),
-        Some(&json::Json::Bool(true)),
+        Some(&serde_json::Value::Bool(true)),
         "{line}"
     );
-    assert_eq!(j.get("deadline_us").and_then(|v| v.num()), Some(1e6));
+    assert_eq!(j.get("deadline_us").and_then(|v| v.as_f64()), Some(1e6));
     assert!(
-        j.get("ok").and_then(|v| v.num()).unwrap() >= 100.0,
+        j.get("ok").and_then(|v| v.as_f64()).unwrap() >= 100.0,
         "{line}"
     );
     // 1 s budgets on a light load: nothing late (the cut-off applies to
     // ensembles: nothing partial either).
-    assert_eq!(j.get("late_server").and_then(|v| v.num()), Some(0.0));
-    assert_eq!(j.get("partial").and_then(|v| v.num()), Some(0.0));
+    assert_eq!(j.get("late_server").and_then(|v| v.as_f64()), Some(0.0));
+    assert_eq!(j.get("partial").and_then(|v| v.as_f64()), Some(0.0));
 }

@@ -21,8 +21,6 @@ mod admin;
 mod dist;
 #[path = "bench/inputs.rs"]
 mod inputs;
-#[path = "bench/json.rs"]
-mod json;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/output.rs"]
@@ -466,9 +464,8 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         let limited = summaries.iter().any(|s| s.generator_limited.is_some());
         if args.json {
             println!(
-                "{{\"search_result\": {{\"best_rps\": {}, \"slo_p95_ms\": {slo}, \"lo\": {lo}, \"hi\": {hi}, \"trials\": {}, \"generator_limited_trials\": {limited}}}}}",
-                best.map_or("null".into(), |b| format!("{b:.1}")),
-                summaries.len()
+                "{}",
+                output::search_json(best, slo, (lo, hi), summaries.len(), limited)
             );
         } else {
             let line = match best {

@@ -6,7 +6,7 @@ use super::admin::Delta;
 use super::load::{Report, LATE_SLACK_US};
 use beast::wire::Status;
 use hdrhistogram::Histogram;
-use std::fmt::Write as _;
+use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
 
@@ -224,111 +224,253 @@ pub fn print_table(s: &Summary) {
     }
 }
 
-fn jnum(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.3}")
-    } else {
-        "null".into()
-    }
+/// The `--json` line: field names, order and shapes are the interface that
+/// perf/*.sh and tests/bench_smoke.rs read.
+#[derive(Serialize)]
+struct JsonRun<'a> {
+    label: &'a str,
+    mode: &'a str,
+    target: &'a str,
+    rows: usize,
+    connections: usize,
+    in_flight: usize,
+    threads: usize,
+    duration_s: f64,
+    warmup_s: f64,
+    offered_rps: Option<f64>,
+    achieved_rps: f64,
+    sent: u64,
+    ok: u64,
+    /// Count per error status, in wire order.
+    #[serde(serialize_with = "in_order")]
+    errors: Vec<(&'static str, u64)>,
+    error_count: u64,
+    unanswered: u64,
+    unsent: u64,
+    cached_fraction: f64,
+    latency_ms: Percentiles,
+    uncorrected_ms: Percentiles,
+    send_lag_ms: Percentiles,
+    window_full: u64,
+    client_cpu_s: f64,
+    client_thread_cpu_max_pct: f64,
+    generator_limited: bool,
+    generator_limited_reason: Option<&'a str>,
+    generator_cpu_high: bool,
+    server: JsonServer,
+    admin: Option<JsonAdmin>,
+    slo_ok: Option<bool>,
+    deadline_us: Option<u64>,
+    partial: u64,
+    late: u64,
+    late_server: u64,
+    server_gone: bool,
+    per_target: Vec<JsonTarget<'a>>,
 }
 
-fn jstr(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
+#[derive(Serialize)]
+struct JsonServer {
+    total_p50_us: u64,
+    total_p99_us: u64,
+    mean_queue_us: f64,
+    mean_compute_us: f64,
+}
+
+#[derive(Serialize)]
+struct JsonAdmin {
+    mean_batch_size: Option<f64>,
+    batches: Option<f64>,
+    cache_hit_ratio: Option<f64>,
+    cache_lookups: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct JsonTarget<'a> {
+    target: &'a str,
+    ok: u64,
+    errors: u64,
+    latency_ms: Percentiles,
+}
+
+/// A latency histogram in milliseconds.
+#[derive(Serialize)]
+struct Percentiles {
+    p50: f64,
+    p90: f64,
+    p95: f64,
+    p99: f64,
+    #[serde(rename = "p99.9")]
+    p999: f64,
+    max: f64,
+    mean: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        let [p50, p90, p95, p99, p999] = QS.map(|(q, _)| ms(h, q));
+        Percentiles {
+            p50,
+            p90,
+            p95,
+            p99,
+            p999,
+            max: h.max() as f64 / 1000.0,
+            mean: h.mean() / 1000.0,
         }
     }
-    o.push('"');
-    o
 }
 
-fn jpct(h: &Histogram<u64>) -> String {
-    let mut o = String::from("{");
-    for (q, name) in QS {
-        let _ = write!(o, "\"{name}\": {}, ", jnum(ms(h, q)));
+fn in_order<S: serde::Serializer>(kv: &[(&'static str, u64)], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_map(kv.iter().map(|(k, v)| (k, v)))
+}
+
+/// serde_json's compact output with `", "` and `": "` between items and
+/// every float with three decimals (non-finite ones are `null`), as the
+/// perf scripts' `"name": number` patterns expect.
+struct Spaced;
+
+impl serde_json::ser::Formatter for Spaced {
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
     }
-    let _ = write!(
-        o,
-        "\"max\": {}, \"mean\": {}}}",
-        jnum(h.max() as f64 / 1000.0),
-        jnum(h.mean() / 1000.0)
-    );
-    o
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+    fn write_f64<W: ?Sized + Write>(&mut self, w: &mut W, x: f64) -> std::io::Result<()> {
+        write!(w, "{x:.3}")
+    }
 }
 
 pub fn json(s: &Summary) -> String {
     let r = &s.report;
-    let opt = |x: Option<f64>| x.map_or("null".into(), jnum);
-    let errors = Status::ALL
-        .iter()
-        .skip(1)
-        .map(|st| format!("\"{}\": {}", st.label(), r.by_status[*st as usize]))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let admin = match &s.admin {
-        Some(a) => format!("{{\"mean_batch_size\": {}, \"batches\": {}, \"cache_hit_ratio\": {}, \"cache_lookups\": {}}}", opt(a.mean_batch), opt(a.batches), opt(a.cache_hit_ratio), opt(a.cache_lookups)),
-        None => "null".into(),
-    };
-    format!(
-        "{{\"label\": {}, \"mode\": {}, \"target\": {}, \"rows\": {}, \"connections\": {}, \"in_flight\": {}, \"threads\": {}, \"duration_s\": {}, \"warmup_s\": {}, \"offered_rps\": {}, \"achieved_rps\": {}, \"sent\": {}, \"ok\": {}, \"errors\": {{{}}}, \"error_count\": {}, \"unanswered\": {}, \"unsent\": {}, \"cached_fraction\": {}, \"latency_ms\": {}, \"uncorrected_ms\": {}, \"send_lag_ms\": {}, \"window_full\": {}, \"client_cpu_s\": {}, \"client_thread_cpu_max_pct\": {}, \"generator_limited\": {}, \"generator_limited_reason\": {}, \"generator_cpu_high\": {}, \"server\": {{\"total_p50_us\": {}, \"total_p99_us\": {}, \"mean_queue_us\": {}, \"mean_compute_us\": {}}}, \"admin\": {}, \"slo_ok\": {}, \"deadline_us\": {}, \"partial\": {}, \"late\": {}, \"late_server\": {}, \"server_gone\": {}, \"per_target\": [{}]}}",
-        jstr(&s.label),
-        jstr(&s.mode),
-        jstr(&s.targets),
-        s.rows,
-        s.connections,
-        s.in_flight,
-        s.threads,
-        jnum(s.duration_s),
-        jnum(s.warmup_s),
-        opt(s.offered),
-        jnum(s.achieved),
-        r.sent,
-        r.ok,
-        errors,
-        r.errors(),
-        r.unanswered,
-        r.unsent,
-        jnum(r.cached as f64 / r.ok.max(1) as f64),
-        jpct(&r.corrected),
-        jpct(&r.uncorrected),
-        jpct(&r.send_lag),
-        r.window_full,
-        jnum(s.cpu_s),
-        jnum(s.thread_cpu_max_pct),
-        s.generator_limited.is_some(),
-        s.generator_limited.as_deref().map_or("null".into(), jstr),
-        s.thread_cpu_max_pct >= CPU_HIGH_PCT,
-        r.server_total.value_at_quantile(0.5),
-        r.server_total.value_at_quantile(0.99),
-        jnum(r.server_queue_us as f64 / r.ok.max(1) as f64),
-        jnum(r.server_compute_us as f64 / r.ok.max(1) as f64),
-        admin,
-        s.slo_ok.map_or("null".into(), |b| b.to_string()),
-        s.deadline_us.map_or("null".into(), |d| d.to_string()),
-        r.partial,
-        r.late,
-        r.late_server,
-        r.server_gone,
-        s.target_names
+    let per_ok = |x: u64| x as f64 / r.ok.max(1) as f64;
+    let run = JsonRun {
+        label: &s.label,
+        mode: &s.mode,
+        target: &s.targets,
+        rows: s.rows,
+        connections: s.connections,
+        in_flight: s.in_flight,
+        threads: s.threads,
+        duration_s: s.duration_s,
+        warmup_s: s.warmup_s,
+        offered_rps: s.offered,
+        achieved_rps: s.achieved,
+        sent: r.sent,
+        ok: r.ok,
+        errors: Status::ALL
+            .iter()
+            .skip(1)
+            .map(|st| (st.label(), r.by_status[*st as usize]))
+            .collect(),
+        error_count: r.errors(),
+        unanswered: r.unanswered,
+        unsent: r.unsent,
+        cached_fraction: per_ok(r.cached),
+        latency_ms: Percentiles::of(&r.corrected),
+        uncorrected_ms: Percentiles::of(&r.uncorrected),
+        send_lag_ms: Percentiles::of(&r.send_lag),
+        window_full: r.window_full,
+        client_cpu_s: s.cpu_s,
+        client_thread_cpu_max_pct: s.thread_cpu_max_pct,
+        generator_limited: s.generator_limited.is_some(),
+        generator_limited_reason: s.generator_limited.as_deref(),
+        generator_cpu_high: s.thread_cpu_max_pct >= CPU_HIGH_PCT,
+        server: JsonServer {
+            total_p50_us: r.server_total.value_at_quantile(0.5),
+            total_p99_us: r.server_total.value_at_quantile(0.99),
+            mean_queue_us: per_ok(r.server_queue_us),
+            mean_compute_us: per_ok(r.server_compute_us),
+        },
+        admin: s.admin.as_ref().map(|a| JsonAdmin {
+            mean_batch_size: a.mean_batch,
+            batches: a.batches,
+            cache_hit_ratio: a.cache_hit_ratio,
+            cache_lookups: a.cache_lookups,
+        }),
+        slo_ok: s.slo_ok,
+        deadline_us: s.deadline_us,
+        partial: r.partial,
+        late: r.late,
+        late_server: r.late_server,
+        server_gone: r.server_gone,
+        per_target: s
+            .target_names
             .iter()
             .zip(&r.per_target)
-            .map(|(n, t)| format!(
-                "{{\"target\": {}, \"ok\": {}, \"errors\": {}, \"latency_ms\": {}}}",
-                jstr(n),
-                t.ok,
-                t.errors,
-                jpct(&t.corrected)
-            ))
-            .collect::<Vec<_>>()
-            .join(", "),
-    )
+            .map(|(n, t)| JsonTarget {
+                target: n,
+                ok: t.ok,
+                errors: t.errors,
+                latency_ms: Percentiles::of(&t.corrected),
+            })
+            .collect(),
+    };
+    spaced(&run)
+}
+
+/// The last line of `--search --json`.
+#[derive(Serialize)]
+struct SearchLine {
+    search_result: SearchResult,
+}
+
+#[derive(Serialize)]
+struct SearchResult {
+    /// Rounded to 0.1 req/s.
+    best_rps: Option<f64>,
+    slo_p95_ms: f64,
+    lo: f64,
+    hi: f64,
+    trials: usize,
+    generator_limited_trials: bool,
+}
+
+pub fn search_json(
+    best: Option<f64>,
+    slo_p95_ms: f64,
+    (lo, hi): (f64, f64),
+    trials: usize,
+    generator_limited_trials: bool,
+) -> String {
+    spaced(&SearchLine {
+        search_result: SearchResult {
+            best_rps: best.map(|b| (b * 10.0).round() / 10.0),
+            slo_p95_ms,
+            lo,
+            hi,
+            trials,
+            generator_limited_trials,
+        },
+    })
+}
+
+fn spaced<T: Serialize>(v: &T) -> String {
+    let mut out = Vec::new();
+    v.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut out, Spaced,
+    ))
+    .expect("serializing to memory cannot fail");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 pub const CSV_HEADER: &str = "label,mode,target,rows,connections,in_flight,threads,offered_rps,achieved_rps,sent,ok,errors,unanswered,unsent,p50_ms,p90_ms,p95_ms,p99_ms,p999_ms,max_ms,uncorrected_p50_ms,uncorrected_p99_ms,send_lag_p99_ms,send_lag_max_ms,window_full,client_cpu_s,client_thread_cpu_max_pct,generator_limited,server_total_p50_us,server_total_p99_us,server_mean_queue_us,server_mean_compute_us,cached_fraction,admin_mean_batch_size,admin_cache_hit_ratio,slo_ok,deadline_us,partial,late,late_server,server_gone";
@@ -727,6 +869,18 @@ mod tests {
     }
 
     #[test]
+    fn search_result_line() {
+        assert_eq!(
+            search_json(Some(1234.56), 10.0, (100.0, 5000.0), 7, false),
+            r#"{"search_result": {"best_rps": 1234.600, "slo_p95_ms": 10.000, "lo": 100.000, "hi": 5000.000, "trials": 7, "generator_limited_trials": false}}"#
+        );
+        let none: serde_json::Value =
+            serde_json::from_str(&search_json(None, 2.5, (1.0, 2.0), 3, true)).unwrap();
+        assert!(none["search_result"]["best_rps"].is_null());
+        assert_eq!(none["search_result"]["generator_limited_trials"], true);
+    }
+
+    #[test]
     fn json_and_csv_lines_are_well_formed() {
         let mut r = Report::new();
         r.sent = 10;
@@ -756,29 +910,16 @@ mod tests {
             slo_ok: Some(true),
             target_names: vec!["a".into(), "b".into()],
         };
-        let j = super::super::json::parse(&json(&s)).unwrap();
-        assert_eq!(j.get("offered_rps").and_then(|v| v.num()), Some(1000.0));
-        assert_eq!(j.get("target").and_then(|v| v.str()), Some("a:3,\"b\":1"));
-        assert_eq!(
-            j.get("errors")
-                .and_then(|e| e.get("not_found"))
-                .and_then(|v| v.num()),
-            Some(1.0)
-        );
-        assert_eq!(
-            j.get("latency_ms")
-                .and_then(|e| e.get("p50"))
-                .and_then(|v| v.num()),
-            Some(1.5)
-        );
-        assert_eq!(j.get("admin"), Some(&super::super::json::Json::Null));
-        assert_eq!(j.get("deadline_us").and_then(|v| v.num()), Some(20000.0));
-        assert_eq!(j.get("partial").and_then(|v| v.num()), Some(3.0));
-        assert_eq!(j.get("late").and_then(|v| v.num()), Some(2.0));
-        assert_eq!(
-            j.get("per_target"),
-            Some(&super::super::json::Json::Arr(vec![]))
-        );
+        let j: serde_json::Value = serde_json::from_str(&json(&s)).unwrap();
+        assert_eq!(j["offered_rps"], 1000.0);
+        assert_eq!(j["target"], "a:3,\"b\":1");
+        assert_eq!(j["errors"]["not_found"], 1);
+        assert_eq!(j["latency_ms"]["p50"], 1.5);
+        assert!(j["admin"].is_null());
+        assert_eq!(j["deadline_us"], 20000);
+        assert_eq!(j["partial"], 3);
+        assert_eq!(j["late"], 2);
+        assert_eq!(j["per_target"], serde_json::json!([]));
         // CSV: as many fields as the header, quotes respected.
         let line = csv(&s);
         let (mut fields, mut quoted) = (1, false);
