@@ -1,11 +1,10 @@
 //! `--admin ADDR`: scrape the server's Prometheus text at `/metrics` before
-//! and after a run with a bare HTTP/1.0 GET, and report the deltas of the
-//! few series the bench cares about. Every series is optional: a server
-//! without them (or without an admin port) only loses these lines.
+//! and after a run (with the crate's one HTTP client,
+//! `beast::server::admin::get`), and report the deltas of the few series
+//! the bench cares about. Every series is optional: a server without them
+//! (or without an admin port) only loses these lines.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 /// The series summed (over all label sets) from each scrape.
@@ -19,30 +18,12 @@ pub const SERIES: [&str; 4] = [
 pub type Scrape = HashMap<&'static str, f64>;
 
 pub fn scrape(addr: &str) -> Result<Scrape, String> {
-    let sock = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("--admin {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("--admin {addr}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(2))
-        .map_err(|e| format!("--admin {addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    // One write: a server that answers after the first read and closes
-    // would otherwise reset the connection on the unread rest.
-    let req = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("--admin {addr}: {e}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .map_err(|e| format!("--admin {addr}: {e}"))?;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or(("", &text));
-    if !head.is_empty() && head.split(' ').nth(1) != Some("200") {
-        return Err(format!(
-            "--admin {addr}: {}",
-            head.lines().next().unwrap_or("bad response")
-        ));
+    let (code, body) = beast::server::admin::get(addr, "/metrics", Duration::from_secs(5))
+        .map_err(|e| format!("--admin {e}"))?;
+    if code != 200 {
+        return Err(format!("--admin {addr}/metrics: HTTP {code}"));
     }
-    Ok(parse_metrics(body))
+    Ok(parse_metrics(&body))
 }
 
 /// Sum each wanted series over its label sets.
@@ -107,6 +88,7 @@ pub fn delta(before: &Scrape, after: &Scrape) -> Delta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
 
     /// A one-shot HTTP server answering each connection with `responses[i]`.
     fn serve(responses: Vec<&'static str>) -> String {
@@ -123,7 +105,7 @@ mod tests {
                     assert!(n > 0, "request cut short");
                     req.extend_from_slice(&buf[..n]);
                 }
-                assert!(req.starts_with(b"GET /metrics HTTP/1.0\r\n"));
+                assert!(req.starts_with(b"GET /metrics HTTP/1.1\r\n"));
                 s.write_all(r.as_bytes()).unwrap();
             }
         });
@@ -142,7 +124,7 @@ mod tests {
             (3.0, 1.0)
         );
         let e = scrape(&addr).unwrap_err();
-        assert!(e.contains("404") && e.starts_with("--admin"), "{e}");
+        assert_eq!(e, format!("--admin {addr}/metrics: HTTP 404"));
     }
 
     #[test]

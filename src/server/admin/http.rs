@@ -133,43 +133,54 @@ pub(super) fn write_response(
 /// Longest time one response may take to be written.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A minimal HTTP GET for the tools and tests: returns (status code, body).
+/// How long the client waits for a connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The one HTTP client of the crate and its tools (`beast cache purge`,
+/// `beast trace`, beast-top, beast-bench `--admin`, the tests): a GET,
+/// returning (status code, body). Every error names `addr` and `path`.
 pub fn get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
     request("GET", addr, path, timeout)
 }
 
-/// A minimal HTTP request without a body (GET, POST): (status code, body).
+/// A request without a body (GET, POST) over HTTP/1.1 with
+/// `Connection: close`: connects within [`CONNECT_TIMEOUT`], then each
+/// write and read has `timeout`. Returns (status code, body); errors read
+/// `ADDR/PATH: what went wrong`.
 pub fn request(
     method: &str,
     addr: &str,
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
+    let err = |what: &str, e: &dyn std::fmt::Display| format!("{addr}{path}: {what}{e}");
     let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
-        .map_err(|e| format!("{addr}: {e}"))?
+        .map_err(|e| err("", &e))?
         .next()
-        .ok_or_else(|| format!("{addr}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(5))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+        .ok_or_else(|| err("", &"no address"))?;
+    let mut s =
+        TcpStream::connect_timeout(&sock, CONNECT_TIMEOUT).map_err(|e| err("connect: ", &e))?;
     s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| err("", &e))?;
+    // One write: a server that answers after its first read and closes
+    // would otherwise reset the connection on the unread rest.
+    let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send: {e}"))?;
+    );
+    s.write_all(req.as_bytes()).map_err(|e| err("send: ", &e))?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .map_err(|e| format!("read {addr}{path}: {e}"))?;
-    let text = String::from_utf8(raw).map_err(|_| "response is not UTF-8".to_string())?;
+    s.read_to_end(&mut raw).map_err(|e| err("read: ", &e))?;
+    let text = String::from_utf8(raw).map_err(|_| err("", &"response is not UTF-8"))?;
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or("response has no header end")?;
-    let code = head
+        .ok_or_else(|| err("", &"response has no header end"))?;
+    let line = head.lines().next().unwrap_or("");
+    let code = line
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line: {}", head.lines().next().unwrap_or("")))?;
+        .ok_or_else(|| err("bad status line: ", &line))?;
     Ok((code, body.to_string()))
 }
 
@@ -204,5 +215,66 @@ mod tests {
         assert!(parse_head("GET /a HTTP/1.\x07x\n\n").is_none());
         assert!(parse_head("GET /a HTTP/1.1x\r\n\r\n").is_none());
         assert!(parse_head("GET /a HTTP/1.0\r\n\r\n").is_some());
+    }
+
+    /// A one-connection HTTP server answering with `reply` once it has the
+    /// whole request head (which it returns through the join handle).
+    fn answer_once(reply: &'static [u8]) -> (String, std::thread::JoinHandle<String>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = Vec::new();
+            let mut buf = [0u8; 512];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "request cut short");
+                req.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(reply).unwrap();
+            String::from_utf8(req).unwrap()
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn client_returns_status_and_body() {
+        let (addr, h) = answer_once(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno");
+        let got = request(
+            "POST",
+            &addr,
+            "/v1/cache/purge?target=a",
+            Duration::from_secs(5),
+        );
+        assert_eq!(got, Ok((404, "no".to_string())));
+        let req = h.join().unwrap();
+        assert!(
+            req.starts_with("POST /v1/cache/purge?target=a HTTP/1.1\r\n"),
+            "{req}"
+        );
+        assert!(req.contains(&format!("\r\nHost: {addr}\r\n")), "{req}");
+    }
+
+    #[test]
+    fn client_errors_name_the_address() {
+        // Every failure says which server (and path) it was about.
+        for reply in [
+            &b"not http at all"[..],
+            b"HTTP/1.1 abc\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n\r\n\xff\xfe",
+        ] {
+            let (addr, h) = answer_once(reply);
+            let e = get(&addr, "/metrics", Duration::from_secs(5)).unwrap_err();
+            assert!(e.starts_with(&format!("{addr}/metrics: ")), "{e}");
+            h.join().unwrap();
+        }
+        // Nothing listening: the connect error names the address.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(l);
+        let e = get(&addr, "/metrics", Duration::from_secs(5)).unwrap_err();
+        assert!(e.starts_with(&format!("{addr}/metrics: connect: ")), "{e}");
+        let e = get("no-such-host.invalid:1", "/x", Duration::from_secs(5)).unwrap_err();
+        assert!(e.starts_with("no-such-host.invalid:1/x: "), "{e}");
     }
 }
