@@ -257,13 +257,15 @@ fn serve(
         eprintln!("beast: admin port on http://{a} (/metrics, /healthz, /readyz, /v1/models, /v1/stats, /debug/trace); /readyz answers 503 until start-up is done");
     }
     starting.step("loading models");
-    let repo = beast::model::load::load_repository(&cfg.models_dir, &cfg.batch.limits())?;
+    let mut repo = beast::model::load::load_repository(&cfg.models_dir, &cfg.batch.limits())?;
     if repo.models.is_empty() {
         return Err(format!(
             "{}: no model could be loaded",
             cfg.models_dir.display()
         ));
     }
+    starting.step("calibrating cascades");
+    beast::ensemble::calibrate::calibrate_cascades(&mut repo, &cfg.models_dir);
     eprintln!("beast: models from {}", cfg.models_dir.display());
     for versions in repo.models.values() {
         for m in versions {

@@ -4,6 +4,7 @@
 
 mod common;
 
+use beast::ensemble::calibrate::calibrate_cascades;
 use beast::model::load::load_repository;
 use beast::model::BatchLimits;
 use std::path::Path;
@@ -23,7 +24,10 @@ fn row(table: &str, name: &str) -> (f64, f64) {
 #[test]
 fn beast_eval_on_digits_meets_the_acceptance_figures() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let repo = load_repository(&root.join("models"), &BatchLimits::default()).unwrap();
+    let dir = root.join("models");
+    let mut repo = load_repository(&dir, &BatchLimits::default()).unwrap();
+    // As `beast serve` does: the digits cascade gets its calibrated threshold.
+    calibrate_cascades(&mut repo, &dir);
     let h = common::start_with(common::test_config(), repo);
     let out = Command::new(env!("CARGO_BIN_EXE_beast-eval"))
         .args(["--server", &h.addr.to_string(), "--target", "digits"])

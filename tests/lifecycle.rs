@@ -303,9 +303,9 @@ fn readyz_until(admin: SocketAddr, want: &str) -> (u16, String) {
     }
 }
 
-/// The slow repository plus an ensemble calibrated at load from
-/// `cal.csv`, which is a FIFO: loading blocks until the test writes the
-/// rows, so start-up is held in "loading models" for as long as needed.
+/// The slow repository plus an ensemble calibrated at start-up from
+/// `cal.csv`, which is a FIFO: calibration blocks until the test writes the
+/// rows, so start-up is held in "calibrating cascades" for as long as needed.
 fn repository_held_at_calibration(dir: &Path) -> (PathBuf, PathBuf) {
     let models = slow_repository(dir);
     std::fs::write(
@@ -333,7 +333,7 @@ fn calibration_csv() -> String {
 }
 
 #[test]
-fn during_model_load_the_admin_port_answers_and_sigterm_exits_0() {
+fn during_cascade_calibration_the_admin_port_answers_and_sigterm_exits_0() {
     let dir = common::temp_dir("startup-load");
     let (models, fifo) = repository_held_at_calibration(&dir);
     let cfg = config(&dir, "");
@@ -342,9 +342,9 @@ fn during_model_load_the_admin_port_answers_and_sigterm_exits_0() {
     let admin = b.admin();
     // Start-up is held reading the calibration FIFO.
     assert_eq!(fetch(admin, "/healthz"), (200, "ok\n".to_string()));
-    let (code, body) = readyz_until(admin, "starting");
+    let (code, body) = readyz_until(admin, "starting: calibrating cascades");
     assert_eq!(code, 503);
-    assert!(body.contains("loading models"), "{body}");
+    assert!(body.contains("calibrating cascades"), "{body}");
     assert_eq!(fetch(admin, "/v1/models").0, 503);
     let (code, metrics) = fetch(admin, "/metrics");
     assert_eq!(code, 200);
@@ -374,8 +374,8 @@ fn once_start_up_is_done_the_server_is_ready() {
     let listen = free_port();
     let mut b = Beast::spawn(&serve_args(&listen, &models, &cfg));
     let admin = b.admin();
-    readyz_until(admin, "loading models");
-    // Let the load go on: write the calibration rows into the FIFO.
+    readyz_until(admin, "calibrating cascades");
+    // Let start-up go on: write the calibration rows into the FIFO.
     std::fs::write(&fifo, calibration_csv()).unwrap();
     assert_eq!(readyz_until(admin, "ready"), (200, "ready\n".to_string()));
     assert_eq!(b.listening().to_string(), listen);

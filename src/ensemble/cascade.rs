@@ -1,8 +1,9 @@
 //! The cascade policy: run members cheapest first, combine what ran, stop
 //! as soon as every row of the request is confident.
 //!
-//! Owns: the confidence test and the start-up calibration that turns a
-//! target agreement with `all` into a threshold. The stepping itself lives
+//! Owns: the confidence test and the calibration search that turns a
+//! target agreement with `all` into a threshold (run at start-up by
+//! [`super::calibrate`]). The stepping itself lives
 //! on the request path (`server::shard`), which keeps the request's rows
 //! so later members can be enqueued after earlier ones answered.
 

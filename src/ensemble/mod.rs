@@ -6,9 +6,13 @@
 //! window and the per-domain accuracy it feeds ([`feedback`]), the learned
 //! weights ([`stacker`]) and the cost counters ([`cost`]).
 //! Knows nothing of devices or sockets: it sees member outputs as f32 rows.
+//! The one exception runs once before serving: [`calibrate`], the start-up
+//! step that runs a cascade's members over its calibration rows on the CPU
+//! backend to set the threshold.
 //! Everything here that runs per request works in buffers sized at start-up.
 
 pub mod bandit;
+pub mod calibrate;
 pub mod cascade;
 pub mod cost;
 pub mod feedback;

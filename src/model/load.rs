@@ -12,6 +12,11 @@
 //! same bytes the model is built from. Nothing is trusted: every
 //! shape, dtype and value is checked, a bad model/version/ensemble is refused
 //! with a one-line error naming the file and the field, and the rest load.
+//!
+//! The loader runs no inference and knows nothing of backends or ensemble
+//! policies: an ensemble's `calibration` rows are only parsed as a file
+//! name here; the cascade threshold is derived from them by a start-up
+//! step of its own, `ensemble::calibrate::calibrate_cascades`.
 
 use super::manifest::{self, ModelManifest};
 use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model, WeightsBuf};
@@ -54,6 +59,15 @@ impl Repository {
     fn refuse(&mut self, e: String) {
         eprintln!("beast: refused: {e}");
         self.errors.push(e);
+    }
+
+    /// Refuse an ensemble after load (a start-up step found it unusable:
+    /// `ensemble::calibrate`): remove it and record `e`, which names the
+    /// file and field, as one more refused ensemble.
+    pub fn refuse_ensemble(&mut self, name: &str, e: String) {
+        self.ensembles.remove(name);
+        self.refuse(e);
+        self.refused_ensembles += 1;
     }
 
     fn warn(&mut self, w: String) {
@@ -407,10 +421,7 @@ fn load_ensembles(repo: &mut Repository, dir: &Path) {
         Err(e) => return repo.refuse(format!("{}: {e}", path.display())),
     };
     for (name, spec) in entries {
-        match spec
-            .and_then(|s| check_ensemble(repo, s))
-            .and_then(|s| calibrate_cascade(repo, dir, s))
-        {
+        match spec.and_then(|s| check_ensemble(repo, s)) {
             Ok(s) => {
                 repo.ensembles.insert(name, s);
             }
@@ -450,75 +461,6 @@ fn check_ensemble(repo: &Repository, spec: EnsembleSpec) -> Result<EnsembleSpec,
             first = Some(model);
         }
     }
-    Ok(spec)
-}
-
-/// `cascade_target_agreement`: run every member over the calibration rows
-/// and set the threshold to the smallest whose cascade agrees with `all`
-/// on at least that fraction of them.
-fn calibrate_cascade(
-    repo: &Repository,
-    dir: &Path,
-    mut spec: EnsembleSpec,
-) -> Result<EnsembleSpec, String> {
-    use crate::backend::Backend;
-    use crate::ensemble::cascade;
-    let sel = &spec.selection;
-    let (Some(target), Some(file)) = (sel.cascade_target_agreement, sel.calibration.clone()) else {
-        return Ok(spec);
-    };
-    let path = format!("ensembles.{}.calibration", spec.name);
-    let file = dir.join(file);
-    let text = fs::read_to_string(&file).map_err(|e| format!("{path}: {}: {e}", file.display()))?;
-    let (x, width) = cascade::read_calibration_csv(&text)
-        .map_err(|e| format!("{path}: {}: {e}", file.display()))?;
-    let models: Vec<&Arc<Model>> = spec
-        .members
-        .iter()
-        .filter_map(|m| repo.model(m, None))
-        .collect();
-    let first = models[0];
-    if width != first.input_width {
-        return Err(format!(
-            "{path}: {} has {width} feature columns, the members take {}",
-            file.display(),
-            first.input_width
-        ));
-    }
-    let rows = x.len() / width;
-    let cols = first.output_width;
-    let mut backend = crate::backend::cpu::CpuBackend::new();
-    let mut outputs = Vec::new();
-    for m in &models {
-        let mut out = vec![0.0; rows * cols];
-        backend
-            .run(m, &x, rows, &mut out)
-            .map_err(|e| format!("{path}: running {}: {e}", m.name))?;
-        outputs.push(out);
-    }
-    let flops: Vec<u64> = models.iter().map(|m| m.flops_per_row()).collect();
-    let mut by_cost: Vec<u8> = (0..models.len() as u8).collect();
-    by_cost.sort_by_key(|&i| flops[i as usize]);
-    let weights = match spec.combiner {
-        super::Combiner::WeightedMean => spec.weights.clone(),
-        _ => vec![1.0; models.len()],
-    };
-    let (t, agreement, ran) = cascade::calibrate(
-        &outputs,
-        &by_cost,
-        spec.combiner,
-        &weights,
-        cols,
-        sel.cascade_metric,
-        target,
-    );
-    eprintln!(
-        "beast: ensembles.{}: cascade threshold {t:.3} from {rows} calibration rows: agreement with all {:.2}% (target {:.2}%), {ran:.2} members per row",
-        spec.name,
-        agreement * 100.0,
-        target * 100.0
-    );
-    spec.selection.cascade_threshold = t;
     Ok(spec)
 }
 

@@ -449,7 +449,8 @@ pub struct SelectionSpec {
     /// Stop the cascade when every row's metric is >= this.
     pub cascade_threshold: f32,
     pub cascade_metric: CascadeMetric,
-    /// If set, `cascade_threshold` is derived at load: the smallest
+    /// If set, `cascade_threshold` is derived at start-up, after the load
+    /// (`ensemble::calibrate`): the smallest
     /// threshold whose answers agree with `all` on at least this fraction
     /// of the `calibration` rows.
     pub cascade_target_agreement: Option<f32>,
