@@ -57,11 +57,12 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// `BEAST_CUDA_PRECISION=half` picks `Half`; anything else `Split`.
-    pub fn from_env() -> Precision {
-        match std::env::var("BEAST_CUDA_PRECISION").as_deref() {
-            Ok("half") => Precision::Half,
-            _ => Precision::Split,
+    /// `"split"` or `"half"` (the config's `cuda_precision`).
+    pub fn from_name(name: &str) -> Option<Precision> {
+        match name {
+            "split" => Some(Precision::Split),
+            "half" => Some(Precision::Half),
+            _ => None,
         }
     }
 
@@ -197,9 +198,9 @@ fn transform_code(t: OutputTransform) -> i32 {
 impl CudaBackend {
     /// Loads the driver, NVRTC and cuBLAS at run time, compiles the kernels
     /// for device `device_ordinal` and creates this backend's stream.
-    /// Precision from `BEAST_CUDA_PRECISION` (`split`, the default, or `half`).
+    /// Precision `Split` (the default; see [`CudaBackend::with_precision`]).
     pub fn new(device_ordinal: usize) -> Result<CudaBackend, String> {
-        Self::with_precision(device_ordinal, Precision::from_env())
+        Self::with_precision(device_ordinal, Precision::Split)
     }
 
     /// As [`CudaBackend::new`], with the precision given.

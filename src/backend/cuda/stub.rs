@@ -12,11 +12,12 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// `BEAST_CUDA_PRECISION=half` picks `Half`; anything else `Split`.
-    pub fn from_env() -> Precision {
-        match std::env::var("BEAST_CUDA_PRECISION").as_deref() {
-            Ok("half") => Precision::Half,
-            _ => Precision::Split,
+    /// `"split"` or `"half"` (the config's `cuda_precision`).
+    pub fn from_name(name: &str) -> Option<Precision> {
+        match name {
+            "split" => Some(Precision::Split),
+            "half" => Some(Precision::Half),
+            _ => None,
         }
     }
 }
@@ -28,7 +29,7 @@ pub struct CudaBackend {
 
 impl CudaBackend {
     pub fn new(device_ordinal: usize) -> Result<CudaBackend, String> {
-        Self::with_precision(device_ordinal, Precision::from_env())
+        Self::with_precision(device_ordinal, Precision::Split)
     }
 
     pub fn with_precision(_device_ordinal: usize, _p: Precision) -> Result<CudaBackend, String> {
