@@ -109,6 +109,9 @@ pub struct Config {
     /// `split` (f32-level accuracy) or `half` (activations in FP16): see
     /// docs/CUDA.md (`BEAST_CUDA_PRECISION` overrides it).
     pub cuda_precision: String,
+    /// Models whose weights the CUDA backend keeps on the device (per
+    /// shard); the least recently used is dropped for another one.
+    pub cuda_models_max: usize,
 }
 
 /// Prediction cache settings (docs/CACHE.md).
@@ -238,6 +241,7 @@ impl Default for Config {
             backend: default_backend().to_string(),
             cuda_device: 0,
             cuda_precision: "split".to_string(),
+            cuda_models_max: crate::backend::cuda::MODELS_MAX_DEFAULT,
         }
     }
 }
@@ -323,6 +327,7 @@ impl Config {
             kind,
             cuda_device: self.cuda_device,
             cuda_precision,
+            cuda_models_max: self.cuda_models_max,
         })
     }
 
@@ -481,6 +486,10 @@ impl Config {
             check(false, &e);
         }
         check(
+            (1..=4096).contains(&self.cuda_models_max),
+            "cuda_models_max: must be in 1..=4096",
+        );
+        check(
             (1..=1024).contains(&self.cache.value_f32_max),
             "cache.value_f32_max: must be in 1..=1024",
         );
@@ -594,7 +603,8 @@ mod tests {
             BackendChoice {
                 kind: BackendKind::Cuda,
                 cuda_device: 2,
-                cuda_precision: Precision::Half
+                cuda_precision: Precision::Half,
+                cuda_models_max: 32,
             }
         );
         let bad = |toml: &str, field: &str| {
@@ -612,6 +622,7 @@ mod tests {
         bad("deadline_heap_max = 16383", "deadline_heap_max");
         bad("backend = \"gpu\"", "backend");
         bad("cuda_precision = \"fp8\"", "cuda_precision");
+        bad("cuda_models_max = 0", "cuda_models_max");
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct BackendChoice {
     pub kind: BackendKind,
     pub cuda_device: usize,
     pub cuda_precision: cuda::Precision,
+    /// Models whose weights the CUDA backend keeps on the device.
+    pub cuda_models_max: usize,
 }
 
 /// `backend = "auto" | "cpu" | "cuda"`.
@@ -112,12 +114,14 @@ pub fn select_exact(choice: &BackendChoice) -> Result<Box<dyn Backend>, String> 
     let device = choice.cuda_device;
     let cuda = match CUDA_FAILED.get() {
         Some((d, reason)) if *d == device => Err(reason.clone()),
-        _ => cuda::CudaBackend::with_precision(device, choice.cuda_precision).map_err(|reason| {
-            CUDA_FAILED
-                .get_or_init(|| (device, reason.clone()))
-                .1
-                .clone()
-        }),
+        _ => cuda::CudaBackend::with_precision(device, choice.cuda_precision)
+            .map(|b| b.with_models_max(choice.cuda_models_max))
+            .map_err(|reason| {
+                CUDA_FAILED
+                    .get_or_init(|| (device, reason.clone()))
+                    .1
+                    .clone()
+            }),
     };
     match cuda {
         Ok(b) => Ok(Box::new(b)),

@@ -43,9 +43,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// The kernels, compiled at start-up by NVRTC.
 const MLP_SRC: &str = include_str!("../../../kernels/mlp.cu");
 
-/// Models kept resident per backend; the least recently used is dropped
-/// (its device memory freed) when another one arrives.
-const MAX_MODELS: usize = 32;
+/// Models kept resident per backend by default (the config's
+/// `cuda_models_max`); the least recently used is dropped (its device
+/// memory freed) when another one arrives.
+pub const MODELS_MAX_DEFAULT: usize = 32;
 
 /// How activations are fed to the FP16 GEMM (see the module comment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +140,8 @@ pub struct CudaBackend {
     /// Degenerate models (no layers) are handed to the CPU twin.
     cpu: CpuBackend,
     precision: Precision,
+    /// Models kept resident (`with_models_max`).
+    models_max: usize,
     name: String,
     device: String,
     tick: u64,
@@ -283,6 +286,7 @@ impl CudaBackend {
             ctx,
             cpu: CpuBackend::new(),
             precision,
+            models_max: MODELS_MAX_DEFAULT,
             name: match precision {
                 Precision::Split => "cuda".to_string(),
                 Precision::Half => "cuda-half".to_string(),
@@ -307,6 +311,13 @@ impl CudaBackend {
         self.precision
     }
 
+    /// Keep at most `n` (>= 1) models' weights on the device (default
+    /// [`MODELS_MAX_DEFAULT`]); the least recently used goes first.
+    pub fn with_models_max(mut self, n: usize) -> CudaBackend {
+        self.models_max = n.max(1);
+        self
+    }
+
     fn fail(&mut self, what: &str, e: impl std::fmt::Display) -> BackendError {
         self.last_error = Some(format!("{what}: {e}"));
         BackendError::Device
@@ -320,7 +331,7 @@ impl CudaBackend {
             self.models[i].last_used = self.tick;
             return Ok(i);
         }
-        if self.models.len() >= MAX_MODELS {
+        if self.models.len() >= self.models_max {
             if let Some(lru) = (0..self.models.len()).min_by_key(|&i| self.models[i].last_used) {
                 self.models.swap_remove(lru);
             }

@@ -22,6 +22,9 @@ impl Precision {
     }
 }
 
+/// As in the real backend.
+pub const MODELS_MAX_DEFAULT: usize = 32;
+
 /// Uninhabited: the stub can never be constructed.
 pub struct CudaBackend {
     never: std::convert::Infallible,
@@ -34,6 +37,10 @@ impl CudaBackend {
 
     pub fn with_precision(_device_ordinal: usize, _p: Precision) -> Result<CudaBackend, String> {
         Err("built without the cuda feature".to_string())
+    }
+
+    pub fn with_models_max(self, _n: usize) -> CudaBackend {
+        match self.never {}
     }
 
     pub fn device_name(&self) -> &str {
