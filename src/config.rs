@@ -4,6 +4,8 @@
 //! flags override it. Unknown keys are refused so a typo is not silently
 //! ignored. Relations between limits are checked in [`Config::validate`].
 
+use crate::backend::cuda::Precision;
+use crate::backend::{BackendChoice, BackendKind};
 use crate::model::BatchLimits;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -91,6 +93,25 @@ pub struct Config {
     /// load (the rest is served either way); by default a refusal keeps
     /// the server not ready, with the refusals as the reason.
     pub ready_with_refused: bool,
+    /// Deadline-policy ensemble requests whose deadline the straggler
+    /// cutoff watches per shard (its heap also holds answered requests
+    /// until their deadline passes). `None`: 2 × `ensemble_in_flight_per_shard_max`.
+    /// Must be >= `ensemble_in_flight_per_shard_max`; below 2× that the
+    /// heap is purged of answered requests more often (CPU, not correctness).
+    pub deadline_heap_max: Option<usize>,
+    /// Which backend computes: `auto` (CUDA if it starts, else CPU), `cpu`
+    /// or `cuda` (CPU with one log line if CUDA does not start). Default
+    /// `auto` when built with the `cuda` feature, `cpu` otherwise.
+    /// `BEAST_BACKEND` overrides it, `beast serve --backend` overrides both.
+    pub backend: String,
+    /// CUDA device ordinal (`BEAST_CUDA_DEVICE` overrides it).
+    pub cuda_device: usize,
+    /// `split` (f32-level accuracy) or `half` (activations in FP16): see
+    /// docs/CUDA.md (`BEAST_CUDA_PRECISION` overrides it).
+    pub cuda_precision: String,
+    /// Models whose weights the CUDA backend keeps on the device (per
+    /// shard); the least recently used is dropped for another one.
+    pub cuda_models_max: usize,
 }
 
 /// Prediction cache settings (docs/CACHE.md).
@@ -99,8 +120,11 @@ pub struct Config {
 pub struct CacheSettings {
     /// Master switch; per-target switches are in `targets`.
     pub enabled: bool,
-    /// L1 entries per core (rounded to whole 8-way sets).
+    /// L1 entries per core (rounded to whole `l1_ways`-way sets).
     pub l1_entries: usize,
+    /// L1 associativity: keys one set holds (1..=64); a lookup compares up
+    /// to this many keys.
+    pub l1_ways: usize,
     /// L2 file shared by all cores and kept across restarts; "" = no L2.
     /// A relative path is relative to the working directory.
     pub l2_path: PathBuf,
@@ -112,6 +136,10 @@ pub struct CacheSettings {
     pub coalesce_keys_max: usize,
     /// Requests that may wait on one in-flight key.
     pub coalesce_waiters_per_key_max: usize,
+    /// Requests waiting on in-flight keys at once per core, all keys
+    /// together; beyond it requests compute on their own. `None`:
+    /// 4 × `coalesce_keys_max`.
+    pub coalesce_waiters_max: Option<usize>,
     /// Per-target overrides: `[cache.targets.NAME] enabled = false`, `ttl_s = 60`.
     pub targets: std::collections::BTreeMap<String, TargetCache>,
 }
@@ -131,11 +159,13 @@ impl Default for CacheSettings {
         CacheSettings {
             enabled: true,
             l1_entries: 16 * 1024,
+            l1_ways: 8,
             l2_path: PathBuf::from("beast-l2.cache"),
             l2_bytes: 64 << 20,
             value_f32_max: 16,
             coalesce_keys_max: 4096,
             coalesce_waiters_per_key_max: 256,
+            coalesce_waiters_max: None,
             targets: Default::default(),
         }
     }
@@ -207,9 +237,30 @@ impl Default for Config {
             trace_ring_records: 16384,
             cache: CacheSettings::default(),
             ready_with_refused: false,
+            deadline_heap_max: None,
+            backend: default_backend().to_string(),
+            cuda_device: 0,
+            cuda_precision: "split".to_string(),
+            cuda_models_max: crate::backend::cuda::MODELS_MAX_DEFAULT,
         }
     }
 }
+
+/// `auto` when built with the `cuda` feature, `cpu` otherwise.
+pub fn default_backend() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "auto"
+    } else {
+        "cpu"
+    }
+}
+
+/// The environment variables that override the backend fields (docs/CUDA.md).
+pub const BACKEND_ENV: [(&str, &str); 3] = [
+    ("BEAST_BACKEND", "backend"),
+    ("BEAST_CUDA_DEVICE", "cuda_device"),
+    ("BEAST_CUDA_PRECISION", "cuda_precision"),
+];
 
 impl Config {
     /// Read a TOML config file; errors name the file (and the field, via toml's message).
@@ -239,6 +290,73 @@ impl Config {
                 .map(Some)
                 .map_err(|e| format!("admin_listen {a}: {e}")),
         }
+    }
+
+    /// Waiters the coalescer holds per shard, all keys together.
+    pub fn coalesce_waiters_max(&self) -> usize {
+        self.cache
+            .coalesce_waiters_max
+            .unwrap_or(self.cache.coalesce_keys_max.saturating_mul(4))
+    }
+
+    /// Capacity of the straggler cutoff's deadline heap per shard.
+    pub fn deadline_heap_max(&self) -> usize {
+        self.deadline_heap_max
+            .unwrap_or(self.ensemble_in_flight_per_shard_max.saturating_mul(2))
+    }
+
+    /// The backend fields as the backend module takes them.
+    pub fn backend_choice(&self) -> Result<BackendChoice, String> {
+        let kind = match self.backend.as_str() {
+            "auto" => BackendKind::Auto,
+            "cpu" => BackendKind::Cpu,
+            "cuda" => BackendKind::Cuda,
+            other => {
+                return Err(format!(
+                    "backend: unknown backend {other:?} (auto, cpu, cuda)"
+                ))
+            }
+        };
+        let cuda_precision = Precision::from_name(&self.cuda_precision).ok_or_else(|| {
+            format!(
+                "cuda_precision: unknown precision {:?} (split, half)",
+                self.cuda_precision
+            )
+        })?;
+        Ok(BackendChoice {
+            kind,
+            cuda_device: self.cuda_device,
+            cuda_precision,
+            cuda_models_max: self.cuda_models_max,
+        })
+    }
+
+    /// Apply the backend environment variables (`BEAST_BACKEND`,
+    /// `BEAST_CUDA_DEVICE`, `BEAST_CUDA_PRECISION`; `var` reads one): each
+    /// one set overrides its config field. Returns a line per override, for
+    /// the log; a value that cannot be read is an error naming the variable.
+    pub fn apply_backend_env(
+        &mut self,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<String>, String> {
+        let mut applied = Vec::new();
+        for (name, field) in BACKEND_ENV {
+            let Some(v) = var(name) else { continue };
+            let bad = |expected: &str| format!("{name}={v:?}: expected {expected}");
+            match field {
+                "backend" if ["auto", "cpu", "cuda"].contains(&v.as_str()) => {
+                    self.backend = v.clone()
+                }
+                "backend" => return Err(bad("auto, cpu or cuda")),
+                "cuda_device" => {
+                    self.cuda_device = v.parse().map_err(|_| bad("a device ordinal (0, 1, ...)"))?
+                }
+                _ if Precision::from_name(&v).is_some() => self.cuda_precision = v.clone(),
+                _ => return Err(bad("split or half")),
+            }
+            applied.push(format!("{name}={v} overrides the config's {field}"));
+        }
+        Ok(applied)
     }
 
     /// Check every limit and the relations between them, once.
@@ -343,7 +461,34 @@ impl Config {
             (1..=1 << 22).contains(&self.trace_ring_records),
             "trace_ring_records: must be within 1..=4194304",
         );
-        check(self.cache.l1_entries >= 8, "cache.l1_entries: must be >= 8");
+        check(
+            (1..=64).contains(&self.cache.l1_ways),
+            "cache.l1_ways: must be in 1..=64",
+        );
+        check(
+            self.cache.l1_entries >= self.cache.l1_ways,
+            "cache.l1_entries: must be >= cache.l1_ways (one whole set)",
+        );
+        check(
+            (1..=1 << 30).contains(&self.coalesce_waiters_max()),
+            "cache.coalesce_waiters_max: must be in 1..=1073741824",
+        );
+        check(
+            self.cache.coalesce_waiters_per_key_max <= 1 << 30,
+            "cache.coalesce_waiters_per_key_max: must be <= 1073741824",
+        );
+        check(
+            self.deadline_heap_max() >= self.ensemble_in_flight_per_shard_max
+                && self.deadline_heap_max() <= 1 << 30,
+            "deadline_heap_max: must be >= ensemble_in_flight_per_shard_max (every ensemble request in flight must fit) and <= 1073741824",
+        );
+        if let Err(e) = self.backend_choice() {
+            check(false, &e);
+        }
+        check(
+            (1..=4096).contains(&self.cuda_models_max),
+            "cuda_models_max: must be in 1..=4096",
+        );
         check(
             (1..=1024).contains(&self.cache.value_f32_max),
             "cache.value_f32_max: must be in 1..=1024",
@@ -423,6 +568,102 @@ mod tests {
         };
         let e = c.validate().unwrap_err();
         assert!(e.contains("pending_bytes_per_connection_max"), "{e}");
+    }
+
+    #[test]
+    fn knobs_default_to_the_former_constants_and_are_checked() {
+        let c = Config::default();
+        assert_eq!(c.cache.l1_ways, 8);
+        assert_eq!(c.coalesce_waiters_max(), 4 * c.cache.coalesce_keys_max);
+        assert_eq!(
+            c.deadline_heap_max(),
+            2 * c.ensemble_in_flight_per_shard_max
+        );
+        assert_eq!(c.backend, default_backend());
+        let b = c.backend_choice().unwrap();
+        assert_eq!((b.cuda_device, b.cuda_precision), (0, Precision::Split));
+        // The derived defaults follow the limit they derive from.
+        let c: Config =
+            toml::from_str("ensemble_in_flight_per_shard_max = 10\n[cache]\ncoalesce_keys_max = 3")
+                .unwrap();
+        assert_eq!((c.deadline_heap_max(), c.coalesce_waiters_max()), (20, 12));
+        let c: Config = toml::from_str(
+            "deadline_heap_max = 50000\nbackend = \"cuda\"\ncuda_device = 2\n\
+             cuda_precision = \"half\"\n[cache]\nl1_ways = 4\ncoalesce_waiters_max = 9",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            (c.deadline_heap_max(), c.coalesce_waiters_max()),
+            (50000, 9)
+        );
+        assert_eq!(c.cache.l1_ways, 4);
+        assert_eq!(
+            c.backend_choice().unwrap(),
+            BackendChoice {
+                kind: BackendKind::Cuda,
+                cuda_device: 2,
+                cuda_precision: Precision::Half,
+                cuda_models_max: 32,
+            }
+        );
+        let bad = |toml: &str, field: &str| {
+            let c: Config = toml::from_str(toml).unwrap();
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(field), "{toml}: {e}");
+        };
+        bad("[cache]\nl1_ways = 0", "cache.l1_ways");
+        bad("[cache]\nl1_ways = 65", "cache.l1_ways");
+        bad("[cache]\nl1_ways = 16\nl1_entries = 8", "cache.l1_entries");
+        bad(
+            "[cache]\ncoalesce_waiters_max = 0",
+            "cache.coalesce_waiters_max",
+        );
+        bad("deadline_heap_max = 16383", "deadline_heap_max");
+        bad("backend = \"gpu\"", "backend");
+        bad("cuda_precision = \"fp8\"", "cuda_precision");
+        bad("cuda_models_max = 0", "cuda_models_max");
+    }
+
+    #[test]
+    fn backend_environment_overrides_the_file() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let mut c: Config = toml::from_str("backend = \"cuda\"\ncuda_device = 1").unwrap();
+        let lines = c.apply_backend_env(env(&[])).unwrap();
+        assert!(lines.is_empty());
+        assert_eq!((c.backend.as_str(), c.cuda_device), ("cuda", 1));
+        let lines = c
+            .apply_backend_env(env(&[
+                ("BEAST_BACKEND", "cpu"),
+                ("BEAST_CUDA_DEVICE", "3"),
+                ("BEAST_CUDA_PRECISION", "half"),
+            ]))
+            .unwrap();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        assert!(lines[0].contains("BEAST_BACKEND=cpu"), "{lines:?}");
+        assert_eq!(
+            (c.backend.as_str(), c.cuda_device, c.cuda_precision.as_str()),
+            ("cpu", 3, "half")
+        );
+        for (pairs, name) in [
+            (&[("BEAST_BACKEND", "gpu")][..], "BEAST_BACKEND"),
+            (&[("BEAST_CUDA_DEVICE", "x")][..], "BEAST_CUDA_DEVICE"),
+            (
+                &[("BEAST_CUDA_PRECISION", "fp8")][..],
+                "BEAST_CUDA_PRECISION",
+            ),
+        ] {
+            let pairs: &'static [(&str, &str)] = pairs;
+            let e = Config::default().apply_backend_env(env(pairs)).unwrap_err();
+            assert!(e.starts_with(name), "{e}");
+        }
     }
 
     #[test]

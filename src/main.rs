@@ -47,6 +47,10 @@ enum Cmd {
         /// CPUs to run shards on, e.g. "0" or "0,2-3" (default: all).
         #[arg(long)]
         cores: Option<String>,
+        /// Backend: auto, cpu or cuda (default: auto with the cuda feature,
+        /// cpu without); overrides the config file and BEAST_BACKEND.
+        #[arg(long, value_parser = ["auto", "cpu", "cuda"])]
+        backend: Option<String>,
         /// TOML config file; flags override it (see docs/CONFIG.md).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -133,8 +137,16 @@ fn main() -> ExitCode {
             listen,
             admin_listen,
             cores,
+            backend,
             config,
-        } => serve(models, listen, admin_listen, cores, config),
+        } => serve(ServeArgs {
+            models,
+            listen,
+            admin_listen,
+            cores,
+            backend,
+            config,
+        }),
         Cmd::Predict {
             server,
             target,
@@ -224,13 +236,24 @@ fn parse_cores(s: &str) -> Result<Vec<usize>, String> {
     Ok(out)
 }
 
-fn serve(
+struct ServeArgs {
     models: Option<PathBuf>,
     listen: Option<String>,
     admin_listen: Option<String>,
     cores: Option<String>,
+    backend: Option<String>,
     config: Option<PathBuf>,
-) -> Result<(), String> {
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let ServeArgs {
+        models,
+        listen,
+        admin_listen,
+        cores,
+        backend,
+        config,
+    } = args;
     // Signals first: SIGINT/SIGTERM during the slow start-up steps exit 0
     // at once; once the server runs they stop it gracefully.
     let running = on_stop_signals()?;
@@ -249,6 +272,16 @@ fn serve(
     }
     if let Some(c) = cores {
         cfg.cores = parse_cores(&c)?;
+    }
+    // The backend: the flag, else BEAST_BACKEND (and friends), else the file.
+    for line in cfg.apply_backend_env(|name| std::env::var(name).ok())? {
+        eprintln!("beast: backend: {line}");
+    }
+    if let Some(b) = backend {
+        if cfg.backend != b && std::env::var("BEAST_BACKEND").is_ok() {
+            eprintln!("beast: backend: --backend {b} overrides BEAST_BACKEND");
+        }
+        cfg.backend = b;
     }
     // Checks the port and brings up the admin port before the slow steps.
     let starting = beast::server::Starting::begin(cfg)?;

@@ -13,12 +13,29 @@ fn serve(
     args: &[&str],
     dir: &std::path::Path,
 ) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    let (child, addr, rx, _) = serve_with(args, dir, "", &[]);
+    (child, addr, rx)
+}
+
+/// `serve` with `toml` at the top of its config file and `env` set; also
+/// returns the log up to the "listening on" line (included).
+fn serve_with(
+    args: &[&str],
+    dir: &std::path::Path,
+    toml: &str,
+    env: &[(&str, &str)],
+) -> (
+    Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+    Vec<String>,
+) {
     // Keep the cache file out of the working tree.
     let cfg = dir.join("beast.toml");
     std::fs::write(
         &cfg,
         format!(
-            "admin_listen = \"127.0.0.1:0\"\n[cache]\nl2_path = \"{}\"\nl2_bytes = 1048576\n",
+            "{toml}\nadmin_listen = \"127.0.0.1:0\"\n[cache]\nl2_path = \"{}\"\nl2_bytes = 1048576\n",
             dir.join("l2.cache").display()
         ),
     )
@@ -34,6 +51,10 @@ fn serve(
         ])
         .arg(&cfg)
         .args(args)
+        .env_remove("BEAST_BACKEND")
+        .env_remove("BEAST_CUDA_DEVICE")
+        .env_remove("BEAST_CUDA_PRECISION")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -48,7 +69,8 @@ fn serve(
         };
         if let Some(rest) = line.split("listening on ").nth(1) {
             let addr = rest.split_whitespace().next().unwrap().to_string();
-            return (child, addr, rx);
+            log.push(line);
+            return (child, addr, rx, log);
         }
         log.push(line);
     }
@@ -219,4 +241,78 @@ fn a_bad_repository_is_reported_with_file_and_field() {
         err.contains("broken/model.toml") && err.contains("activation"),
         "{err}"
     );
+}
+
+/// The backend: `--backend` over `BEAST_BACKEND` over the config file's
+/// `backend`; the choice (and a CUDA fallback) is logged; a bad value
+/// anywhere stops start-up with a message naming it.
+#[test]
+fn backend_flag_environment_and_file() {
+    let dir = common::temp_dir("cli-backend");
+    // The environment overrides the file.
+    let (child, _, rx, log) =
+        serve_with(&[], &dir, "backend = \"cuda\"", &[("BEAST_BACKEND", "cpu")]);
+    sigterm_and_wait(child, rx);
+    let all = log.join("\n");
+    assert!(
+        all.contains("BEAST_BACKEND=cpu overrides the config's backend"),
+        "{all}"
+    );
+    assert!(!all.contains("CUDA unavailable"), "{all}");
+    assert!(log.last().unwrap().contains("backend cpu"), "{all}");
+    // The flag overrides both: CUDA is tried (here it may not start, and
+    // the fallback says why).
+    let (child, _, rx, log) = serve_with(
+        &["--backend", "cuda"],
+        &dir,
+        "backend = \"cpu\"",
+        &[("BEAST_BACKEND", "cpu")],
+    );
+    sigterm_and_wait(child, rx);
+    let all = log.join("\n");
+    assert!(
+        all.contains("--backend cuda overrides BEAST_BACKEND"),
+        "{all}"
+    );
+    assert!(
+        all.contains("beast: backend: CUDA unavailable (")
+            || log.last().unwrap().contains("backend cuda"),
+        "{all}"
+    );
+    // Bad values, each named.
+    let cfg = dir.join("bad.toml");
+    for (toml, env, flag, named) in [
+        ("", Some("gpu"), None, "BEAST_BACKEND=\"gpu\""),
+        (
+            "backend = \"gpu\"",
+            None,
+            None,
+            "backend: unknown backend \"gpu\"",
+        ),
+        ("cuda_precision = \"fp8\"", None, None, "cuda_precision"),
+        ("", None, Some("gpu"), "--backend"),
+    ] {
+        std::fs::write(&cfg, format!("admin_listen = \"off\"\n{toml}")).unwrap();
+        let mut cmd = Command::new(BEAST);
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "0",
+            "--config",
+        ])
+        .arg(&cfg)
+        .env_remove("BEAST_BACKEND");
+        if let Some(v) = env {
+            cmd.env("BEAST_BACKEND", v);
+        }
+        if let Some(f) = flag {
+            cmd.args(["--backend", f]);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{toml} {env:?} {flag:?}: {err}");
+        assert!(err.contains(named), "{named}: {err}");
+    }
 }

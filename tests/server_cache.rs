@@ -277,3 +277,25 @@ fn a_new_model_version_never_gets_old_answers() {
     assert_eq!(p.outputs, direct(&model("m"), &inputs[0], 1));
     server.shutdown();
 }
+
+/// `cache.l1_ways` reaches the L1 table: with one set of one way, a second
+/// input evicts the first (with the former fixed 8 ways both would stay).
+#[test]
+fn l1_ways_is_the_configured_associativity() {
+    let mut cfg = test_config();
+    cfg.cache.l1_entries = 1;
+    cfg.cache.l1_ways = 1;
+    let server = start_with(cfg, test_repository(300_000));
+    let client = Client::connect(server.addr).unwrap();
+    let (x, y) = (rows(31, 1, WIDTH), rows(32, 1, WIDTH));
+    assert!(!client.predict(&spec("b", 1, WIDTH, &x)).unwrap().cached);
+    assert!(client.predict(&spec("b", 1, WIDTH, &x)).unwrap().cached);
+    assert!(!client.predict(&spec("b", 1, WIDTH, &y)).unwrap().cached);
+    assert!(
+        !client.predict(&spec("b", 1, WIDTH, &x)).unwrap().cached,
+        "one slot: y evicted x"
+    );
+    assert!(client.predict(&spec("b", 1, WIDTH, &x)).unwrap().cached);
+    let totals = server.shutdown();
+    assert_eq!(totals.cache_hits_l1, 2);
+}

@@ -14,9 +14,9 @@
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
-pub use device::{CudaBackend, Precision};
+pub use device::{CudaBackend, Precision, MODELS_MAX_DEFAULT};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;
 #[cfg(not(feature = "cuda"))]
-pub use stub::{CudaBackend, Precision};
+pub use stub::{CudaBackend, Precision, MODELS_MAX_DEFAULT};

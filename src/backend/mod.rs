@@ -50,34 +50,47 @@ pub trait Backend {
     ) -> Result<(), BackendError>;
 }
 
-/// The backend a shard uses, chosen by `BEAST_BACKEND`:
-/// - `cpu`: the CPU backend;
-/// - `cuda`: the CUDA backend on device `BEAST_CUDA_DEVICE` (default 0);
-/// - `auto` (the default when built with the `cuda` feature; `cpu` otherwise):
-///   CUDA if it starts, else the CPU backend.
+/// Which backend a shard uses: the config's `backend`, `cuda_device` and
+/// `cuda_precision` fields (docs/CONFIG.md, docs/CUDA.md), parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendChoice {
+    pub kind: BackendKind,
+    pub cuda_device: usize,
+    pub cuda_precision: cuda::Precision,
+    /// Models whose weights the CUDA backend keeps on the device.
+    pub cuda_models_max: usize,
+}
+
+/// `backend = "auto" | "cpu" | "cuda"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// CUDA if it starts, else the CPU backend.
+    Auto,
+    Cpu,
+    /// CUDA; the CPU backend (with one log line) if it does not start.
+    Cuda,
+}
+
+/// The backend a shard uses, as `choice` says:
+/// - `Cpu`: the CPU backend;
+/// - `Cuda`: the CUDA backend on device `cuda_device`;
+/// - `Auto`: CUDA if it starts, else the CPU backend.
 ///
-/// Never fails: when CUDA was asked for (or `auto`) and does not start, or
-/// the name is unknown, it logs one line per process
+/// Never fails: when CUDA was asked for (or `auto`) and does not start, it
+/// logs one line per process
 /// (`beast: backend: CUDA unavailable (<reason>), using CPU`) and returns
 /// the CPU backend. A CUDA failure is remembered, so the other shards do not
 /// retry it.
-pub fn select() -> Box<dyn Backend> {
-    let default = if cfg!(feature = "cuda") {
-        "auto"
-    } else {
-        "cpu"
-    };
-    let name = std::env::var("BEAST_BACKEND").unwrap_or_else(|_| default.to_string());
-    if name == "cpu" {
-        return Box::new(cpu::CpuBackend::new());
-    } else if name != "cuda" && name != "auto" {
-        log_once(&format!(
-            "beast: backend: unknown BEAST_BACKEND={name:?} (cpu, cuda, auto), using CPU"
-        ));
+pub fn select(choice: &BackendChoice) -> Box<dyn Backend> {
+    if choice.kind == BackendKind::Cpu {
         return Box::new(cpu::CpuBackend::new());
     }
     // `auto` and `cuda` both try CUDA here so that `auto` logs its fallback.
-    match select_named("cuda") {
+    let cuda = BackendChoice {
+        kind: BackendKind::Cuda,
+        ..*choice
+    };
+    match select_exact(&cuda) {
         Ok(b) => b,
         Err(reason) => {
             log_once(&format!(
@@ -88,34 +101,32 @@ pub fn select() -> Box<dyn Backend> {
     }
 }
 
-/// The backend named `cpu`, `cuda` or `auto` (see [`select`]); `Err` with the
-/// reason when `cuda` does not start or the name is unknown. `auto` never
-/// fails (it falls back to the CPU without logging).
-pub fn select_named(name: &str) -> Result<Box<dyn Backend>, String> {
+/// As [`select`], but `Err` with the reason when `Cuda` does not start.
+/// `Auto` never fails (it falls back to the CPU without logging).
+pub fn select_exact(choice: &BackendChoice) -> Result<Box<dyn Backend>, String> {
     use std::sync::OnceLock;
-    /// Why CUDA did not start, the first time it was tried in this process.
-    static CUDA_FAILED: OnceLock<String> = OnceLock::new();
-    match name {
-        "cpu" => Ok(Box::new(cpu::CpuBackend::new())),
-        "cuda" | "auto" => {
-            let cuda = match CUDA_FAILED.get() {
-                Some(reason) => Err(reason.clone()),
-                None => {
-                    let ordinal = std::env::var("BEAST_CUDA_DEVICE")
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
-                    cuda::CudaBackend::new(ordinal)
-                        .map_err(|reason| CUDA_FAILED.get_or_init(|| reason).clone())
-                }
-            };
-            match cuda {
-                Ok(b) => Ok(Box::new(b)),
-                Err(_) if name == "auto" => Ok(Box::new(cpu::CpuBackend::new())),
-                Err(reason) => Err(reason),
-            }
-        }
-        other => Err(format!("unknown backend {other:?} (cpu, cuda, auto)")),
+    /// Why CUDA did not start on a device, the first time it was tried in
+    /// this process (device ordinal, reason).
+    static CUDA_FAILED: OnceLock<(usize, String)> = OnceLock::new();
+    if choice.kind == BackendKind::Cpu {
+        return Ok(Box::new(cpu::CpuBackend::new()));
+    }
+    let device = choice.cuda_device;
+    let cuda = match CUDA_FAILED.get() {
+        Some((d, reason)) if *d == device => Err(reason.clone()),
+        _ => cuda::CudaBackend::with_precision(device, choice.cuda_precision)
+            .map(|b| b.with_models_max(choice.cuda_models_max))
+            .map_err(|reason| {
+                CUDA_FAILED
+                    .get_or_init(|| (device, reason.clone()))
+                    .1
+                    .clone()
+            }),
+    };
+    match cuda {
+        Ok(b) => Ok(Box::new(b)),
+        Err(_) if choice.kind == BackendKind::Auto => Ok(Box::new(cpu::CpuBackend::new())),
+        Err(reason) => Err(reason),
     }
 }
 

@@ -197,14 +197,14 @@ impl ShardCache {
     pub fn new(cfg: &Config, shared: Arc<CacheShared>) -> Result<ShardCache, String> {
         let c = &cfg.cache;
         let l1 = L1Cache::new(L1Config {
-            sets: (c.l1_entries / 8).max(1),
-            ways: 8,
+            sets: (c.l1_entries / c.l1_ways).max(1),
+            ways: c.l1_ways,
             value_f32_max: c.value_f32_max,
         })?;
         let coalescer = Coalescer::new(CoalesceConfig {
             keys_max: c.coalesce_keys_max,
             waiters_per_key_max: c.coalesce_waiters_per_key_max,
-            waiters_total_max: c.coalesce_keys_max * 4,
+            waiters_total_max: cfg.coalesce_waiters_max(),
         })?;
         Ok(ShardCache {
             enabled: c.enabled,

@@ -400,7 +400,13 @@ async fn run_shard(start: ShardStart) {
         cache,
         selection,
     } = start;
-    let backend = backend::select();
+    let backend = match cfg.backend_choice() {
+        Ok(choice) => backend::select(&choice),
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {id}: {e}")));
+            return;
+        }
+    };
     let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics, cache, selection) {
         Ok(s) => Rc::new(s),
         Err(e) => {

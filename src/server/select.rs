@@ -56,7 +56,7 @@ impl SelState {
         } else {
             cfg.feedback_window
         };
-        let deadlines_max = 2 * cfg.ensemble_in_flight_per_shard_max;
+        let deadlines_max = cfg.deadline_heap_max();
         SelState {
             domains: plans.iter().map(|_| DomainTable::new(domains)).collect(),
             learned: plans
@@ -106,8 +106,9 @@ impl SelState {
         if self.deadlines.len() >= self.deadlines_max {
             self.deadlines.retain(|Reverse((_, k, g))| is_live(*k, *g));
         }
-        // Entries in flight are fewer than half the capacity, so after the
-        // purge there is room.
+        // Entries in flight are fewer than the capacity (`deadline_heap_max`
+        // >= `ensemble_in_flight_per_shard_max`, checked at start), and this
+        // one's entry is among them, so after the purge there is room.
         if self.deadlines.len() < self.deadlines_max {
             self.deadlines.push(Reverse((at, k, generation)));
         }

@@ -43,9 +43,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// The kernels, compiled at start-up by NVRTC.
 const MLP_SRC: &str = include_str!("../../../kernels/mlp.cu");
 
-/// Models kept resident per backend; the least recently used is dropped
-/// (its device memory freed) when another one arrives.
-const MAX_MODELS: usize = 32;
+/// Models kept resident per backend by default (the config's
+/// `cuda_models_max`); the least recently used is dropped (its device
+/// memory freed) when another one arrives.
+pub const MODELS_MAX_DEFAULT: usize = 32;
 
 /// How activations are fed to the FP16 GEMM (see the module comment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,11 +58,12 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// `BEAST_CUDA_PRECISION=half` picks `Half`; anything else `Split`.
-    pub fn from_env() -> Precision {
-        match std::env::var("BEAST_CUDA_PRECISION").as_deref() {
-            Ok("half") => Precision::Half,
-            _ => Precision::Split,
+    /// `"split"` or `"half"` (the config's `cuda_precision`).
+    pub fn from_name(name: &str) -> Option<Precision> {
+        match name {
+            "split" => Some(Precision::Split),
+            "half" => Some(Precision::Half),
+            _ => None,
         }
     }
 
@@ -138,6 +140,8 @@ pub struct CudaBackend {
     /// Degenerate models (no layers) are handed to the CPU twin.
     cpu: CpuBackend,
     precision: Precision,
+    /// Models kept resident (`with_models_max`).
+    models_max: usize,
     name: String,
     device: String,
     tick: u64,
@@ -197,9 +201,9 @@ fn transform_code(t: OutputTransform) -> i32 {
 impl CudaBackend {
     /// Loads the driver, NVRTC and cuBLAS at run time, compiles the kernels
     /// for device `device_ordinal` and creates this backend's stream.
-    /// Precision from `BEAST_CUDA_PRECISION` (`split`, the default, or `half`).
+    /// Precision `Split` (the default; see [`CudaBackend::with_precision`]).
     pub fn new(device_ordinal: usize) -> Result<CudaBackend, String> {
-        Self::with_precision(device_ordinal, Precision::from_env())
+        Self::with_precision(device_ordinal, Precision::Split)
     }
 
     /// As [`CudaBackend::new`], with the precision given.
@@ -282,6 +286,7 @@ impl CudaBackend {
             ctx,
             cpu: CpuBackend::new(),
             precision,
+            models_max: MODELS_MAX_DEFAULT,
             name: match precision {
                 Precision::Split => "cuda".to_string(),
                 Precision::Half => "cuda-half".to_string(),
@@ -306,6 +311,13 @@ impl CudaBackend {
         self.precision
     }
 
+    /// Keep at most `n` (>= 1) models' weights on the device (default
+    /// [`MODELS_MAX_DEFAULT`]); the least recently used goes first.
+    pub fn with_models_max(mut self, n: usize) -> CudaBackend {
+        self.models_max = n.max(1);
+        self
+    }
+
     fn fail(&mut self, what: &str, e: impl std::fmt::Display) -> BackendError {
         self.last_error = Some(format!("{what}: {e}"));
         BackendError::Device
@@ -319,7 +331,7 @@ impl CudaBackend {
             self.models[i].last_used = self.tick;
             return Ok(i);
         }
-        if self.models.len() >= MAX_MODELS {
+        if self.models.len() >= self.models_max {
             if let Some(lru) = (0..self.models.len()).min_by_key(|&i| self.models[i].last_used) {
                 self.models.swap_remove(lru);
             }

@@ -12,14 +12,18 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// `BEAST_CUDA_PRECISION=half` picks `Half`; anything else `Split`.
-    pub fn from_env() -> Precision {
-        match std::env::var("BEAST_CUDA_PRECISION").as_deref() {
-            Ok("half") => Precision::Half,
-            _ => Precision::Split,
+    /// `"split"` or `"half"` (the config's `cuda_precision`).
+    pub fn from_name(name: &str) -> Option<Precision> {
+        match name {
+            "split" => Some(Precision::Split),
+            "half" => Some(Precision::Half),
+            _ => None,
         }
     }
 }
+
+/// As in the real backend.
+pub const MODELS_MAX_DEFAULT: usize = 32;
 
 /// Uninhabited: the stub can never be constructed.
 pub struct CudaBackend {
@@ -28,11 +32,15 @@ pub struct CudaBackend {
 
 impl CudaBackend {
     pub fn new(device_ordinal: usize) -> Result<CudaBackend, String> {
-        Self::with_precision(device_ordinal, Precision::from_env())
+        Self::with_precision(device_ordinal, Precision::Split)
     }
 
     pub fn with_precision(_device_ordinal: usize, _p: Precision) -> Result<CudaBackend, String> {
         Err("built without the cuda feature".to_string())
+    }
+
+    pub fn with_models_max(self, _n: usize) -> CudaBackend {
+        match self.never {}
     }
 
     pub fn device_name(&self) -> &str {
