@@ -305,8 +305,18 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             let dims: Vec<String> = std::iter::once(m.input_width.to_string())
                 .chain(m.layers.iter().map(|l| l.out_dim.to_string()))
                 .collect();
+            // The delay bounds a wait only for a model that asks for
+            // fuller batches (docs/CONFIG.md): show it only then.
+            let wait = if m.batch.min_batch > 1 {
+                format!(
+                    ", min_batch {} (waits up to {} us)",
+                    m.batch.min_batch, m.batch.max_queue_delay_us
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
-                "beast:   model {} v{} (digest {}): {} {:?}, {:.2} MFLOP/row, max_batch {}, max_queue_delay_us {}",
+                "beast:   model {} v{} (digest {}): {} {:?}, {:.2} MFLOP/row, max_batch {}{wait}",
                 m.name,
                 m.version,
                 m.short_digest(),
@@ -314,7 +324,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 m.output,
                 m.flops_per_row() as f64 / 1e6,
                 m.batch.max_batch,
-                m.batch.max_queue_delay_us
             );
         }
     }
