@@ -197,7 +197,7 @@ impl Shard {
                         };
                         self.release_waiters(k, ok, false, q.rows, out_w, out, &runs, t);
                     }
-                    if let Some((status, message)) = refusal(ok, deadline, Instant::now()) {
+                    if let Some((status, message)) = refusal(ok, deadline, now) {
                         self.respond_error(&conn, id, status, message, arrival);
                     } else {
                         let t = Timings {
