@@ -88,6 +88,10 @@ enum Cmd {
         /// ensemble's own), all, cascade, deadline or bandit.
         #[arg(long, default_value = "default")]
         policy: String,
+        /// The server's admin address, read for the target's class names
+        /// and task (/v1/models); "" to skip.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: String,
     },
     /// Write the standard benchmark models (bench_a, bench_b, bench_c, bench_ens).
     DemoModels {
@@ -158,6 +162,7 @@ fn main() -> ExitCode {
             f16,
             no_cache,
             policy,
+            admin,
         } => predict(PredictArgs {
             server,
             target,
@@ -169,6 +174,7 @@ fn main() -> ExitCode {
             f16,
             no_cache,
             policy,
+            admin,
         }),
         Cmd::Cache {
             cmd: CacheCmd::Inspect { file },
@@ -444,6 +450,7 @@ struct PredictArgs {
     f16: bool,
     no_cache: bool,
     policy: String,
+    admin: String,
 }
 
 fn predict(a: PredictArgs) -> Result<(), String> {
@@ -490,16 +497,12 @@ fn predict(a: PredictArgs) -> Result<(), String> {
     };
     let client = Client::connect(&a.server).map_err(|e| format!("connect {}: {e}", a.server))?;
     let p = client.predict(&spec).map_err(|e| format!("{e}"))?;
-    for r in 0..p.rows as usize {
-        let row = &p.outputs[r * p.cols as usize..(r + 1) * p.cols as usize];
-        let argmax = row
-            .iter()
-            .enumerate()
-            .max_by(|x, y| x.1.total_cmp(y.1))
-            .map(|x| x.0)
-            .unwrap_or(0);
-        let vals: Vec<String> = row.iter().map(|v| format!("{v:.6}")).collect();
-        println!("row {r}: argmax {argmax}  [{}]", vals.join(", "));
+    let info = (!a.admin.is_empty())
+        .then(|| beast::client::labels::fetch_target_info(&a.admin, &a.target))
+        .flatten()
+        .unwrap_or_default();
+    for (r, row) in p.outputs.chunks_exact(p.cols.max(1) as usize).enumerate() {
+        println!("{}", beast::client::labels::describe_row(r, row, &info));
     }
     let runs: Vec<String> = p.runs.iter().map(|(m, v, _)| format!("{m} v{v}")).collect();
     println!(

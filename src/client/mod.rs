@@ -2,6 +2,7 @@
 //! matched by id. Blocking API on std threads so any service (sync, tokio,
 //! glommio) can use it; the load generator uses the wire encoder directly.
 
+pub mod labels;
 pub mod npy;
 
 use crate::wire::{

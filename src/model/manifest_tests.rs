@@ -101,10 +101,10 @@ weights = [1.0]
         c.starts_with("ensembles.c.weights: 1 weights for 2 members"),
         "{c}"
     );
-    let bad = parse_ensembles("[ensembles.z]\nmembers = [\"x\"]\ncombiner = \"median\"").unwrap();
+    let bad = parse_ensembles("[ensembles.z]\nmembers = [\"x\"]\ncombiner = \"mode\"").unwrap();
     let z = bad[0].1.as_ref().unwrap_err();
     assert!(
-        z.starts_with("ensembles.z.combiner: unknown variant \"median\""),
+        z.starts_with("ensembles.z.combiner: unknown variant \"mode\""),
         "{z}"
     );
 }

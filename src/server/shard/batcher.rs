@@ -91,6 +91,13 @@ impl Shard {
                 glommio::executor().yield_task_queue_now().await;
                 continue;
             }
+            // The model's input transform ([preprocess]), in place on the
+            // batch's f32 rows: after the cache key was taken from the raw
+            // rows, before any backend sees them.
+            if let Some(pre) = &s.model.io.preprocess {
+                let n = rows * s.model.input_width;
+                pre.apply(&mut input[..n], s.model.input_width);
+            }
             output.clear();
             output.resize(rows * s.model.output_width, 0.0);
             let started = Instant::now();

@@ -162,8 +162,9 @@ impl Shard {
                 .min()
                 .expect("an ensemble has members");
             plan_rows_max.push(rows_max);
-            let plan =
+            let mut plan =
                 EnsemblePlan::new(spec, members, flops, first.input_width, first.output_width)?;
+            plan.task = first.task;
             targets.insert(name.clone(), TargetRef::Ensemble(plans.len()));
             plans.push(plan);
             plan_cache.push(cache.policy(&cfg, name));
