@@ -37,7 +37,7 @@ fn holdout(file: &str) -> (Vec<f32>, usize, Vec<f64>) {
 
 /// scikit-learn's answers for one model, one row per held-out row.
 fn expected(model: &str) -> Vec<Vec<f64>> {
-    let text = std::fs::read_to_string(fixtures().join(format!("expected/{model}.csv"))).unwrap();
+    let text = std::fs::read_to_string(fixtures().join(format!("{model}.expected.csv"))).unwrap();
     text.lines()
         .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
         .collect()
@@ -47,6 +47,7 @@ fn load() -> Repository {
     let dir = fixtures();
     let mut repo = load_repository(&dir, &BatchLimits::default()).unwrap();
     calibrate_cascades(&mut repo, &dir);
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
     repo
 }
 
@@ -292,4 +293,338 @@ fn beast_eval_on_a_binary_ensemble_reports_real_accuracy() {
         "cascade {casc}% saved {saved}%\n{table}"
     );
     h.shutdown();
+}
+
+// ---- scikit-learn pipelines with a scaler, class names ----------------------
+
+/// Every held-out row of `file` through `model` on a real server, compared
+/// with scikit-learn's predict_proba (FP16 weights: within 3e-3).
+fn pipeline_round_trip(h: &ServerHandle, model: &str, file: &str, min_accuracy: f64) {
+    let (x, w, y) = holdout(file);
+    let want = expected(model);
+    let c = Client::connect(h.addr).unwrap();
+    let p = ask(&c, model, &x, w, PolicyOverride::Default).unwrap();
+    let cols = p.cols as usize;
+    assert_eq!(cols, want[0].len(), "{model}");
+    let mut answers = Vec::new();
+    let mut worst = 0f64;
+    for (r, row) in p.outputs.chunks_exact(cols).enumerate() {
+        for k in 0..cols {
+            worst = worst.max((row[k] as f64 - want[r][k]).abs());
+        }
+        answers.push(argmax(row));
+    }
+    assert!(worst < 3e-3, "{model}: max |p - scikit-learn| = {worst}");
+    assert!(
+        accuracy(&answers, &y) >= min_accuracy,
+        "{model}: {}",
+        accuracy(&answers, &y)
+    );
+}
+
+#[test]
+fn sklearn_pipelines_with_a_scaler_match_predict_proba() {
+    let h = start(load());
+    // Raw features (area up to ~2500) through the model's StandardScaler.
+    pipeline_round_trip(&h, "bc_std", "breast_cancer_raw_holdout.csv", 0.93);
+    // MinMaxScaler(clip=True): min-max then clip to [0, 1].
+    pipeline_round_trip(&h, "wine_mm", "wine_holdout.csv", 0.95);
+    // Both round trips through beast-eval too.
+    for (target, data, min) in [
+        ("bc_std", "breast_cancer_raw_holdout.csv", 93.0),
+        ("wine_mm", "wine_holdout.csv", 95.0),
+    ] {
+        let d = fixtures().join(data);
+        let table = beast_eval(
+            &h,
+            &[
+                "--target",
+                target,
+                "--data",
+                d.to_str().unwrap(),
+                "--policies",
+                "all",
+                "--no-members",
+            ],
+        );
+        let (acc, _) = eval_row(&table, "all");
+        assert!(acc >= min, "{target}: {acc}%\n{table}");
+    }
+    h.shutdown();
+}
+
+#[test]
+fn class_names_are_listed_and_printed() {
+    let h = start(load());
+    let admin = h.admin_addr.unwrap().to_string();
+    let (code, body) =
+        beast::server::admin::get(&admin, "/v1/models", std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let model = |n: &str| {
+        v["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    let bc = model("bc_std");
+    assert_eq!(bc["classes"], serde_json::json!(["malignant", "benign"]));
+    assert_eq!(bc["binary"], true);
+    assert_eq!(bc["output_width"], 2);
+    assert_eq!(bc["preprocess"], "standardize");
+    assert_eq!(model("wine_mm")["preprocess"], "min_max+clip");
+    assert_eq!(model("diab_a")["task"], "regression");
+    // `beast predict` names the class (a benign row of the raw holdout).
+    let (x, w, y) = holdout("breast_cancer_raw_holdout.csv");
+    let r = y.iter().position(|&l| l == 1.0).unwrap();
+    let row: Vec<String> = x[r * w..(r + 1) * w]
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_beast"))
+        .args([
+            "predict",
+            "--server",
+            &h.addr.to_string(),
+            "--admin",
+            &admin,
+        ])
+        .args(["--target", "bc_std", "--input", &row.join(",")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("row 0: class 1 (benign)"), "{text}");
+    h.shutdown();
+}
+
+// ---- regression ---------------------------------------------------------------
+
+const DIAB: [&str; 3] = ["diab_a", "diab_b", "diab_c"];
+
+fn close(got: f32, want: f64) -> bool {
+    (got as f64 - want).abs() <= 0.01 * want.abs() + 0.5
+}
+
+#[test]
+fn regression_ensembles_combine_values() {
+    let h = start(load());
+    let (x, w, _) = holdout("diabetes_holdout.csv");
+    let c = Client::connect(h.addr).unwrap();
+    let want: Vec<Vec<Vec<f64>>> = DIAB.iter().map(|m| expected(m)).collect();
+    for (i, m) in DIAB.iter().enumerate() {
+        let p = ask(&c, m, &x, w, PolicyOverride::Default).unwrap();
+        assert_eq!(p.cols, 1);
+        for (r, v) in p.outputs.iter().enumerate() {
+            assert!(
+                close(*v, want[i][r][0]),
+                "{m} row {r}: {v} vs scikit-learn {}",
+                want[i][r][0]
+            );
+        }
+    }
+    let rows = x.len() / w;
+    let combined = |target: &str| {
+        ask(&c, target, &x, w, PolicyOverride::Default)
+            .unwrap()
+            .outputs
+    };
+    let (mean, median, weighted) = (
+        combined("diab"),
+        combined("diab_median"),
+        combined("diab_w"),
+    );
+    let mut median_differs = 0;
+    for r in 0..rows {
+        let mut v: Vec<f64> = want.iter().map(|e| e[r][0]).collect();
+        let m = v.iter().sum::<f64>() / 3.0;
+        let wm = (v[0] + 2.0 * v[1] + v[2]) / 4.0;
+        v.sort_by(f64::total_cmp);
+        assert!(close(mean[r], m), "row {r}: mean {} vs {m}", mean[r]);
+        assert!(
+            close(weighted[r], wm),
+            "row {r}: weighted {} vs {wm}",
+            weighted[r]
+        );
+        assert!(
+            close(median[r], v[1]),
+            "row {r}: median {} vs {}",
+            median[r],
+            v[1]
+        );
+        median_differs += ((median[r] - mean[r]).abs() > 1.0) as usize;
+    }
+    assert!(
+        median_differs > rows / 4,
+        "median is not the mean: {median_differs} rows differ"
+    );
+    h.shutdown();
+}
+
+#[test]
+fn regression_ensembles_refuse_class_policies_and_feedback() {
+    let h = start(load());
+    let (x, w, _) = holdout("diabetes_holdout.csv");
+    let c = Client::connect(h.addr).unwrap();
+    for p in [PolicyOverride::Cascade, PolicyOverride::Bandit] {
+        match ask(&c, "diab", &x[..w], w, p) {
+            Err(ClientError::BadRequest(m)) => {
+                assert!(m.contains("regression ensemble"), "{m}")
+            }
+            other => panic!("{p:?} on a regression ensemble: {other:?}"),
+        }
+    }
+    // Deadline: run what fits; an answer.
+    let p = ask(&c, "diab", &x[..w], w, PolicyOverride::Deadline).unwrap();
+    assert_eq!(p.cols, 1);
+    let p = ask(&c, "diab", &x[..w], w, PolicyOverride::All).unwrap();
+    assert_ne!(p.ticket, 0);
+    match c.feedback(p.ticket, 1) {
+        Err(ClientError::BadRequest(m)) => assert!(m.contains("regression"), "{m}"),
+        other => panic!("feedback on a regression answer: {other:?}"),
+    }
+    h.shutdown();
+}
+
+#[test]
+fn regression_ensembles_with_class_policies_are_refused_at_load() {
+    let dir = common::temp_dir("tabular-refuse");
+    let bc_toml = std::fs::read_to_string(fixtures().join("bc_small/model.toml")).unwrap();
+    // Two 30→1 models of bc_small's weights: a regression and a one-class classifier.
+    let reg = bc_toml.replace(
+        "output = \"sigmoid\"",
+        "output = \"sigmoid\"\ntask = \"regression\"",
+    );
+    let one = bc_toml.replace("output = \"sigmoid\"", "output = \"softmax\"");
+    for (m, from, toml) in [
+        ("diab_a", "diab_a", None),
+        ("diab_b", "diab_b", None),
+        ("bc_small", "bc_small", None),
+        ("bc_reg", "bc_small", Some(reg)),
+        ("bc_one", "bc_small", Some(one)),
+    ] {
+        let from = fixtures().join(from);
+        let to = dir.join(m);
+        std::fs::create_dir_all(to.join("1")).unwrap();
+        match toml {
+            Some(t) => std::fs::write(to.join("model.toml"), t).unwrap(),
+            None => drop(std::fs::copy(from.join("model.toml"), to.join("model.toml")).unwrap()),
+        }
+        std::fs::copy(
+            from.join("1/weights.safetensors"),
+            to.join("1/weights.safetensors"),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        dir.join("ensembles.toml"),
+        "[ensembles.c]\nmembers = [\"diab_a\", \"diab_b\"]\npolicy = \"cascade\"\n\
+         [ensembles.b]\nmembers = [\"diab_a\", \"diab_b\"]\npolicy = \"bandit\"\n\
+         [ensembles.v]\nmembers = [\"diab_a\", \"diab_b\"]\ncombiner = \"vote\"\n\
+         [ensembles.m]\nmembers = [\"bc_reg\", \"bc_one\"]\n\
+         [ensembles.cm]\nmembers = [\"bc_small\"]\ncombiner = \"median\"\n\
+         [ensembles.ok]\nmembers = [\"diab_a\", \"diab_b\"]\ncombiner = \"median\"\npolicy = \"deadline\"\n",
+    )
+    .unwrap();
+    let repo = load_repository(&dir, &BatchLimits::default()).unwrap();
+    let errs = repo.errors.join("\n");
+    for want in [
+        "ensembles.c.policy: \"cascade\" needs class probabilities",
+        "ensembles.b.policy: \"bandit\" needs class probabilities",
+        "ensembles.v.combiner: \"vote\" does not fit a regression ensemble",
+        "ensembles.m.members[1]: \"bc_one\" is a classification model but \"bc_reg\" is a regression model",
+        "ensembles.cm.combiner: \"median\" does not fit a classification ensemble",
+    ] {
+        assert!(errs.contains(want), "missing {want:?} in\n{errs}");
+    }
+    assert_eq!(repo.refused_ensembles, 5, "{errs}");
+    assert!(repo.ensembles.contains_key("ok"));
+    assert_eq!(repo.refused_models, 0, "{errs}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn beast_eval_reports_mae_and_rmse_for_regression() {
+    let h = start(load());
+    let (_, _, y) = holdout("diabetes_holdout.csv");
+    let want = expected("diab_a");
+    let sk_mae = want
+        .iter()
+        .zip(&y)
+        .map(|(p, l)| (p[0] - l).abs())
+        .sum::<f64>()
+        / y.len() as f64;
+    let d = fixtures().join("diabetes_holdout.csv");
+    let table = beast_eval(
+        &h,
+        &[
+            "--target",
+            "diab",
+            "--data",
+            d.to_str().unwrap(),
+            "--task",
+            "regression",
+        ],
+    );
+    assert!(table.contains("| policy | MAE | RMSE |"), "{table}");
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("| diab_a alone"))
+        .unwrap();
+    let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+    let (mae, rmse): (f64, f64) = (cells[2].parse().unwrap(), cells[3].parse().unwrap());
+    assert!(
+        (mae - sk_mae).abs() < 0.5,
+        "diab_a MAE {mae} vs scikit-learn {sk_mae}\n{table}"
+    );
+    assert!(rmse >= mae, "{table}");
+    assert!(
+        !table.contains("| cascade"),
+        "cascade is skipped for regression\n{table}"
+    );
+    assert!(table.contains("| deadline"), "{table}");
+    h.shutdown();
+}
+
+// ---- the exporters, live (skipped without the Python packages) ----------------
+
+fn python_has(module: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn make_fixtures_regenerates_the_committed_manifests() {
+    if !python_has("sklearn") {
+        println!("SKIP: scikit-learn is not installed (python3 -c 'import sklearn' failed)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = common::temp_dir("tabular-regen");
+    let o = Command::new("python3")
+        .arg(root.join("tools/make_fixtures.py"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // model.toml holds what scikit-learn computed without BLAS (scaler
+    // statistics, shapes, class names): byte for byte the committed text.
+    for m in BC.iter().chain(&DIAB).chain(&["bc_std", "wine_mm"]) {
+        let a = std::fs::read_to_string(out.join(m).join("model.toml")).unwrap();
+        let b = std::fs::read_to_string(fixtures().join(m).join("model.toml")).unwrap();
+        assert_eq!(a, b, "{m}/model.toml");
+    }
+    let repo = load_repository(&out, &BatchLimits::default()).unwrap();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let _ = std::fs::remove_dir_all(&out);
 }

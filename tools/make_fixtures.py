@@ -19,7 +19,7 @@ Everything is deterministic (fixed seeds, bundled data sets, no network). Writte
 - `diab_a`, `diab_b`, `diab_c`: Pipeline(StandardScaler, MLPRegressor) on diabetes (10
   features, one target); ensembles `diab` (mean), `diab_median` (median), `diab_w`
   (weighted_mean).
-- `<set>_holdout.csv` (features, `label`), `expected/<model>.csv` (scikit-learn's
+- `<set>_holdout.csv` (features, `label`), `<model>.expected.csv` (scikit-learn's
   predict_proba, or predict for a regressor, on those rows, one row each).
 - `VERSIONS` (the library versions that produced the files).
 """
@@ -57,8 +57,10 @@ def write_expected(path, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures/tabular")
+    ap.add_argument("--overwrite", action="store_true", help="replace the files already there")
     args = ap.parse_args(argv)
     out = args.out
+    BATCHING["overwrite"] = args.overwrite
 
     import sklearn
     from sklearn.datasets import load_breast_cancer, load_diabetes, load_wine
@@ -69,7 +71,7 @@ def main(argv=None):
     from sklearn.preprocessing import MinMaxScaler, StandardScaler
 
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
-    os.makedirs(os.path.join(out, "expected"), exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     ensembles = {}
 
     # --- breast_cancer, binary, no scaler in the model ------------------------------
@@ -84,16 +86,62 @@ def main(argv=None):
                                ("bc_large", (64, 32), 3)]:
         clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=300, random_state=seed)
         clf.fit(xs_tr, y_tr)
-        export_sklearn_mlp(clf, os.path.join(out, name), **BATCHING)
-        write_expected(os.path.join(out, "expected", f"{name}.csv"), clf.predict_proba(xs_te))
+        export_sklearn_mlp(clf, os.path.join(out, name), classes=(), **BATCHING)
+        write_expected(os.path.join(out, f"{name}.expected.csv"), clf.predict_proba(xs_te))
         print(f"{name}: held-out accuracy {clf.score(xs_te, y_te) * 100:.2f}%")
     members = ["bc_small", "bc_medium", "bc_large"]
     ensembles["bc"] = (members, "mean", None)
     ensembles["bc_vote"] = (members, "vote", None)
 
+    # --- breast_cancer raw features behind a StandardScaler -------------------------
+    write_csv(os.path.join(out, "breast_cancer_raw_holdout.csv"), x_te.astype(np.float32), y_te, str)
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(16,), max_iter=300,
+                                                         random_state=1))
+    pipe.fit(x_tr.astype(np.float32), y_tr)
+    export_sklearn_mlp(pipe, os.path.join(out, "bc_std"), classes=list(bc.target_names), **BATCHING)
+    write_expected(os.path.join(out, "bc_std.expected.csv"),
+                   pipe.predict_proba(x_te.astype(np.float32)))
+    print(f"bc_std: held-out accuracy {pipe.score(x_te.astype(np.float32), y_te) * 100:.2f}%")
+
+    # --- wine, 3 classes, MinMaxScaler(clip=True) ------------------------------------
+    wine = load_wine()
+    w_tr, w_te, wy_tr, wy_te = train_test_split(
+        wine.data.astype(np.float32), wine.target, test_size=0.3, random_state=0,
+        stratify=wine.target)
+    write_csv(os.path.join(out, "wine_holdout.csv"), w_te, wy_te, str)
+    pipe = make_pipeline(MinMaxScaler(clip=True), MLPClassifier(hidden_layer_sizes=(16,),
+                                                               max_iter=500, random_state=1))
+    pipe.fit(w_tr, wy_tr)
+    export_sklearn_mlp(pipe, os.path.join(out, "wine_mm"), classes=list(wine.target_names),
+                       **BATCHING)
+    write_expected(os.path.join(out, "wine_mm.expected.csv"), pipe.predict_proba(w_te))
+    print(f"wine_mm: held-out accuracy {pipe.score(w_te, wy_te) * 100:.2f}%")
+
+    # --- diabetes regression behind a StandardScaler ---------------------------------
+    diab = load_diabetes()
+    d_tr, d_te, dy_tr, dy_te = train_test_split(
+        diab.data.astype(np.float32), diab.target, test_size=0.3, random_state=0)
+    write_csv(os.path.join(out, "diabetes_holdout.csv"), d_te, dy_te, lambda v: f"{v:g}")
+    names = []
+    for name, hidden, seed in [("diab_a", (8,), 1), ("diab_b", (32,), 2), ("diab_c", (64, 16), 3)]:
+        pipe = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=hidden,
+                                                            learning_rate_init=0.01,
+                                                            max_iter=300, random_state=seed))
+        pipe.fit(d_tr, dy_tr)
+        export_sklearn_mlp(pipe, os.path.join(out, name), **BATCHING)
+        pred = pipe.predict(d_te)
+        write_expected(os.path.join(out, f"{name}.expected.csv"), pred)
+        print(f"{name}: held-out MAE {np.abs(pred - dy_te).mean():.2f}")
+        names.append(name)
+    ensembles["diab"] = (names, "mean", None)
+    ensembles["diab_median"] = (names, "median", None)
+    ensembles["diab_w"] = (names, "weighted_mean", [1.0, 2.0, 1.0])
+
+    if os.path.exists(os.path.join(out, "ensembles.toml")):
+        os.remove(os.path.join(out, "ensembles.toml"))
     write_ensembles(os.path.join(out, "ensembles.toml"), ensembles)
     with open(os.path.join(out, "ensembles.toml"), "a") as f:
-        f.write('[ensembles.bc_cascade]\nmembers = ["bc_small", "bc_medium", "bc_large"]\n'
+        f.write('\n[ensembles.bc_cascade]\nmembers = ["bc_small", "bc_medium", "bc_large"]\n'
                 'combiner = "mean"\npolicy = "cascade"\ncascade_target_agreement = 0.99\n'
                 'calibration = "breast_cancer_holdout.csv"\n')
     with open(os.path.join(out, "VERSIONS"), "w") as f:
