@@ -628,3 +628,58 @@ fn make_fixtures_regenerates_the_committed_manifests() {
     assert!(repo.errors.is_empty(), "{:?}", repo.errors);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn torch_export_folds_norms_drops_dropout_and_matches_torch() {
+    if !python_has("torch") {
+        println!("SKIP: torch is not installed (python3 -c 'import torch' failed)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = common::temp_dir("tabular-torch");
+    let o = Command::new("python3")
+        .arg(root.join("tests/fixtures/torch_export_check.py"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(said.contains("exact GELU: refused"), "{said}");
+    let repo = load_repository(&out, &BatchLimits::default()).unwrap();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let h = start(repo);
+    let c = Client::connect(h.addr).unwrap();
+    for m in ["torch_mc", "torch_bin"] {
+        let text = std::fs::read_to_string(out.join(format!("{m}.inputs.csv"))).unwrap();
+        let x: Vec<f32> = text
+            .lines()
+            .skip(1)
+            .flat_map(|l| l.split(',').map(|v| v.parse::<f32>().unwrap()))
+            .collect();
+        let want: Vec<f64> = std::fs::read_to_string(out.join(format!("{m}.expected.csv")))
+            .unwrap()
+            .lines()
+            .flat_map(|l| {
+                l.split(',')
+                    .map(|v| v.parse::<f64>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let p = ask(&c, m, &x, 8, PolicyOverride::Default).unwrap();
+        assert_eq!(p.outputs.len(), want.len(), "{m}: columns");
+        let worst = p
+            .outputs
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 5e-3, "{m}: max |p - torch| = {worst}");
+    }
+    h.shutdown();
+    let _ = std::fs::remove_dir_all(&out);
+}
