@@ -322,7 +322,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 String::new()
             };
             eprintln!(
-                "beast:   model {} v{} (digest {}): {} {:?}, {:.2} MFLOP/row, max_batch {}{wait}",
+                "beast:   model {} v{} (digest {}): {} {:?}, {:.2} MFLOP/row, max_batch {}{wait}{}",
                 m.name,
                 m.version,
                 m.short_digest(),
@@ -330,6 +330,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 m.output,
                 m.flops_per_row() as f64 / 1e6,
                 m.batch.max_batch,
+                m.io.describe(m.task),
             );
         }
     }

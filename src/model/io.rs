@@ -63,6 +63,28 @@ pub struct ModelIo {
     pub binary: bool,
 }
 
+impl ModelIo {
+    /// What the start-up log adds after a model's shape: ", regression",
+    /// ", binary (1 sigmoid unit served as 2 classes)", ", classes [..]",
+    /// ", preprocess standardize+clip"; empty for a plain classifier.
+    pub fn describe(&self, task: Task) -> String {
+        let mut s = String::new();
+        if task == Task::Regression {
+            s += ", regression";
+        }
+        if self.binary {
+            s += ", binary (1 sigmoid unit served as 2 classes)";
+        }
+        if !self.classes.is_empty() {
+            s += &format!(", classes [{}]", self.classes.join(", "));
+        }
+        if let Some(p) = &self.preprocess {
+            s += &format!(", preprocess {}", p.describe());
+        }
+        s
+    }
+}
+
 impl Preprocess {
     /// Transform `rows` (row-major, `width` features each) in place.
     pub fn apply(&self, rows: &mut [f32], width: usize) {
