@@ -165,6 +165,10 @@ impl Shard {
             let mut plan =
                 EnsemblePlan::new(spec, members, flops, first.input_width, first.output_width)?;
             plan.task = first.task;
+            // The loader checked this for a repository from files; an
+            // in-memory one is checked here.
+            crate::model::load::check_task_fit(spec, first.task)
+                .map_err(|e| format!("ensemble {name}: {e}"))?;
             targets.insert(name.clone(), TargetRef::Ensemble(plans.len()));
             plans.push(plan);
             plan_cache.push(cache.policy(&cfg, name));
