@@ -614,6 +614,8 @@ fn make_fixtures_regenerates_the_committed_manifests() {
         .arg(root.join("tools/make_fixtures.py"))
         .arg("--out")
         .arg(&out)
+        // model.toml does not depend on the trained weights: train little.
+        .args(["--max-iter", "2"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -58,6 +58,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures/tabular")
     ap.add_argument("--overwrite", action="store_true", help="replace the files already there")
+    ap.add_argument("--max-iter", type=int, default=0,
+                    help="train this many iterations instead (a quick run: model.toml files are "
+                         "the same, weights are not; tests/tabular.rs compares only model.toml)")
     args = ap.parse_args(argv)
     out = args.out
     BATCHING["overwrite"] = args.overwrite
@@ -84,7 +87,7 @@ def main(argv=None):
     write_csv(os.path.join(out, "breast_cancer_holdout.csv"), xs_te, y_te, str)
     for name, hidden, seed in [("bc_small", (4,), 3), ("bc_medium", (16,), 2),
                                ("bc_large", (64, 32), 3)]:
-        clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=300, random_state=seed)
+        clf = MLPClassifier(hidden_layer_sizes=hidden, max_iter=args.max_iter or 300, random_state=seed)
         clf.fit(xs_tr, y_tr)
         export_sklearn_mlp(clf, os.path.join(out, name), classes=(), **BATCHING)
         write_expected(os.path.join(out, f"{name}.expected.csv"), clf.predict_proba(xs_te))
@@ -95,7 +98,7 @@ def main(argv=None):
 
     # --- breast_cancer raw features behind a StandardScaler -------------------------
     write_csv(os.path.join(out, "breast_cancer_raw_holdout.csv"), x_te.astype(np.float32), y_te, str)
-    pipe = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(16,), max_iter=300,
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(16,), max_iter=args.max_iter or 300,
                                                          random_state=1))
     pipe.fit(x_tr.astype(np.float32), y_tr)
     export_sklearn_mlp(pipe, os.path.join(out, "bc_std"), classes=list(bc.target_names), **BATCHING)
@@ -110,7 +113,7 @@ def main(argv=None):
         stratify=wine.target)
     write_csv(os.path.join(out, "wine_holdout.csv"), w_te, wy_te, str)
     pipe = make_pipeline(MinMaxScaler(clip=True), MLPClassifier(hidden_layer_sizes=(16,),
-                                                               max_iter=500, random_state=1))
+                                                               max_iter=args.max_iter or 500, random_state=1))
     pipe.fit(w_tr, wy_tr)
     export_sklearn_mlp(pipe, os.path.join(out, "wine_mm"), classes=list(wine.target_names),
                        **BATCHING)
@@ -126,7 +129,7 @@ def main(argv=None):
     for name, hidden, seed in [("diab_a", (8,), 1), ("diab_b", (32,), 2), ("diab_c", (64, 16), 3)]:
         pipe = make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=hidden,
                                                             learning_rate_init=0.01,
-                                                            max_iter=300, random_state=seed))
+                                                            max_iter=args.max_iter or 300, random_state=seed))
         pipe.fit(d_tr, dy_tr)
         export_sklearn_mlp(pipe, os.path.join(out, name), **BATCHING)
         pred = pipe.predict(d_te)
