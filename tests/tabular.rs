@@ -254,6 +254,8 @@ fn eval_row(table: &str, name: &str) -> (f64, f64) {
 fn beast_eval(h: &ServerHandle, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_beast-eval"))
         .args(["--server", &h.addr.to_string()])
+        // This server's admin port (for --task auto), not the default one.
+        .args(["--admin", &h.admin_addr.unwrap().to_string()])
         .args(args)
         .output()
         .unwrap();
@@ -562,17 +564,8 @@ fn beast_eval_reports_mae_and_rmse_for_regression() {
         .sum::<f64>()
         / y.len() as f64;
     let d = fixtures().join("diabetes_holdout.csv");
-    let table = beast_eval(
-        &h,
-        &[
-            "--target",
-            "diab",
-            "--data",
-            d.to_str().unwrap(),
-            "--task",
-            "regression",
-        ],
-    );
+    // --task auto (the default) reads the task from the admin port.
+    let table = beast_eval(&h, &["--target", "diab", "--data", d.to_str().unwrap()]);
     assert!(table.contains("| policy | MAE | RMSE |"), "{table}");
     let line = table
         .lines()

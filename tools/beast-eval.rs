@@ -15,7 +15,8 @@
 //! computed per request; compute saved against `all` (FLOPs from each
 //! response's runs); p50/p99 round-trip latency.
 //!
-//! `--task regression`: the label column holds values; the table reports
+//! `--task regression` (or `auto`, the default, when the admin port's
+//! /v1/models says the target is one): the label column holds values; the table reports
 //! MAE and RMSE of the first output column against them, and the mean
 //! absolute difference from `all`'s answer in place of agreement. The
 //! policies that need class probabilities (cascade, bandit) are skipped.
@@ -57,9 +58,14 @@ struct Args {
     /// Skip the members-alone rows.
     #[arg(long)]
     no_members: bool,
-    /// classification (argmax vs label) or regression (value vs label).
-    #[arg(long, default_value = "classification", value_parser = ["classification", "regression"])]
+    /// classification (argmax vs label), regression (value vs label), or
+    /// auto: the target's task as the admin port's /v1/models says
+    /// (classification when it does not answer).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "classification", "regression"])]
     task: String,
+    /// The server's admin address (for --task auto).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    admin: String,
 }
 
 struct Data {
@@ -301,7 +307,12 @@ fn regression_errors(out: &[Outcome], data: &Data, all: &[Outcome]) -> (f64, f64
 
 fn run() -> Result<(), String> {
     let a = Args::parse();
-    let regression = a.task == "regression";
+    let regression = match a.task.as_str() {
+        "regression" => true,
+        "auto" => beast::client::labels::fetch_target_info(&a.admin, &a.target)
+            .is_some_and(|t| t.regression),
+        _ => false,
+    };
     let data = read_data(&a.data, a.domain_column.as_deref())?;
     let summarise = |name: &str, out: &[Outcome], data: &Data, all: &[Outcome]| {
         let mut r = summarise(name, out, data, all);
