@@ -37,7 +37,7 @@ fn find_id(a: &[u8], b: &[u8]) -> Option<usize> {
 impl TargetFrames {
     /// Encode `rows` requests, `spec_of(row)` each. `None` if the id's
     /// position cannot be found or differs between rows.
-    pub fn build<'a>(
+    pub fn build(
         rows: usize,
         mut spec_of: impl FnMut(usize, &mut dyn FnMut(&RequestSpec<'_>)),
     ) -> Option<TargetFrames> {
