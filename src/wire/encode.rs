@@ -3,6 +3,7 @@
 
 use super::beast_generated::beast::wire as fb;
 use super::frame::FRAME_HEADER_LEN;
+use super::template::{self, Templates};
 use super::types::*;
 
 /// An upper bound of the bytes of a response frame (length prefix
@@ -30,11 +31,14 @@ pub fn response_frame_len_max(
 }
 
 /// Reusable encoder: owns one flatbuffers builder, reset per message, so a
-/// warmed-up encoder does not allocate.
+/// warmed-up encoder does not allocate. Common responses (no message, at
+/// most one run) are copied from a per-shape template and patched
+/// (`template.rs`).
 pub struct Encoder {
     fbb: flatbuffers::FlatBufferBuilder<'static>,
     /// Scratch for the Run offsets of one response, kept between messages.
     runs: Vec<flatbuffers::WIPOffset<fb::Run<'static>>>,
+    templates: Templates,
 }
 
 impl Default for Encoder {
@@ -48,6 +52,7 @@ impl Encoder {
         Encoder {
             fbb: flatbuffers::FlatBufferBuilder::with_capacity(4096),
             runs: Vec::new(),
+            templates: Templates::default(),
         }
     }
 
@@ -63,43 +68,39 @@ impl Encoder {
             h.status != Status::Ok || output.len() == h.rows as usize * h.cols as usize,
             "output length must be rows * cols"
         );
-        let fbb = &mut self.fbb;
-        fbb.reset();
-        self.runs.clear();
-        for r in runs {
-            let model = fbb.create_string(r.model);
-            let run = fb::Run::create(
-                fbb,
-                &fb::RunArgs {
-                    model: Some(model),
-                    version: r.version,
-                    flops: r.flops,
-                },
-            );
-            self.runs.push(run);
+        if template::fits(h, runs) {
+            let (fbb, scratch) = (&mut self.fbb, &mut self.runs);
+            let built = self.templates.write(h, runs, output, out, |frame| {
+                fbb.force_defaults(true);
+                build_response(fbb, scratch, h, runs, output, frame);
+                fbb.force_defaults(false);
+            });
+            if built {
+                return;
+            }
         }
-        let runs = (!runs.is_empty()).then(|| fbb.create_vector(&self.runs));
-        let message = (!h.message.is_empty()).then(|| fbb.create_string(h.message));
-        let output = (!output.is_empty()).then(|| fbb.create_vector(le_bytes(output)));
-        let resp = fb::Response::create(
-            fbb,
-            &fb::ResponseArgs {
-                id: h.id,
-                status: fb::Status(h.status as u8),
-                message,
-                rows: h.rows,
-                cols: h.cols,
-                output,
-                queue_us: h.timings.queue_us,
-                compute_us: h.timings.compute_us,
-                total_us: h.timings.total_us,
-                cached: h.cached,
-                partial: h.partial,
-                runs,
-                ticket: h.ticket,
-            },
-        );
-        finish(fbb, fb::Body::Response, resp.as_union_value(), out);
+        build_response(&mut self.fbb, &mut self.runs, h, runs, output, out);
+    }
+
+    /// The response built the ordinary way (no template), as
+    /// `response` writes it for a shape without one.
+    #[cfg(test)]
+    pub(super) fn response_built(
+        &mut self,
+        h: &ResponseHeader<'_>,
+        runs: &[RunInfo<'_>],
+        output: &[f32],
+        out: &mut Vec<u8>,
+        force_defaults: bool,
+    ) {
+        self.fbb.force_defaults(force_defaults);
+        build_response(&mut self.fbb, &mut self.runs, h, runs, output, out);
+        self.fbb.force_defaults(false);
+    }
+
+    #[cfg(test)]
+    pub(super) fn templates_kept(&self) -> usize {
+        self.templates.len()
     }
 
     /// Append a whole request frame (u32 LE length + body) to `out`.
@@ -183,4 +184,50 @@ fn finish(
     out.reserve(FRAME_HEADER_LEN + data.len());
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(data);
+}
+
+fn build_response(
+    fbb: &mut flatbuffers::FlatBufferBuilder<'static>,
+    scratch: &mut Vec<flatbuffers::WIPOffset<fb::Run<'static>>>,
+    h: &ResponseHeader<'_>,
+    runs: &[RunInfo<'_>],
+    output: &[f32],
+    out: &mut Vec<u8>,
+) {
+    fbb.reset();
+    scratch.clear();
+    for r in runs {
+        let model = fbb.create_string(r.model);
+        let run = fb::Run::create(
+            fbb,
+            &fb::RunArgs {
+                model: Some(model),
+                version: r.version,
+                flops: r.flops,
+            },
+        );
+        scratch.push(run);
+    }
+    let runs = (!runs.is_empty()).then(|| fbb.create_vector(scratch));
+    let message = (!h.message.is_empty()).then(|| fbb.create_string(h.message));
+    let output = (!output.is_empty()).then(|| fbb.create_vector(le_bytes(output)));
+    let resp = fb::Response::create(
+        fbb,
+        &fb::ResponseArgs {
+            id: h.id,
+            status: fb::Status(h.status as u8),
+            message,
+            rows: h.rows,
+            cols: h.cols,
+            output,
+            queue_us: h.timings.queue_us,
+            compute_us: h.timings.compute_us,
+            total_us: h.timings.total_us,
+            cached: h.cached,
+            partial: h.partial,
+            runs,
+            ticket: h.ticket,
+        },
+    );
+    finish(fbb, fb::Body::Response, resp.as_union_value(), out);
 }
