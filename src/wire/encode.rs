@@ -82,10 +82,10 @@ impl Encoder {
         build_response(&mut self.fbb, &mut self.runs, h, runs, output, out);
     }
 
-    /// The response built the ordinary way (no template), as
-    /// `response` writes it for a shape without one.
-    #[cfg(test)]
-    pub(super) fn response_built(
+    /// The response built the ordinary way (no template), as `response`
+    /// writes it for a shape without one (tests, examples/hit_path_cost.rs).
+    #[doc(hidden)]
+    pub fn response_built(
         &mut self,
         h: &ResponseHeader<'_>,
         runs: &[RunInfo<'_>],
