@@ -1,13 +1,14 @@
 //! The user-space pieces of a cache hit, each timed alone on one core
-//! (ns per call): decode (verify) a bench_a request (256 f32 inputs), the
+//! (ns per call): decode (verify) a bench_a request (256 f32 inputs) with
+//! the flatbuffers verifier and with the server's fast path (src/wire/fast.rs), the
 //! cache key over it, and the response (16 f32 outputs, one run) encoded by
 //! the flatbuffers builder vs from a template.
 //!
 //!   taskset -c 0 target/release/examples/hit_path_cost [--secs 1]
 use beast::cache::KeyBuilder;
 use beast::wire::{
-    decode_incoming_with_id, CacheControl, Encoder, Input, PolicyOverride, RequestSpec,
-    ResponseHeader, RunInfo, Status, Timings, FRAME_HEADER_LEN,
+    decode_incoming_with_id, decode_request, CacheControl, Encoder, Input, PolicyOverride,
+    RequestSpec, ResponseHeader, RunInfo, Status, Timings, FRAME_HEADER_LEN,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -53,7 +54,10 @@ fn main() {
         &mut frame,
     );
     let body = &frame[FRAME_HEADER_LEN..];
-    time("decode_incoming_with_id (verify)", secs, || {
+    time("decode_request (flatbuffers verifier)", secs, || {
+        black_box(decode_request(black_box(body)).is_ok());
+    });
+    time("decode_incoming_with_id (fast path)", secs, || {
         black_box(decode_incoming_with_id(black_box(body)).is_ok());
     });
     time("cache key (xxh3-128 over 1 KiB)", secs, || {

@@ -2,6 +2,7 @@
 //! table count) before any field is read; the result is a borrowed view.
 
 use super::beast_generated::beast::wire as fb;
+use super::fast;
 use super::types::{
     CacheControl, DType, DecodeError, FeedbackView, Incoming, PolicyOverride, RequestView,
     ResponseView, Status, Timings,
@@ -52,6 +53,13 @@ pub struct Refused {
 /// but a field is wrong (missing, shape, unknown enum value).
 pub fn decode_incoming_with_id(body: &[u8]) -> Result<Incoming<'_>, Refused> {
     let refused = |id, error| Refused { id, error };
+    // The common case, checked without the general verifier's bookkeeping
+    // (`fast.rs`); anything else, and every error, goes the full way.
+    if let Some(req) = fast::request(body) {
+        return request_view(req)
+            .map(Incoming::Request)
+            .map_err(|e| refused(req.id(), e));
+    }
     let msg = verify(body).map_err(|e| refused(0, e))?;
     if let Some(req) = msg.body_as_request() {
         return request_view(req)

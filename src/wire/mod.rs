@@ -22,6 +22,7 @@ pub mod frame;
 
 mod decode;
 mod encode;
+mod fast;
 mod template;
 mod types;
 
