@@ -39,6 +39,7 @@ port=7995
 SP=
 start_beast() { # binary
   rm -f "$work/l2.cache"
+  : > "$work/serve.log" # emptied here, not by the background redirection (a race with the grep below)
   taskset -c 0 "$1" serve --models "$work/models" --cores 0 \
     --listen 127.0.0.1:$port --admin-listen off --config "$work/beast.toml" 2> "$work/serve.log" &
   SP=$!

@@ -88,6 +88,7 @@ start() { # label cache(on|off)
   local bin=$BASE_DIR/beast; [ "$1" = new ] && bin=$NEW_DIR/beast
   local cfg=$W/nocache.toml
   if [ "$2" = on ]; then rm -f "$W/l2.cache"; printf '[cache]\nl2_path = "%s"\n' "$W/l2.cache" > "$W/cache.toml"; cfg=$W/cache.toml; fi
+  : > "$W/serve.log" # emptied here, not by the background redirection (a race with the grep below)
   taskset -c 0 "$bin" serve --models "$W/models-$1" --cores 0 --listen 127.0.0.1:$PORT \
     --admin-listen 127.0.0.1:$ADMIN --config "$cfg" > "$W/serve.log" 2>&1 &
   SP=$!
