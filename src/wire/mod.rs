@@ -7,9 +7,12 @@
 //! flatbuffers verifier before any field is read. See docs/PROTOCOL.md.
 //!
 //! Files: `types.rs` (statuses, enums, views), `decode.rs` (verify, then
-//! borrowed views), `encode.rs` (the reusable `Encoder`), `frame.rs` (the
+//! borrowed views), `fast.rs` (the straight-line check of a request that
+//! `decode.rs` tries first), `encode.rs` (the reusable `Encoder`),
+//! `template.rs` (its per-shape response templates), `frame.rs` (the
 //! length framing and the sans-IO `FrameReader`). Imports go one way:
-//! decode, encode ──▶ types, frame; this file only re-exports.
+//! decode ──▶ fast, types; encode ──▶ template ──▶ types, frame; this file
+//! only re-exports.
 //!
 //! INTERFACE CONTRACT (server and client are written against these names).
 
