@@ -19,6 +19,8 @@
 mod admin;
 #[path = "bench/dist.rs"]
 mod dist;
+#[path = "bench/frames.rs"]
+mod frames;
 #[path = "bench/inputs.rs"]
 mod inputs;
 #[path = "bench/load.rs"]
@@ -86,6 +88,13 @@ struct Args {
     /// CPUs for the generator's threads (one pinned executor each), e.g. "1" or "1,3".
     #[arg(long, default_value = "")]
     cpus: String,
+    /// Generator threads (executors), spread round-robin over --cpus [default: one per CPU in --cpus].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Encode every request as it is sent, instead of copying a frame encoded once per
+    /// (target, input) before the run and patching its id (the default when all fit in 64 MiB).
+    #[arg(long)]
+    encode_each: bool,
     /// Distinct inputs to draw from [default: 4096, or all rows of the input file].
     #[arg(long)]
     distinct: Option<usize>,
@@ -199,18 +208,7 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
     if args.drop_last_column && args.input_file.is_none() {
         return Err("--drop-last-column needs --input-file".into());
     }
-    let cpus: Vec<Option<usize>> = if args.cpus.trim().is_empty() {
-        vec![None]
-    } else {
-        args.cpus
-            .split(',')
-            .map(|s| {
-                s.trim().parse::<usize>().map(Some).map_err(|_| {
-                    format!("--cpus: '{s}' is not a CPU number (expected e.g. 1 or 1,3)")
-                })
-            })
-            .collect::<Result<_, _>>()?
-    };
+    let cpus = frames::generator_threads(&args.cpus, args.threads)?;
     if args.connections < cpus.len() {
         return Err(format!(
             "--connections ({}) must be at least the number of generator threads ({})",
@@ -380,6 +378,7 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
         mode,
         record_trace: args.record_trace.is_some(),
         cpus,
+        prebuilt: !args.encode_each,
     })
 }
 
