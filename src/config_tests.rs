@@ -94,6 +94,7 @@ fn knobs_default_to_the_former_constants_and_are_checked() {
             cuda_device: 2,
             cuda_precision: Precision::Half,
             cuda_models_max: 32,
+            test_delay_us: 0,
         }
     );
     let bad = |toml: &str, field: &str| {
