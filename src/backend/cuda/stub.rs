@@ -49,6 +49,15 @@ impl CudaBackend {
         match self.never {}
     }
 
+    pub fn gemm_only_rows_per_s(
+        &mut self,
+        _models: &[&Model],
+        _rows: usize,
+        _secs: f64,
+    ) -> Result<f64, String> {
+        match self.never {}
+    }
+
     pub fn device_name(&self) -> &str {
         match self.never {}
     }
