@@ -497,6 +497,10 @@ impl Config {
             "cuda_models_max: must be in 1..=4096",
         );
         check(
+            self.backend_test_delay_us <= 1_000_000,
+            "backend_test_delay_us: must be <= 1000000 (test only; every warm-up batch waits it too)",
+        );
+        check(
             (1..=1024).contains(&self.cache.value_f32_max),
             "cache.value_f32_max: must be in 1..=1024",
         );
