@@ -105,3 +105,52 @@ fn every_batch_comes_back_in_order_with_its_rows() {
     }
     server.shutdown();
 }
+
+#[test]
+fn the_next_batch_is_submitted_while_one_is_in_flight() {
+    // With two batches in flight per model, a request arriving while one
+    // batch computes is submitted at once as a batch of its own; a third,
+    // arriving while two are in flight, waits for the first to finish.
+    // (Kept to one in flight, the second and third would form one batch.)
+    let server = delayed_server();
+    let admin = server.admin_addr.expect("admin port");
+    let before = server.totals().batches;
+    let mut conns: Vec<Raw> = (0..3).map(|_| Raw::connect(server.addr)).collect();
+    let a = model_a();
+    let xs: Vec<Vec<f32>> = (0..3).map(|i| rows(200 + i, 1, WIDTH)).collect();
+    let t0 = Instant::now();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let mut s = spec("a", 1, WIDTH, &xs[i]);
+        s.cache = beast::wire::CacheControl::Bypass;
+        conn.send(i as u64 + 1, &s);
+        let want = i as f64 + 1.0;
+        wait_until(Duration::from_secs(5), "the request admitted", || {
+            server_has_read(&conn.s) && metric(admin, "beast_in_flight_requests") == Some(want)
+        });
+    }
+    assert!(
+        t0.elapsed() < DELAY / 2,
+        "the three requests took {:?} to send: the test needs them inside one batch's delay",
+        t0.elapsed()
+    );
+    let mut answered_at = Vec::new();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let r = conn.recv();
+        answered_at.push(t0.elapsed());
+        assert_eq!(
+            (r.id, r.status),
+            (i as u64 + 1, Status::Ok),
+            "{}",
+            r.message
+        );
+        assert_close(&r.output, &direct(&a, &xs[i], 1), 1e-5);
+    }
+    // One device, batches in order: each answer one delay after the last.
+    assert!(answered_at[2] >= DELAY * 3, "{answered_at:?}");
+    assert_eq!(
+        server.totals().batches - before,
+        3,
+        "three batches: the second submitted while the first was in flight"
+    );
+    server.shutdown();
+}
