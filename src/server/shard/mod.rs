@@ -107,7 +107,7 @@ impl Shard {
         id: usize,
         cfg: Arc<Config>,
         repo: &Repository,
-        backend: Box<dyn Backend>,
+        mut backend: Box<dyn Backend>,
         metrics: Arc<ShardMetrics>,
         cache_shared: Arc<CacheShared>,
         selection: Arc<SelectionCounters>,
@@ -119,8 +119,17 @@ impl Shard {
             let mut v = Vec::new();
             for m in versions {
                 v.push((m.version, slots.len()));
+                let backend_id = backend.register(m).map_err(|e| {
+                    format!(
+                        "model {} v{}: backend {}: {e}",
+                        m.name,
+                        m.version,
+                        backend.name()
+                    )
+                })?;
                 slots.push(ModelSlot {
                     model: m.clone(),
+                    backend_id,
                     queue: RefCell::new(Queue::new(m.batch, m.input_width)),
                     wake: Notify::default(),
                     row_cost: Cell::new(RowCost::new(0.0)),
@@ -216,19 +225,34 @@ impl Shard {
         n
     }
 
-    /// Run every model once at its largest batch so scratch buffers reach
-    /// their steady size before the first request.
+    /// Run every model once at its largest batch, through the registered
+    /// path the batchers use, so scratch and staging buffers reach their
+    /// steady size before the first request.
     pub fn warm_up(&self) -> Result<(), String> {
         let mut backend = self.backend.borrow_mut();
+        let backend = &mut **backend;
         let mut sel = self.sel.borrow_mut();
         for (slot, s) in self.slots.iter().enumerate() {
             let m = &s.model;
             let rows = m.batch.max_batch;
             let input = vec![0.0f32; rows * m.input_width];
             let mut output = vec![0.0f32; rows * m.output_width];
-            backend
-                .run(m, &input, rows, &mut output)
-                .map_err(|e| format!("warm-up of {} v{}: {e}", m.name, m.version))?;
+            let id = s.backend_id;
+            let failed = |e| format!("warm-up of {} v{}: {e}", m.name, m.version);
+            // Every staging slot at this size (the batchers keep that many
+            // batches in flight), then each batch polled to completion.
+            let mut tickets = [None; crate::backend::IN_FLIGHT_PER_MODEL];
+            for t in &mut tickets {
+                *t = Some(backend.submit(id, &input, rows).map_err(failed)?);
+            }
+            for t in tickets.into_iter().flatten() {
+                loop {
+                    match backend.poll(t, &mut output) {
+                        std::task::Poll::Pending => std::thread::yield_now(),
+                        std::task::Poll::Ready(r) => break r.map_err(failed)?,
+                    }
+                }
+            }
             // The latency profile: best of three at each measured size.
             let profile = &mut sel.profiles[slot];
             for i in 0..3 {
@@ -236,14 +260,14 @@ impl Shard {
                 let mut best = f32::INFINITY;
                 for _ in 0..3 {
                     let t = Instant::now();
-                    backend
-                        .run(
-                            m,
-                            &input[..n * m.input_width],
-                            n,
-                            &mut output[..n * m.output_width],
-                        )
-                        .map_err(|e| format!("warm-up of {} v{}: {e}", m.name, m.version))?;
+                    crate::backend::run_registered(
+                        backend,
+                        id,
+                        &input[..n * m.input_width],
+                        n,
+                        &mut output[..n * m.output_width],
+                    )
+                    .map_err(failed)?;
                     best = best.min(t.elapsed().as_secs_f32() * 1e6);
                 }
                 profile.set(i, best);
