@@ -94,6 +94,25 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Convert an ONNX MLP (Gemm/MatMul, Relu/Tanh/Sigmoid/Gelu, norms,
+    /// Softmax; see docs/MODELS.md) into a model folder the server loads.
+    ImportOnnx {
+        /// The .onnx file (weights inside it, not external data).
+        onnx: PathBuf,
+        /// The model folder to write (its name is the model's name); with
+        /// --name, the repository folder that gets DIR/NAME.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Model name: write DIR/NAME instead of DIR.
+        #[arg(long)]
+        name: Option<String>,
+        /// Version folder to write (default: 1, or one past the highest there).
+        #[arg(long)]
+        version: Option<u32>,
+        /// The graph output to import when several could be.
+        #[arg(long)]
+        output: Option<String>,
+    },
     /// Record sampled request traces for N seconds into Chrome trace-event
     /// JSON (open in https://ui.perfetto.dev). Needs trace_sample_rate > 0.
     Trace {
@@ -191,6 +210,20 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
+        Cmd::ImportOnnx {
+            onnx,
+            out,
+            name,
+            version,
+            output,
+        } => beast::import::onnx::import_file(&beast::import::onnx::ImportArgs {
+            onnx,
+            out,
+            name,
+            version,
+            output,
+        })
+        .map(|report| print!("{report}")),
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(
