@@ -96,23 +96,7 @@ enum Cmd {
     },
     /// Convert an ONNX MLP (Gemm/MatMul, Relu/Tanh/Sigmoid/Gelu, norms,
     /// Softmax; see docs/MODELS.md) into a model folder the server loads.
-    ImportOnnx {
-        /// The .onnx file (weights inside it, not external data).
-        onnx: PathBuf,
-        /// The model folder to write (its name is the model's name); with
-        /// --name, the repository folder that gets DIR/NAME.
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// Model name: write DIR/NAME instead of DIR.
-        #[arg(long)]
-        name: Option<String>,
-        /// Version folder to write (default: 1, or one past the highest there).
-        #[arg(long)]
-        version: Option<u32>,
-        /// The graph output to import when several could be.
-        #[arg(long)]
-        output: Option<String>,
-    },
+    ImportOnnx(beast::import::onnx::ImportArgs),
     /// Record sampled request traces for N seconds into Chrome trace-event
     /// JSON (open in https://ui.perfetto.dev). Needs trace_sample_rate > 0.
     Trace {
@@ -136,7 +120,13 @@ enum Cmd {
 #[derive(Subcommand)]
 enum CacheCmd {
     /// Print the L2 file's header, occupancy and entries per target (safe beside a running server).
-    Inspect { file: PathBuf },
+    Inspect {
+        file: PathBuf,
+        /// Repository whose model and ensemble names label the entries
+        /// (default: the shipped models/; the file stores only a tag per name).
+        #[arg(long)]
+        models: Option<PathBuf>,
+    },
     /// Drop every cached answer of a target on a running server (through its admin port).
     Purge {
         /// The server's admin address.
@@ -190,8 +180,16 @@ fn main() -> ExitCode {
             policy,
         }),
         Cmd::Cache {
-            cmd: CacheCmd::Inspect { file },
-        } => beast::cache::inspect(&file).map(|report| print!("{report}")),
+            cmd: CacheCmd::Inspect { file, models },
+        } => beast::cache::inspect(&file).and_then(|report| {
+            let repo = models.unwrap_or_else(beast::config::default_models_dir);
+            let names = beast::cache::names::repository_targets(&repo)?;
+            print!(
+                "{}",
+                beast::cache::names::label_targets(&report, &names, &repo)
+            );
+            Ok(())
+        }),
         Cmd::Cache {
             cmd: CacheCmd::Purge { admin, target },
         } => {
@@ -210,20 +208,9 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Cmd::ImportOnnx {
-            onnx,
-            out,
-            name,
-            version,
-            output,
-        } => beast::import::onnx::import_file(&beast::import::onnx::ImportArgs {
-            onnx,
-            out,
-            name,
-            version,
-            output,
-        })
-        .map(|report| print!("{report}")),
+        Cmd::ImportOnnx(args) => {
+            beast::import::onnx::import_file(&args).map(|report| print!("{report}"))
+        }
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(
@@ -241,7 +228,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("beast: error: {e}");
+            // Some library errors already carry the prefix: say it once.
+            eprintln!("beast: error: {}", e.strip_prefix("beast: ").unwrap_or(&e));
             ExitCode::FAILURE
         }
     }
@@ -376,8 +364,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             e.members.join(", ")
         );
     }
-    for e in &repo.errors {
-        eprintln!("beast:   refused: {e}");
+    // Each refusal was logged once, as it happened ("beast: refused: ..."):
+    // only their number here.
+    if !repo.errors.is_empty() {
+        eprintln!(
+            "beast:   refused: {} model(s) or version(s), {} ensemble(s) (see above)",
+            repo.refused_models, repo.refused_ensembles
+        );
     }
     let cpus = cfg.shard_cpus();
     let handle = starting.start(Arc::new(repo))?;

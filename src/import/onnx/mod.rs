@@ -16,17 +16,23 @@ use crate::model::{Activation, BatchLimits};
 use convert::Network;
 use std::path::{Path, PathBuf};
 
-/// What `import-onnx` was asked to do.
-#[derive(Debug, Clone)]
+/// What `import-onnx` was asked to do (its command-line arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ImportArgs {
+    /// The .onnx file (weights inside it, not external data).
     pub onnx: PathBuf,
-    /// The model folder (its name is the model's name), or the repository
-    /// that gets a folder `name` when `name` is given.
+    /// The model folder to write (its name is the model's name); with
+    /// --name, the repository folder that gets DIR/NAME.
+    #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Model name: write DIR/NAME instead of DIR.
+    #[arg(long)]
     pub name: Option<String>,
-    /// Default: 1 for a new folder, else one more than the highest version.
+    /// Version folder to write (default: 1, or one past the highest there).
+    #[arg(long)]
     pub version: Option<u32>,
-    /// Which graph output to import, when several could be.
+    /// The graph output to import when several could be.
+    #[arg(long)]
     pub output: Option<String>,
 }
 
