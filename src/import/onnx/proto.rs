@@ -547,3 +547,7 @@ impl NodeProto {
             .map(|s| String::from_utf8_lossy(s).into_owned())
     }
 }
+
+#[cfg(test)]
+#[path = "proto_tests.rs"]
+mod tests;
