@@ -98,6 +98,9 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Convert an ONNX MLP (Gemm/MatMul, Relu/Tanh/Sigmoid/Gelu, norms,
+    /// Softmax; see docs/MODELS.md) into a model folder the server loads.
+    ImportOnnx(beast::import::onnx::ImportArgs),
     /// Record sampled request traces for N seconds into Chrome trace-event
     /// JSON (open in https://ui.perfetto.dev). Needs trace_sample_rate > 0.
     Trace {
@@ -121,7 +124,13 @@ enum Cmd {
 #[derive(Subcommand)]
 enum CacheCmd {
     /// Print the L2 file's header, occupancy and entries per target (safe beside a running server).
-    Inspect { file: PathBuf },
+    Inspect {
+        file: PathBuf,
+        /// Repository whose model and ensemble names label the entries
+        /// (default: the shipped models/; the file stores only a tag per name).
+        #[arg(long)]
+        models: Option<PathBuf>,
+    },
     /// Drop every cached answer of a target on a running server (through its admin port).
     Purge {
         /// The server's admin address.
@@ -177,8 +186,16 @@ fn main() -> ExitCode {
             admin,
         }),
         Cmd::Cache {
-            cmd: CacheCmd::Inspect { file },
-        } => beast::cache::inspect(&file).map(|report| print!("{report}")),
+            cmd: CacheCmd::Inspect { file, models },
+        } => beast::cache::inspect(&file).and_then(|report| {
+            let repo = models.unwrap_or_else(beast::config::default_models_dir);
+            let names = beast::cache::names::repository_targets(&repo)?;
+            print!(
+                "{}",
+                beast::cache::names::label_targets(&report, &names, &repo)
+            );
+            Ok(())
+        }),
         Cmd::Cache {
             cmd: CacheCmd::Purge { admin, target },
         } => {
@@ -197,6 +214,9 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
+        Cmd::ImportOnnx(args) => {
+            beast::import::onnx::import_file(&args).map(|report| print!("{report}"))
+        }
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(
@@ -214,7 +234,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("beast: error: {e}");
+            // Some library errors already carry the prefix: say it once.
+            eprintln!("beast: error: {}", e.strip_prefix("beast: ").unwrap_or(&e));
             ExitCode::FAILURE
         }
     }
@@ -350,8 +371,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             e.members.join(", ")
         );
     }
-    for e in &repo.errors {
-        eprintln!("beast:   refused: {e}");
+    // Each refusal was logged once, as it happened ("beast: refused: ..."):
+    // only their number here.
+    if !repo.errors.is_empty() {
+        eprintln!(
+            "beast:   refused: {} model(s) or version(s), {} ensemble(s) (see above)",
+            repo.refused_models, repo.refused_ensembles
+        );
     }
     let cpus = cfg.shard_cpus();
     let handle = starting.start(Arc::new(repo))?;

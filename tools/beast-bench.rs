@@ -27,6 +27,8 @@ mod inputs;
 mod load;
 #[path = "bench/output.rs"]
 mod output;
+#[path = "bench/preflight.rs"]
+mod preflight;
 #[path = "bench/search.rs"]
 mod search;
 
@@ -410,6 +412,15 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     };
     let sweep = args.sweep.as_deref().map(search::parse_rates).transpose()?;
     let base = base_plan(args)?;
+    let targets: Vec<(String, usize)> = base
+        .targets
+        .iter()
+        .map(|t| (t.name.clone(), t.width))
+        .collect();
+    let problems = preflight::check(base.addr, &targets, &args.server);
+    for p in &problems {
+        eprintln!("beast-bench: {p}");
+    }
     let mut printed_header = false;
     let mut summaries: Vec<Summary> = Vec::new();
     let mut emit = |s: &Summary| -> Result<(), String> {
@@ -527,6 +538,12 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         let title = format!("beast-bench {}", args.target);
         output::plot(path, &summaries.iter().collect::<Vec<_>>(), &title)?;
         eprintln!("beast-bench: plot written to {}", path.display());
+    }
+    if code != ExitCode::SUCCESS {
+        // Said before the run too; repeated here where the verdict is read.
+        for p in &problems {
+            eprintln!("beast-bench: {p}");
+        }
     }
     Ok(code)
 }
