@@ -47,6 +47,7 @@ fn constant(name: &str, bias: [f32; C]) -> Model {
         output: OutputTransform::Softmax,
         batch: batch(50),
         digest: 0,
+        forest: None,
     }
     .with_params_digest()
 }
@@ -84,6 +85,7 @@ fn expensive(name: &str, delay_us: u64) -> Model {
         output: OutputTransform::Softmax,
         batch: batch(delay_us),
         digest: 0,
+        forest: None,
     }
     .with_params_digest()
 }

@@ -18,6 +18,7 @@
 pub mod demo;
 pub mod load;
 pub mod manifest;
+pub mod trees;
 
 use half::f16;
 use std::sync::Arc;
@@ -233,6 +234,9 @@ pub struct Model {
     /// every cache key beside name and version, so an answer computed by
     /// other bytes under the same name and version is never returned.
     pub digest: u128,
+    /// A tree model (`kind = "trees"`, docs/MODELS.md): `layers` is empty
+    /// and the backend evaluates this forest instead. `None` for an MLP.
+    pub forest: Option<Arc<trees::Forest>>,
 }
 
 impl Model {
@@ -268,6 +272,20 @@ impl Model {
             }
         }
         h.update(&[self.output as u8]);
+        if let Some(f) = &self.forest {
+            usize_(&mut h, f.nodes.len());
+            for n in &f.nodes {
+                h.update(&n.thr.to_le_bytes());
+                h.update(&n.feat.to_le_bytes());
+                h.update(&n.left.to_le_bytes());
+                h.update(&n.right.to_le_bytes());
+            }
+            h.update(bytemuck::cast_slice(&f.values));
+            h.update(bytemuck::cast_slice(&f.roots));
+            h.update(bytemuck::cast_slice(&f.groups));
+            h.update(bytemuck::cast_slice(&f.base_margin));
+            h.update(&[f.objective as u8, f.accumulate_f64 as u8]);
+        }
         h.digest128()
     }
 
@@ -278,12 +296,24 @@ impl Model {
         self
     }
 
-    /// Multiply-adds × 2 for one input row.
+    /// Multiply-adds × 2 for one input row. For a tree model, its expected
+    /// node visits per row × [`trees::FLOPS_PER_NODE_VISIT`] (a
+    /// FLOP-equivalent, so the cost model compares trees and MLPs in one
+    /// unit; [`Model::node_visits_per_row`] is the tree work itself).
     pub fn flops_per_row(&self) -> u64 {
+        if let Some(f) = &self.forest {
+            return trees::flops_equivalent(f);
+        }
         self.layers
             .iter()
             .map(|l| 2 * (l.in_dim as u64) * (l.out_dim as u64))
             .sum()
+    }
+
+    /// Expected tree nodes visited per input row (0 for an MLP): the unit
+    /// tree work is reported in beside FLOPs.
+    pub fn node_visits_per_row(&self) -> f64 {
+        self.forest.as_ref().map_or(0.0, |f| f.node_visits_per_row)
     }
 
     /// Widest activation a batch passes through (input, hidden or output),
@@ -295,6 +325,7 @@ impl Model {
             .max()
             .unwrap_or(self.input_width)
             .max(self.input_width)
+            .max(self.output_width)
     }
 
     /// A model with deterministic pseudo-random weights (He-style scale so
@@ -340,6 +371,7 @@ impl Model {
             output,
             batch: BatchLimits::default(),
             digest: 0,
+            forest: None,
         };
         m.digest = m.params_digest();
         m

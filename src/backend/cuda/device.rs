@@ -545,6 +545,10 @@ impl Backend for CudaBackend {
         rows: usize,
         output: &mut [f32],
     ) -> Result<(), BackendError> {
+        if model.forest.is_some() {
+            // Tree models are not put on the GPU: the CPU evaluator runs them.
+            return self.cpu.run(model, input, rows, output);
+        }
         check_shapes(model, input, rows, output)?;
         if rows == 0 {
             return Ok(());
