@@ -4,6 +4,8 @@
 //!   the repository shipped in `models/`).
 //! - `beast predict` — ask a running server for one prediction.
 //! - `beast demo-models --out DIR` — write the standard benchmark models.
+//! - `beast import-trees MODEL --out DIR` — an XGBoost/LightGBM model file
+//!   as a model version folder.
 //! - `beast trace --admin ADDR --seconds N --out trace.json` — record sampled
 //!   request traces from a running server (Chrome trace JSON, for Perfetto).
 
@@ -88,6 +90,24 @@ enum Cmd {
         /// ensemble's own), all, cascade, deadline or bandit.
         #[arg(long, default_value = "default")]
         policy: String,
+    },
+    /// Import a saved XGBoost JSON (.json) or LightGBM text (.txt) model as
+    /// a model version folder, model.toml beside it (docs/MODELS.md).
+    ImportTrees {
+        /// The saved model file.
+        model: PathBuf,
+        /// The version folder (models/NAME/N), or with --name the repository.
+        #[arg(long)]
+        out: PathBuf,
+        /// Model name: write into OUT/NAME/VERSION.
+        #[arg(long)]
+        name: Option<String>,
+        /// Version number (default 1) when OUT is the repository.
+        #[arg(long)]
+        version: Option<u32>,
+        /// Class names, comma-separated, one per output column.
+        #[arg(long, value_delimiter = ',')]
+        classes: Option<Vec<String>>,
     },
     /// Write the standard benchmark models (bench_a, bench_b, bench_c, bench_ens).
     DemoModels {
@@ -191,6 +211,19 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
+        Cmd::ImportTrees {
+            model,
+            out,
+            name,
+            version,
+            classes,
+        } => beast::model::trees::import::run(&beast::model::trees::import::ImportArgs {
+            model,
+            out,
+            name,
+            version,
+            classes,
+        }),
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(

@@ -151,3 +151,370 @@ fn lightgbm_regression_matches_the_library() {
 fn lightgbm_zero_as_missing_matches_the_library() {
     check_exact("lgb_zero.txt", "rows_cancer.csv");
 }
+
+// ---- refusals: each unsupported feature, named with the file ----
+
+/// A repository with one tree model `m` whose version 1 file is `bytes`;
+/// the loader's errors.
+fn load_one(
+    dir_name: &str,
+    format: TreeFormat,
+    width: usize,
+    bytes: &[u8],
+) -> (PathBuf, Vec<String>, bool) {
+    let dir = common::temp_dir(dir_name);
+    let m = dir.join("m");
+    std::fs::create_dir_all(m.join("1")).unwrap();
+    std::fs::write(
+        m.join("model.toml"),
+        format!(
+            "kind = \"trees\"\nformat = \"{}\"\ninput_width = {width}\n",
+            format.name()
+        ),
+    )
+    .unwrap();
+    std::fs::write(m.join("1").join(format.file_name()), bytes).unwrap();
+    let repo = beast::model::load::load_repository(&dir, &Default::default()).unwrap();
+    let file = m.join("1").join(format.file_name()).display().to_string();
+    (
+        PathBuf::from(file),
+        repo.errors.clone(),
+        repo.models.contains_key("m"),
+    )
+}
+
+fn assert_refused(case: &str, format: TreeFormat, width: usize, bytes: &[u8], words: &[&str]) {
+    let (file, errors, loaded) = load_one(case, format, width, bytes);
+    assert!(!loaded, "{case}: the model loaded");
+    assert_eq!(errors.len(), 1, "{case}: {errors:?}");
+    let e = &errors[0];
+    assert!(
+        e.starts_with(&file.display().to_string()),
+        "{case}: the error does not start with the file: {e}"
+    );
+    for w in words {
+        assert!(e.contains(w), "{case}: the error does not say {w:?}: {e}");
+    }
+}
+
+fn fixture_text(file: &str) -> String {
+    std::fs::read_to_string(fixtures().join(file)).unwrap()
+}
+
+#[test]
+fn lightgbm_unsupported_features_are_refused_by_name() {
+    let lgb = TreeFormat::LightgbmText;
+    let base = fixture_text("lgb_binary.txt");
+    // The unedited file loads (the edits below are what is refused).
+    let (_, errors, loaded) = load_one("lgb-ok", lgb, 30, base.as_bytes());
+    assert!(loaded && errors.is_empty(), "{errors:?}");
+    let first_dt = base
+        .lines()
+        .find(|l| l.starts_with("decision_type="))
+        .unwrap();
+    let cat_dt = first_dt.replacen("decision_type=10", "decision_type=11", 1);
+    assert_ne!(first_dt, cat_dt);
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "lgb-categorical",
+            base.replacen(first_dt, &cat_dt, 1),
+            vec![
+                "Tree=0",
+                "decision_type[0]",
+                "categorical splits are not supported",
+            ],
+        ),
+        (
+            "lgb-num-cat",
+            base.replacen("num_cat=0", "num_cat=1", 1),
+            vec!["Tree=0", "num_cat", "categorical"],
+        ),
+        (
+            "lgb-linear",
+            base.replacen("is_linear=0", "is_linear=1", 1),
+            vec!["Tree=0", "linear trees are not supported"],
+        ),
+        (
+            "lgb-dart",
+            base.replace("[boosting: gbdt]", "[boosting: dart]"),
+            vec!["boosting", "dart", "not supported"],
+        ),
+        (
+            "lgb-rank",
+            base.replace("objective=binary sigmoid:1", "objective=lambdarank"),
+            vec!["objective", "lambdarank", "ranking"],
+        ),
+        (
+            "lgb-ova",
+            base.replace(
+                "objective=binary sigmoid:1",
+                "objective=multiclassova num_class:1",
+            ),
+            vec!["multiclassova", "not supported"],
+        ),
+        (
+            "lgb-poisson",
+            base.replace("objective=binary sigmoid:1", "objective=poisson"),
+            vec!["\"poisson\" is not supported"],
+        ),
+        (
+            "lgb-rf",
+            base.replacen("feature_names=", "average_output\nfeature_names=", 1),
+            vec!["average_output", "random-forest"],
+        ),
+        (
+            "lgb-sigmoid",
+            base.replace("sigmoid:1", "sigmoid:2"),
+            vec!["sigmoid:2"],
+        ),
+        (
+            "lgb-cut",
+            base[..base.len() / 2].to_string(),
+            vec!["end of trees"],
+        ),
+    ];
+    for (case, text, words) in cases {
+        assert_refused(case, lgb, 30, text.as_bytes(), &words);
+    }
+}
+
+#[test]
+fn xgboost_unsupported_features_are_refused_by_name() {
+    let xgb = TreeFormat::XgboostJson;
+    let base: serde_json::Value = serde_json::from_str(&fixture_text("xgb_binary.json")).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = base.clone();
+        f(&mut v);
+        serde_json::to_vec(&v).unwrap()
+    };
+    let (_, errors, loaded) = load_one("xgb-ok", xgb, 30, &edit(&|_| {}));
+    assert!(loaded && errors.is_empty(), "{errors:?}");
+    let tree0 = "/learner/gradient_booster/model/trees/0";
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        (
+            "xgb-split-type",
+            edit(&|v| {
+                v.pointer_mut(&format!("{tree0}/split_type/0"))
+                    .map(|x| *x = 1.into())
+                    .unwrap()
+            }),
+            vec![
+                "trees[0]",
+                "split_type[0]",
+                "categorical splits are not supported",
+            ],
+        ),
+        (
+            "xgb-cat-nodes",
+            edit(&|v| {
+                *v.pointer_mut(&format!("{tree0}/categories_nodes")).unwrap() =
+                    serde_json::json!([0])
+            }),
+            vec!["trees[0]", "categories_nodes", "categorical"],
+        ),
+        (
+            "xgb-dart",
+            edit(&|v| *v.pointer_mut("/learner/gradient_booster/name").unwrap() = "dart".into()),
+            vec!["gradient_booster.name", "dart", "not supported"],
+        ),
+        (
+            "xgb-gblinear",
+            edit(&|v| {
+                *v.pointer_mut("/learner/gradient_booster/name").unwrap() = "gblinear".into()
+            }),
+            vec!["gblinear", "not supported"],
+        ),
+        (
+            "xgb-rank",
+            edit(&|v| *v.pointer_mut("/learner/objective/name").unwrap() = "rank:pairwise".into()),
+            vec!["objective", "rank:pairwise", "ranking"],
+        ),
+        (
+            "xgb-poisson",
+            edit(&|v| *v.pointer_mut("/learner/objective/name").unwrap() = "count:poisson".into()),
+            vec!["count:poisson", "not supported"],
+        ),
+        (
+            "xgb-vector-leaf",
+            edit(&|v| {
+                *v.pointer_mut(&format!("{tree0}/tree_param/size_leaf_vector"))
+                    .unwrap() = "2".into()
+            }),
+            vec!["size_leaf_vector", "vector leaves"],
+        ),
+        (
+            "xgb-feature",
+            edit(&|v| *v.pointer_mut(&format!("{tree0}/split_indices/0")).unwrap() = 99.into()),
+            vec!["split_indices[0]", "feature 99"],
+        ),
+    ];
+    for (case, bytes, words) in cases {
+        assert_refused(case, xgb, 30, &bytes, &words);
+    }
+    assert_refused(
+        "xgb-ubj",
+        xgb,
+        30,
+        b"{L\x00\x00",
+        &["not an XGBoost JSON model"],
+    );
+}
+
+#[test]
+fn model_toml_must_agree_with_the_model_file() {
+    let bytes = std::fs::read(fixtures().join("xgb_binary.json")).unwrap();
+    let (_, errors, loaded) = load_one("xgb-width", TreeFormat::XgboostJson, 29, &bytes);
+    assert!(!loaded);
+    assert!(
+        errors[0].contains("input_width: model.toml says 29 but the model file has 30 features"),
+        "{errors:?}"
+    );
+    // task and classes: through the import of a repository folder.
+    let dir = common::temp_dir("trees-task");
+    let m = dir.join("m");
+    std::fs::create_dir_all(m.join("1")).unwrap();
+    std::fs::write(m.join("1/model.json"), &bytes).unwrap();
+    for (toml, want) in [
+        ("task = \"regression\"", "task: model.toml says \"regression\" but the model file's objective \"binary:logistic\" is classification"),
+        ("classes = [\"a\", \"b\", \"c\"]", "classes: 3 names but the model has 2 classes"),
+        ("format = \"onnx\"", "format: \"onnx\" unknown"),
+        ("kind = \"forest\"", "kind: \"forest\" is not a model kind"),
+    ] {
+        let base = "kind = \"trees\"\nformat = \"xgboost-json\"\ninput_width = 30\n";
+        let text = if toml.starts_with("format") || toml.starts_with("kind") {
+            let key = toml.split(' ').next().unwrap();
+            base.lines().map(|l| if l.starts_with(key) { toml.to_string() } else { l.to_string() }).collect::<Vec<_>>().join("\n")
+        } else {
+            format!("{base}{toml}\n")
+        };
+        std::fs::write(m.join("model.toml"), text).unwrap();
+        let repo = beast::model::load::load_repository(&dir, &Default::default()).unwrap();
+        assert!(!repo.models.contains_key("m"), "{toml}: loaded");
+        assert!(repo.errors.len() == 1 && repo.errors[0].contains(want), "{toml}: {:?}", repo.errors);
+        assert!(repo.errors[0].contains(&m.display().to_string()), "{:?}", repo.errors);
+    }
+}
+
+// ---- import-trees ----
+
+#[test]
+fn import_trees_writes_a_folder_the_server_loads() {
+    let dir = common::temp_dir("trees-import");
+    let beast = env!("CARGO_BIN_EXE_beast");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(beast)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let xgb = fixtures().join("xgb_multi.json");
+    let lgb = fixtures().join("lgb_reg.txt");
+    let out1 = dir.join("wine/1");
+    let (ok, err) = run(&[
+        "import-trees",
+        xgb.to_str().unwrap(),
+        "--out",
+        out1.to_str().unwrap(),
+        "--classes",
+        "c0,c1,c2",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("multi:softprob") && err.contains("3 outputs"),
+        "{err}"
+    );
+    let (ok, err) = run(&[
+        "import-trees",
+        lgb.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--name",
+        "diabetes",
+        "--version",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    // Never overwrites a version; a wrong class count is refused.
+    let (ok, err) = run(&[
+        "import-trees",
+        xgb.to_str().unwrap(),
+        "--out",
+        out1.to_str().unwrap(),
+        "--classes",
+        "c0,c1,c2",
+    ]);
+    assert!(!ok && err.contains("exists"), "{err}");
+    let (ok, err) = run(&[
+        "import-trees",
+        xgb.to_str().unwrap(),
+        "--out",
+        dir.join("x/1").to_str().unwrap(),
+        "--classes",
+        "a,b",
+    ]);
+    assert!(
+        !ok && err.contains("2 names but the model has 3 classes"),
+        "{err}"
+    );
+    // An unsupported model is refused naming the file.
+    let mut dart: serde_json::Value =
+        serde_json::from_str(&fixture_text("xgb_binary.json")).unwrap();
+    *dart.pointer_mut("/learner/gradient_booster/name").unwrap() = "dart".into();
+    let dart_file = dir.join("dart.json");
+    std::fs::write(&dart_file, serde_json::to_vec(&dart).unwrap()).unwrap();
+    let (ok, err) = run(&[
+        "import-trees",
+        dart_file.to_str().unwrap(),
+        "--out",
+        dir.join("d/1").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("dart.json") && err.contains("\"dart\" is not supported"),
+        "{err}"
+    );
+    assert!(!dir.join("d/1").exists());
+
+    let toml = std::fs::read_to_string(dir.join("wine/model.toml")).unwrap();
+    assert!(
+        toml.contains("kind = \"trees\"")
+            && toml.contains("format = \"xgboost-json\"")
+            && toml.contains("task = \"classification\"")
+            && toml.contains("classes = [\"c0\", \"c1\", \"c2\"]"),
+        "{toml}"
+    );
+    let toml = std::fs::read_to_string(dir.join("diabetes/model.toml")).unwrap();
+    assert!(
+        toml.contains("format = \"lightgbm-text\"") && toml.contains("task = \"regression\""),
+        "{toml}"
+    );
+    let repo = beast::model::load::load_repository(&dir, &Default::default()).unwrap();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let wine = repo.model("wine", None).unwrap();
+    assert_eq!((wine.input_width, wine.output_width), (13, 3));
+    assert!(wine.forest.is_some() && wine.layers.is_empty());
+    assert!(
+        wine.node_visits_per_row() > 40.0,
+        "{}",
+        wine.node_visits_per_row()
+    );
+    assert!(wine.flops_per_row() > 0);
+    let diabetes = repo.model("diabetes", Some(3)).unwrap();
+    assert_eq!((diabetes.input_width, diabetes.output_width), (10, 1));
+    // The digest covers model.toml and the model file.
+    let d1 = wine.digest;
+    std::fs::write(
+        dir.join("wine/1/model.json"),
+        fixture_text("xgb_multi.json").replacen("\"num_trees\"", " \"num_trees\"", 1),
+    )
+    .unwrap();
+    let again = beast::model::load::load_repository(&dir, &Default::default()).unwrap();
+    assert_ne!(
+        again.model("wine", None).unwrap().digest,
+        d1,
+        "the digest must change with the model file"
+    );
+}
