@@ -518,3 +518,125 @@ fn import_trees_writes_a_folder_the_server_loads() {
         "the digest must change with the model file"
     );
 }
+
+// ---- a tree + MLP ensemble served end to end ----
+
+/// Held-out rows of the cancer repository: (features, labels, width).
+fn cancer_holdout() -> (Vec<f32>, Vec<u32>, usize) {
+    let text = std::fs::read_to_string(fixtures().join("cancer/cancer_holdout.csv")).unwrap();
+    let mut lines = text.lines();
+    let width = lines.next().unwrap().split(',').count() - 1;
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for l in lines.filter(|l| !l.is_empty()) {
+        let v: Vec<&str> = l.split(',').collect();
+        x.extend(v[..width].iter().map(|c| c.parse::<f32>().unwrap()));
+        y.push(v[width].parse().unwrap());
+    }
+    (x, y, width)
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// tests/fixtures/trees/cancer: an XGBoost model first, an MLP second,
+/// policy cascade. Served on a real socket, row by row, the cascade is as
+/// accurate as running both and computes a fraction of the FLOPs; a
+/// multi-row request to the tree model alone goes through the batcher and
+/// equals the CPU evaluator.
+#[test]
+fn tree_first_cascade_saves_compute_at_no_accuracy_loss() {
+    use beast::client::Client;
+    use beast::wire::{CacheControl, Input, PolicyOverride, RequestSpec};
+    let dir = fixtures().join("cancer");
+    let mut repo = beast::model::load::load_repository(&dir, &Default::default()).unwrap();
+    // As `beast serve` does: the threshold from the calibration rows.
+    beast::ensemble::calibrate::calibrate_cascades(&mut repo, &dir);
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let threshold = repo.ensembles["cancer"].selection.cascade_threshold;
+    let gbt = repo.model("cancer_gbt", None).unwrap().clone();
+    let mlp = repo.model("cancer_mlp", None).unwrap().clone();
+    assert!(gbt.forest.is_some() && mlp.forest.is_none());
+    assert!(
+        gbt.flops_per_row() * 4 < mlp.flops_per_row(),
+        "the tree model should be the cheap member: {} vs {}",
+        gbt.flops_per_row(),
+        mlp.flops_per_row()
+    );
+    let server = common::start_with(common::test_config(), repo);
+    let client = Client::connect(server.addr).unwrap();
+    let (x, y, w) = cancer_holdout();
+    let n = y.len();
+    let ask = |target: &str, rows: usize, data: &[f32], policy| {
+        client
+            .predict(&RequestSpec {
+                target,
+                version: None,
+                rows: rows as u32,
+                cols: w as u32,
+                input: Input::F32(data),
+                deadline_us: None,
+                domain: None,
+                cache: CacheControl::Bypass,
+                policy,
+            })
+            .unwrap()
+    };
+    let mut correct = [0usize; 2];
+    let mut flops = [0u64; 2];
+    let mut tree_only = 0;
+    for r in 0..n {
+        let row = &x[r * w..(r + 1) * w];
+        for (k, policy) in [PolicyOverride::All, PolicyOverride::Cascade]
+            .into_iter()
+            .enumerate()
+        {
+            let p = ask("cancer", 1, row, policy);
+            assert_eq!((p.rows, p.cols), (1, 2));
+            correct[k] += (argmax(&p.outputs) == y[r]) as usize;
+            flops[k] += p.runs.iter().map(|r| r.2).sum::<u64>();
+            if k == 1 && p.runs.len() == 1 {
+                assert_eq!(
+                    p.runs[0].0, "cancer_gbt",
+                    "the cascade starts with the tree model"
+                );
+                tree_only += 1;
+            }
+        }
+    }
+    let acc = |c: usize| c as f64 / n as f64;
+    eprintln!(
+        "cancer holdout {n} rows: all acc {:.4} flops {}, cascade (threshold {threshold}) acc {:.4} flops {} ({tree_only} rows answered by the trees alone)",
+        acc(correct[0]), flops[0], acc(correct[1]), flops[1]
+    );
+    assert!(
+        correct[1] >= correct[0],
+        "the cascade lost accuracy: {} vs {}",
+        correct[1],
+        correct[0]
+    );
+    assert!(acc(correct[1]) > 0.95, "accuracy {}", acc(correct[1]));
+    assert!(
+        flops[1] * 2 < flops[0],
+        "the cascade should compute less than half: {} vs {}",
+        flops[1],
+        flops[0]
+    );
+
+    // The tree model alone, all rows in one request (through the batcher).
+    let p = ask("cancer_gbt", n, &x, PolicyOverride::Default);
+    let want = common::direct(&gbt, &x, n);
+    common::assert_close(&p.outputs, &want, 0.0);
+    let acc_tree = (0..n)
+        .filter(|&r| argmax(&p.outputs[r * 2..r * 2 + 2]) == y[r])
+        .count();
+    assert!(acc(acc_tree) > 0.9);
+    drop(client);
+    server.shutdown();
+}

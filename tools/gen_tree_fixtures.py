@@ -21,6 +21,7 @@ and the mixed tree + MLP repository of the README's cascade table:
     cancer/cancer_mlp        scikit-learn MLP 30-256-256-2 (scaler folded into layer 0)
     cancer/ensembles.toml    [ensembles.cancer]: cascade, tree first
     cancer/cancer_holdout.csv  held-out rows with a label column (no NaN)
+    cancer/cancer_calibration.csv  rows the cascade threshold is derived from
 
 Everything is seeded, so a rerun with the same library versions writes the same bytes.
 """
@@ -145,7 +146,9 @@ def cancer_repository(xgb):
     repo = os.path.join(OUT, "cancer")
     X, y = load_breast_cancer(return_X_y=True)
     X = X.astype(np.float32)
-    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.4, random_state=3, stratify=y)
+    Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.5, random_state=3, stratify=y)
+    # Half of the other half calibrates the cascade threshold, the rest is held out.
+    Xcal, Xte, ycal, yte = train_test_split(Xte, yte, test_size=0.6, random_state=4, stratify=yte)
     gbt = xgb.XGBClassifier(n_estimators=40, max_depth=3, learning_rate=0.3, random_state=0,
                             n_jobs=1).fit(Xtr, ytr)
     if os.path.exists(os.path.join(repo, "cancer_gbt", "model.toml")):
@@ -169,9 +172,13 @@ def cancer_repository(xgb):
                 'members = ["cancer_gbt", "cancer_mlp"]\n'
                 'combiner = "mean"\n'
                 'policy = "cascade"\n'
-                "cascade_threshold = 0.9\n")
+                "# The threshold is derived at start-up: the smallest whose answers agree\n"
+                "# with running both members on every calibration row.\n"
+                "cascade_target_agreement = 1.0\n"
+                'calibration = "cancer_calibration.csv"\n')
     header = [f"f{i}" for i in range(X.shape[1])] + ["label"]
     write_rows(os.path.join(repo, "cancer_holdout.csv"), Xte, header, yte)
+    write_rows(os.path.join(repo, "cancer_calibration.csv"), Xcal, header, ycal)
     acc = lambda p: float((p.argmax(axis=1) == yte).mean())
     pg = gbt.predict_proba(Xte)
     pm = mlp.predict_proba((Xte - mu) / sd)

@@ -121,10 +121,12 @@ pub fn import(args: &ImportArgs, defaults: &BatchLimits) -> Result<Imported, Str
     let text = man.to_toml();
     match fs::read_to_string(&toml_path) {
         Ok(old) if old == text => {}
-        Ok(_) => return Err(format!(
+        Ok(_) => {
+            return Err(format!(
             "{}: exists and differs from what this model needs (all versions share it):\n{text}",
             toml_path.display()
-        )),
+        ))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             write_atomic(&toml_path, text.as_bytes())?;
         }
