@@ -335,9 +335,20 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     eprintln!("beast: models from {}", cfg.models_dir.display());
     for versions in repo.models.values() {
         for m in versions {
-            let dims: Vec<String> = std::iter::once(m.input_width.to_string())
+            let mut dims: Vec<String> = std::iter::once(m.input_width.to_string())
                 .chain(m.layers.iter().map(|l| l.out_dim.to_string()))
                 .collect();
+            if let Some(f) = &m.forest {
+                // A tree model: "30→[40 trees, depth 3, 120 node visits/row]→2".
+                dims.push(format!(
+                    "[{} {} trees, depth {}, {:.0} node visits/row]",
+                    f.num_trees(),
+                    f.format.name(),
+                    f.max_depth(),
+                    f.node_visits_per_row
+                ));
+                dims.push(m.output_width.to_string());
+            }
             // The delay bounds a wait only for a model that asks for
             // fuller batches (docs/CONFIG.md): show it only then.
             let wait = if m.batch.min_batch > 1 {
