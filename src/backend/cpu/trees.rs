@@ -284,3 +284,47 @@ fn transform<A: Acc>(objective: TreeObjective, m: &[A], out: &mut [f32]) {
         }
     }
 }
+
+/// The obvious layout for comparison (benches/trees.rs): each row walks
+/// each tree to its leaf, one at a time, testing for the leaf at every
+/// step. Same answers as [`run`]; not used by the backend.
+pub fn run_simple(
+    forest: &Forest,
+    input: &[f32],
+    rows: usize,
+    output: &mut [f32],
+    scratch: &mut TreeScratch,
+) -> Result<(), BackendError> {
+    let nf = forest.num_features;
+    let ow = forest.output_width();
+    if rows.checked_mul(nf) != Some(input.len())
+        || rows.checked_mul(ow) != Some(output.len())
+        || !well_formed(forest)
+    {
+        return Err(BackendError::Shape);
+    }
+    let g = forest.num_groups;
+    if scratch.acc64.len() < g {
+        scratch.acc64.resize(g, 0.0);
+    }
+    let acc = &mut scratch.acc64[..g];
+    for r in 0..rows {
+        let x = &input[r * nf..(r + 1) * nf];
+        for (a, b) in acc.iter_mut().zip(&forest.base_margin) {
+            *a = *b as f64;
+        }
+        for (&root, &group) in forest.roots.iter().zip(&forest.groups) {
+            let mut i = root as usize;
+            loop {
+                let n = forest.nodes[i];
+                if n.is_leaf() {
+                    break;
+                }
+                i = n.next(x[n.feature()]) as usize;
+            }
+            acc[group as usize] += forest.values[i];
+        }
+        transform(forest.objective, acc, &mut output[r * ow..(r + 1) * ow]);
+    }
+    Ok(())
+}
