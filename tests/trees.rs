@@ -640,3 +640,28 @@ fn tree_first_cascade_saves_compute_at_no_accuracy_loss() {
     drop(client);
     server.shutdown();
 }
+
+/// The CUDA backend does not put trees on the GPU: it runs them with the
+/// CPU evaluator, same answers, and keeps serving MLPs. Needs a GPU:
+/// `cargo test --release --features cuda --test trees -- --ignored`.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore]
+fn cuda_backend_runs_tree_models_on_the_cpu() {
+    let mut cuda = beast::backend::cuda::CudaBackend::new(0)
+        .expect("a CUDA device (this test is run on a GPU machine)");
+    for file in ["xgb_multi.json", "lgb_binary.txt"] {
+        let forest = parse(file);
+        let model = Model::from_forest(file, 1, forest, Default::default(), 0);
+        let rows = 64;
+        let x: Vec<f32> = common::rows(5, rows, model.input_width);
+        let want = common::direct(&model, &x, rows);
+        let mut got = vec![0.0; rows * model.output_width];
+        cuda.run(&model, &x, rows, &mut got).unwrap();
+        assert_eq!(got, want, "{file}");
+    }
+    let mlp = common::model("a");
+    let x = common::rows(6, 8, mlp.input_width);
+    let mut out = vec![0.0; 8 * mlp.output_width];
+    cuda.run(&mlp, &x, 8, &mut out).unwrap();
+}

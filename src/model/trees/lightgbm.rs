@@ -281,8 +281,8 @@ fn parse_tree(
             ));
         }
         let t = num("threshold", thr[i], i)?;
-        if t.is_nan() {
-            return Err(format!("threshold[{i}]: NaN"));
+        if t.is_nan() || t == f64::INFINITY {
+            return Err(format!("threshold[{i}]: {t} is not supported"));
         }
         let (default_left, zero_missing) = match missing {
             // None: NaN is read as 0.0 and compared as usual.
