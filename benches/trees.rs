@@ -69,6 +69,62 @@ fn time(forest: &Forest, x: &[f32], rows: usize, eval: Eval, quick: bool) -> f64
     samples[samples.len() / 2]
 }
 
+/// ns per row of a model through the CPU backend (what the server runs).
+fn time_model(m: &beast::model::Model, x: &[f32], rows: usize, quick: bool) -> f64 {
+    use beast::backend::Backend;
+    let mut cpu = beast::backend::cpu::CpuBackend::new();
+    let run_model: &mut dyn FnMut(&[f32], usize, &mut [f32]) = &mut |xin, r, out| {
+        cpu.run(m, xin, r, out).unwrap();
+    };
+    let nf = m.input_width;
+    let n_rows = x.len() / nf;
+    let mut out = vec![0.0f32; rows * m.output_width];
+    let starts: Vec<usize> = (0..n_rows.saturating_sub(rows) + 1)
+        .step_by(rows.max(1))
+        .collect();
+    let min = if quick {
+        Duration::from_millis(2)
+    } else {
+        Duration::from_millis(50)
+    };
+    let mut samples = Vec::new();
+    for _ in 0..if quick { 1 } else { 7 } {
+        let (mut done, t0) = (0usize, Instant::now());
+        while t0.elapsed() < min {
+            for &s in &starts {
+                run_model(black_box(&x[s * nf..(s + rows) * nf]), rows, &mut out);
+                black_box(&out);
+                done += rows;
+            }
+        }
+        samples.push(t0.elapsed().as_nanos() as f64 / done as f64);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}
+
+/// The cost model's exchange rate: how many FLOPs of the MLP kernel take as
+/// long as one node visit of the tree evaluator, on the cancer pair.
+fn node_visit_rate(quick: bool) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trees/cancer");
+    let repo = beast::model::load::load_repository(&dir, &Default::default()).unwrap();
+    let gbt = repo.model("cancer_gbt", None).unwrap();
+    let mlp = repo.model("cancer_mlp", None).unwrap();
+    let x = rows_of(&dir.join("cancer_holdout.csv"), 30);
+    let visits = gbt.node_visits_per_row() + gbt.forest.as_ref().unwrap().num_trees() as f64;
+    println!("\ncancer_gbt ({visits:.0} node visits incl. leaves/row) vs cancer_mlp ({} FLOP/row), CPU backend:", mlp.flops_per_row());
+    println!(
+        "{:>6} {:>12} {:>12} {:>14}",
+        "batch", "gbt ns/row", "mlp ns/row", "FLOP/visit"
+    );
+    for rows in BATCHES {
+        let g = time_model(gbt, &x, rows, quick);
+        let m = time_model(mlp, &x, rows, quick);
+        let rate = (g / visits) / (m / mlp.flops_per_row() as f64);
+        println!("{rows:>6} {g:>12.1} {m:>12.1} {rate:>14.1}");
+    }
+}
+
 fn main() {
     // `cargo test` runs benches once in test mode: keep it quick.
     let quick = std::env::args().any(|a| a == "--test") || std::env::args().all(|a| a != "--bench");
@@ -122,4 +178,5 @@ fn main() {
             );
         }
     }
+    node_visit_rate(quick);
 }

@@ -281,8 +281,10 @@ fn parse_tree(
             ));
         }
         let t = num("threshold", thr[i], i)?;
-        if t.is_nan() || t == f64::INFINITY {
-            return Err(format!("threshold[{i}]: {t} is not supported"));
+        // LightGBM writes +inf for a split whose left side takes every
+        // value: `x < inf` agrees for every input but +inf itself.
+        if t.is_nan() {
+            return Err(format!("threshold[{i}]: NaN"));
         }
         let (default_left, zero_missing) = match missing {
             // None: NaN is read as 0.0 and compared as usual.

@@ -26,10 +26,11 @@ pub mod manifest;
 pub mod xgboost;
 
 /// What one node visit costs in the FLOP-equivalents the cost model uses
-/// ([`crate::model::Model::flops_per_row`]). Measured on the 2-core dev VM
-/// (perf/trees.md): a node visit in the batched evaluator takes about as
-/// long as this many FLOPs of the AVX2 MLP kernel at batch 32.
-pub const FLOPS_PER_NODE_VISIT: f64 = 32.0;
+/// ([`crate::model::Model::flops_per_row`]): a node visit of the tree
+/// evaluator takes about as long as this many FLOPs of the AVX2 MLP
+/// kernel (measured 180–197 at batch 1/32/128 by `cargo bench --bench
+/// trees` on the 2-core dev VM, cancer_gbt vs cancer_mlp; perf/trees.md).
+pub const FLOPS_PER_NODE_VISIT: f64 = 190.0;
 
 /// A forest's cost per row in FLOP-equivalents (at least 1), from its
 /// expected node visits plus one leaf read per tree.
@@ -126,21 +127,19 @@ impl Node {
         self.feat & LEAF != 0
     }
 
-    /// The child a value `x` goes to.
+    /// The child a value `x` goes to. Branch-free on purpose (integer
+    /// masks, no `if`): a tree walk's direction is a coin flip to the
+    /// branch predictor, so a jump here costs a misprediction per node.
     #[inline(always)]
     pub fn next(&self, x: f32) -> u32 {
-        let zero = (self.feat & ZERO_MISSING != 0) & (x > -ZERO_THRESHOLD) & (x <= ZERO_THRESHOLD);
-        let missing = x.is_nan() | zero;
-        let go_left = if missing {
-            self.feat & DEFAULT_LEFT != 0
-        } else {
-            x < self.thr
-        };
-        if go_left {
-            self.left
-        } else {
-            self.right
-        }
+        let zero_flag = (self.feat >> 29) & 1;
+        let zero = zero_flag & ((x > -ZERO_THRESHOLD) as u32) & ((x <= ZERO_THRESHOLD) as u32);
+        let missing = (x.is_nan() as u32) | zero;
+        let lt = (x < self.thr) as u32;
+        let go_left = (missing & (self.feat >> 31)) | ((missing ^ 1) & lt);
+        // 0 when going left, all ones when going right.
+        let mask = go_left.wrapping_sub(1);
+        self.left ^ ((self.left ^ self.right) & mask)
     }
 }
 

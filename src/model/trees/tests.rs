@@ -1,7 +1,8 @@
 use super::*;
 
 /// `x < lightgbm_threshold(t)` ⟺ `x as f64 <= t` for f32 values around t
-/// (t = +inf, where every value goes left, is refused by the parser).
+/// (t = +inf, where LightGBM sends every value left, gives thr = +inf:
+/// all but an input of +inf itself go left).
 #[test]
 fn lightgbm_threshold_is_the_same_decision_for_every_f32() {
     let ts: Vec<f64> = vec![
