@@ -73,9 +73,6 @@ fn time(forest: &Forest, x: &[f32], rows: usize, eval: Eval, quick: bool) -> f64
 fn time_model(m: &beast::model::Model, x: &[f32], rows: usize, quick: bool) -> f64 {
     use beast::backend::Backend;
     let mut cpu = beast::backend::cpu::CpuBackend::new();
-    let run_model: &mut dyn FnMut(&[f32], usize, &mut [f32]) = &mut |xin, r, out| {
-        cpu.run(m, xin, r, out).unwrap();
-    };
     let nf = m.input_width;
     let n_rows = x.len() / nf;
     let mut out = vec![0.0f32; rows * m.output_width];
@@ -92,7 +89,8 @@ fn time_model(m: &beast::model::Model, x: &[f32], rows: usize, quick: bool) -> f
         let (mut done, t0) = (0usize, Instant::now());
         while t0.elapsed() < min {
             for &s in &starts {
-                run_model(black_box(&x[s * nf..(s + rows) * nf]), rows, &mut out);
+                cpu.run(m, black_box(&x[s * nf..(s + rows) * nf]), rows, &mut out)
+                    .unwrap();
                 black_box(&out);
                 done += rows;
             }
