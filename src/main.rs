@@ -93,22 +93,7 @@ enum Cmd {
     },
     /// Import a saved XGBoost JSON (.json) or LightGBM text (.txt) model as
     /// a model version folder, model.toml beside it (docs/MODELS.md).
-    ImportTrees {
-        /// The saved model file.
-        model: PathBuf,
-        /// The version folder (models/NAME/N), or with --name the repository.
-        #[arg(long)]
-        out: PathBuf,
-        /// Model name: write into OUT/NAME/VERSION.
-        #[arg(long)]
-        name: Option<String>,
-        /// Version number (default 1) when OUT is the repository.
-        #[arg(long)]
-        version: Option<u32>,
-        /// Class names, comma-separated, one per output column.
-        #[arg(long, value_delimiter = ',')]
-        classes: Option<Vec<String>>,
-    },
+    ImportTrees(beast::model::trees::import::ImportArgs),
     /// Write the standard benchmark models (bench_a, bench_b, bench_c, bench_ens).
     DemoModels {
         #[arg(long)]
@@ -211,19 +196,7 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Cmd::ImportTrees {
-            model,
-            out,
-            name,
-            version,
-            classes,
-        } => beast::model::trees::import::run(&beast::model::trees::import::ImportArgs {
-            model,
-            out,
-            name,
-            version,
-            classes,
-        }),
+        Cmd::ImportTrees(args) => beast::model::trees::import::run(&args),
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(
@@ -335,20 +308,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     eprintln!("beast: models from {}", cfg.models_dir.display());
     for versions in repo.models.values() {
         for m in versions {
-            let mut dims: Vec<String> = std::iter::once(m.input_width.to_string())
-                .chain(m.layers.iter().map(|l| l.out_dim.to_string()))
-                .collect();
-            if let Some(f) = &m.forest {
-                // A tree model: "30→[40 trees, depth 3, 120 node visits/row]→2".
-                dims.push(format!(
-                    "[{} {} trees, depth {}, {:.0} node visits/row]",
-                    f.num_trees(),
-                    f.format.name(),
-                    f.max_depth(),
-                    f.node_visits_per_row
-                ));
-                dims.push(m.output_width.to_string());
-            }
+            let dims = m.shape_summary();
             // The delay bounds a wait only for a model that asks for
             // fuller batches (docs/CONFIG.md): show it only then.
             let wait = if m.batch.min_batch > 1 {
@@ -364,7 +324,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 m.name,
                 m.version,
                 m.short_digest(),
-                dims.join("→"),
+                dims,
                 m.output,
                 m.flops_per_row() as f64 / 1e6,
                 m.batch.max_batch,

@@ -310,6 +310,25 @@ impl Model {
             .sum()
     }
 
+    /// The shape for logs: `64→32→10`, or for a tree model
+    /// `30→[40 xgboost-json trees, depth 3, 78 node visits/row]→2`.
+    pub fn shape_summary(&self) -> String {
+        let mut dims: Vec<String> = std::iter::once(self.input_width.to_string())
+            .chain(self.layers.iter().map(|l| l.out_dim.to_string()))
+            .collect();
+        if let Some(f) = &self.forest {
+            dims.push(format!(
+                "[{} {} trees, depth {}, {:.0} node visits/row]",
+                f.num_trees(),
+                f.format.name(),
+                f.max_depth(),
+                f.node_visits_per_row
+            ));
+            dims.push(self.output_width.to_string());
+        }
+        dims.join("→")
+    }
+
     /// Expected tree nodes visited per input row (0 for an MLP): the unit
     /// tree work is reported in beside FLOPs.
     pub fn node_visits_per_row(&self) -> f64 {

@@ -19,13 +19,22 @@ use crate::model::BatchLimits;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// What `beast import-trees` was asked.
-#[derive(Debug, Clone, Default)]
+/// What `beast import-trees` was asked (its command-line arguments).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct ImportArgs {
+    /// The saved model file: .json (XGBoost) or .txt (LightGBM).
     pub model: PathBuf,
+    /// The version folder (models/NAME/N), or with --name the repository.
+    #[arg(long)]
     pub out: PathBuf,
+    /// Model name: write into OUT/NAME/VERSION.
+    #[arg(long)]
     pub name: Option<String>,
+    /// Version number (default 1) when OUT is the repository.
+    #[arg(long)]
     pub version: Option<u32>,
+    /// Class names, comma-separated, one per output column.
+    #[arg(long, value_delimiter = ',')]
     pub classes: Option<Vec<String>>,
 }
 
