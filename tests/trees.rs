@@ -132,6 +132,50 @@ fn xgboost_regression_matches_the_library() {
     check_exact("xgb_reg.json", "rows_diabetes.csv");
 }
 
+/// Older XGBoost writers: `default_left` as booleans, `base_score` as a
+/// plain string, no `split_type` / `categories*`: same predictions.
+#[test]
+fn xgboost_older_json_spellings_are_read_alike() {
+    let mut v: serde_json::Value = serde_json::from_str(&fixture_text("xgb_binary.json")).unwrap();
+    let bs = v
+        .pointer("/learner/learner_model_param/base_score")
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    *v.pointer_mut("/learner/learner_model_param/base_score")
+        .unwrap() = bs.into();
+    for t in v
+        .pointer_mut("/learner/gradient_booster/model/trees")
+        .unwrap()
+        .as_array_mut()
+        .unwrap()
+    {
+        let t = t.as_object_mut().unwrap();
+        let dl: Vec<serde_json::Value> = t["default_left"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| (x.as_i64() == Some(1)).into())
+            .collect();
+        t.insert("default_left".into(), dl.into());
+        for k in [
+            "split_type",
+            "categories",
+            "categories_nodes",
+            "categories_segments",
+            "categories_sizes",
+        ] {
+            t.remove(k);
+        }
+    }
+    let old = TreeFormat::XgboostJson
+        .parse(&serde_json::to_vec(&v).unwrap())
+        .unwrap();
+    assert_eq!(old, parse("xgb_binary.json"));
+}
+
 #[test]
 fn lightgbm_binary_matches_the_library() {
     check_exact("lgb_binary.txt", "rows_cancer.csv");

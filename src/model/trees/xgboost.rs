@@ -305,7 +305,11 @@ fn parse_tree(
                 splits.push(Split {
                     feature: f as u32,
                     thr: c as f32,
-                    default_left: int(dleft, i, "default_left")? != 0,
+                    // 0/1 (XGBoost ≥ 1.6) or false/true (older writers).
+                    default_left: match dleft[i].as_bool() {
+                        Some(b) => b,
+                        None => int(dleft, i, "default_left")? != 0,
+                    },
                     zero_missing: false,
                     left: child(left, i, "left_children")?,
                     right: child(right, i, "right_children")?,
