@@ -709,3 +709,109 @@ fn cuda_backend_runs_tree_models_on_the_cpu() {
     let mut out = vec![0.0; 8 * mlp.output_width];
     cuda.run(&mlp, &x, 8, &mut out).unwrap();
 }
+
+/// Over the wire, NaN is a missing value for a tree model and for an
+/// ensemble of tree models (answers equal the libraries'), and still a bad
+/// request wherever an MLP would see it; infinities stay refused.
+#[test]
+fn nan_inputs_reach_tree_models_over_the_wire() {
+    use beast::client::{Client, ClientError};
+    use beast::model::trees::import::{import, ImportArgs};
+    use beast::wire::{CacheControl, Input, PolicyOverride, RequestSpec};
+    let dir = common::temp_dir("trees-nan");
+    for (file, name) in [
+        ("xgb_binary.json", "xgb"),
+        ("lgb_binary.txt", "lgb"),
+        ("lgb_reg.txt", "reg"),
+    ] {
+        let args = ImportArgs {
+            model: fixtures().join(file),
+            out: dir.clone(),
+            name: Some(name.into()),
+            ..Default::default()
+        };
+        import(&args, &Default::default()).unwrap();
+    }
+    let mlp = dir.join("cancer_mlp/1");
+    std::fs::create_dir_all(&mlp).unwrap();
+    let src = fixtures().join("cancer/cancer_mlp");
+    std::fs::copy(src.join("model.toml"), dir.join("cancer_mlp/model.toml")).unwrap();
+    std::fs::copy(
+        src.join("1/weights.safetensors"),
+        mlp.join("weights.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("ensembles.toml"),
+        "[ensembles.gbts]\nmembers = [\"xgb\", \"lgb\"]\n[ensembles.mixed]\nmembers = [\"xgb\", \"cancer_mlp\"]\n",
+    )
+    .unwrap();
+    let repo = beast::model::load::load_repository(&dir, &Default::default()).unwrap();
+    assert!(repo.errors.is_empty(), "{:?}", repo.errors);
+    let server = common::start_with(common::test_config(), repo);
+    let client = Client::connect(server.addr).unwrap();
+    let ask = |target: &str, rows: usize, cols: usize, data: &[f32]| {
+        client.predict(&RequestSpec {
+            target,
+            version: None,
+            rows: rows as u32,
+            cols: cols as u32,
+            input: Input::F32(data),
+            deadline_us: None,
+            domain: None,
+            cache: CacheControl::Use,
+            policy: PolicyOverride::Default,
+        })
+    };
+    let (x, n) = read_rows(&fixtures().join("rows_cancer.csv"));
+    assert!(x.iter().any(|v| v.is_nan()));
+    for (target, expect) in [("xgb", "xgb_binary"), ("lgb", "lgb_binary")] {
+        let p = ask(target, n, 30, &x).unwrap_or_else(|e| panic!("{target}: {e:?}"));
+        let (_, eo) = read_expect(&fixtures().join(format!("{expect}.expect.csv")));
+        for r in 0..n {
+            for k in 0..2 {
+                assert!(
+                    close(p.outputs[r * 2 + k], eo[r][k]),
+                    "{target} row {r}: {} vs {}",
+                    p.outputs[r * 2 + k],
+                    eo[r][k]
+                );
+            }
+        }
+    }
+    let (xd, nd) = read_rows(&fixtures().join("rows_diabetes.csv"));
+    let p = ask("reg", nd, 10, &xd).unwrap();
+    let (_, eo) = read_expect(&fixtures().join("lgb_reg.expect.csv"));
+    assert_eq!(p.cols, 1);
+    for r in 0..nd {
+        assert!(
+            close(p.outputs[r], eo[r][0]),
+            "reg row {r}: {} vs {}",
+            p.outputs[r],
+            eo[r][0]
+        );
+    }
+    let gbts = ask("gbts", n, 30, &x).unwrap();
+    assert_eq!(gbts.runs.len(), 2);
+    let nan_row = (0..n)
+        .find(|&r| x[r * 30..(r + 1) * 30].iter().any(|v| v.is_nan()))
+        .unwrap();
+    let row = &x[nan_row * 30..(nan_row + 1) * 30];
+    match ask("mixed", 1, 30, row) {
+        Err(ClientError::BadRequest(m)) => assert!(m.contains("not finite"), "{m}"),
+        other => panic!("a NaN row for an ensemble with an MLP member: {other:?}"),
+    }
+    let finite: Vec<f32> = row
+        .iter()
+        .map(|v| if v.is_nan() { 0.0 } else { *v })
+        .collect();
+    ask("mixed", 1, 30, &finite).unwrap();
+    let mut inf = finite.clone();
+    inf[3] = f32::INFINITY;
+    match ask("xgb", 1, 30, &inf) {
+        Err(ClientError::BadRequest(m)) => assert!(m.contains("row 0, column 3"), "{m}"),
+        other => panic!("an infinite input: {other:?}"),
+    }
+    drop(client);
+    server.shutdown();
+}
