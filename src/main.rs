@@ -4,6 +4,8 @@
 //!   the repository shipped in `models/`).
 //! - `beast predict` — ask a running server for one prediction.
 //! - `beast demo-models --out DIR` — write the standard benchmark models.
+//! - `beast import-trees MODEL --out DIR` — an XGBoost/LightGBM model file
+//!   as a model version folder.
 //! - `beast trace --admin ADDR --seconds N --out trace.json` — record sampled
 //!   request traces from a running server (Chrome trace JSON, for Perfetto).
 
@@ -93,6 +95,9 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:9464")]
         admin: String,
     },
+    /// Import a saved XGBoost JSON (.json) or LightGBM text (.txt) model as
+    /// a model version folder, model.toml beside it (docs/MODELS.md).
+    ImportTrees(beast::model::trees::import::ImportArgs),
     /// Write the standard benchmark models (bench_a, bench_b, bench_c, bench_ens).
     DemoModels {
         #[arg(long)]
@@ -217,6 +222,7 @@ fn main() -> ExitCode {
         Cmd::ImportOnnx(args) => {
             beast::import::onnx::import_file(&args).map(|report| print!("{report}"))
         }
+        Cmd::ImportTrees(args) => beast::model::trees::import::run(&args),
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(
@@ -329,9 +335,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     eprintln!("beast: models from {}", cfg.models_dir.display());
     for versions in repo.models.values() {
         for m in versions {
-            let dims: Vec<String> = std::iter::once(m.input_width.to_string())
-                .chain(m.layers.iter().map(|l| l.out_dim.to_string()))
-                .collect();
+            let dims = m.shape_summary();
             // The delay bounds a wait only for a model that asks for
             // fuller batches (docs/CONFIG.md): show it only then.
             let wait = if m.batch.min_batch > 1 {
@@ -347,7 +351,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 m.name,
                 m.version,
                 m.short_digest(),
-                dims.join("→"),
+                dims,
                 m.output,
                 m.flops_per_row() as f64 / 1e6,
                 m.batch.max_batch,

@@ -49,6 +49,7 @@ fn constant(name: &str, bias: [f32; C]) -> Model {
         task: Default::default(),
         io: Default::default(),
         digest: 0,
+        forest: None,
     }
     .with_params_digest()
 }
@@ -88,6 +89,7 @@ fn expensive(name: &str, delay_us: u64) -> Model {
         task: Default::default(),
         io: Default::default(),
         digest: 0,
+        forest: None,
     }
     .with_params_digest()
 }

@@ -27,6 +27,7 @@ mod avx2;
 mod portable;
 #[cfg(test)]
 mod tests;
+pub mod trees;
 
 use super::registry::Registry;
 use super::{Backend, BackendError, ModelId, Ticket, IN_FLIGHT_PER_MODEL};
@@ -87,6 +88,8 @@ struct Kernel {
     /// Packed f32 copy of a block of W, rebuilt per layer and reused across
     /// the batch's rows. Sized by the kernel (`PANEL_LEN`, `portable::panel_len`).
     panel: Vec<f32>,
+    /// Accumulators of the tree evaluator (`cpu/trees.rs`).
+    trees: trees::TreeScratch,
 }
 
 impl CpuBackend {
@@ -111,6 +114,7 @@ impl CpuBackend {
                 kernel,
                 act: [Vec::new(), Vec::new()],
                 panel: Vec::new(),
+                trees: trees::TreeScratch::default(),
             },
             models: Registry::default(),
         }
@@ -273,6 +277,15 @@ impl Kernel {
         rows: usize,
         output: &mut [f32],
     ) -> Result<(), BackendError> {
+        if let Some(forest) = &model.forest {
+            // A tree model (model/trees): its own evaluator.
+            if forest.num_features != model.input_width
+                || forest.output_width() != model.output_width
+            {
+                return Err(BackendError::Shape);
+            }
+            return trees::run(forest, input, rows, output, &mut self.trees);
+        }
         check_shapes(model, input, rows, output)?;
         if rows == 0 {
             return Ok(());

@@ -19,6 +19,7 @@
 //! step of its own, `ensemble::calibrate::calibrate_cascades`.
 
 use super::manifest::{self, ModelManifest};
+use super::trees::{self, manifest::ModelKind};
 use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model, WeightsBuf};
 use half::f16;
 use safetensors::tensor::{Dtype, TensorInfo};
@@ -120,6 +121,12 @@ pub fn load_repository(dir: &Path, defaults: &BatchLimits) -> Result<Repository,
     Ok(repo)
 }
 
+/// A model folder's `model.toml`, by kind.
+enum Manifest {
+    Mlp(ModelManifest),
+    Trees(trees::manifest::TreesManifest),
+}
+
 fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &BatchLimits) {
     let mdir = dir.join(name);
     let toml_path = mdir.join("model.toml");
@@ -133,7 +140,11 @@ fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &Batc
         }
         Err(e) => return repo.refuse(format!("{}: {e}", toml_path.display())),
     };
-    let man = match manifest::parse_model_manifest(&text, defaults) {
+    // `kind = "trees"`: a gradient-boosted tree model (model/trees).
+    let man = match trees::manifest::declared_kind(&text).and_then(|k| match k {
+        ModelKind::Mlp => manifest::parse_model_manifest(&text, defaults).map(Manifest::Mlp),
+        ModelKind::Trees => trees::manifest::parse(&text, defaults).map(Manifest::Trees),
+    }) {
         Ok(m) => m,
         Err(e) => return repo.refuse(format!("{}: {e}", toml_path.display())),
     };
@@ -170,8 +181,19 @@ fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &Batc
     }
     let mut loaded = Vec::new();
     for v in versions {
-        let wpath = mdir.join(v.to_string()).join(WEIGHTS_FILE);
-        match load_weights(&wpath, name, v, &man, text.as_bytes()) {
+        let (wpath, model) = match &man {
+            Manifest::Mlp(m) => {
+                let p = mdir.join(v.to_string()).join(WEIGHTS_FILE);
+                let r = load_weights(&p, name, v, m, text.as_bytes());
+                (p, r)
+            }
+            Manifest::Trees(t) => {
+                let p = mdir.join(v.to_string()).join(t.format.file_name());
+                let r = trees::manifest::load_version(&p, name, v, t, text.as_bytes());
+                (p, r)
+            }
+        };
+        match model {
             Ok(m) => loaded.push(Arc::new(m)),
             Err(e) => repo.refuse(format!("{}: {e}", wpath.display())),
         }
@@ -304,6 +326,7 @@ fn load_weights(
         task: man.task,
         io: man.io.clone(),
         digest,
+        forest: None,
     })
 }
 

@@ -258,7 +258,7 @@ pub fn parse_model_manifest(text: &str, defaults: &BatchLimits) -> Result<ModelM
     })
 }
 
-fn parse_batching(bt: &Table, defaults: &BatchLimits) -> Result<BatchLimits, String> {
+pub(crate) fn parse_batching(bt: &Table, defaults: &BatchLimits) -> Result<BatchLimits, String> {
     deny_unknown(
         bt,
         "batching",
@@ -502,7 +502,7 @@ fn parse_selection(t: &Table, path: &str) -> Result<SelectionSpec, String> {
 
 // ---- field helpers: each error names the full field path ----
 
-pub(super) fn deny_unknown(t: &Table, path: &str, known: &[&str]) -> Result<(), String> {
+pub(crate) fn deny_unknown(t: &Table, path: &str, known: &[&str]) -> Result<(), String> {
     for k in t.keys() {
         if !known.contains(&k.as_str()) {
             let field = if path.is_empty() {
@@ -542,7 +542,7 @@ pub(super) fn float(v: &Value, path: &str) -> Result<f64, String> {
 }
 
 /// A width field: an integer in 1..=WIDTH_MAX; `None` when absent.
-fn width(t: &Table, key: &str, path: &str) -> Result<Option<usize>, String> {
+pub(crate) fn width(t: &Table, key: &str, path: &str) -> Result<Option<usize>, String> {
     let Some(v) = t.get(key) else {
         return Ok(None);
     };

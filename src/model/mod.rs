@@ -19,6 +19,7 @@ pub mod demo;
 pub mod io;
 pub mod load;
 pub mod manifest;
+pub mod trees;
 
 pub use io::{ModelIo, Task};
 
@@ -240,6 +241,9 @@ pub struct Model {
     /// every cache key beside name and version, so an answer computed by
     /// other bytes under the same name and version is never returned.
     pub digest: u128,
+    /// A tree model (`kind = "trees"`, docs/MODELS.md): `layers` is empty
+    /// and the backend evaluates this forest instead. `None` for an MLP.
+    pub forest: Option<Arc<trees::Forest>>,
 }
 
 impl Model {
@@ -278,6 +282,20 @@ impl Model {
         if let Some(p) = &self.io.preprocess {
             p.hash_into(&mut h);
         }
+        if let Some(f) = &self.forest {
+            usize_(&mut h, f.nodes.len());
+            for n in &f.nodes {
+                h.update(&n.thr.to_le_bytes());
+                h.update(&n.feat.to_le_bytes());
+                h.update(&n.left.to_le_bytes());
+                h.update(&n.right.to_le_bytes());
+            }
+            h.update(bytemuck::cast_slice(&f.values));
+            h.update(bytemuck::cast_slice(&f.roots));
+            h.update(bytemuck::cast_slice(&f.groups));
+            h.update(bytemuck::cast_slice(&f.base_margin));
+            h.update(&[f.objective as u8, f.accumulate_f64 as u8]);
+        }
         h.digest128()
     }
 
@@ -288,12 +306,43 @@ impl Model {
         self
     }
 
-    /// Multiply-adds × 2 for one input row.
+    /// Multiply-adds × 2 for one input row. For a tree model, its expected
+    /// node visits per row × [`trees::FLOPS_PER_NODE_VISIT`] (a
+    /// FLOP-equivalent, so the cost model compares trees and MLPs in one
+    /// unit; [`Model::node_visits_per_row`] is the tree work itself).
     pub fn flops_per_row(&self) -> u64 {
+        if let Some(f) = &self.forest {
+            return trees::flops_equivalent(f);
+        }
         self.layers
             .iter()
             .map(|l| 2 * (l.in_dim as u64) * (l.out_dim as u64))
             .sum()
+    }
+
+    /// The shape for logs: `64→32→10`, or for a tree model
+    /// `30→[40 xgboost-json trees, depth 3, 78 node visits/row]→2`.
+    pub fn shape_summary(&self) -> String {
+        let mut dims: Vec<String> = std::iter::once(self.input_width.to_string())
+            .chain(self.layers.iter().map(|l| l.out_dim.to_string()))
+            .collect();
+        if let Some(f) = &self.forest {
+            dims.push(format!(
+                "[{} {} trees, depth {}, {:.0} node visits/row]",
+                f.num_trees(),
+                f.format.name(),
+                f.max_depth(),
+                f.node_visits_per_row
+            ));
+            dims.push(self.output_width.to_string());
+        }
+        dims.join("→")
+    }
+
+    /// Expected tree nodes visited per input row (0 for an MLP): the unit
+    /// tree work is reported in beside FLOPs.
+    pub fn node_visits_per_row(&self) -> f64 {
+        self.forest.as_ref().map_or(0.0, |f| f.node_visits_per_row)
     }
 
     /// Widest activation a batch passes through (input, hidden or output),
@@ -305,6 +354,7 @@ impl Model {
             .max()
             .unwrap_or(self.input_width)
             .max(self.input_width)
+            .max(self.output_width)
     }
 
     /// A model with deterministic pseudo-random weights (He-style scale so
@@ -352,6 +402,7 @@ impl Model {
             task: Task::Classification,
             io: ModelIo::default(),
             digest: 0,
+            forest: None,
         };
         m.digest = m.params_digest();
         m

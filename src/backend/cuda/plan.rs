@@ -50,6 +50,10 @@ pub fn check_shapes(
 /// The model's own shape (layers chain, weights and norms sized) and its
 /// GEMM dimensions at `rows` rows within i32.
 pub fn check_model(model: &Model, rows: usize) -> Result<(), BackendError> {
+    if model.forest.is_some() {
+        // A tree model: the CPU twin's evaluator checks its own shapes.
+        return Ok(());
+    }
     let fits = |v: Option<usize>| v.is_some_and(|v| v <= i32::MAX as usize);
     let mut width = model.input_width;
     for l in &model.layers {
@@ -99,10 +103,12 @@ pub fn rows_fit(max_dim: usize, rows: usize) -> bool {
             .is_some_and(|v| v <= i32::MAX as usize)
 }
 
-/// True when the device path cannot run `model` (no layers, or a
-/// zero-width one: cuBLAS rejects ld = 0); the CPU twin does these.
+/// True when the device path cannot run `model` (a tree model, which is
+/// never put on the GPU; no layers, or a zero-width one: cuBLAS rejects
+/// ld = 0); the CPU twin does these.
 pub fn degenerate(model: &Model) -> bool {
-    model.layers.is_empty() || model.layers.iter().any(|l| l.in_dim == 0 || l.out_dim == 0)
+    model.forest.is_some()
+        || model.layers.is_empty() || model.layers.iter().any(|l| l.in_dim == 0 || l.out_dim == 0)
 }
 
 /// Members of an ensemble that run together on the device.

@@ -380,6 +380,8 @@ fn models_json(repo: &Repository) -> serde_json::Value {
                 "binary": m.io.binary,
                 "preprocess": m.io.preprocess.as_ref().map(|p| p.describe()),
                 "flops_per_row": m.flops_per_row(),
+                "kind": if m.forest.is_some() { "trees" } else { "mlp" },
+                "node_visits_per_row": m.node_visits_per_row(),
                 "batch": {
                     "max_batch": m.batch.max_batch,
                     "min_batch": m.batch.min_batch,

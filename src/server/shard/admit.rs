@@ -183,13 +183,24 @@ impl Shard {
     /// error and returns false when it is not. Called only once the cache
     /// has missed: an answer in the cache was computed from these very
     /// bytes, which were checked then, so a hit skips the conversion.
-    pub(super) fn read_input(&self, conn: &Conn, req: &RequestView<'_>, arrival: Instant) -> bool {
+    /// `missing_ok`: every model that may run is a tree model, for which
+    /// NaN is a missing value (infinities are still refused).
+    pub(super) fn read_input(
+        &self,
+        conn: &Conn,
+        req: &RequestView<'_>,
+        arrival: Instant,
+        missing_ok: bool,
+    ) -> bool {
         let width = req.cols as usize;
         let mut scratch = self.scratch.borrow_mut();
         let n = req.rows as usize * width;
         scratch.resize(n, 0.0);
         req.read_f32_into(&mut scratch[..n]);
-        if let Some(i) = scratch[..n].iter().position(|x| !x.is_finite()) {
+        if let Some(i) = scratch[..n]
+            .iter()
+            .position(|x| !(x.is_finite() || (missing_ok && x.is_nan())))
+        {
             drop(scratch);
             self.respond_error_fmt(
                 conn,
@@ -351,7 +362,7 @@ impl Shard {
         }
         // Before joining: a request refused here must not leave a leader
         // entry behind (nothing can join in between on this thread).
-        if !self.read_input(conn, req, arrival) {
+        if !self.read_input(conn, req, arrival, s.model.forest.is_some()) {
             return;
         }
         if let (Some(k), CacheControl::Use) = (key, req.cache) {

@@ -166,7 +166,12 @@ impl Shard {
         if !self.admit(conn, req.id, members, rows, deadline, arrival) {
             return;
         }
-        if !self.read_input(conn, req, arrival) {
+        // NaN is a missing value only where every member is a tree model.
+        let missing_ok = plan
+            .members
+            .iter()
+            .all(|&m| self.slots[m].model.forest.is_some());
+        if !self.read_input(conn, req, arrival, missing_ok) {
             return;
         }
         let mut pending = self.pending.borrow_mut();
