@@ -23,7 +23,7 @@ use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model, Weig
 use half::f16;
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -81,10 +81,33 @@ pub const WEIGHTS_FILE: &str = "weights.safetensors";
 /// The tensor dtypes a weights file may use.
 pub const ACCEPTED_DTYPES: &str = "F16, F32";
 
+/// What a scan leaves out or adds beyond the version policies: the models
+/// and versions unloaded or loaded by hand (`POST /v1/models/NAME/load`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanFilter {
+    /// Model folders not loaded.
+    pub skip: BTreeSet<String>,
+    /// Versions not loaded.
+    pub skip_versions: BTreeSet<(String, u32)>,
+    /// Versions loaded even where the model's policy leaves them out.
+    pub add_versions: BTreeSet<(String, u32)>,
+}
+
 /// Load every model and ensemble under `dir`. A bad model, version or
 /// ensemble is refused (recorded in `errors`) while the rest load; only an
 /// unreadable `dir` is an error.
 pub fn load_repository(dir: &Path, defaults: &BatchLimits) -> Result<Repository, String> {
+    load_repository_filtered(dir, defaults, &ScanFilter::default())
+}
+
+/// [`load_repository`] less what `filter` leaves out. Folders whose name
+/// starts with a dot are never read: a version is written as `.tmp-3` and
+/// renamed to `3` once complete (docs/MODELS.md).
+pub fn load_repository_filtered(
+    dir: &Path,
+    defaults: &BatchLimits,
+    filter: &ScanFilter,
+) -> Result<Repository, String> {
     let mut repo = Repository::default();
     let rd = fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut model_dirs = Vec::new();
@@ -106,7 +129,9 @@ pub fn load_repository(dir: &Path, defaults: &BatchLimits) -> Result<Repository,
     }
     model_dirs.sort();
     for name in model_dirs {
-        load_model_dir(&mut repo, dir, &name, defaults);
+        if !filter.skip.contains(&name) {
+            load_model_dir(&mut repo, dir, &name, defaults, filter);
+        }
     }
     repo.refused_models = repo.errors.len();
     load_ensembles(&mut repo, dir);
@@ -120,7 +145,13 @@ pub fn load_repository(dir: &Path, defaults: &BatchLimits) -> Result<Repository,
     Ok(repo)
 }
 
-fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &BatchLimits) {
+fn load_model_dir(
+    repo: &mut Repository,
+    dir: &Path,
+    name: &str,
+    defaults: &BatchLimits,
+    filter: &ScanFilter,
+) {
     let mdir = dir.join(name);
     let toml_path = mdir.join("model.toml");
     let text = match fs::read_to_string(&toml_path) {
@@ -168,8 +199,23 @@ fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &Batc
             mdir.display()
         ));
     }
+    let (mut chosen, missing) = man.versions.select(&versions);
+    for v in missing {
+        repo.refuse(format!(
+            "{}: version {v} is pinned by versions in model.toml but {} does not exist",
+            toml_path.display(),
+            mdir.join(v.to_string()).display()
+        ));
+    }
+    for (n, v) in &filter.add_versions {
+        if n == name && versions.contains(v) && !chosen.contains(v) {
+            chosen.push(*v);
+        }
+    }
+    chosen.retain(|v| !filter.skip_versions.contains(&(name.to_string(), *v)));
+    chosen.sort_unstable();
     let mut loaded = Vec::new();
-    for v in versions {
+    for v in chosen {
         let wpath = mdir.join(v.to_string()).join(WEIGHTS_FILE);
         match load_weights(&wpath, name, v, &man, text.as_bytes()) {
             Ok(m) => loaded.push(Arc::new(m)),

@@ -18,6 +18,7 @@
 pub mod demo;
 pub mod load;
 pub mod manifest;
+pub mod versions;
 
 use half::f16;
 use std::sync::Arc;

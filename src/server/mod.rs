@@ -15,7 +15,9 @@ pub mod admin;
 mod cache;
 mod conn;
 mod conn_state;
+pub mod lifecycle;
 mod notify;
+pub mod registry;
 mod select;
 mod shard;
 mod slab;
@@ -27,7 +29,8 @@ use crate::metrics::{ShardMetrics, Targets, Totals};
 use crate::model::load::Repository;
 pub use cache::CacheShared;
 use glommio::{LocalExecutorBuilder, Placement};
-use shard::Shard;
+use registry::{Hub, Registry};
+use shard::{Current, Shard, Shared};
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -52,9 +55,15 @@ pub struct ServerHandle {
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
     selection: Vec<Arc<SelectionCounters>>,
+    lifecycle: Arc<lifecycle::Lifecycle>,
 }
 
 impl ServerHandle {
+    /// Reloads, loads and unloads without a restart (docs/MODELS.md).
+    pub fn lifecycle(&self) -> Arc<lifecycle::Lifecycle> {
+        self.lifecycle.clone()
+    }
+
     /// The flag that stops the server when set (signal handlers set it).
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
@@ -216,6 +225,7 @@ impl Starting {
                 threads: parts.threads,
                 metrics: parts.metrics,
                 selection: parts.selection,
+                lifecycle: parts.lifecycle,
             }),
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
@@ -240,10 +250,18 @@ fn start_shards(
         }
     };
     if let Some(a) = admin {
-        let _ = a.state.repo.set(repo.clone());
+        a.state.repo.set(repo.clone());
     }
     let cfg = Arc::new(cfg.clone());
     let cpus = cfg.shard_cpus();
+    let hub = Arc::new(Hub::new(
+        Arc::new(Registry {
+            generation: 1,
+            repo: repo.clone(),
+            profiles: Default::default(),
+        }),
+        cpus.len(),
+    ));
     step("opening the L2 cache");
     let cache = Arc::new(CacheShared::open(
         &cfg,
@@ -293,7 +311,7 @@ fn start_shards(
         let start = ShardStart {
             id,
             cfg: cfg.clone(),
-            repo: repo.clone(),
+            hub: hub.clone(),
             addr,
             stop: stop.clone(),
             metrics: m,
@@ -343,8 +361,16 @@ fn start_shards(
             }
         }
     }
+    let lifecycle = Arc::new(lifecycle::Lifecycle::new(
+        cfg.clone(),
+        hub,
+        stop.clone(),
+        admin.map(|a| a.state.clone()),
+    ));
+    lifecycle.start_polling();
     if let Some(a) = admin {
         let _ = a.state.backend.set(backend.clone());
+        let _ = a.state.lifecycle.set(lifecycle.clone());
         a.state.ready.store(true, Ordering::Release);
     }
     Ok(Running {
@@ -353,6 +379,7 @@ fn start_shards(
         threads,
         metrics,
         selection,
+        lifecycle,
     })
 }
 
@@ -372,13 +399,14 @@ struct Running {
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
     selection: Vec<Arc<SelectionCounters>>,
+    lifecycle: Arc<lifecycle::Lifecycle>,
 }
 
 /// Everything a shard thread starts from.
 struct ShardStart {
     id: usize,
     cfg: Arc<Config>,
-    repo: Arc<Repository>,
+    hub: Arc<Hub>,
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     metrics: Arc<ShardMetrics>,
@@ -392,7 +420,7 @@ async fn run_shard(start: ShardStart) {
     let ShardStart {
         id,
         cfg,
-        repo,
+        hub,
         addr,
         stop,
         metrics,
@@ -407,17 +435,26 @@ async fn run_shard(start: ShardStart) {
             return;
         }
     };
-    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics, cache, selection) {
-        Ok(s) => Rc::new(s),
+    let reg = hub.latest();
+    let first = Shared::new(id, cfg.clone(), backend, metrics, cache, selection).and_then(|sh| {
+        let s = Shard::new(&sh, &reg.repo, reg.generation, None, &reg.profiles)?;
+        Ok((sh, s))
+    });
+    let (shared, first) = match first {
+        Ok(s) => s,
         Err(e) => {
             let _ = ready.send(Err(format!("shard {id}: {e}")));
             return;
         }
     };
-    if let Err(e) = shard.warm_up() {
+    if let Err(e) = first.warm_up() {
         let _ = ready.send(Err(format!("shard {id}: {e}")));
         return;
     }
+    hub.shards[id]
+        .applied
+        .store(reg.generation, Ordering::Release);
+    drop(reg);
     let listener = match listen(addr) {
         Ok(l) => l,
         Err(e) => {
@@ -425,10 +462,15 @@ async fn run_shard(start: ShardStart) {
             return;
         }
     };
-    shard::spawn_tasks(&shard);
-    let _ = ready.send(Ok(shard.backend_name()));
+    let first = Rc::new(first);
+    shard::spawn_tasks(&first);
+    let backend_name = first.backend_name();
+    let current = Rc::new(Current::new(first, shared.clone()));
+    glommio::spawn_local(shard::watch(current.clone(), hub.clone(), stop.clone())).detach();
+    let _ = ready.send(Ok(backend_name));
     drop(ready);
 
+    let metrics = shared.metrics.clone();
     let open = Rc::new(Cell::new(0usize));
     // Read-side fds of open connections, to shut them down on stop.
     let fds: Rc<RefCell<Vec<i32>>> = Rc::new(RefCell::new(Vec::new()));
@@ -445,25 +487,25 @@ async fn run_shard(start: ShardStart) {
             Some(Ok(s)) => s,
             Some(Err(e)) => {
                 // EMFILE and friends: back off instead of spinning.
-                eprintln!("beast: shard {}: accept: {e}", shard.id);
+                eprintln!("beast: shard {id}: accept: {e}");
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
         if open.get() >= cfg.connections_per_shard_max {
-            shard.metrics.connections_refused.inc();
+            metrics.connections_refused.inc();
             drop(stream);
             continue;
         }
         let _ = stream.set_nodelay(true);
-        shard.metrics.connections_accepted.inc();
+        metrics.connections_accepted.inc();
         open.set(open.get() + 1);
         let fd = stream.as_raw_fd();
         fds.borrow_mut().push(fd);
-        let (shard2, open2, fds2) = (shard.clone(), open.clone(), fds.clone());
+        let (current2, open2, fds2) = (current.clone(), open.clone(), fds.clone());
         glommio::spawn_local(async move {
-            let m = shard2.metrics.clone();
-            conn::serve(shard2, stream).await;
+            let m = current2.shared.metrics.clone();
+            conn::serve(current2, stream).await;
             m.connections_closed.inc();
             open2.set(open2.get() - 1);
             fds2.borrow_mut().retain(|&f| f != fd);
@@ -471,7 +513,7 @@ async fn run_shard(start: ShardStart) {
         .detach();
     }
     drop(listener);
-    shard.stopping.set(true);
+    shared.stopping.set(true);
     for &fd in fds.borrow().iter() {
         // SAFETY: fd belongs to a live connection (removed from the list when it closes).
         unsafe { libc::shutdown(fd, libc::SHUT_RD) };
@@ -481,18 +523,25 @@ async fn run_shard(start: ShardStart) {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     // Let the batchers see the stop and return, so every reference to the
-    // shard (and through it the L2 file and its lock) is dropped.
+    // shard (and through it the L2 file and its lock) is dropped. Retired
+    // versions' batchers look every few ms on their own.
+    let shard = current.get();
     for s in &shard.slots {
         s.wake.notify();
     }
     shard.deadline_wake.notify();
     glommio::timer::sleep(Duration::from_millis(1)).await;
     shard.save_selection_state();
-    if Rc::strong_count(&shard) > 1 {
+    drop(shard);
+    drop(current);
+    let grace = Instant::now() + Duration::from_millis(100);
+    while shared.alive.get() > 0 && Instant::now() < grace {
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    if shared.alive.get() > 0 {
         eprintln!(
-            "beast: shard {}: {} task(s) still hold the shard at exit",
-            shard.id,
-            Rc::strong_count(&shard) - 1
+            "beast: shard {id}: {} version(s) still held by tasks at exit",
+            shared.alive.get()
         );
     }
 }

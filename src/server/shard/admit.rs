@@ -78,7 +78,7 @@ impl Shard {
             ),
             Some(TargetRef::Model(versions)) => {
                 if let Some(&(_, s)) = versions.first() {
-                    self.metrics.set_target_slot(s);
+                    self.metrics.set_target(self.slot_target[s]);
                 }
                 let slot = match req.version {
                     None => versions.last().map(|v| v.1),
@@ -118,7 +118,7 @@ impl Shard {
                 self.submit_model(conn, &req, slot, arrival);
             }
             Some(TargetRef::Ensemble(p)) => {
-                self.metrics.set_target_plan(*p);
+                self.metrics.set_target(self.plan_target[*p]);
                 if req.version.is_some() {
                     return self.respond_error(
                         conn,
