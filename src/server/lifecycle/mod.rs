@@ -30,7 +30,7 @@ use crate::ensemble::calibrate::calibrate_cascades;
 use crate::model::load::{load_repository_filtered, Repository, ScanFilter};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// What to change.
@@ -86,7 +86,10 @@ pub struct Lifecycle {
     cfg: Arc<Config>,
     hub: Arc<Hub>,
     stop: Arc<AtomicBool>,
-    admin: Option<Arc<AdminState>>,
+    /// Weak: the admin state holds this lifecycle (and, through its
+    /// `serving`, the cache and its L2 lock), so a strong hold would be a
+    /// cycle that outlives the server.
+    admin: Option<Weak<AdminState>>,
     /// The hand-made loads and unloads in force; held for the whole of a
     /// change, so changes apply one at a time.
     filter: Mutex<ScanFilter>,
@@ -110,7 +113,7 @@ impl Lifecycle {
             cfg,
             hub,
             stop,
-            admin,
+            admin: admin.as_ref().map(Arc::downgrade),
             filter: Mutex::new(ScanFilter::default()),
             counters: Counters::default(),
             last_refusal: Mutex::new(None),
@@ -286,7 +289,7 @@ impl Lifecycle {
             let _ = self.hub.wait_applied(reg.generation + 1, APPLY_TIMEOUT);
             return Err(e);
         }
-        if let Some(a) = &self.admin {
+        if let Some(a) = self.admin.as_ref().and_then(Weak::upgrade) {
             a.repo.set(reg.repo.clone());
         }
         out.took_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -359,7 +362,7 @@ impl Lifecycle {
         if self.draining.swap(true, Ordering::SeqCst) {
             return false;
         }
-        if let Some(a) = &self.admin {
+        if let Some(a) = self.admin.as_ref().and_then(Weak::upgrade) {
             a.draining.store(true, Ordering::SeqCst);
         }
         eprintln!("beast: {trigger}: draining: /readyz answers 503, serving for {secs} s more, then stopping");
