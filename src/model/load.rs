@@ -19,6 +19,7 @@
 //! step of its own, `ensemble::calibrate::calibrate_cascades`.
 
 use super::manifest::{self, ModelManifest};
+use super::rollout::{parse_rollout, RolloutSpec, ROLLOUT_FILE};
 use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model, WeightsBuf};
 use half::f16;
 use safetensors::tensor::{Dtype, TensorInfo};
@@ -44,6 +45,9 @@ pub struct Repository {
     /// Things skipped without refusing anything (a folder that is not a
     /// version number); already logged.
     pub warnings: Vec<String>,
+    /// Model name → its rollout (`rollout.toml`), the candidate resolved
+    /// to a version served beside at least one other.
+    pub rollouts: BTreeMap<String, RolloutSpec>,
 }
 
 impl Repository {
@@ -223,8 +227,36 @@ fn load_model_dir(
         }
     }
     if !loaded.is_empty() {
+        let rpath = mdir.join(ROLLOUT_FILE);
+        match fs::read_to_string(&rpath) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => repo.refuse(format!("{}: {e}", rpath.display())),
+            Ok(text) => match parse_rollout(&text).and_then(|r| resolve_rollout(r, &loaded)) {
+                Ok(r) => {
+                    repo.rollouts.insert(name.to_string(), r);
+                }
+                Err(e) => repo.refuse(format!("{}: {e}", rpath.display())),
+            },
+        }
         repo.models.insert(name.to_string(), loaded);
     }
+}
+
+/// The candidate must be served, and some other version beside it.
+fn resolve_rollout(mut r: RolloutSpec, loaded: &[Arc<Model>]) -> Result<RolloutSpec, String> {
+    let highest = loaded.last().map_or(0, |m| m.version);
+    let c = *r.candidate.get_or_insert(highest);
+    if !loaded.iter().any(|m| m.version == c) {
+        return Err(format!(
+            "candidate: version {c} is not served (not on disk, refused, or left out by versions)"
+        ));
+    }
+    if loaded.len() < 2 {
+        return Err(format!(
+            "candidate: version {c} is the only version served: nothing to compare it with"
+        ));
+    }
+    Ok(r)
 }
 
 /// Build one model version from its weights file and manifest (whose bytes

@@ -18,6 +18,7 @@
 pub mod demo;
 pub mod load;
 pub mod manifest;
+pub mod rollout;
 pub mod versions;
 
 use half::f16;

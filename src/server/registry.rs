@@ -6,8 +6,9 @@
 //! version from it and swaps it in (`shard::Current`), then reports the
 //! generation it applied. Nothing here is read per request.
 
+use super::rollout::RolloutStats;
 use crate::model::load::Repository;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +23,59 @@ pub struct Registry {
     pub generation: u64,
     pub repo: Arc<Repository>,
     pub profiles: ProfileSeeds,
+    /// Model name → the figures of its rollout (`repo.rollouts`).
+    pub rollouts: BTreeMap<String, Arc<RolloutStats>>,
+}
+
+impl Registry {
+    /// Generation `generation` of `repo`; rollouts that `old` already
+    /// runs (same model, candidate, digest, mode and fraction) keep their
+    /// figures.
+    pub fn new(
+        generation: u64,
+        repo: Arc<Repository>,
+        profiles: ProfileSeeds,
+        old: Option<&Registry>,
+    ) -> Registry {
+        let mut rollouts = BTreeMap::new();
+        for (name, r) in &repo.rollouts {
+            let versions = &repo.models[name];
+            let Some(cand) = versions.iter().find(|m| Some(m.version) == r.candidate) else {
+                continue;
+            };
+            let current = current_version(&repo, name).unwrap_or(0);
+            let kept = old.and_then(|o| o.rollouts.get(name)).filter(|s| {
+                s.candidate == cand.version
+                    && s.candidate_digest == cand.digest
+                    && s.current == current
+                    && s.mode == r.mode
+                    && s.fraction == r.fraction
+            });
+            let stats = match kept {
+                Some(s) => s.clone(),
+                None => Arc::new(RolloutStats::new(name, current, cand, r.mode, r.fraction)),
+            };
+            rollouts.insert(name.clone(), stats);
+        }
+        Registry {
+            generation,
+            repo,
+            profiles,
+            rollouts,
+        }
+    }
+}
+
+/// The version a request without one gets: the highest, or under a
+/// rollout the highest other than the candidate.
+pub fn current_version(repo: &Repository, name: &str) -> Option<u32> {
+    let cand = repo.rollouts.get(name).and_then(|r| r.candidate);
+    repo.models
+        .get(name)?
+        .iter()
+        .rev()
+        .map(|m| m.version)
+        .find(|&v| Some(v) != cand)
 }
 
 /// One shard's side of the hub.

@@ -2,6 +2,8 @@
 //! query string; docs/MODELS.md "Lifecycle"):
 //! - `/v1/repository/reload`: rescan the repository;
 //! - `/v1/models/NAME/load[?version=N]`, `/v1/models/NAME/unload[?version=N]`;
+//! - `/v1/models/NAME/promote`, `/v1/models/NAME/rollback`: decide a
+//!   running rollout by hand;
 //! - `/v1/drain[?seconds=N]`: not ready at once, stop after N seconds
 //!   (default `drain_s`).
 //!
@@ -11,7 +13,7 @@
 
 use super::http::{query_param, Request};
 use super::{AdminState, JSON};
-use crate::server::lifecycle::Change;
+use crate::server::lifecycle::{Change, Lifecycle};
 use serde_json::json;
 
 /// The answer to a lifecycle POST, or `None` when `r` is not one.
@@ -41,6 +43,16 @@ pub(super) fn route(r: &Request<'_>, st: &AdminState) -> Option<(u16, &'static s
             }
         };
         let name = name.to_string();
+        if verb == "promote" || verb == "rollback" {
+            let Some(l) = st.lifecycle.get() else {
+                return Some((503, "text/plain", "starting\n".into()));
+            };
+            let trigger = format!("POST {}", r.path);
+            return Some(answer(
+                l,
+                l.decide(&name, verb == "promote", "by hand", &trigger),
+            ));
+        }
         match verb {
             "load" => Change::Load { name, version },
             "unload" => Change::Unload { name, version },
@@ -51,7 +63,14 @@ pub(super) fn route(r: &Request<'_>, st: &AdminState) -> Option<(u16, &'static s
         return Some((503, "text/plain", "starting\n".into()));
     };
     let trigger = format!("POST {}", r.path);
-    Some(match l.apply(&change, &trigger) {
+    Some(answer(l, l.apply(&change, &trigger)))
+}
+
+fn answer(
+    l: &Lifecycle,
+    r: Result<crate::server::lifecycle::Applied, String>,
+) -> (u16, &'static str, String) {
+    match r {
         Ok(a) => (200, JSON, a.to_json().to_string()),
         Err(e) => (
             409,
@@ -63,7 +82,7 @@ pub(super) fn route(r: &Request<'_>, st: &AdminState) -> Option<(u16, &'static s
             })
             .to_string(),
         ),
-    })
+    }
 }
 
 fn drain(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {

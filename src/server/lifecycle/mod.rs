@@ -20,6 +20,7 @@
 //! `POST /v1/models/NAME/load|unload` (admin/lifecycle.rs), the poll
 //! thread (`repository_poll_s`, `poll.rs`) and `beast models ...`.
 
+mod judge;
 mod poll;
 mod warm;
 
@@ -55,6 +56,8 @@ pub struct Applied {
     pub unloaded: Vec<String>,
     /// Ensembles added, changed or removed.
     pub ensembles_changed: Vec<String>,
+    /// Models whose rollout started, changed or ended.
+    pub rollouts_changed: Vec<String>,
     /// Model versions that stayed as they were.
     pub unchanged: usize,
     /// Trigger → every shard serving the new generation.
@@ -68,6 +71,7 @@ impl Applied {
             "loaded": self.loaded,
             "unloaded": self.unloaded,
             "ensembles_changed": self.ensembles_changed,
+            "rollouts_changed": self.rollouts_changed,
             "unchanged": self.unchanged,
             "took_ms": self.took_ms,
         })
@@ -80,6 +84,9 @@ pub struct Counters {
     pub applied: AtomicU64,
     pub unchanged: AtomicU64,
     pub refused: AtomicU64,
+    /// Rollout decisions.
+    pub promoted: AtomicU64,
+    pub rolled_back: AtomicU64,
 }
 
 pub struct Lifecycle {
@@ -97,6 +104,10 @@ pub struct Lifecycle {
     /// The last refusal (trigger, reasons), for `/v1/models`.
     last_refusal: Mutex<Option<(String, Vec<String>)>>,
     draining: AtomicBool,
+    /// Rollout decisions: (model, candidate version, digest) → promoted.
+    decided: Mutex<std::collections::BTreeMap<(String, u32, u128), bool>>,
+    /// The figures of each decided rollout at its decision, for `/v1/models`.
+    decisions: Mutex<Vec<serde_json::Value>>,
 }
 
 /// How long a change waits for every shard to serve it.
@@ -118,14 +129,18 @@ impl Lifecycle {
             counters: Counters::default(),
             last_refusal: Mutex::new(None),
             draining: AtomicBool::new(false),
+            decided: Mutex::new(Default::default()),
+            decisions: Mutex::new(Vec::new()),
         }
     }
 
     /// Start the poll thread when `repository_poll_s` is set.
+    /// and the rollout judge.
     pub(crate) fn start_polling(self: &Arc<Self>) {
         if self.cfg.repository_poll_s > 0.0 {
             poll::spawn(self);
         }
+        judge::spawn(self);
     }
 
     /// The generation served now.
@@ -165,12 +180,13 @@ impl Lifecycle {
             Ok(a) => {
                 self.counters.applied.fetch_add(1, Ordering::Relaxed);
                 eprintln!(
-                    "beast: {trigger}: generation {} serving after {:.1} ms: loaded [{}], unloaded [{}], ensembles changed [{}], {} unchanged",
+                    "beast: {trigger}: generation {} serving after {:.1} ms: loaded [{}], unloaded [{}], ensembles changed [{}], rollouts changed [{}], {} unchanged",
                     a.generation,
                     a.took_ms,
                     a.loaded.join(", "),
                     a.unloaded.join(", "),
                     a.ensembles_changed.join(", "),
+                    a.rollouts_changed.join(", "),
                     a.unchanged
                 );
             }
@@ -243,6 +259,7 @@ impl Lifecycle {
         if !repo.errors.is_empty() {
             return Err(repo.errors.join("\n"));
         }
+        self.apply_decisions(&mut repo);
         if repo.models.is_empty() {
             return Err(format!(
                 "{}: no model left to serve (a change must leave at least one)",
@@ -262,30 +279,42 @@ impl Lifecycle {
                 out.ensembles_changed.push(name.clone());
             }
         }
+        for name in repo.rollouts.keys().chain(old.repo.rollouts.keys()) {
+            let (a, b) = (repo.rollouts.get(name), old.repo.rollouts.get(name));
+            if a != b && !out.rollouts_changed.contains(name) {
+                out.rollouts_changed.push(name.clone());
+            }
+        }
         *filter = next;
-        if out.loaded.is_empty() && out.unloaded.is_empty() && out.ensembles_changed.is_empty() {
+        if out.loaded.is_empty()
+            && out.unloaded.is_empty()
+            && out.ensembles_changed.is_empty()
+            && out.rollouts_changed.is_empty()
+        {
             out.generation = old.generation;
             out.took_ms = t0.elapsed().as_secs_f64() * 1e3;
             return Ok(out);
         }
         // Warm up what is new, off the shards.
         let profiles = warm::warm_up(&self.cfg, &repo, &old)?;
-        let reg = Arc::new(Registry {
-            generation: old.generation + 1,
-            repo: Arc::new(repo),
+        let reg = Arc::new(Registry::new(
+            old.generation + 1,
+            Arc::new(repo),
             profiles,
-        });
+            Some(&old),
+        ));
         out.generation = reg.generation;
         self.hub.publish(reg.clone());
         if let Err(e) = self.hub.wait_applied(reg.generation, APPLY_TIMEOUT) {
             // The shards build deterministically, so none applied it:
             // publish the old content again under a newer number so every
             // shard agrees on what it serves.
-            self.hub.publish(Arc::new(Registry {
-                generation: reg.generation + 1,
-                repo: old.repo.clone(),
-                profiles: old.profiles.clone(),
-            }));
+            self.hub.publish(Arc::new(Registry::new(
+                reg.generation + 1,
+                old.repo.clone(),
+                old.profiles.clone(),
+                Some(&old),
+            )));
             let _ = self.hub.wait_applied(reg.generation + 1, APPLY_TIMEOUT);
             return Err(e);
         }
@@ -319,6 +348,12 @@ impl Lifecycle {
             "loaded_by_hand": f.add_versions.iter().map(|(n, v)| format!("{n} v{v}")).collect::<Vec<_>>(),
             "last_refusal": last.map(|(t, e)| json!({"trigger": t, "reasons": e})),
             "draining": self.draining.load(Ordering::Relaxed),
+            "rollouts": self.hub.latest().rollouts.values().map(|r| r.to_json()).collect::<Vec<_>>(),
+            "rollouts_decided": self.decisions.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            "rollout_decisions": {
+                "promoted": self.counters.promoted.load(Ordering::Relaxed),
+                "rolled_back": self.counters.rolled_back.load(Ordering::Relaxed),
+            },
         })
     }
 
@@ -348,6 +383,7 @@ impl Lifecycle {
                 v.load(Ordering::Relaxed)
             );
         }
+        render_rollouts(out, &self.hub.latest(), c);
         let _ = writeln!(
             out,
             "# HELP beast_draining 1 while draining (not ready, still serving).\n# TYPE beast_draining gauge\nbeast_draining {}",
@@ -429,6 +465,79 @@ fn keep_unchanged(repo: &mut Repository, old: &Repository, out: &mut Applied) {
                 out.unloaded
                     .push(format!("{name} v{} ({})", o.version, o.short_digest()));
             }
+        }
+    }
+}
+
+/// The rollout series of `/metrics`.
+fn render_rollouts(out: &mut String, reg: &Registry, c: &Counters) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP beast_rollout_decisions_total Rollout decisions (rule or by hand).\n# TYPE beast_rollout_decisions_total counter");
+    let _ = writeln!(
+        out,
+        "beast_rollout_decisions_total{{decision=\"promoted\"}} {}\nbeast_rollout_decisions_total{{decision=\"rolled_back\"}} {}",
+        c.promoted.load(Ordering::Relaxed),
+        c.rolled_back.load(Ordering::Relaxed)
+    );
+    let series: [(&str, &str, &str); 6] = [
+        (
+            "beast_rollout_compared_total",
+            "counter",
+            "Requests run on both the current and the candidate version.",
+        ),
+        (
+            "beast_rollout_agreement",
+            "gauge",
+            "Share of compared rows whose argmax agreed.",
+        ),
+        (
+            "beast_rollout_max_abs_diff",
+            "gauge",
+            "Largest |difference| of any compared output.",
+        ),
+        (
+            "beast_rollout_errors_total",
+            "counter",
+            "Compared runs that failed or gave a non-finite output, by version.",
+        ),
+        (
+            "beast_rollout_compute_p99_us",
+            "gauge",
+            "p99 compute time of compared runs (bucket bound), by version.",
+        ),
+        (
+            "beast_rollout_canary_served_total",
+            "counter",
+            "Requests the canary candidate answered.",
+        ),
+    ];
+    for (name, kind, help) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for st in reg.rollouts.values() {
+            let l = format!("model=\"{}\",candidate=\"{}\"", st.model, st.candidate);
+            let ld = |x: &AtomicU64| x.load(Ordering::Relaxed);
+            let _ = match name {
+                "beast_rollout_compared_total" => {
+                    writeln!(out, "{name}{{{l}}} {}", ld(&st.compared))
+                }
+                "beast_rollout_agreement" => writeln!(out, "{name}{{{l}}} {}", st.agreement()),
+                "beast_rollout_max_abs_diff" => {
+                    writeln!(out, "{name}{{{l}}} {}", st.max_abs_diff())
+                }
+                "beast_rollout_errors_total" => writeln!(
+                    out,
+                    "{name}{{{l},version=\"current\"}} {}\n{name}{{{l},version=\"candidate\"}} {}",
+                    ld(&st.errors_current),
+                    ld(&st.errors_candidate)
+                ),
+                "beast_rollout_compute_p99_us" => writeln!(
+                    out,
+                    "{name}{{{l},version=\"current\"}} {}\n{name}{{{l},version=\"candidate\"}} {}",
+                    st.lat_current.quantile_us(0.99),
+                    st.lat_candidate.quantile_us(0.99)
+                ),
+                _ => writeln!(out, "{name}{{{l}}} {}", ld(&st.canary_served)),
+            };
         }
     }
 }

@@ -38,9 +38,9 @@ use crate::config::Config;
 use crate::ensemble::cost::SelectionCounters;
 use crate::ensemble::EnsemblePlan;
 use crate::metrics::ShardMetrics;
-use crate::model::load::Repository;
 use crate::model::Model;
-use crate::server::registry::ProfileSeeds;
+use crate::server::registry::{current_version, Registry};
+use crate::server::rollout::ShadowQueue;
 use crate::wire::Encoder;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -62,7 +62,7 @@ pub(crate) use version::{watch, Current};
 
 use answer::largest_answer;
 use state::ModelSlot;
-use state::{EnsemblePending, TargetRef};
+use state::{EnsemblePending, TargetRef, Trial};
 
 /// What every version of one shard shares: the executor's backend, cache,
 /// encoder and buffers, its metrics and selection counters. Cloned (`Rc`s)
@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     pub selection: Arc<SelectionCounters>,
     /// Versions of this shard alive now (built and not yet dropped).
     pub alive: Rc<Cell<usize>>,
+    /// Rollout samples for the comparer task (`server/rollout.rs`).
+    pub shadow: Rc<ShadowQueue>,
 }
 
 impl Shared {
@@ -106,6 +108,7 @@ impl Shared {
             conn_serial: Rc::new(Cell::new(0)),
             selection,
             alive: Rc::new(Cell::new(0)),
+            shadow: Rc::new(ShadowQueue::default()),
         })
     }
 }
@@ -159,6 +162,9 @@ pub(crate) struct Shard {
     /// A newer version took over: finish what is queued and pending, then exit.
     pub retired: Cell<bool>,
     alive: Rc<Cell<usize>>,
+    shadow: Rc<ShadowQueue>,
+    /// Requests to models under a shadow rollout (sampling by count).
+    shadow_tick: Cell<u64>,
     sel: RefCell<SelState>,
     /// Per-ensemble, per-domain cost counters (read by `selection_stats`).
     pub selection: Arc<SelectionCounters>,
@@ -167,23 +173,34 @@ pub(crate) struct Shard {
 }
 
 impl Shard {
-    /// Build the version of `repo` (registry generation `generation`).
-    /// `prev`, the version it replaces, lends the latency profiles and
-    /// admission costs of the models both hold; `profiles` (measured by
-    /// the loader's warm-up) seeds the others.
-    pub fn new(
-        sh: &Shared,
-        repo: &Repository,
-        generation: u64,
-        prev: Option<&Shard>,
-        profiles: &ProfileSeeds,
-    ) -> Result<Shard, String> {
+    /// Build the version of registry generation `reg`. `prev`, the
+    /// version it replaces, lends the latency profiles and admission costs
+    /// of the models both hold; the loader's warm-up measurements
+    /// (`reg.profiles`) seed the others.
+    pub fn new(sh: &Shared, reg: &Registry, prev: Option<&Shard>) -> Result<Shard, String> {
+        let (repo, generation) = (&*reg.repo, reg.generation);
         let (id, cfg, cache) = (sh.id, &sh.cfg, &sh.cache);
         let mut slots = Vec::new();
         let mut targets = HashMap::new();
         for (name, versions) in &repo.models {
             let mut v = Vec::new();
+            let current_v = current_version(repo, name);
+            let mut current = 0;
+            let mut trial = None;
             for m in versions {
+                if Some(m.version) == current_v {
+                    current = slots.len();
+                }
+                if let (Some(r), Some(stats)) = (repo.rollouts.get(name), reg.rollouts.get(name)) {
+                    if r.candidate == Some(m.version) {
+                        trial = Some(Trial {
+                            slot: slots.len(),
+                            mode: r.mode,
+                            ppm: (r.fraction * 1e6).round() as u64,
+                            stats: stats.clone(),
+                        });
+                    }
+                }
                 v.push((m.version, slots.len()));
                 slots.push(ModelSlot {
                     model: m.clone(),
@@ -193,7 +210,14 @@ impl Shard {
                     cache: cache.policy(cfg, name),
                 });
             }
-            targets.insert(name.clone(), TargetRef::Model(v));
+            targets.insert(
+                name.clone(),
+                TargetRef::Model {
+                    versions: v,
+                    current,
+                    trial,
+                },
+            );
         }
         if id == 0 && prev.is_none() {
             for s in &slots {
@@ -213,7 +237,7 @@ impl Shard {
             let mut members = Vec::new();
             for m in &spec.members {
                 match targets.get(m.as_str()) {
-                    Some(TargetRef::Model(v)) if !v.is_empty() => members.push(v.last().unwrap().1),
+                    Some(TargetRef::Model { current, .. }) => members.push(*current),
                     _ => return Err(format!("ensemble {name}: member {m} is not a loaded model")),
                 }
             }
@@ -246,7 +270,7 @@ impl Shard {
                 eprintln!("beast: shard {id}: selection state: {used} entries loaded");
             }
         }
-        version::seed_profiles(&slots, &mut sel, prev, profiles);
+        version::seed_profiles(&slots, &mut sel, prev, &reg.profiles);
         let names = &sh.metrics.targets;
         let target_of = |n: &str| {
             names.names[..names.len().saturating_sub(1)]
@@ -287,6 +311,8 @@ impl Shard {
             stopping: sh.stopping.clone(),
             retired: Cell::new(false),
             alive: sh.alive.clone(),
+            shadow: sh.shadow.clone(),
+            shadow_tick: Cell::new(0),
         })
     }
 

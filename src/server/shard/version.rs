@@ -149,13 +149,7 @@ pub(crate) async fn watch(current: Rc<Current>, hub: Arc<Hub>, stop: Arc<AtomicB
         }
         let reg = hub.latest();
         let prev = current.get();
-        match Shard::new(
-            &current.shared,
-            &reg.repo,
-            reg.generation,
-            Some(&prev),
-            &reg.profiles,
-        ) {
+        match Shard::new(&current.shared, &reg, Some(&prev)) {
             Ok(next) => {
                 drop(prev);
                 current.install(Rc::new(next));
