@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Trigger → first answer from the new version, and p99 while the registry
 # switches, under beast-bench load (docs/MODELS.md "Lifecycle").
-# Usage: perf/reload_switch.sh [RATE] [SECONDS]   (release build first)
+# Usage: perf/reload_switch.sh [RATE] [SECONDS] [--no-cache]   (release build first)
 # One shard on CPU 0, the generator on CPU 1: on a 2-core machine the two
 # share the box with whatever else runs (note it with the figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${1:-2000}
 SECS=${2:-10}
+EXTRA=${3:-}   # e.g. --no-cache
 B=target/release
 W=$(mktemp -d)
 trap 'kill $SERVER 2>/dev/null || true; rm -rf "$W"' EXIT
@@ -21,7 +22,7 @@ until curl -sf "http://$ADMIN/readyz" >/dev/null 2>&1; do sleep 0.1; done
 bench() {
   $B/beast-bench --server $PORT --target digits --width 64 \
     --input-file models/digits_holdout.csv --drop-last-column --zipf 1.1 \
-    --rate "$RATE" --duration "$SECS" --warmup 1 --connections 8 --cpus 1 --json
+    --rate "$RATE" --duration "$SECS" --warmup 1 --connections 8 --cpus 1 --json $EXTRA
 }
 echo "== steady state (rate $RATE/s, $SECS s)"
 bench | tee "$W/steady.json"

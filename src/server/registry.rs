@@ -25,6 +25,19 @@ pub struct Registry {
     pub profiles: ProfileSeeds,
     /// Model name → the figures of its rollout (`repo.rollouts`).
     pub rollouts: BTreeMap<String, Arc<RolloutStats>>,
+    /// Per shard: the large buffers of its next version, allocated and
+    /// touched by the loader so the shard does not stall on them (taken by
+    /// the shard; empty at start-up).
+    pub prebuilt: Vec<Mutex<Option<Prebuilt>>>,
+}
+
+/// One shard's buffers for a new version, built off the shard.
+#[derive(Debug, Default)]
+pub struct Prebuilt {
+    /// Each slot's queue ring, in slot order (models by name, versions
+    /// ascending).
+    pub rings: Vec<Vec<f32>>,
+    pub window: Option<crate::ensemble::feedback::Window>,
 }
 
 impl Registry {
@@ -62,6 +75,7 @@ impl Registry {
             repo,
             profiles,
             rollouts,
+            prebuilt: Vec::new(),
         }
     }
 }

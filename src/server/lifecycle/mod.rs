@@ -110,6 +110,9 @@ pub struct Lifecycle {
     decisions: Mutex<Vec<serde_json::Value>>,
 }
 
+/// The loader thread's nice value (higher: lower priority).
+const LOADER_NICE: libc::c_int = 10;
+
 /// How long a change waits for every shard to serve it.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -164,7 +167,27 @@ impl Lifecycle {
     pub fn apply(&self, change: &Change, trigger: &str) -> Result<Applied, String> {
         let t0 = Instant::now();
         let mut filter = self.filter.lock().unwrap_or_else(|e| e.into_inner());
-        let r = self.apply_locked(change, &mut filter, t0);
+        // The scan, calibration and warm-up run on a thread of lower
+        // priority (nice 10), so that on a busy machine they take CPU time
+        // from the shards' cores only when those have none to use.
+        let mut f = filter.clone();
+        let r = std::thread::scope(|sc| {
+            let work = std::thread::Builder::new()
+                .name("beast-loader".into())
+                .spawn_scoped(sc, || {
+                    // SAFETY: setpriority on the calling thread (who = 0 is
+                    // this thread on Linux); no memory is touched.
+                    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, LOADER_NICE) };
+                    self.apply_locked(change, &mut f, t0)
+                });
+            match work {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err("the loader thread panicked".into())),
+                Err(e) => Err(format!("cannot start the loader thread: {e}")),
+            }
+        });
+        *filter = f;
         match &r {
             Ok(a)
                 if a.loaded.is_empty()
@@ -297,12 +320,10 @@ impl Lifecycle {
         }
         // Warm up what is new, off the shards.
         let profiles = warm::warm_up(&self.cfg, &repo, &old)?;
-        let reg = Arc::new(Registry::new(
-            old.generation + 1,
-            Arc::new(repo),
-            profiles,
-            Some(&old),
-        ));
+        let prebuilt = warm::prebuild(&self.cfg, &repo);
+        let mut reg = Registry::new(old.generation + 1, Arc::new(repo), profiles, Some(&old));
+        reg.prebuilt = prebuilt;
+        let reg = Arc::new(reg);
         out.generation = reg.generation;
         self.hub.publish(reg.clone());
         if let Err(e) = self.hub.wait_applied(reg.generation, APPLY_TIMEOUT) {

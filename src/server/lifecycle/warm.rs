@@ -6,11 +6,13 @@
 
 use crate::backend;
 use crate::config::Config;
+use crate::ensemble::feedback::Window;
 use crate::ensemble::profile::LatencyProfile;
 use crate::model::load::Repository;
 use crate::model::Model;
-use crate::server::registry::{ProfileSeeds, Registry};
+use crate::server::registry::{Prebuilt, ProfileSeeds, Registry};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Warm up every model of `repo` that `old` does not hold (same `Arc`);
@@ -104,4 +106,49 @@ fn warm_one(
         profile.set(i, best);
     }
     Ok(profile.us)
+}
+
+/// The large buffers each shard's next version needs (queue rings, the
+/// feedback window), allocated and touched here so that the shards only
+/// move them in (docs/MODELS.md "Lifecycle").
+pub(super) fn prebuild(cfg: &Config, repo: &Repository) -> Vec<Mutex<Option<Prebuilt>>> {
+    let stride = repo
+        .ensembles
+        .values()
+        .filter_map(|e| {
+            let w = repo.model(e.members.first()?, None)?.output_width;
+            Some(e.members.len() * w)
+        })
+        .max()
+        .unwrap_or(0);
+    let window_cap = if repo.ensembles.is_empty() {
+        1
+    } else {
+        cfg.feedback_window
+    };
+    (0..cfg.shard_cpus().len())
+        .map(|shard| {
+            let rings = repo
+                .models
+                .values()
+                .flatten()
+                .map(|m| touched(m.batch.queue_rows_max * m.input_width))
+                .collect();
+            let window = Window::new(shard, window_cap, stride);
+            Mutex::new(Some(Prebuilt {
+                rings,
+                window: Some(window),
+            }))
+        })
+        .collect()
+}
+
+/// `n` zeros, every page written once (faulted in here, not on a shard).
+fn touched(n: usize) -> Vec<f32> {
+    let mut v = vec![0.0f32; n];
+    for i in (0..n).step_by(1024) {
+        // SAFETY: i < n = v.len().
+        unsafe { std::ptr::write_volatile(v.as_mut_ptr().add(i), 0.0) };
+    }
+    v
 }

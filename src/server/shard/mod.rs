@@ -180,6 +180,11 @@ impl Shard {
     pub fn new(sh: &Shared, reg: &Registry, prev: Option<&Shard>) -> Result<Shard, String> {
         let (repo, generation) = (&*reg.repo, reg.generation);
         let (id, cfg, cache) = (sh.id, &sh.cfg, &sh.cache);
+        let pre = reg.prebuilt.get(id).and_then(|m| m.lock().ok()?.take());
+        let (mut rings, window) = match pre {
+            Some(p) => (p.rings.into_iter(), p.window),
+            None => (Vec::new().into_iter(), None),
+        };
         let mut slots = Vec::new();
         let mut targets = HashMap::new();
         for (name, versions) in &repo.models {
@@ -204,7 +209,11 @@ impl Shard {
                 v.push((m.version, slots.len()));
                 slots.push(ModelSlot {
                     model: m.clone(),
-                    queue: RefCell::new(Queue::new(m.batch, m.input_width)),
+                    queue: RefCell::new(Queue::with_ring(
+                        m.batch,
+                        m.input_width,
+                        rings.next().unwrap_or_default(),
+                    )),
                     wake: Notify::default(),
                     row_cost: Cell::new(RowCost::new(0.0)),
                     cache: cache.policy(cfg, name),
@@ -260,7 +269,7 @@ impl Shard {
         }
         let response_bytes_max = largest_answer(cfg, &slots, &plans, &plan_rows_max)?;
         let models: Vec<&Arc<Model>> = slots.iter().map(|s| &s.model).collect();
-        let mut sel = SelState::new(id, cfg, &plans, &models);
+        let mut sel = SelState::with_window(id, cfg, &plans, &models, window);
         if prev.is_none() && !cfg.selection_state_path.as_os_str().is_empty() {
             let used = sel.load(&cfg.selection_state_path, id, &plans, |slot| {
                 let m = &slots[slot].model;

@@ -149,11 +149,17 @@ pub(crate) async fn watch(current: Rc<Current>, hub: Arc<Hub>, stop: Arc<AtomicB
         }
         let reg = hub.latest();
         let prev = current.get();
+        let t0 = std::time::Instant::now();
         match Shard::new(&current.shared, &reg, Some(&prev)) {
             Ok(next) => {
                 drop(prev);
                 current.install(Rc::new(next));
                 me.applied.store(reg.generation, Ordering::Release);
+                eprintln!(
+                    "beast: shard {id}: generation {} serving (built and swapped in {} us on the shard)",
+                    reg.generation,
+                    t0.elapsed().as_micros()
+                );
             }
             Err(e) => {
                 eprintln!(
