@@ -472,6 +472,29 @@ fn sighup_picks_up_a_version_folder_renamed_into_place() {
         common::metric(admin, "beast_registry_generation"),
         Some(2.0)
     );
+    // The same from the command line: unload v1, then list.
+    let beast = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_beast"))
+            .args(["models"])
+            .args(args)
+            .args(["--admin", &admin.to_string()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        (
+            out.status.success(),
+            text + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = beast(&["unload", "m", "--version", "1"]);
+    assert!(ok && out.contains("\"m v1"), "{out}");
+    let (ok, out) = beast(&["list"]);
+    assert!(ok && out.contains("\"generation\": 3"), "{out}");
+    let (ok, out) = beast(&["unload", "nosuch"]);
+    assert!(
+        !ok && out.contains("409") && out.contains("model nosuch: not loaded"),
+        "{out}"
+    );
     b.signal(libc::SIGINT);
     assert!(b.child.wait().unwrap().success());
 }

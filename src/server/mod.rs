@@ -1,10 +1,12 @@
 //! The server: one glommio executor per core ("shard"), each with its own
 //! SO_REUSEPORT listener, connections, batch queues and backend.
 //!
-//! Owns: starting and stopping shards, the accept loop, and (in `conn`)
-//! the connection loop — the only place that drives a request from socket
-//! to socket. Shards share nothing mutable: models are `Arc`s, metrics are
-//! per-shard counters summed by readers.
+//! Owns: starting and stopping shards, the accept loop (`run`), and (in
+//! `conn`) the connection loop — the only place that drives a request from
+//! socket to socket. Shards share nothing mutable: models are `Arc`s,
+//! metrics are per-shard counters summed by readers. What they serve
+//! changes without a restart through `registry` generations published by
+//! `lifecycle` (reload, load, unload, drain, rollouts in `rollout`).
 //!
 //! Shutdown (SIGINT/SIGTERM or [`ServerHandle::stop`]): every shard stops
 //! accepting, shuts down the read side of its connections (no new

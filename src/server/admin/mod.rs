@@ -4,13 +4,16 @@
 //! from the request path) that accepts connections and hands each to a
 //! short-lived handler thread (at most [`HANDLERS_MAX`] at once, so a slow
 //! `/debug/trace` does not hold up `/metrics`). It speaks just enough
-//! HTTP/1.1: GET only, one request per connection (`Connection: close`),
+//! HTTP/1.1: GET, and POST for the cache purge and the lifecycle changes
+//! (`lifecycle.rs`), one request per connection (`Connection: close`),
 //! a request head of at most [`REQUEST_BYTES_MAX`] read within
 //! [`READ_TIMEOUT`]. It only reads what the shards publish (atomics), so it
 //! may allocate freely.
 //!
 //! Endpoints: `/metrics` (Prometheus text 0.0.4), `/healthz`, `/readyz`,
-//! `/v1/models`, `/v1/stats`, `/debug/trace?seconds=N` (docs/OBSERVABILITY.md).
+//! `/v1/models`, `/v1/stats`, `/debug/trace?seconds=N`; POST
+//! `/v1/cache/purge`, `/v1/repository/reload`, `/v1/models/NAME/load|unload|promote|rollback`,
+//! `/v1/drain` (docs/OBSERVABILITY.md, docs/MODELS.md).
 //!
 //! The port is up before the slow start-up steps (model load and cascade
 //! calibration, the L2 open scan, shard warm-up): meanwhile `/healthz`
