@@ -548,3 +548,17 @@ fn post_drain_is_not_ready_at_once_and_stops_after_the_delay() {
     wait_until(T, "stop after the drain", || stop.load(Ordering::Relaxed));
     h.wait();
 }
+
+#[test]
+fn repository_poll_s_picks_up_a_new_version_on_its_own() {
+    let dir = common::temp_dir("reload-poll");
+    deploy(&dir, &model("m", 1, 16, 1));
+    let h = start(&dir, |c| c.repository_poll_s = 0.1);
+    let c = Client::connect(h.addr).unwrap();
+    assert_eq!(ask(&c, "m", 1).unwrap()[0].1, 1);
+    deploy(&dir, &model("m", 2, 16, 2));
+    wait_until(T, "v2 answers after a poll", || {
+        ask(&c, "m", 1).unwrap()[0].1 == 2
+    });
+    h.shutdown();
+}

@@ -166,6 +166,9 @@ impl Lifecycle {
     /// naming the file; the generation served is unchanged.
     pub fn apply(&self, change: &Change, trigger: &str) -> Result<Applied, String> {
         let t0 = Instant::now();
+        if self.stopped() {
+            return Err("the server is stopping: nothing applied".into());
+        }
         let mut filter = self.filter.lock().unwrap_or_else(|e| e.into_inner());
         // The scan, calibration and warm-up run on a thread of lower
         // priority (nice 10), so that on a busy machine they take CPU time
