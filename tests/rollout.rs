@@ -104,7 +104,11 @@ fn a_shadow_run_compares_answers_and_promotes_a_good_version() {
         m.contains("beast_rollout_decisions_total{decision=\"promoted\"} 1"),
         "{m}"
     );
-    // From now on every answer is v2's.
+    // From now on every answer is v2's; the inputs compared before the
+    // promotion are already in the cache under v2's key (pre-warmed).
+    let x = rows(1, 1, WIDTH);
+    let p = c.predict(&spec("m", 1, WIDTH, &x)).unwrap();
+    assert_eq!((p.runs[0].1, p.cached), (2, true), "{p:?}");
     for s in 0..20 {
         assert_eq!(version_for(&c, 10_000 + s), 2);
     }

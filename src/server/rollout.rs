@@ -10,9 +10,14 @@
 //! [`RolloutStats`]: argmax agreement, the largest |difference| of any
 //! output, each version's compute time and errors (a backend error or a
 //! non-finite output). The lifecycle's judge thread reads those counters
-//! and applies the rollout's rule.
+//! and applies the rollout's rule. In shadow mode the candidate's answer
+//! is also put in the prediction cache under its own key (its version and
+//! digest), so a promotion starts with the sampled inputs warm.
 
+use super::cache::{ShardCache, TargetPolicy};
 use crate::backend::Backend;
+use crate::cache::CacheKey;
+use crate::metrics::ShardMetrics;
 use crate::model::rollout::RolloutMode;
 use crate::model::Model;
 use std::cell::RefCell;
@@ -162,6 +167,9 @@ impl RolloutStats {
 
 /// One sample: the input rows and the two versions to run them on.
 struct Sample {
+    /// Shadow: the candidate's answer goes into the cache under this key,
+    /// so that a promotion starts with the sampled (popular) inputs warm.
+    warm: Option<(CacheKey, TargetPolicy)>,
     current: Arc<Model>,
     candidate: Arc<Model>,
     stats: Arc<RolloutStats>,
@@ -186,6 +194,7 @@ impl ShadowQueue {
         candidate: &Arc<Model>,
         stats: &Arc<RolloutStats>,
         rows: usize,
+        warm: Option<(CacheKey, TargetPolicy)>,
         fill: impl FnOnce(&mut [f32]),
     ) {
         let mut q = self.samples.borrow_mut();
@@ -197,6 +206,7 @@ impl ShadowQueue {
         input.resize(rows * current.input_width, 0.0);
         fill(&mut input);
         q.push_back(Sample {
+            warm,
             current: current.clone(),
             candidate: candidate.clone(),
             stats: stats.clone(),
@@ -213,6 +223,8 @@ impl ShadowQueue {
 pub(crate) async fn run_comparer(
     queue: Rc<ShadowQueue>,
     backend: Rc<RefCell<Box<dyn Backend>>>,
+    cache: Rc<ShardCache>,
+    metrics: Arc<ShardMetrics>,
     stop: Arc<AtomicBool>,
 ) {
     let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
@@ -249,6 +261,9 @@ pub(crate) async fn run_comparer(
         }
         if !ok_b {
             st.errors_candidate.fetch_add(1, Ordering::Relaxed);
+        }
+        if let (true, Some((key, policy))) = (ok_b, s.warm) {
+            cache.insert(&metrics, key, policy, &out_b);
         }
         if ok_a && ok_b {
             let w = s.current.output_width.max(1);

@@ -86,8 +86,13 @@ pub(super) async fn run_shard(start: ShardStart) {
     let current = Rc::new(Current::new(first, shared.clone()));
     glommio::spawn_local(shard::watch(current.clone(), hub.clone(), stop.clone())).detach();
     // Rollout comparisons run at low priority, between batches.
-    let comparer =
-        rollout::run_comparer(shared.shadow.clone(), shared.backend.clone(), stop.clone());
+    let comparer = rollout::run_comparer(
+        shared.shadow.clone(),
+        shared.backend.clone(),
+        shared.cache.clone(),
+        shared.metrics.clone(),
+        stop.clone(),
+    );
     let low = glommio::executor().create_task_queue(
         glommio::Shares::Static(50),
         glommio::Latency::NotImportant,
@@ -96,8 +101,13 @@ pub(super) async fn run_shard(start: ShardStart) {
     match glommio::spawn_local_into(comparer, low) {
         Ok(t) => t.detach(),
         Err(_) => {
-            let c =
-                rollout::run_comparer(shared.shadow.clone(), shared.backend.clone(), stop.clone());
+            let c = rollout::run_comparer(
+                shared.shadow.clone(),
+                shared.backend.clone(),
+                shared.cache.clone(),
+                shared.metrics.clone(),
+                stop.clone(),
+            );
             glommio::spawn_local(c).detach()
         }
     };

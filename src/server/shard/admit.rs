@@ -454,11 +454,23 @@ impl Shard {
     }
 
     /// Copy the request's rows for the comparer (bounded; a full queue
-    /// drops the sample and counts it).
+    /// drops the sample and counts it), with the candidate's cache key in
+    /// shadow mode (pre-warming for a promotion).
     fn trial_sample(&self, t: &Trial, current: usize, req: &RequestView<'_>) {
-        let (a, b) = (&self.slots[current].model, &self.slots[t.slot].model);
-        self.shadow.push(a, b, &t.stats, req.rows as usize, |buf| {
-            req.read_f32_into(buf)
-        });
+        let (a, cand) = (&self.slots[current].model, &self.slots[t.slot]);
+        let b = &cand.model;
+        let rows = req.rows as usize;
+        let warm = match t.mode {
+            RolloutMode::Shadow => self
+                .cache
+                .key(&b.name, cand.cache, req, rows * b.output_width, |k| {
+                    k.model(&b.name, b.version as u64, b.digest)
+                })
+                .map(|k| (k, cand.cache)),
+            // The canary's own answers are cached as they are given.
+            RolloutMode::Canary => None,
+        };
+        self.shadow
+            .push(a, b, &t.stats, rows, warm, |buf| req.read_f32_into(buf));
     }
 }
