@@ -178,14 +178,21 @@ pub(super) async fn run_shard(start: ShardStart) {
     shard.save_selection_state();
     drop(shard);
     drop(current);
-    let grace = Instant::now() + Duration::from_millis(100);
-    while shared.alive.get() > 0 && Instant::now() < grace {
+    // Tasks still sleeping when this returns are never dropped by the
+    // executor: wait until the watcher (which holds the current version)
+    // and the comparer (which holds the cache) have returned, so the L2
+    // file and its lock are released with the last reference.
+    shared.shadow.wake.notify();
+    let grace = Instant::now() + Duration::from_millis(500);
+    let held = || shared.alive.get() > 0 || Rc::strong_count(&shared.shadow) > 1;
+    while held() && Instant::now() < grace {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
-    if shared.alive.get() > 0 {
+    if held() {
         eprintln!(
-            "beast: shard {id}: {} version(s) still held by tasks at exit",
-            shared.alive.get()
+            "beast: shard {id}: {} version(s) and {} comparer(s) still held by tasks at exit",
+            shared.alive.get(),
+            Rc::strong_count(&shared.shadow) - 1
         );
     }
 }
