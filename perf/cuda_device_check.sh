@@ -3,6 +3,10 @@
 # no Rust toolchain, from the prebuilt binaries in .devbin/ (make them first,
 # on the build machine: scripts/build-devbin.sh). Everything goes to stdout.
 # Finishes well under 4 minutes (each step has its own timeout).
+# The throughput example also prints `gemm_only batch <rows> ...` lines: the
+# cuBLAS-only FP16 GEMM reference on the same shapes and the backend's share
+# of it. The issue-#10 figures (batch-1 server time, batch-1024 share, one
+# shard's highest rate at p99 < 2 ms) are perf/cuda_async_check.sh's.
 #
 #   bash perf/cuda_device_check.sh [devbin-dir]
 set -uo pipefail

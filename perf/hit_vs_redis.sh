@@ -14,6 +14,15 @@
 #
 #   perf/hit_vs_redis.sh            # build, run, print the tables
 #   NO_BUILD=1 SECS=3 perf/hit_vs_redis.sh
+#   OLD=/path/to/an/older/beast perf/hit_vs_redis.sh   # old and new beast and Redis, side by side
+#   OPEN_LOOP=0 ...                 # closed loop only
+#   GEN_THREADS=N ...               # beast-bench --threads N (all on core 1)
+# With OLD, the closed-loop table has a row per binary, each measured right
+# after the other against the same Redis figure, so "new / old" and
+# "beast / Redis" are ratios from one run (read them, not the absolute
+# rates, on a shared machine). A beast row whose beast-bench thread ran
+# at >= 90% of its core is marked GENERATOR-LIMITED: there the ratio is a
+# bound on the generator, not the server.
 # Needs Debian's redis-server and redis-tools (apt-get install -y redis-server redis-tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,10 +36,19 @@ trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
 target/release/beast demo-models --out "$work/models" 2>/dev/null
 printf '[cache]\nl2_path = "%s"\n' "$work/l2.cache" > "$work/beast.toml"
 port=7995
-taskset -c 0 target/release/beast serve --models "$work/models" --cores 0 \
-  --listen 127.0.0.1:$port --admin-listen off --config "$work/beast.toml" 2> "$work/serve.log" &
-for _ in $(seq 100); do grep -q listening "$work/serve.log" && break; sleep 0.1; done
+SP=
+start_beast() { # binary
+  rm -f "$work/l2.cache"
+  : > "$work/serve.log" # emptied here, not by the background redirection (a race with the grep below)
+  taskset -c 0 "$1" serve --models "$work/models" --cores 0 \
+    --listen 127.0.0.1:$port --admin-listen off --config "$work/beast.toml" 2> "$work/serve.log" &
+  SP=$!
+  for _ in $(seq 100); do grep -q listening "$work/serve.log" && break; sleep 0.1; done
+}
+stop_beast() { kill "$SP" 2>/dev/null; wait "$SP" 2>/dev/null || true; }
+start_beast target/release/beast
 taskset -c 0 redis-server --port 6395 --save '' --appendonly no > "$work/redis.log" 2>&1 &
+RPID=$!
 for _ in $(seq 100); do redis-cli -p 6395 ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 echo "# cache hit path vs Redis GET"
@@ -42,7 +60,7 @@ echo "- beast: \`beast serve --cores 0\` on bench_a, 64 distinct rows (all hits)
 echo
 
 bench() { # extra args...; prints the CSV data line
-  taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 --target bench_a \
+  taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 ${GEN_THREADS:+--threads $GEN_THREADS} --target bench_a \
     --distinct 64 -c "$CONNS" --duration "$SECS" --warmup 1 --csv --max-error-fraction 0.001 "$@" | sed -n "\$p"
 }
 CSV_HEADER=$(taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 --target bench_a \
@@ -51,17 +69,39 @@ col() { # column-name csv-data-line
   printf '%s\n%s\n' "$CSV_HEADER" "$2" | awk -F, -v name="$1" 'NR==1{for(i=1;i<=NF;i++) if($i==name) c=i; next} {print $c}'
 }
 
-echo "| depth | beast closed-loop req/s | beast p99 ms | Redis GET req/s | Redis p99 ms | beast / Redis |"
-echo "|---:|---:|---:|---:|---:|---:|"
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU µs per answer: process CPU ticks over a run / answers (beast: warm-up included, so answers x (d+1)/d).
+cpu_us() { awk -v t="$1" -v n="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "n/a" }'; }
+echo "| depth | binary | beast closed-loop req/s | beast p99 ms | beast CPU µs/answer | beast-bench busiest thread | Redis GET req/s | Redis p99 ms | Redis CPU µs/answer | beast / Redis (req/s) | Redis / beast (CPU per answer) | new / old (req/s; CPU per answer) |"
+echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for depth in 1 16; do
-  line=$(bench --closed -k "$depth")
-  b_rps=$(col achieved_rps "$line"); b_p99=$(col p99_ms "$line")
-  r=$(taskset -c 1 redis-benchmark -p 6395 -c "$CONNS" -P "$depth" -t get -d 64 -n $((depth == 1 ? 300000 : 3000000)) --csv 2>/dev/null | tail -n 1)
+  n=$((depth == 1 ? 300000 : 3000000))
+  t0=$(ticks $RPID)
+  r=$(taskset -c 1 redis-benchmark -p 6395 -c "$CONNS" -P "$depth" -t get -d 64 -n $n --csv 2>/dev/null | tail -n 1)
+  r_cpu=$(cpu_us $(( $(ticks $RPID) - t0 )) $n)
   # "GET","rps","avg","min","p50","p95","p99","max"
   r_rps=$(echo "$r" | awk -F'","' '{print $2}'); r_p99=$(echo "$r" | awk -F'","' '{print $7}')
-  ratio=$(awk -v a="$b_rps" -v b="$r_rps" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "n/a" }')
-  printf '| %s | %.0f | %s | %.0f | %s | %s |\n' "$depth" "$b_rps" "$b_p99" "$r_rps" "$r_p99" "$ratio"
+  old_rps=
+  for who in ${OLD:+old} new; do
+    if [ "$who" = old ]; then stop_beast; start_beast "$OLD"; fi
+    if [ "$who" = new ] && [ -n "${OLD:-}" ]; then stop_beast; start_beast target/release/beast; fi
+    t0=$(ticks $SP)
+    line=$(bench --closed -k "$depth")
+    t1=$(ticks $SP)
+    b_rps=$(col achieved_rps "$line"); b_p99=$(col p99_ms "$line")
+    b_cpu=$(cpu_us $((t1 - t0)) "$(awk -v ok="$(col ok "$line")" -v s="$SECS" 'BEGIN { printf "%d", ok * (s + 1) / s }')")
+    cpu_ratio=$(awk -v a="$r_cpu" -v b="$b_cpu" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "n/a" }')
+    busy=$(col client_thread_cpu_max_pct "$line"); lim=$(col generator_limited "$line")
+    flag=$(awk -v b="$busy" -v l="$lim" 'BEGIN { if (l == "true" || b >= 90) print " **GENERATOR-LIMITED**" }')
+    ratio=$(awk -v a="$b_rps" -v b="$r_rps" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "n/a" }')
+    vs_old=-
+    if [ "$who" = old ]; then old_rps=$b_rps; old_cpu=$b_cpu; elif [ -n "$old_rps" ]; then
+      vs_old=$(awk -v a="$b_rps" -v b="$old_rps" -v c="$b_cpu" -v d="$old_cpu" 'BEGIN{ if (b > 0 && c > 0) printf "%.2f; %.2f", a / b, c / d; else print "n/a" }'); fi
+    name=$who; [ "$who" = new ] && name="new ($(git rev-parse --short HEAD))"
+    printf '| %s | %s | %.0f | %s | %s | %.0f%%%s | %.0f | %s | %s | %s | %s | %s |\n' "$depth" "$name" "$b_rps" "$b_p99" "$b_cpu" "$busy" "$flag" "$r_rps" "$r_p99" "$r_cpu" "$ratio" "$cpu_ratio" "$vs_old"
+  done
 done
+[ "${OPEN_LOOP:-1}" = 1 ] || exit 0
 echo
 echo "Open loop (beast-bench, corrected latency): highest offered rate meeting the p99 SLO"
 echo
@@ -80,5 +120,5 @@ for spec in "1 1 25000,50000,75000,100000,150000" "16 5 100000,150000,200000,300
   echo "| $depth | $slo ms | $rates | $best | $best_p99 |"
 done
 echo
-echo "Generator note: one beast-bench thread offers at most ~200k req/s here (perf/scenarios/0-generator-capacity.env);"
+echo "Generator note: beast-bench sends pre-encoded frames (id patched per request) since 2026-12-01; one thread offered at most ~200k req/s here before that (perf/scenarios/0-generator-capacity.env);"
 echo "a rate it could not keep is not counted as met (generator_limited)."

@@ -6,7 +6,7 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     # default: every target
 #
 # Targets (bodies in fuzz/src/lib.rs): frame, request, admin_head, model,
-# l2_open. The corpus lives in fuzz/corpus/<target>/ (committed, minimised,
+# l2_open, onnx. The corpus lives in fuzz/corpus/<target>/ (committed, minimised,
 # a few hundred KB at most), crash inputs in fuzz/artifacts/<target>/
 # (committed once fixed, as regression inputs). `cargo test --release
 # --test fuzz_corpus` replays both on stable. See fuzz/README.md.
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../fuzz"
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(frame request admin_head model l2_open)
+[ ${#targets[@]} -eq 0 ] && targets=(frame request admin_head model l2_open onnx)
 # Scratch files of the model and l2_open targets: keep them off the disk.
 [ -d /dev/shm ] && export TMPDIR=/dev/shm
 crashed=()

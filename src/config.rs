@@ -119,6 +119,11 @@ pub struct Config {
     /// Models whose weights the CUDA backend keeps on the device (per
     /// shard); the least recently used is dropped for another one.
     pub cuda_models_max: usize,
+    /// Test only: when > 0 the CPU backend's batches complete this many µs
+    /// after the previous one (`backend::delayed`), as a device's would, so
+    /// the asynchronous batcher can be tested without a GPU. 0 (default)
+    /// in production.
+    pub backend_test_delay_us: u64,
 }
 
 /// Prediction cache settings (docs/CACHE.md).
@@ -251,6 +256,7 @@ impl Default for Config {
             cuda_device: 0,
             cuda_precision: "split".to_string(),
             cuda_models_max: crate::backend::cuda::MODELS_MAX_DEFAULT,
+            backend_test_delay_us: 0,
         }
     }
 }
@@ -337,6 +343,7 @@ impl Config {
             cuda_device: self.cuda_device,
             cuda_precision,
             cuda_models_max: self.cuda_models_max,
+            test_delay_us: self.backend_test_delay_us,
         })
     }
 
@@ -505,6 +512,10 @@ impl Config {
         check(
             (1..=4096).contains(&self.cuda_models_max),
             "cuda_models_max: must be in 1..=4096",
+        );
+        check(
+            self.backend_test_delay_us <= 1_000_000,
+            "backend_test_delay_us: must be <= 1000000 (test only; every warm-up batch waits it too)",
         );
         check(
             (1..=1024).contains(&self.cache.value_f32_max),

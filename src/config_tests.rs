@@ -94,6 +94,7 @@ fn knobs_default_to_the_former_constants_and_are_checked() {
             cuda_device: 2,
             cuda_precision: Precision::Half,
             cuda_models_max: 32,
+            test_delay_us: 0,
         }
     );
     let bad = |toml: &str, field: &str| {
@@ -102,6 +103,7 @@ fn knobs_default_to_the_former_constants_and_are_checked() {
         assert!(e.contains(field), "{toml}: {e}");
     };
     bad("[cache]\nl1_ways = 0", "cache.l1_ways");
+    bad("backend_test_delay_us = 1000001", "backend_test_delay_us");
     bad("[cache]\nl1_ways = 65", "cache.l1_ways");
     bad("[cache]\nl1_ways = 16\nl1_entries = 8", "cache.l1_entries");
     bad(

@@ -30,6 +30,7 @@ pub mod cache;
 pub mod client;
 pub mod config;
 pub mod ensemble;
+pub mod import;
 pub mod metrics;
 pub mod model;
 pub mod server;

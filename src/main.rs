@@ -88,12 +88,19 @@ enum Cmd {
         /// ensemble's own), all, cascade, deadline or bandit.
         #[arg(long, default_value = "default")]
         policy: String,
+        /// The server's admin address, read for the target's class names
+        /// and task (/v1/models); "" to skip.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: String,
     },
     /// Write the standard benchmark models (bench_a, bench_b, bench_c, bench_ens).
     DemoModels {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Convert an ONNX MLP (Gemm/MatMul, Relu/Tanh/Sigmoid/Gelu, norms,
+    /// Softmax; see docs/MODELS.md) into a model folder the server loads.
+    ImportOnnx(beast::import::onnx::ImportArgs),
     /// Record sampled request traces for N seconds into Chrome trace-event
     /// JSON (open in https://ui.perfetto.dev). Needs trace_sample_rate > 0.
     Trace {
@@ -146,7 +153,13 @@ enum ModelsCmd {
 #[derive(Subcommand)]
 enum CacheCmd {
     /// Print the L2 file's header, occupancy and entries per target (safe beside a running server).
-    Inspect { file: PathBuf },
+    Inspect {
+        file: PathBuf,
+        /// Repository whose model and ensemble names label the entries
+        /// (default: the shipped models/; the file stores only a tag per name).
+        #[arg(long)]
+        models: Option<PathBuf>,
+    },
     /// Drop every cached answer of a target on a running server (through its admin port).
     Purge {
         /// The server's admin address.
@@ -187,6 +200,7 @@ fn main() -> ExitCode {
             f16,
             no_cache,
             policy,
+            admin,
         } => predict(PredictArgs {
             server,
             target,
@@ -198,10 +212,19 @@ fn main() -> ExitCode {
             f16,
             no_cache,
             policy,
+            admin,
         }),
         Cmd::Cache {
-            cmd: CacheCmd::Inspect { file },
-        } => beast::cache::inspect(&file).map(|report| print!("{report}")),
+            cmd: CacheCmd::Inspect { file, models },
+        } => beast::cache::inspect(&file).and_then(|report| {
+            let repo = models.unwrap_or_else(beast::config::default_models_dir);
+            let names = beast::cache::names::repository_targets(&repo)?;
+            print!(
+                "{}",
+                beast::cache::names::label_targets(&report, &names, &repo)
+            );
+            Ok(())
+        }),
         Cmd::Cache {
             cmd: CacheCmd::Purge { admin, target },
         } => {
@@ -221,6 +244,9 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Models { cmd, admin } => models(cmd, &admin),
+        Cmd::ImportOnnx(args) => {
+            beast::import::onnx::import_file(&args).map(|report| print!("{report}"))
+        }
         Cmd::DemoModels { out } => beast::model::demo::write_demo_repository(&out)
             .map(|()| {
                 eprintln!(
@@ -238,7 +264,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("beast: error: {e}");
+            // Some library errors already carry the prefix: say it once.
+            eprintln!("beast: error: {}", e.strip_prefix("beast: ").unwrap_or(&e));
             ExitCode::FAILURE
         }
     }
@@ -373,7 +400,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 String::new()
             };
             eprintln!(
-                "beast:   model {} v{} (digest {}): {} {:?}, {:.2} MFLOP/row, max_batch {}{wait}",
+                "beast:   model {} v{} (digest {}): {} {:?}, {:.2} MFLOP/row, max_batch {}{wait}{}",
                 m.name,
                 m.version,
                 m.short_digest(),
@@ -381,6 +408,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 m.output,
                 m.flops_per_row() as f64 / 1e6,
                 m.batch.max_batch,
+                m.io.describe(m.task),
             );
         }
     }
@@ -400,8 +428,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             e.members.join(", ")
         );
     }
-    for e in &repo.errors {
-        eprintln!("beast:   refused: {e}");
+    // Each refusal was logged once, as it happened ("beast: refused: ..."):
+    // only their number here.
+    if !repo.errors.is_empty() {
+        eprintln!(
+            "beast:   refused: {} model(s) or version(s), {} ensemble(s) (see above)",
+            repo.refused_models, repo.refused_ensembles
+        );
     }
     let cpus = cfg.shard_cpus();
     let handle = starting.start(Arc::new(repo))?;
@@ -526,6 +559,7 @@ struct PredictArgs {
     f16: bool,
     no_cache: bool,
     policy: String,
+    admin: String,
 }
 
 fn predict(a: PredictArgs) -> Result<(), String> {
@@ -572,16 +606,12 @@ fn predict(a: PredictArgs) -> Result<(), String> {
     };
     let client = Client::connect(&a.server).map_err(|e| format!("connect {}: {e}", a.server))?;
     let p = client.predict(&spec).map_err(|e| format!("{e}"))?;
-    for r in 0..p.rows as usize {
-        let row = &p.outputs[r * p.cols as usize..(r + 1) * p.cols as usize];
-        let argmax = row
-            .iter()
-            .enumerate()
-            .max_by(|x, y| x.1.total_cmp(y.1))
-            .map(|x| x.0)
-            .unwrap_or(0);
-        let vals: Vec<String> = row.iter().map(|v| format!("{v:.6}")).collect();
-        println!("row {r}: argmax {argmax}  [{}]", vals.join(", "));
+    let info = (!a.admin.is_empty())
+        .then(|| beast::client::labels::fetch_target_info(&a.admin, &a.target))
+        .flatten()
+        .unwrap_or_default();
+    for (r, row) in p.outputs.chunks_exact(p.cols.max(1) as usize).enumerate() {
+        println!("{}", beast::client::labels::describe_row(r, row, &info));
     }
     let runs: Vec<String> = p.runs.iter().map(|(m, v, _)| format!("{m} v{v}")).collect();
     println!(

@@ -273,3 +273,76 @@ fn edge_cases() {
     assert_eq!(got, want);
     assert!(cuda.last_error().is_none(), "{:?}", cuda.last_error());
 }
+
+/// The server's path: registered models, two batches in flight polled in
+/// either order, every graph bucket (rows 1..=40, graphs on and off), LRU
+/// eviction and re-upload with one resident model, unregistering.
+#[test]
+#[ignore = "needs a CUDA GPU: run with --ignored on a GPU machine"]
+fn registered_batches_in_flight_graphs_and_eviction() {
+    use beast::backend::cuda::plan::GRAPH_BUCKETS;
+    use std::sync::Arc;
+    use std::task::Poll;
+    let mut cpu = CpuBackend::new();
+    let ms: Vec<Arc<Model>> = [(&[37usize, 19, 5][..], 1u64), (&[256, 512, 16][..], 2)]
+        .iter()
+        .map(|(d, s)| {
+            let mut m = model(
+                d,
+                Activation::Gelu,
+                *s == 2,
+                OutputTransform::Softmax,
+                100 + s,
+            );
+            m.batch.max_batch = 40;
+            Arc::new(m)
+        })
+        .collect();
+    let wait = |b: &mut CudaBackend, t, out: &mut [f32]| loop {
+        match b.poll(t, out) {
+            Poll::Ready(r) => break r,
+            Poll::Pending => std::thread::yield_now(),
+        }
+    };
+    for (graphs, models_max) in [(true, 32), (false, 32), (true, 1)] {
+        let mut cuda = backend(Precision::Split)
+            .with_graphs(graphs)
+            .with_models_max(models_max);
+        let ids: Vec<_> = ms.iter().map(|m| cuda.register(m).unwrap()).collect();
+        let mut rows_list: Vec<usize> = GRAPH_BUCKETS.to_vec();
+        rows_list.extend([3, 17, 33, 40, 1]);
+        for rows in rows_list {
+            for (m, &id) in ms.iter().zip(&ids) {
+                let (w, o) = (m.input_width, m.output_width);
+                let x1 = input(rows, w, rows as u64);
+                let x2 = input(rows, w, 1000 + rows as u64);
+                let t1 = cuda.submit(id, &x1, rows).unwrap();
+                let t2 = cuda.submit(id, &x2, rows).unwrap();
+                assert_eq!(cuda.submit(id, &x1, rows), Err(BackendError::Busy));
+                let (mut g1, mut g2) = (vec![f32::NAN; rows * o], vec![f32::NAN; rows * o]);
+                assert_eq!(wait(&mut cuda, t2, &mut g2), Ok(()));
+                assert_eq!(wait(&mut cuda, t1, &mut g1), Ok(()));
+                for (got, x) in [(&g1, &x1), (&g2, &x2)] {
+                    let want = run(&mut cpu, m, x, rows);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (g - w).abs() <= 2e-3 + 1e-3 * w.abs(),
+                            "graphs {graphs} models_max {models_max} {} rows {rows}: {g} vs {w} ({:?})",
+                            m.name,
+                            cuda.last_error()
+                        );
+                    }
+                }
+            }
+        }
+        println!(
+            "graphs {graphs}, models_max {models_max}: ok (last error: {:?})",
+            cuda.last_error()
+        );
+        cuda.unregister(ids[0]);
+        assert_eq!(
+            cuda.submit(ids[0], &input(1, 37, 1), 1),
+            Err(BackendError::Unknown)
+        );
+    }
+}

@@ -79,6 +79,11 @@ fn l2_open_corpus() {
     replay("l2_open");
 }
 
+#[test]
+fn onnx_corpus() {
+    replay("onnx");
+}
+
 /// Every harness target has a test above and a corpus folder.
 #[test]
 fn every_target_is_replayed() {

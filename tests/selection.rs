@@ -46,6 +46,8 @@ fn constant(name: &str, bias: [f32; C]) -> Model {
         }],
         output: OutputTransform::Softmax,
         batch: batch(50),
+        task: Default::default(),
+        io: Default::default(),
         digest: 0,
     }
     .with_params_digest()
@@ -83,6 +85,8 @@ fn expensive(name: &str, delay_us: u64) -> Model {
         ],
         output: OutputTransform::Softmax,
         batch: batch(delay_us),
+        task: Default::default(),
+        io: Default::default(),
         digest: 0,
     }
     .with_params_digest()

@@ -19,12 +19,16 @@
 mod admin;
 #[path = "bench/dist.rs"]
 mod dist;
+#[path = "bench/frames.rs"]
+mod frames;
 #[path = "bench/inputs.rs"]
 mod inputs;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/output.rs"]
 mod output;
+#[path = "bench/preflight.rs"]
+mod preflight;
 #[path = "bench/search.rs"]
 mod search;
 
@@ -86,6 +90,13 @@ struct Args {
     /// CPUs for the generator's threads (one pinned executor each), e.g. "1" or "1,3".
     #[arg(long, default_value = "")]
     cpus: String,
+    /// Generator threads (executors), spread round-robin over --cpus [default: one per CPU in --cpus].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Encode every request as it is sent, instead of copying a frame encoded once per
+    /// (target, input) before the run and patching its id (the default when all fit in 64 MiB).
+    #[arg(long)]
+    encode_each: bool,
     /// Distinct inputs to draw from [default: 4096, or all rows of the input file].
     #[arg(long)]
     distinct: Option<usize>,
@@ -199,18 +210,7 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
     if args.drop_last_column && args.input_file.is_none() {
         return Err("--drop-last-column needs --input-file".into());
     }
-    let cpus: Vec<Option<usize>> = if args.cpus.trim().is_empty() {
-        vec![None]
-    } else {
-        args.cpus
-            .split(',')
-            .map(|s| {
-                s.trim().parse::<usize>().map(Some).map_err(|_| {
-                    format!("--cpus: '{s}' is not a CPU number (expected e.g. 1 or 1,3)")
-                })
-            })
-            .collect::<Result<_, _>>()?
-    };
+    let cpus = frames::generator_threads(&args.cpus, args.threads)?;
     if args.connections < cpus.len() {
         return Err(format!(
             "--connections ({}) must be at least the number of generator threads ({})",
@@ -380,6 +380,7 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
         mode,
         record_trace: args.record_trace.is_some(),
         cpus,
+        prebuilt: !args.encode_each,
     })
 }
 
@@ -411,6 +412,15 @@ fn run(args: &Args) -> Result<ExitCode, String> {
     };
     let sweep = args.sweep.as_deref().map(search::parse_rates).transpose()?;
     let base = base_plan(args)?;
+    let targets: Vec<(String, usize)> = base
+        .targets
+        .iter()
+        .map(|t| (t.name.clone(), t.width))
+        .collect();
+    let problems = preflight::check(base.addr, &targets, &args.server);
+    for p in &problems {
+        eprintln!("beast-bench: {p}");
+    }
     let mut printed_header = false;
     let mut summaries: Vec<Summary> = Vec::new();
     let mut emit = |s: &Summary| -> Result<(), String> {
@@ -528,6 +538,12 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         let title = format!("beast-bench {}", args.target);
         output::plot(path, &summaries.iter().collect::<Vec<_>>(), &title)?;
         eprintln!("beast-bench: plot written to {}", path.display());
+    }
+    if code != ExitCode::SUCCESS {
+        // Said before the run too; repeated here where the verdict is read.
+        for p in &problems {
+            eprintln!("beast-bench: {p}");
+        }
     }
     Ok(code)
 }

@@ -14,6 +14,12 @@
 //! Columns: accuracy; agreement of the answer with `all`'s; mean members
 //! computed per request; compute saved against `all` (FLOPs from each
 //! response's runs); p50/p99 round-trip latency.
+//!
+//! `--task regression` (or `auto`, the default, when the admin port's
+//! /v1/models says the target is one): the label column holds values; the table reports
+//! MAE and RMSE of the first output column against them, and the mean
+//! absolute difference from `all`'s answer in place of agreement. The
+//! policies that need class probabilities (cascade, bandit) are skipped.
 
 use beast::client::{Client, ClientError, Prediction};
 use beast::wire::{CacheControl, Input, PolicyOverride, RequestSpec};
@@ -52,12 +58,22 @@ struct Args {
     /// Skip the members-alone rows.
     #[arg(long)]
     no_members: bool,
+    /// classification (argmax vs label), regression (value vs label), or
+    /// auto: the target's task as the admin port's /v1/models says
+    /// (classification when it does not answer).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "classification", "regression"])]
+    task: String,
+    /// The server's admin address (for --task auto).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    admin: String,
 }
 
 struct Data {
     width: usize,
     x: Vec<f32>,
     labels: Vec<u32>,
+    /// The label column as numbers (regression targets).
+    values: Vec<f64>,
     domains: Vec<String>,
 }
 
@@ -90,11 +106,13 @@ fn read_data(path: &Path, domain_column: Option<&str>) -> Result<Data, String> {
             x.extend_from_slice(&r[..cols - 1]);
             labels.push(r[cols - 1] as u32);
         }
+        let values = v.chunks_exact(cols).map(|r| r[cols - 1] as f64).collect();
         return Ok(Data {
             width: cols - 1,
             x,
             domains: vec![String::new(); rows],
             labels,
+            values,
         });
     }
     let text = std::fs::read_to_string(path).map_err(|e| at(e.to_string()))?;
@@ -123,6 +141,7 @@ fn read_data(path: &Path, domain_column: Option<&str>) -> Result<Data, String> {
         width,
         x: Vec::new(),
         labels: Vec::new(),
+        values: Vec::new(),
         domains: Vec::new(),
     };
     for (i, line) in lines.enumerate() {
@@ -141,6 +160,7 @@ fn read_data(path: &Path, domain_column: Option<&str>) -> Result<Data, String> {
                     .parse()
                     .map_err(|_| at(format!("line {}: label {v:?}", i + 2)))?;
                 data.labels.push(l as u32);
+                data.values.push(l);
             } else if Some(j) == domain {
                 data.domains.push(v.to_string());
             } else {
@@ -161,6 +181,8 @@ fn read_data(path: &Path, domain_column: Option<&str>) -> Result<Data, String> {
 #[derive(Clone, Copy, Default)]
 struct Outcome {
     answer: Option<usize>,
+    /// The first output column (a regression's value).
+    value: Option<f32>,
     members: u32,
     flops: u64,
     partial: bool,
@@ -197,6 +219,7 @@ fn ask(
         Ok(p) => Ok((
             Outcome {
                 answer: Some(argmax(&p.outputs[..p.cols as usize])),
+                value: p.outputs.first().copied(),
                 members: p.runs.iter().filter(|r| r.2 > 0).count() as u32,
                 flops: p.runs.iter().map(|r| r.2).sum(),
                 partial: p.partial,
@@ -225,6 +248,8 @@ struct Row {
     p99: Duration,
     unanswered: usize,
     partial: usize,
+    /// Regression: (MAE, RMSE, mean |answer − all's answer|).
+    errors: Option<(f64, f64, f64)>,
 }
 
 fn summarise(name: &str, out: &[Outcome], data: &Data, all: &[Outcome]) -> Row {
@@ -258,12 +283,44 @@ fn summarise(name: &str, out: &[Outcome], data: &Data, all: &[Outcome]) -> Row {
         p99: pct(0.99),
         unanswered: out.iter().filter(|o| o.answer.is_none()).count(),
         partial: out.iter().filter(|o| o.partial).count(),
+        errors: None,
     }
+}
+
+/// MAE, RMSE against the labels and the mean absolute difference from
+/// `all`'s answers, over the answered rows.
+fn regression_errors(out: &[Outcome], data: &Data, all: &[Outcome]) -> (f64, f64, f64) {
+    let (mut abs, mut sq, mut diff, mut n) = (0.0, 0.0, 0.0, 0usize);
+    for (i, o) in out.iter().enumerate() {
+        let Some(v) = o.value else { continue };
+        let e = v as f64 - data.values[i];
+        abs += e.abs();
+        sq += e * e;
+        if let Some(a) = all.get(i).and_then(|a| a.value) {
+            diff += (v - a).abs() as f64;
+        }
+        n += 1;
+    }
+    let n = n.max(1) as f64;
+    (abs / n, (sq / n).sqrt(), diff / n)
 }
 
 fn run() -> Result<(), String> {
     let a = Args::parse();
+    let regression = match a.task.as_str() {
+        "regression" => true,
+        "auto" => beast::client::labels::fetch_target_info(&a.admin, &a.target)
+            .is_some_and(|t| t.regression),
+        _ => false,
+    };
     let data = read_data(&a.data, a.domain_column.as_deref())?;
+    let summarise = |name: &str, out: &[Outcome], data: &Data, all: &[Outcome]| {
+        let mut r = summarise(name, out, data, all);
+        if regression {
+            r.errors = Some(regression_errors(out, data, all));
+        }
+        r
+    };
     let c = Client::connect(&a.server).map_err(|e| format!("connect {}: {e}", a.server))?;
     let err = |e: ClientError| e.to_string();
     let n = data.rows();
@@ -304,6 +361,10 @@ fn run() -> Result<(), String> {
             "bandit" => (PolicyOverride::Bandit, None),
             other => return Err(format!("unknown policy {other:?}")),
         };
+        if regression && matches!(policy, PolicyOverride::Cascade | PolicyOverride::Bandit) {
+            eprintln!("beast-eval: {p}: skipped (needs class probabilities; --task regression)");
+            continue;
+        }
         if policy == PolicyOverride::Bandit {
             let mut last = Vec::new();
             for k in 1..=a.bandit_passes.max(1) {
@@ -355,10 +416,15 @@ fn run() -> Result<(), String> {
         a.data.display()
     );
     println!();
-    println!(
-        "| policy | accuracy | agreement with all | members run | compute saved | p50 | p99 |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    if regression {
+        println!("| policy | MAE | RMSE | mean abs diff from all | members run | compute saved | p50 | p99 |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    } else {
+        println!(
+            "| policy | accuracy | agreement with all | members run | compute saved | p50 | p99 |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+    }
     for r in &rows {
         let mut note = String::new();
         if r.unanswered > 0 {
@@ -367,11 +433,13 @@ fn run() -> Result<(), String> {
         if r.partial > 0 {
             note += &format!(" ({} partial)", r.partial);
         }
+        let quality = match r.errors {
+            Some((mae, rmse, diff)) => format!("{mae:.4} | {rmse:.4} | {diff:.4}"),
+            None => format!("{:.2}% | {:.2}%", r.acc, r.agree),
+        };
         println!(
-            "| {}{note} | {:.2}% | {:.2}% | {:.2} | {:.1}% | {} µs | {} µs |",
+            "| {}{note} | {quality} | {:.2} | {:.1}% | {} µs | {} µs |",
             r.name,
-            r.acc,
-            r.agree,
             r.members,
             r.saved,
             r.p50.as_micros(),

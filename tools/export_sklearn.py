@@ -14,11 +14,13 @@ little-endian header length, a JSON header, then the raw tensor bytes), so the o
 requirement is numpy; torch is imported only by `export_torch_sequential`.
 
 Run as a script it trains the three digits MLPs on scikit-learn's bundled digits data
-(no network needed), writes them and `ensembles.toml` into `models/`, writes the held-out
-split to `models/digits_holdout.csv`, and prints the held-out accuracy of each member and
-of the ensemble computed in float32 with the FP16-rounded weights the server uses:
+(no network needed), writes them into --out (refusing to replace existing weights unless
+--overwrite), merges `digits` into --out's `ensembles.toml` (other entries, such as
+`digits_cascade`, are kept), writes the held-out split to `digits_holdout.csv`, and prints
+the held-out accuracy of each member and of the ensemble computed in float32 with the
+FP16-rounded weights the server uses. To check the committed models:
 
-    .venv/bin/python tools/export_sklearn.py --out models
+    python3 tools/export_sklearn.py --out /tmp/digits && cmp /tmp/digits/digits_small/1/weights.safetensors models/digits_small/1/weights.safetensors
 """
 
 import argparse
@@ -67,13 +69,31 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
+def _toml_list(v):
+    # float32 values printed so that they read back to the same float32.
+    return "[" + ", ".join(repr(float(np.float32(x))) for x in np.asarray(v).ravel()) + "]"
+
+
 def write_model(model_dir, weights, biases, activations, output, version=1,
-                max_batch=64, max_queue_delay_us=100, queue_rows_max=4096):
-    """Write one model: `weights[i]` is [in, out], `biases[i]` is [out]; stored as FP16."""
+                max_batch=64, max_queue_delay_us=100, queue_rows_max=4096,
+                task=None, classes=None, preprocess=None, layer_norms=None,
+                layer_norm_eps=1e-5, overwrite=False):
+    """Write one model: `weights[i]` is [in, out], `biases[i]` is [out]; stored as FP16.
+
+    task: None (classification) or "regression". classes: one name per output column (a
+    binary classifier with one sigmoid unit is served as two classes: give two names).
+    preprocess: {"standardize": (mean, scale)} or {"min_max": (scale, min)}, optionally
+    with "clip": (lo, hi). layer_norms: per layer None or (gamma, beta).
+    Refuses to replace an existing version's weights unless `overwrite`.
+    """
     if len(weights) != len(biases) or len(weights) != len(activations):
         raise ValueError("weights, biases and activations must have one entry per layer")
     if output not in ("softmax", "sigmoid", "identity"):
         raise ValueError(f"output {output!r}: expected softmax, sigmoid or identity")
+    wpath = os.path.join(model_dir, str(version), "weights.safetensors")
+    if os.path.exists(wpath) and not overwrite:
+        raise FileExistsError(f"{wpath}: exists (write a new version, or pass overwrite=True)")
+    layer_norms = layer_norms or [None] * len(weights)
     tensors = {}
     in_width = weights[0].shape[0]
     prev = in_width
@@ -88,14 +108,27 @@ def write_model(model_dir, weights, biases, activations, output, version=1,
             raise ValueError(f"layer {i}: weights overflow FP16 (|w| > 65504) or are not finite")
         tensors[f"layers.{i}.weight"] = f16w
         tensors[f"layers.{i}.bias"] = f16b
+        if layer_norms[i] is not None:
+            g, be = layer_norms[i]
+            tensors[f"layers.{i}.ln_gamma"] = np.asarray(g, np.float32)
+            tensors[f"layers.{i}.ln_beta"] = np.asarray(be, np.float32)
         prev = w.shape[1]
     lines = [
         f"input_width = {in_width}",
         f'output = "{output}"',
-        "layers = [",
     ]
-    for w, act in zip(weights, activations):
-        lines.append(f'  {{ units = {w.shape[1]}, activation = "{act}" }},')
+    if task == "regression":
+        lines.append('task = "regression"')
+    elif task not in (None, "classification"):
+        raise ValueError(f"task {task!r}: expected classification or regression")
+    if classes:
+        lines.append("classes = [" + ", ".join(json.dumps(str(c)) for c in classes) + "]")
+    if any(ln is not None for ln in layer_norms):
+        lines.append(f"layer_norm_eps = {float(layer_norm_eps)!r}")
+    lines.append("layers = [")
+    for w, act, ln in zip(weights, activations, layer_norms):
+        extra = ", layer_norm = true" if ln is not None else ""
+        lines.append(f'  {{ units = {w.shape[1]}, activation = "{act}"{extra} }},')
     lines += [
         "]",
         "",
@@ -105,14 +138,64 @@ def write_model(model_dir, weights, biases, activations, output, version=1,
         f"queue_rows_max = {queue_rows_max}",
         "",
     ]
+    if preprocess:
+        lines.append("[preprocess]")
+        if "standardize" in preprocess:
+            mean, scale = preprocess["standardize"]
+            lines.append(f"standardize = {{ mean = {_toml_list(mean)}, scale = {_toml_list(scale)} }}")
+        if "min_max" in preprocess:
+            scale, mn = preprocess["min_max"]
+            lines.append(f"min_max = {{ scale = {_toml_list(scale)}, min = {_toml_list(mn)} }}")
+        if "clip" in preprocess:
+            lo, hi = preprocess["clip"]
+            lines.append(f"clip = {{ min = {float(lo)!r}, max = {float(hi)!r} }}")
+        lines.append("")
     os.makedirs(os.path.join(model_dir, str(version)), exist_ok=True)
     with open(os.path.join(model_dir, "model.toml"), "w") as f:
         f.write("\n".join(lines))
-    write_safetensors(os.path.join(model_dir, str(version), "weights.safetensors"), tensors)
+    write_safetensors(wpath, tensors)
 
 
-def export_sklearn_mlp(clf, model_dir, version=1, **batching):
-    """Export a fitted sklearn MLPClassifier (coefs_ are already [in, out])."""
+def sklearn_preprocess(steps):
+    """The [preprocess] of a Pipeline's steps before the MLP: at most one StandardScaler
+    or MinMaxScaler ('passthrough' steps are skipped); anything else is refused."""
+    from sklearn.preprocessing import MinMaxScaler, StandardScaler
+    pre = {}
+    for step in steps:
+        if step is None or step == "passthrough":
+            continue
+        if pre:
+            raise ValueError(f"{type(step).__name__}: only one scaler is supported in a pipeline")
+        if isinstance(step, StandardScaler):
+            n = step.n_features_in_
+            mean = step.mean_ if step.mean_ is not None else np.zeros(n)
+            scale = step.scale_ if step.scale_ is not None else np.ones(n)
+            pre["standardize"] = (mean, scale)
+        elif isinstance(step, MinMaxScaler):
+            pre["min_max"] = (step.scale_, step.min_)
+            if step.clip:
+                pre["clip"] = step.feature_range
+        else:
+            raise ValueError(f"{type(step).__name__}: unsupported pipeline step "
+                             "(StandardScaler, MinMaxScaler, then MLPClassifier or MLPRegressor)")
+    return pre or None
+
+
+def export_sklearn_mlp(est, model_dir, version=1, classes=None, overwrite=False, **batching):
+    """Export a fitted MLPClassifier or MLPRegressor (coefs_ are already [in, out]), or a
+    Pipeline of a StandardScaler/MinMaxScaler and one of those (the scaler becomes the
+    model's [preprocess]). A classifier's class names default to str(classes_); a binary
+    classifier (one sigmoid unit) is served as two classes."""
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.pipeline import Pipeline
+    pre = None
+    clf = est
+    if isinstance(est, Pipeline):
+        steps = [s for _, s in est.steps]
+        clf = steps[-1]
+        pre = sklearn_preprocess(steps[:-1])
+    if not isinstance(clf, (MLPClassifier, MLPRegressor)):
+        raise ValueError(f"{type(clf).__name__}: expected MLPClassifier or MLPRegressor")
     act = SKLEARN_ACTIVATIONS.get(clf.activation)
     if act is None:
         raise ValueError(f"activation {clf.activation!r} has no beast equivalent")
@@ -120,48 +203,150 @@ def export_sklearn_mlp(clf, model_dir, version=1, **batching):
     acts = [act] * (n_layers - 1) + ["identity"]
     # sklearn's out_activation_ is softmax for multi-class, logistic for binary/multi-label.
     output = {"softmax": "softmax", "logistic": "sigmoid", "identity": "identity"}[clf.out_activation_]
-    write_model(model_dir, clf.coefs_, clf.intercepts_, acts, output, version, **batching)
+    task = "regression" if isinstance(clf, MLPRegressor) else None
+    if task is None and classes is None:
+        multilabel = clf.out_activation_ == "logistic" and clf.coefs_[-1].shape[1] > 1
+        classes = None if multilabel else [str(c) for c in clf.classes_]
+    write_model(model_dir, clf.coefs_, clf.intercepts_, acts, output, version,
+                task=task, classes=classes, preprocess=pre, overwrite=overwrite, **batching)
 
 
-def export_torch_sequential(seq, model_dir, output, version=1, **batching):
-    """Export a torch nn.Sequential of Linear layers each optionally followed by an activation
-    (ReLU, GELU, Tanh, Sigmoid, Identity). nn.Linear stores [out, in]; we transpose."""
+def export_torch_sequential(seq, model_dir, output=None, version=1, input_width=None,
+                            gelu_exact_as_tanh=False, overwrite=False, **kwargs):
+    """Export a torch nn.Sequential (in eval mode) into one beast model.
+
+    Supported: Linear; ReLU, GELU(approximate="tanh"), Tanh, Sigmoid, Identity after a
+    Linear; BatchNorm1d right after a Linear (folded into it) or first of all (folded into
+    the first Linear); LayerNorm right after a Linear (the server's per-layer norm; one
+    eps for the model); Dropout and Flatten (dropped: identity in eval); a last Softmax,
+    LogSoftmax or Sigmoid becomes the output transform (LogSoftmax is served as
+    probabilities, same argmax). Exact GELU (nn.GELU(), approximate="none") is refused:
+    the server computes the tanh approximation (they differ by up to ~1e-3); pass
+    gelu_exact_as_tanh=True to accept that. Anything else is refused naming the module.
+    nn.Linear stores [out, in]; it is transposed."""
     import torch.nn as nn  # optional dependency: only needed here
 
-    torch_acts = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid",
-                  nn.Identity: "identity"}
-    weights, biases, acts = [], [], []
-    for module in seq:
+    torch_acts = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+    mods = [m for m in seq if not isinstance(m, (nn.Dropout, nn.Flatten))]
+    # A trailing squashing module is the output transform.
+    tail = {nn.Softmax: "softmax", nn.LogSoftmax: "softmax", nn.Sigmoid: "sigmoid"}
+    if mods and type(mods[-1]) in tail:
+        found = tail[type(mods[-1])]
+        if output is not None and output != found:
+            raise ValueError(f"{mods[-1]}: output {output!r} given but the model ends in {found}")
+        output = found
+        mods = mods[:-1]
+    output = output or "identity"
+    weights, biases, acts, lns = [], [], [], []
+    eps = None
+    pre_bn = None  # (scale, shift) of a BatchNorm1d before the first Linear
+    state = "start"  # start | linear (just after a Linear) | act (after its activation)
+
+    def bn_affine(m):
+        s = (m.weight.detach().double().numpy() if m.affine else 1.0) / np.sqrt(
+            m.running_var.detach().double().numpy() + m.eps)
+        t = (m.bias.detach().double().numpy() if m.affine else 0.0) - m.running_mean.detach().double().numpy() * s
+        return s, t
+
+    for module in mods:
         if isinstance(module, nn.Linear):
-            w = module.weight.detach().cpu().float().numpy().T
-            b = (module.bias.detach().cpu().float().numpy() if module.bias is not None
-                 else np.zeros(w.shape[1], np.float32))
+            w = module.weight.detach().double().numpy().T.copy()
+            b = (module.bias.detach().double().numpy().copy() if module.bias is not None
+                 else np.zeros(w.shape[1]))
+            if pre_bn is not None and not weights:
+                s, t = pre_bn
+                b = b + t @ w
+                w = w * s[:, None]
             weights.append(w)
             biases.append(b)
             acts.append("identity")
-        elif type(module) in torch_acts:
-            if not acts or acts[-1] != "identity":
-                raise ValueError(f"{module}: an activation must follow a Linear layer")
-            acts[-1] = torch_acts[type(module)]
-        elif isinstance(module, nn.Softmax) and module is seq[-1]:
-            pass  # the output transform is given by `output`
+            lns.append(None)
+            state = "linear"
+        elif isinstance(module, nn.BatchNorm1d):
+            if module.running_mean is None:
+                raise ValueError(f"{module}: no running statistics (track_running_stats=False)")
+            s, t = bn_affine(module)
+            if state == "start":
+                pre_bn = (s, t)
+            elif state == "linear" and lns[-1] is None:
+                weights[-1] = weights[-1] * s[None, :]
+                biases[-1] = biases[-1] * s + t
+            else:
+                raise ValueError(f"{module}: a BatchNorm1d must come first or right after a Linear")
+        elif isinstance(module, nn.LayerNorm):
+            if state != "linear" or lns[-1] is not None:
+                raise ValueError(f"{module}: a LayerNorm must come right after a Linear")
+            if tuple(module.normalized_shape) != (weights[-1].shape[1],):
+                raise ValueError(f"{module}: normalized_shape must be the Linear's out_features")
+            if eps is not None and module.eps != eps:
+                raise ValueError(f"{module}: every LayerNorm of a model must share one eps")
+            eps = module.eps
+            n = weights[-1].shape[1]
+            g = module.weight.detach().float().numpy() if module.elementwise_affine else np.ones(n, np.float32)
+            be = (module.bias.detach().float().numpy()
+                  if module.elementwise_affine and module.bias is not None else np.zeros(n, np.float32))
+            lns[-1] = (g, be)
+        elif isinstance(module, nn.GELU) or type(module) in torch_acts:
+            if state != "linear":
+                raise ValueError(f"{module}: an activation must follow a Linear (or its norm)")
+            if isinstance(module, nn.GELU):
+                if module.approximate != "tanh" and not gelu_exact_as_tanh:
+                    raise ValueError(f"{module}: exact GELU (approximate='none') is not what the "
+                                     "server computes (the tanh approximation); use "
+                                     "nn.GELU(approximate='tanh'), or gelu_exact_as_tanh=True")
+                acts[-1] = "gelu"
+            else:
+                acts[-1] = torch_acts[type(module)]
+            state = "act"
         else:
-            raise ValueError(f"{module}: unsupported module (Linear and activations only)")
-    write_model(model_dir, weights, biases, acts, output, version, **batching)
+            raise ValueError(f"{module}: unsupported module")
+    if not weights:
+        raise ValueError("no Linear layer")
+    if input_width is not None and input_width != weights[0].shape[0]:
+        raise ValueError(f"input_width {input_width} but the first Linear takes {weights[0].shape[0]}")
+    write_model(model_dir, weights, biases, acts, output, version, layer_norms=lns,
+                layer_norm_eps=eps if eps is not None else 1e-5, overwrite=overwrite, **kwargs)
+
+
+def merge_ensembles(path, ensembles):
+    """Write `ensembles` ({name: (members, combiner, weights or None)}) into the
+    ensembles.toml at `path`, replacing entries of the same name and keeping every other
+    entry (and its comments) as it was."""
+    fresh = {}
+    for name, (members, combiner, weights) in ensembles.items():
+        block = [f"[ensembles.{name}]",
+                 "members = [" + ", ".join(f'"{m}"' for m in members) + "]",
+                 f'combiner = "{combiner}"']
+        if weights is not None:
+            block.append("weights = [" + ", ".join(repr(float(w)) for w in weights) + "]")
+        fresh[name] = "\n".join(block) + "\n"
+    kept = []
+    if os.path.exists(path):
+        # Split before each header, keeping the comments above a header with it.
+        text = open(path).read()
+        chunks, cur = [], []
+        for line in text.splitlines(keepends=True):
+            if line.startswith("[ensembles."):
+                head = []
+                while cur and (cur[-1].startswith("#") or not cur[-1].strip()):
+                    head.insert(0, cur.pop())
+                chunks.append(cur)
+                cur = head
+            cur.append(line)
+        chunks.append(cur)
+        for c in chunks:
+            header = next((l for l in c if l.startswith("[ensembles.")), None)
+            name = header.strip()[len("[ensembles."):-1] if header else None
+            if name not in fresh and "".join(c).strip():
+                kept.append("".join(c).strip("\n") + "\n")
+    out = [fresh[n] for n in fresh] + kept
+    with open(path, "w") as f:
+        f.write("\n".join(out))
 
 
 def write_ensembles(path, ensembles):
-    """ensembles: {name: (members, combiner, weights or None)}."""
-    lines = []
-    for name, (members, combiner, weights) in ensembles.items():
-        lines.append(f"[ensembles.{name}]")
-        lines.append("members = [" + ", ".join(f'"{m}"' for m in members) + "]")
-        lines.append(f'combiner = "{combiner}"')
-        if weights is not None:
-            lines.append("weights = [" + ", ".join(repr(float(w)) for w in weights) + "]")
-        lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    """Kept for callers of earlier versions: merges (see merge_ensembles)."""
+    merge_ensembles(path, ensembles)
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,7 +394,10 @@ def flops_per_row(clf):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="models", help="repository folder (default: models)")
+    ap.add_argument("--out", required=True,
+                    help="repository folder: a new one (e.g. /tmp/digits) to compare with models/")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace existing weights in --out (never needed to check reproducibility)")
     args = ap.parse_args(argv)
 
     from sklearn.datasets import load_digits
@@ -232,10 +420,13 @@ def main(argv=None):
                             max_iter=400, random_state=seed)
         clf.fit(x_tr, y_tr)
         clfs[name] = clf
-        export_sklearn_mlp(clf, os.path.join(args.out, name), version=1,
+        # classes=(): no names, so model.toml stays as committed (digests unchanged).
+        export_sklearn_mlp(clf, os.path.join(args.out, name), version=1, classes=(),
+                           overwrite=args.overwrite,
                            max_batch=64, max_queue_delay_us=100, queue_rows_max=4096)
     names = [m[0] for m in DIGITS_MEMBERS]
-    write_ensembles(os.path.join(args.out, "ensembles.toml"),
+    # Merged: other entries of an existing ensembles.toml (digits_cascade) are kept.
+    merge_ensembles(os.path.join(args.out, "ensembles.toml"),
                     {"digits": (names, "mean", None)})
 
     with open(os.path.join(args.out, "digits_holdout.csv"), "w") as f:

@@ -17,12 +17,13 @@ use std::path::PathBuf;
 pub type Target = fn(&[u8]);
 
 /// Every target, by name (the folder names under `fuzz/corpus/`).
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("frame", frame),
     ("request", request),
     ("admin_head", admin_head),
     ("model", model),
     ("l2_open", l2_open),
+    ("onnx", onnx),
 ];
 
 /// A small deterministic generator, so chunk sizes come from the input.
@@ -609,6 +610,47 @@ pub fn l2_open(data: &[u8]) {
     l2::inspect(&path).expect("inspect a file open served");
 }
 
+// ---------------------------------------------------------------- onnx
+
+/// `beast import-onnx`'s decoder and converter on arbitrary bytes: an error
+/// or a network whose layers chain, whose tensors have the sizes their dims
+/// say, whose `model.toml` the server's manifest parser accepts with the same
+/// shapes, and whose f32 forward pass runs.
+pub fn onnx(data: &[u8]) {
+    use beast::import::onnx::{forward_f32, import_bytes, manifest_text, proto};
+    use beast::model::manifest::{parse_model_manifest, WIDTH_MAX};
+    let decoded = proto::decode_model(data);
+    let imported = import_bytes(data, None);
+    let Ok(net) = imported else {
+        return;
+    };
+    assert!(decoded.is_ok(), "imported what does not decode");
+    let mut w = net.input_width;
+    for l in &net.layers {
+        assert_eq!(l.in_dim, w, "layers do not chain");
+        assert_eq!(l.weight.len(), l.in_dim * l.out_dim);
+        assert_eq!(l.bias.len(), l.out_dim);
+        if let Some((g, b)) = &l.layer_norm {
+            assert_eq!((g.len(), b.len()), (l.out_dim, l.out_dim));
+        }
+        w = l.out_dim;
+    }
+    let widths_ok = std::iter::once(net.input_width)
+        .chain(net.layers.iter().map(|l| l.out_dim))
+        .all(|w| w <= WIDTH_MAX);
+    if widths_ok {
+        let man = parse_model_manifest(&manifest_text(&net), &Default::default())
+            .expect("the written model.toml parses");
+        assert_eq!(man.input_width, net.input_width);
+        assert_eq!(man.layers.len(), net.layers.len());
+        assert_eq!(man.output, net.output);
+    }
+    if net.input_width * net.layers.iter().map(|l| l.out_dim).max().unwrap_or(1) < 1 << 20 {
+        let y = forward_f32(&net, &vec![0.5; net.input_width], 1);
+        assert_eq!(y.len(), w);
+    }
+}
+
 /// Inputs that start each target's corpus (written by
 /// `cargo test --release --test fuzz_corpus -- --ignored write_seeds`, and
 /// replayed by the test whether or not they are on disk).
@@ -743,6 +785,12 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                 b"\x00\x00\x00\x00BEASTL2\x00garbage".to_vec(),
             ]
         }
+        "onnx" => vec![
+            include_bytes!("../../tests/fixtures/onnx/handmade_mlp.onnx").to_vec(),
+            include_bytes!("../../tests/fixtures/onnx/handmade_gelu_flatten.onnx").to_vec(),
+            include_bytes!("../../tests/fixtures/onnx/sklearn_breast_cancer_binary.onnx").to_vec(),
+            include_bytes!("../../tests/fixtures/onnx/refuse_external_data.onnx").to_vec(),
+        ],
         _ => panic!("unknown fuzz target {target}"),
     }
 }

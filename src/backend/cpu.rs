@@ -28,8 +28,11 @@ mod portable;
 #[cfg(test)]
 mod tests;
 
-use super::{Backend, BackendError};
+use super::registry::Registry;
+use super::{Backend, BackendError, ModelId, Ticket, IN_FLIGHT_PER_MODEL};
 use crate::model::{Activation, Dense, LayerNorm, Model, OutputTransform};
+use std::sync::Arc;
+use std::task::Poll;
 
 /// Which dense-layer kernel a [`CpuBackend`] runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +67,19 @@ impl CpuKernel {
 }
 
 pub struct CpuBackend {
+    kern: Kernel,
+    /// Registered models, each with its staging outputs (one per batch in
+    /// flight): `submit` computes into one, `poll` copies it out.
+    models: Registry<CpuModel>,
+}
+
+struct CpuModel {
+    model: Arc<Model>,
+    out: [Vec<f32>; IN_FLIGHT_PER_MODEL],
+}
+
+/// The kernel and its scratch buffers.
+struct Kernel {
     kernel: CpuKernel,
     /// Activations ping-pong between layers: layer i writes `act[i % 2]`
     /// (the last layer writes the caller's output directly).
@@ -91,16 +107,21 @@ impl CpuBackend {
 
     fn with_kernel(kernel: CpuKernel) -> Self {
         CpuBackend {
-            kernel,
-            act: [Vec::new(), Vec::new()],
-            panel: Vec::new(),
+            kern: Kernel {
+                kernel,
+                act: [Vec::new(), Vec::new()],
+                panel: Vec::new(),
+            },
+            models: Registry::default(),
         }
     }
 
     pub fn kernel(&self) -> CpuKernel {
-        self.kernel
+        self.kern.kernel
     }
+}
 
+impl Kernel {
     /// Grows the scratch buffers for `model` at `rows` rows; a no-op once a
     /// model this large has been seen, so the steady state allocates nothing.
     fn reserve(&mut self, model: &Model, rows: usize) {
@@ -184,10 +205,68 @@ impl Default for CpuBackend {
 
 impl Backend for CpuBackend {
     fn name(&self) -> &str {
-        self.kernel.name()
+        self.kern.kernel.name()
+    }
+
+    fn register(&mut self, model: &Arc<Model>) -> Result<ModelId, BackendError> {
+        let len = model.batch.max_batch * model.output_width;
+        Ok(self.models.insert(CpuModel {
+            model: model.clone(),
+            out: std::array::from_fn(|_| vec![0.0; len]),
+        }))
+    }
+
+    fn unregister(&mut self, id: ModelId) {
+        self.models.remove(id);
+    }
+
+    /// Computes the batch now, into the ticket's staging output.
+    fn submit(&mut self, id: ModelId, input: &[f32], rows: usize) -> Result<Ticket, BackendError> {
+        let t = self.models.acquire(id, rows)?;
+        let m = self.models.get_mut(id).ok_or(BackendError::Unknown)?;
+        let out = &mut m.out[t.slot()];
+        let need = rows.saturating_mul(m.model.output_width);
+        if out.len() < need {
+            // A batch larger than any before (one job over max_batch).
+            out.resize(need, 0.0);
+        }
+        match self.kern.forward(&m.model, input, rows, &mut out[..need]) {
+            Ok(()) => Ok(t),
+            Err(e) => {
+                self.models.release(t);
+                Err(e)
+            }
+        }
+    }
+
+    fn poll(&mut self, t: Ticket, output: &mut [f32]) -> Poll<Result<(), BackendError>> {
+        let r = (|| {
+            let rows = self.models.rows(t)?;
+            let m = self.models.get(t.model).ok_or(BackendError::Unknown)?;
+            let need = rows * m.model.output_width;
+            if output.len() != need {
+                return Err(BackendError::Shape);
+            }
+            output.copy_from_slice(&m.out[t.slot()][..need]);
+            Ok(())
+        })();
+        self.models.release(t);
+        Poll::Ready(r)
     }
 
     fn run(
+        &mut self,
+        model: &Model,
+        input: &[f32],
+        rows: usize,
+        output: &mut [f32],
+    ) -> Result<(), BackendError> {
+        self.kern.forward(model, input, rows, output)
+    }
+}
+
+impl Kernel {
+    fn forward(
         &mut self,
         model: &Model,
         input: &[f32],

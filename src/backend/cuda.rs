@@ -3,7 +3,10 @@
 //! output transform. See docs/CUDA.md.
 //!
 //! Owns: the device context, one stream, the cuBLAS handle, the compiled
-//! kernels, the weights resident on the device and the activation buffers.
+//! kernels, the weights resident on the device, the activation buffers,
+//! the pinned staging and completion events of batches in flight, and the
+//! captured graphs. `plan.rs` (shape checks, graph buckets, ensemble
+//! grouping) is plain Rust, built and tested without the feature.
 //! May touch: the GPU and the caller's slices; nothing else.
 //!
 //! With the `cuda` feature this is the real backend (`device.rs`), loading
@@ -13,6 +16,19 @@
 
 #[cfg(feature = "cuda")]
 mod device;
+#[cfg(feature = "cuda")]
+mod gemm_ref;
+#[cfg(feature = "cuda")]
+mod kernels;
+#[cfg(feature = "cuda")]
+mod launch;
+#[cfg(feature = "cuda")]
+mod pinned;
+pub mod plan;
+#[cfg(feature = "cuda")]
+mod resident;
+#[cfg(feature = "cuda")]
+mod submit;
 #[cfg(feature = "cuda")]
 pub use device::{CudaBackend, Precision, MODELS_MAX_DEFAULT};
 

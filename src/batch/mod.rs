@@ -170,6 +170,10 @@ impl<J> Queue<J> {
         let w = self.width;
         let cap = self.limits.queue_rows_max;
         let mut rows = 0;
+        // Kept jobs sit back to back in the ring: copy each unbroken run of
+        // them with one copy (two where it wraps), not one per job.
+        // (first ring row, rows) of the run not yet copied.
+        let mut run = (self.head_row, 0usize);
         while let Some(front) = self.jobs.front() {
             let why = if front.deadline.is_some_and(|d| d <= now) {
                 Some(Dropped::Expired)
@@ -182,16 +186,14 @@ impl<J> Queue<J> {
             let q = self.jobs.pop_front().expect("front exists");
             let n = q.rows;
             match why {
-                Some(why) => dropped_out.push((q, why)),
+                Some(why) => {
+                    // A dropped job breaks the run: copy what came before it.
+                    self.copy_rows(run.0, run.1, input_out);
+                    run = ((self.head_row + n) % cap, 0);
+                    dropped_out.push((q, why));
+                }
                 None => {
-                    // Copy this job's rows (they may wrap around the ring).
-                    let first = n.min(cap - self.head_row);
-                    input_out.extend_from_slice(
-                        &self.ring[self.head_row * w..(self.head_row + first) * w],
-                    );
-                    if first < n {
-                        input_out.extend_from_slice(&self.ring[..(n - first) * w]);
-                    }
+                    run.1 += n;
                     rows += n;
                     jobs_out.push(q);
                 }
@@ -202,7 +204,19 @@ impl<J> Queue<J> {
                 break;
             }
         }
+        self.copy_rows(run.0, run.1, input_out);
+        debug_assert_eq!(input_out.len(), rows * w);
         rows
+    }
+
+    /// Append `n` ring rows from row `start` (they may wrap around the ring).
+    fn copy_rows(&self, start: usize, n: usize, out: &mut Vec<f32>) {
+        let (w, cap) = (self.width, self.limits.queue_rows_max);
+        let first = n.min(cap - start);
+        out.extend_from_slice(&self.ring[start * w..(start + first) * w]);
+        if first < n {
+            out.extend_from_slice(&self.ring[..(n - first) * w]);
+        }
     }
 }
 
@@ -478,6 +492,41 @@ mod tests {
             3
         );
         assert_eq!(input, vec![5.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn a_batch_carries_exactly_the_kept_jobs_rows_across_drops_and_wraps() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(7);
+        let (w, cap) = (3, 13);
+        let mut q = Queue::new(limits(5, 0, cap), w);
+        let t = Instant::now();
+        let mut inputs = std::collections::HashMap::new();
+        let (mut jobs, mut dropped, mut input) = (Vec::new(), Vec::new(), Vec::new());
+        let mut next = 0u32;
+        for _ in 0..2000 {
+            while rng.random_bool(0.7) {
+                let n = rng.random_range(1..=4);
+                let x: Vec<f32> = (0..n * w).map(|_| rng.random()).collect();
+                if q.push(next, &x, t, None).is_err() {
+                    break;
+                }
+                inputs.insert(next, x);
+                next += 1;
+            }
+            let rows = q.take_batch(
+                t,
+                |j| (j % 3 == 0).then_some(Dropped::Cancelled),
+                &mut jobs,
+                &mut dropped,
+                &mut input,
+            );
+            let want: Vec<f32> = jobs.iter().flat_map(|j| inputs[&j.job].clone()).collect();
+            assert_eq!(input, want);
+            assert_eq!(rows * w, want.len());
+            assert!(jobs.iter().all(|j| j.job % 3 != 0));
+            assert!(dropped.iter().all(|(j, _)| j.job % 3 == 0));
+        }
     }
 
     #[test]

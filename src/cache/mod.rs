@@ -16,6 +16,7 @@ pub mod key;
 pub mod l1;
 pub mod l2;
 pub mod metrics;
+pub mod names;
 
 pub use coalesce::{Begin, CoalesceConfig, Coalescer, Drain};
 pub use key::{input_digest, target_tag, CacheKey, KeyBuilder};

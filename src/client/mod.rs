@@ -2,6 +2,7 @@
 //! matched by id. Blocking API on std threads so any service (sync, tokio,
 //! glommio) can use it; the load generator uses the wire encoder directly.
 
+pub mod labels;
 pub mod npy;
 
 use crate::wire::{
@@ -64,7 +65,22 @@ impl ClientError {
 
 impl std::fmt::Display for ClientError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
+        // Text for people (`beast predict`, tools): the status in words, then
+        // the server's message; never Rust's debug form.
+        let (what, msg) = match self {
+            ClientError::BadRequest(m) => ("bad request", m),
+            ClientError::NotFound(m) => ("not found", m),
+            ClientError::Overloaded(m) => ("overloaded", m),
+            ClientError::DeadlineExceeded(m) => ("deadline exceeded", m),
+            ClientError::Internal(m) => ("internal error", m),
+            ClientError::Protocol(m) => ("protocol error", m),
+            ClientError::Closed(m) => ("connection closed", m),
+        };
+        if msg.is_empty() {
+            f.write_str(what)
+        } else {
+            write!(f, "{what}: {msg}")
+        }
     }
 }
 impl std::error::Error for ClientError {}

@@ -86,8 +86,13 @@ fn calibrate_one(
     let mut outputs = Vec::new();
     for m in &models {
         let mut out = vec![0.0; rows * cols];
+        // As the batcher does: the member's own input transform first.
+        let mut xm = x.clone();
+        if let Some(pre) = &m.io.preprocess {
+            pre.apply(&mut xm, width);
+        }
         backend
-            .run(m, &x, rows, &mut out)
+            .run(m, &xm, rows, &mut out)
             .map_err(|e| format!("{path}: running {}: {e}", m.name))?;
         outputs.push(out);
     }

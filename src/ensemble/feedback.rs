@@ -49,9 +49,16 @@ impl Window {
     /// `stride`: members × classes of the widest ensemble.
     pub fn new(shard: usize, capacity: usize, stride: usize) -> Self {
         let capacity = capacity.max(1);
+        let mut rows = vec![0.0f32; capacity * stride];
+        // Touch every page now: a zeroed allocation is mapped lazily, and
+        // the first lap of the ring would otherwise fault its pages in on
+        // the request path (~1 % of a saturated shard, perf/issue10-table.md).
+        for x in rows.iter_mut().step_by(1024) {
+            *x = std::hint::black_box(0.0);
+        }
         Window {
             entries: vec![Entry::default(); capacity],
-            rows: vec![0.0; capacity * stride],
+            rows,
             stride,
             shard_bits: (shard as u64 & 0xFFFF) << TICKET_SHARD_SHIFT,
             next: 1,

@@ -20,7 +20,7 @@ pub mod profile;
 pub mod stacker;
 
 use crate::config::ENSEMBLE_MEMBERS_MAX;
-use crate::model::{Combiner, EnsembleSpec, Policy, SelectionSpec};
+use crate::model::{Combiner, EnsembleSpec, Policy, SelectionSpec, Task};
 use crate::wire::PolicyOverride;
 
 /// A set of member indices (bit i = member i), fixed-size so choosing
@@ -89,6 +89,10 @@ pub struct EnsemblePlan {
     /// ensemble's cache key, so a changed definition never answers from
     /// entries of the old one.
     pub fingerprint: u64,
+    /// The members' task (set by the shard from its first member; the
+    /// loader checks they agree): a regression ensemble refuses the
+    /// policies that need class probabilities, and feedback.
+    pub task: Task,
 }
 
 impl EnsemblePlan {
@@ -117,7 +121,9 @@ impl EnsemblePlan {
         }
         let weights = match spec.combiner {
             Combiner::WeightedMean => spec.weights.clone(),
-            Combiner::Mean | Combiner::Vote | Combiner::Stacked => vec![1.0; members.len()],
+            Combiner::Mean | Combiner::Vote | Combiner::Stacked | Combiner::Median => {
+                vec![1.0; members.len()]
+            }
         };
         if weights.len() != members.len()
             || weights.iter().any(|w| !w.is_finite() || *w < 0.0)
@@ -153,6 +159,7 @@ impl EnsemblePlan {
             by_cost,
             input_width,
             output_width,
+            task: Task::Classification,
         })
     }
 
@@ -209,6 +216,8 @@ pub struct Accumulator {
     weight_sum: Vec<f32>,
     /// `rows × cols`: members whose argmax is this class.
     votes: Vec<f32>,
+    /// Each added member's output, one after the other (for the median).
+    vals: Vec<f32>,
     out: Vec<f32>,
     cols: usize,
     added: u32,
@@ -223,6 +232,7 @@ impl Accumulator {
         }
         self.weight_sum.clear();
         self.weight_sum.resize(cols, 0.0);
+        self.vals.clear();
         self.cols = cols.max(1);
         self.added = 0;
     }
@@ -254,6 +264,8 @@ impl Accumulator {
             }
             v[argmax(o)] += 1.0;
         }
+        // Capacity is kept across requests: no allocation once warm.
+        self.vals.extend_from_slice(output);
         match weight {
             Weight::Scalar(w) => self.weight_sum.iter_mut().for_each(|a| *a += w),
             Weight::PerClass(w) => {
@@ -276,6 +288,23 @@ impl Accumulator {
         }
         match combiner {
             Combiner::Mean | Combiner::WeightedMean => {}
+            Combiner::Median => {
+                let len = self.out.len();
+                let n = (self.added as usize).min(MEDIAN_MEMBERS_MAX);
+                let mut buf = [0f32; MEDIAN_MEMBERS_MAX];
+                for (i, o) in self.out.iter_mut().enumerate() {
+                    let b = &mut buf[..n];
+                    for (m, x) in b.iter_mut().enumerate() {
+                        *x = self.vals[m * len + i];
+                    }
+                    b.sort_unstable_by(f32::total_cmp);
+                    *o = match n {
+                        0 => 0.0,
+                        _ if n % 2 == 1 => b[n / 2],
+                        _ => 0.5 * (b[n / 2 - 1] + b[n / 2]),
+                    };
+                }
+            }
             Combiner::Stacked => {
                 // Per-class weights break the rows' sums: renormalise.
                 for row in self.out.chunks_exact_mut(cols) {
@@ -297,6 +326,9 @@ impl Accumulator {
         &self.out
     }
 }
+
+/// Members the median looks at (every ensemble has at most this many).
+const MEDIAN_MEMBERS_MAX: usize = ENSEMBLE_MEMBERS_MAX;
 
 /// Weight of the mean probability in a vote's output (a tie breaker).
 pub const VOTE_TIE_BREAK: f32 = 1e-4;
@@ -348,6 +380,21 @@ mod tests {
         a.add(&[0.55, 0.45], Weight::Scalar(1.0));
         a.add(&[0.1, 0.9], Weight::Scalar(1.0));
         assert_eq!(argmax(a.combine(Combiner::Vote)), 1);
+    }
+
+    #[test]
+    fn median_takes_the_middle_value_per_output() {
+        let mut a = Accumulator::default();
+        a.reset(2, 1);
+        a.add(&[1.0, 10.0], Weight::Scalar(1.0));
+        a.add(&[100.0, 20.0], Weight::Scalar(1.0));
+        // Two members: the mean of the middle two.
+        assert_eq!(a.combine(Combiner::Median), &[50.5, 15.0]);
+        a.add(&[3.0, -5.0], Weight::Scalar(1.0));
+        // Three: the middle one, whatever the outlier.
+        assert_eq!(a.combine(Combiner::Median), &[3.0, 10.0]);
+        // The mean of the same three is pulled by the outlier.
+        assert!((a.combine(Combiner::Mean)[0] - 104.0 / 3.0).abs() < 1e-4);
     }
 
     #[test]

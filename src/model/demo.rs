@@ -75,6 +75,11 @@ pub fn write_model(out: &Path, m: &Model) -> std::io::Result<()> {
             })
             .collect(),
         batch: m.batch,
+        task: m.task,
+        io: super::ModelIo {
+            binary: false,
+            ..m.io.clone()
+        },
     };
     std::fs::write(dir.join("model.toml"), man.to_toml())?;
     let mut tensors: Vec<(String, F16Tensor)> = Vec::new();

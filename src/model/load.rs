@@ -360,14 +360,27 @@ fn load_weights(
             expected_summary(man)
         ));
     }
+    // A classifier declared with one sigmoid unit is served as two classes
+    // [1 − p, p] (docs/MODELS.md): its last layer becomes [0, z] under a
+    // softmax, so every consumer of classes (argmax, vote, cascade
+    // confidence, calibration, feedback labels) sees two.
+    let mut output = man.output;
+    if man.io.binary {
+        if let Some(last) = layers.last_mut() {
+            super::io::expand_binary(last);
+            output = super::OutputTransform::Softmax;
+        }
+    }
     Ok(Model {
         name: name.to_string(),
         version,
         input_width: man.input_width,
-        output_width: man.output_width(),
+        output_width: man.served_width(),
         layers,
-        output: man.output,
+        output,
         batch: man.batch,
+        task: man.task,
+        io: man.io.clone(),
         digest,
     })
 }
@@ -535,11 +548,71 @@ fn check_ensemble(repo: &Repository, spec: EnsembleSpec) -> Result<EnsembleSpec,
                     model.input_width, model.output_width, f.name, f.input_width, f.output_width
                 ));
             }
+            if model.task != f.task {
+                return Err(format!(
+                    "{path}.members[{i}]: \"{m}\" is a {} model but \"{}\" is a {} model (members must agree on the task)",
+                    task_name(model.task), f.name, task_name(f.task)
+                ));
+            }
+            if !model.io.classes.is_empty()
+                && !f.io.classes.is_empty()
+                && model.io.classes != f.io.classes
+            {
+                return Err(format!(
+                    "{path}.members[{i}]: \"{m}\" names its classes {:?} but \"{}\" {:?} (members must agree on class names)",
+                    model.io.classes, f.name, f.io.classes
+                ));
+            }
         } else {
             first = Some(model);
         }
     }
+    if let Some(f) = first {
+        check_task_fit(&spec, f.task).map_err(|e| format!("{path}.{e}"))?;
+    }
     Ok(spec)
+}
+
+fn task_name(t: super::Task) -> &'static str {
+    match t {
+        super::Task::Classification => "classification",
+        super::Task::Regression => "regression",
+    }
+}
+
+/// A regression ensemble combines values: mean, weighted mean or median;
+/// policies that need class probabilities (cascade's confidence, the
+/// bandit's right/wrong feedback) are refused, and so is a calibration.
+/// Errors start with the field name.
+pub fn check_task_fit(spec: &EnsembleSpec, task: super::Task) -> Result<(), String> {
+    use super::Policy;
+    let what = task_name(task);
+    if !spec.combiner.fits(task) {
+        let name = serde_json::to_value(spec.combiner).unwrap_or_default();
+        return Err(format!(
+            "combiner: {name} does not fit a {what} ensemble (its members are {what} models; {})",
+            if task == super::Task::Regression {
+                "use mean, weighted_mean or median"
+            } else {
+                "median is for regression"
+            }
+        ));
+    }
+    if !spec.selection.policy.fits(task) {
+        let name = match spec.selection.policy {
+            Policy::Cascade => "cascade",
+            _ => "bandit",
+        };
+        return Err(format!(
+            "policy: \"{name}\" needs class probabilities (a confidence, or feedback with a class label); a regression ensemble takes all or deadline"
+        ));
+    }
+    if task == super::Task::Regression && spec.selection.cascade_target_agreement.is_some() {
+        return Err(
+            "cascade_target_agreement: a regression ensemble has no cascade to calibrate".into(),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! and unknown keys (a typo such as `max_bach`) are refused instead of
 //! silently ignored. Errors here do not name the file; `load` prefixes it.
 
+use super::io::{self, ModelIo, Task};
 use super::{
     Activation, BatchLimits, CascadeMetric, Combiner, EnsembleSpec, OutputTransform, Policy,
     SelectionSpec,
@@ -33,6 +34,11 @@ pub struct ModelManifest {
     pub batch: BatchLimits,
     /// Which version folders are served (`versions`, src/model/versions.rs).
     pub versions: super::versions::VersionPolicy,
+    /// `task` (default classification).
+    pub task: Task,
+    /// `classes`, `[preprocess]`, and whether one sigmoid unit is served
+    /// as two classes (module `io`).
+    pub io: ModelIo,
 }
 
 /// One `layers[i]` entry.
@@ -57,8 +63,15 @@ impl ModelManifest {
             .collect()
     }
 
+    /// The last layer's units (the weights' shape).
     pub fn output_width(&self) -> usize {
         self.layers.last().map_or(self.input_width, |l| l.units)
+    }
+
+    /// The output width clients see: 2 for a binary classifier declared
+    /// with one sigmoid unit, else [`ModelManifest::output_width`].
+    pub fn served_width(&self) -> usize {
+        io::served_width(self.task, self.output, self.output_width())
     }
 
     /// The canonical `model.toml` text for this manifest (deterministic).
@@ -68,6 +81,13 @@ impl ModelManifest {
             self.input_width,
             output_name(self.output)
         );
+        if self.task == Task::Regression {
+            s += "task = \"regression\"\n";
+        }
+        if !self.io.classes.is_empty() {
+            let names: Vec<String> = self.io.classes.iter().map(|c| format!("{c:?}")).collect();
+            s += &format!("classes = [{}]\n", names.join(", "));
+        }
         if self.layers.iter().any(|l| l.layer_norm) {
             s += &format!("layer_norm_eps = {:e}\n", self.layer_norm_eps);
         }
@@ -91,6 +111,9 @@ impl ModelManifest {
             self.batch.max_queue_delay_us,
             self.batch.queue_rows_max
         );
+        if let Some(p) = &self.io.preprocess {
+            s += &p.to_toml();
+        }
         s
     }
 }
@@ -142,6 +165,9 @@ pub fn parse_model_manifest(text: &str, defaults: &BatchLimits) -> Result<ModelM
             "layers",
             "batching",
             "versions",
+            "task",
+            "classes",
+            "preprocess",
         ],
     )?;
     let versions = super::versions::VersionPolicy::parse(t.get("versions"))?;
@@ -213,6 +239,18 @@ pub fn parse_model_manifest(text: &str, defaults: &BatchLimits) -> Result<ModelM
             ))
         }
     };
+    let last = layers.last().expect("at least one layer");
+    let (task, io) = io::parse_io(
+        &t,
+        input_width,
+        output,
+        (
+            layers.len() - 1,
+            last.units,
+            last.activation,
+            last.layer_norm,
+        ),
+    )?;
     Ok(ModelManifest {
         versions,
         input_width,
@@ -220,6 +258,8 @@ pub fn parse_model_manifest(text: &str, defaults: &BatchLimits) -> Result<ModelM
         layer_norm_eps,
         layers,
         batch,
+        task,
+        io,
     })
 }
 
@@ -349,8 +389,10 @@ fn parse_ensemble(name: &str, v: &Value) -> Result<EnsembleSpec, String> {
     let combiner = enum_field::<Combiner>(t, "combiner", &format!("{path}.combiner"))?
         .unwrap_or(Combiner::Mean);
     let weights = match (combiner, t.get("weights")) {
-        (Combiner::Mean | Combiner::Vote | Combiner::Stacked, None) => vec![1.0; members.len()],
-        (Combiner::Mean | Combiner::Vote | Combiner::Stacked, Some(_)) => {
+        (Combiner::Mean | Combiner::Vote | Combiner::Stacked | Combiner::Median, None) => {
+            vec![1.0; members.len()]
+        }
+        (Combiner::Mean | Combiner::Vote | Combiner::Stacked | Combiner::Median, Some(_)) => {
             return Err(format!(
                 "{path}.weights: given but combiner is not \"weighted_mean\""
             ))
@@ -465,7 +507,7 @@ fn parse_selection(t: &Table, path: &str) -> Result<SelectionSpec, String> {
 
 // ---- field helpers: each error names the full field path ----
 
-fn deny_unknown(t: &Table, path: &str, known: &[&str]) -> Result<(), String> {
+pub(super) fn deny_unknown(t: &Table, path: &str, known: &[&str]) -> Result<(), String> {
     for k in t.keys() {
         if !known.contains(&k.as_str()) {
             let field = if path.is_empty() {
@@ -493,7 +535,7 @@ fn uint(v: &Value, path: &str) -> Result<u64, String> {
     }
 }
 
-fn float(v: &Value, path: &str) -> Result<f64, String> {
+pub(super) fn float(v: &Value, path: &str) -> Result<f64, String> {
     match v {
         Value::Float(f) => Ok(*f),
         Value::Integer(i) => Ok(*i as f64),
@@ -520,7 +562,11 @@ fn width(t: &Table, key: &str, path: &str) -> Result<Option<usize>, String> {
 }
 
 /// A string field naming an enum variant; serde's message lists the variants.
-fn enum_field<T: DeserializeOwned>(t: &Table, key: &str, path: &str) -> Result<Option<T>, String> {
+pub(super) fn enum_field<T: DeserializeOwned>(
+    t: &Table,
+    key: &str,
+    path: &str,
+) -> Result<Option<T>, String> {
     let Some(v) = t.get(key) else {
         return Ok(None);
     };

@@ -101,10 +101,10 @@ weights = [1.0]
         c.starts_with("ensembles.c.weights: 1 weights for 2 members"),
         "{c}"
     );
-    let bad = parse_ensembles("[ensembles.z]\nmembers = [\"x\"]\ncombiner = \"median\"").unwrap();
+    let bad = parse_ensembles("[ensembles.z]\nmembers = [\"x\"]\ncombiner = \"mode\"").unwrap();
     let z = bad[0].1.as_ref().unwrap_err();
     assert!(
-        z.starts_with("ensembles.z.combiner: unknown variant \"median\""),
+        z.starts_with("ensembles.z.combiner: unknown variant \"mode\""),
         "{z}"
     );
 }
@@ -165,4 +165,25 @@ fn ensemble_selection_fields() {
         let e = one(body).unwrap_err();
         assert!(e.starts_with(err), "{body}: {e}");
     }
+}
+
+#[test]
+fn task_classes_and_preprocess_round_trip_through_the_canonical_text() {
+    let d = BatchLimits::default();
+    let text = "input_width = 2\noutput = \"sigmoid\"\nclasses = [\"no\", \"yes\"]\n\
+                layers = [{ units = 1, activation = \"identity\" }]\n\
+                [preprocess]\nstandardize = { mean = [1.5, -2], scale = [0.25, 3] }\n\
+                clip = { min = -4, max = [4, 5] }\n";
+    let m = parse_model_manifest(text, &d).unwrap();
+    assert!(m.io.binary);
+    assert_eq!((m.output_width(), m.served_width()), (1, 2));
+    assert_eq!(parse_model_manifest(&m.to_toml(), &d).unwrap(), m);
+    let r = parse_model_manifest(
+        "input_width = 3\noutput = \"identity\"\ntask = \"regression\"\nlayers = [{ units = 2, activation = \"identity\" }]\n",
+        &d,
+    )
+    .unwrap();
+    assert_eq!(r.task, Task::Regression);
+    assert_eq!(r.served_width(), 2);
+    assert_eq!(parse_model_manifest(&r.to_toml(), &d).unwrap(), r);
 }

@@ -17,10 +17,13 @@
 //! - the order inside a layer is: `x @ W + b` → layer norm (optional) → activation.
 
 pub mod demo;
+pub mod io;
 pub mod load;
 pub mod manifest;
 pub mod rollout;
 pub mod versions;
+
+pub use io::{ModelIo, Task};
 
 use half::f16;
 use std::sync::Arc;
@@ -230,6 +233,10 @@ pub struct Model {
     pub layers: Vec<Dense>,
     pub output: OutputTransform,
     pub batch: BatchLimits,
+    /// Classification (default) or regression (`task` in model.toml).
+    pub task: Task,
+    /// Class names, input transform, binary expansion (module `io`).
+    pub io: ModelIo,
     /// What the model is, byte for byte: for a loaded model the xxh3-128 of
     /// its `model.toml` and `weights.safetensors` bytes, for one built in
     /// memory that of its parameters ([`Model::params_digest`]). Part of
@@ -271,6 +278,9 @@ impl Model {
             }
         }
         h.update(&[self.output as u8]);
+        if let Some(p) = &self.io.preprocess {
+            p.hash_into(&mut h);
+        }
         h.digest128()
     }
 
@@ -342,6 +352,8 @@ impl Model {
             layers,
             output,
             batch: BatchLimits::default(),
+            task: Task::Classification,
+            io: ModelIo::default(),
             digest: 0,
         };
         m.digest = m.params_digest();
@@ -421,6 +433,9 @@ pub enum Combiner {
     /// Weights per member and class learned online from feedback
     /// (multiplicative weights, starting uniform).
     Stacked,
+    /// Per output value, the median of the members' values (regression
+    /// ensembles; an even count takes the mean of the middle two).
+    Median,
 }
 
 /// The default per-request selection policy of an ensemble.
@@ -443,6 +458,29 @@ pub enum CascadeMetric {
     MaxProb,
     /// Largest minus second-largest combined probability.
     Margin,
+}
+
+impl Combiner {
+    /// The combiners that make sense for a task: a regression ensemble
+    /// combines values (mean, weighted mean, median), a classifier
+    /// probabilities (every combiner but median).
+    pub fn fits(self, task: Task) -> bool {
+        match task {
+            Task::Regression => matches!(
+                self,
+                Combiner::Mean | Combiner::WeightedMean | Combiner::Median
+            ),
+            Task::Classification => self != Combiner::Median,
+        }
+    }
+}
+
+impl Policy {
+    /// Policies that need class probabilities (a confidence, or feedback
+    /// with a class label) refuse a regression ensemble: cascade, bandit.
+    pub fn fits(self, task: Task) -> bool {
+        task == Task::Classification || matches!(self, Policy::All | Policy::Deadline)
+    }
 }
 
 /// Selection settings of one ensemble (`ensembles.toml`).

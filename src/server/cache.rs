@@ -53,7 +53,7 @@ impl CacheShared {
                 Ok((c, report)) => {
                     eprintln!(
                         "beast: cache: L2 {} ({} MiB): {}{} entries",
-                        cfg.cache.l2_path.display(),
+                        absolute(&cfg.cache.l2_path).display(),
                         cfg.cache.l2_bytes >> 20,
                         if report.created {
                             "created, "
@@ -66,9 +66,17 @@ impl CacheShared {
                 }
                 Err(e) => {
                     let why = e.strip_prefix("beast: ").unwrap_or(&e).to_string();
+                    // The absolute path: two servers started in one folder
+                    // share the default relative one.
+                    let rel = format!("L2 file {} ", cfg.cache.l2_path.display());
                     eprintln!(
-                        "beast: cache: L2 file {} disabled: {why}; running with L1 only",
-                        cfg.cache.l2_path.display()
+                        "beast: cache: cannot use the L2 file {}: {}; running with L1 only \
+                         (each server needs its own cache.l2_path)",
+                        absolute(&cfg.cache.l2_path).display(),
+                        match why.strip_prefix(&rel) {
+                            Some(rest) => format!("it {rest}"),
+                            None => why.clone(),
+                        }
                     );
                     l2_disabled = Some(why);
                 }
@@ -351,4 +359,9 @@ impl ShardCache {
             }
         }
     }
+}
+
+/// `p` made absolute against the working directory (as it was), for logs.
+fn absolute(p: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }

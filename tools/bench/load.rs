@@ -7,6 +7,7 @@
 //! histograms are sized up front.
 
 use super::dist::{Arrivals, Mix, Rng, TargetSpec, Zipf};
+use super::frames::{connections_of, TargetFrames, PREBUILT_BYTES_MAX};
 use super::inputs::Pool;
 use beast::wire::{
     check_frame, decode_response, CacheControl, Encoder, FrameCheck, Input, RequestSpec, Status,
@@ -62,6 +63,8 @@ pub struct Plan {
     pub mode: Mode,
     pub record_trace: bool,
     pub cpus: Vec<Option<usize>>,
+    /// Copy frames encoded once before the run (see `frames.rs`) when they fit.
+    pub prebuilt: bool,
 }
 
 fn hist() -> Histogram<u64> {
@@ -201,9 +204,11 @@ pub fn run(plan: Arc<Plan>) -> Result<(Report, f64), String> {
     let start = Instant::now() + Duration::from_millis(100 + 20 * plan.connections.min(50) as u64);
     let cpu0 = process_cpu_s();
     let nthreads = plan.cpus.len();
+    let frames = prebuild(&plan);
     let mut handles = Vec::new();
     for (t, cpu) in plan.cpus.iter().enumerate() {
         let plan = plan.clone();
+        let frames = frames.clone();
         let placement = match cpu {
             Some(c) => Placement::Fixed(*c),
             None => Placement::Unbound,
@@ -211,7 +216,7 @@ pub fn run(plan: Arc<Plan>) -> Result<(Report, f64), String> {
         let h = LocalExecutorBuilder::new(placement)
             .name("beast-bench")
             .io_memory(512 << 10)
-            .spawn(move || async move { run_thread(t, nthreads, plan, start).await })
+            .spawn(move || async move { run_thread(t, nthreads, plan, frames, start).await })
             .map_err(|e| format!("--cpus: cannot start a generator thread on {cpu:?}: {e}"))?;
         handles.push(h);
     }
@@ -242,14 +247,65 @@ fn rusage_s(who: libc::c_int) -> f64 {
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
+/// Every target's requests encoded once, one frame per pool row (rows are
+/// drawn modulo the pool, as `Pool::get` does); `None` when turned off
+/// (`--encode-each`) or when they would not fit in `PREBUILT_BYTES_MAX`.
+fn prebuild(plan: &Plan) -> Option<Arc<Vec<TargetFrames>>> {
+    if !plan.prebuilt {
+        return None;
+    }
+    let mut total = 0usize;
+    for (t, pool) in plan.targets.iter().zip(&plan.pools) {
+        let elem = if plan.f16 { 2 } else { 4 };
+        total = total.saturating_add(pool.len().saturating_mul(plan.rows * t.width * elem + 256));
+    }
+    if total > PREBUILT_BYTES_MAX {
+        return None;
+    }
+    let cache = if plan.no_cache {
+        CacheControl::Bypass
+    } else {
+        CacheControl::Use
+    };
+    let mut scratch = Vec::new();
+    let mut half = Vec::new();
+    let mut all = Vec::with_capacity(plan.targets.len());
+    for (target, pool) in plan.targets.iter().zip(&plan.pools) {
+        let f = TargetFrames::build(pool.len(), |row, k| {
+            let x = pool.get(row, &mut scratch);
+            let input = if plan.f16 {
+                half.clear();
+                half.extend(x.iter().map(|&v| ::half::f16::from_f32(v).to_bits()));
+                Input::F16(&half)
+            } else {
+                Input::F32(x)
+            };
+            k(&RequestSpec {
+                target: &target.name,
+                version: None,
+                rows: plan.rows as u32,
+                cols: target.width as u32,
+                input,
+                deadline_us: plan.deadline_us,
+                domain: None,
+                cache,
+                policy: beast::wire::PolicyOverride::Default,
+            })
+        })?;
+        all.push(f);
+    }
+    Some(Arc::new(all))
+}
+
 async fn run_thread(
     t: usize,
     nthreads: usize,
     plan: Arc<Plan>,
+    frames: Option<Arc<Vec<TargetFrames>>>,
     start: Instant,
 ) -> Result<Report, String> {
     let mut tasks = Vec::new();
-    for c in (0..plan.connections).filter(|c| c % nthreads == t) {
+    for c in connections_of(t, nthreads, plan.connections) {
         let stream = TcpStream::connect(plan.addr)
             .await
             .map_err(|e| format!("connect {}: {e}", plan.addr))?;
@@ -260,6 +316,7 @@ async fn run_thread(
             c,
             stream,
             plan.clone(),
+            frames.clone(),
             start,
         )));
     }
@@ -336,6 +393,7 @@ async fn run_conn(
     c: usize,
     reader: TcpStream,
     plan: Arc<Plan>,
+    frames: Option<Arc<Vec<TargetFrames>>>,
     start: Instant,
 ) -> Result<Report, String> {
     // SAFETY: dup gives the writer half its own fd on the same socket.
@@ -456,29 +514,33 @@ async fn run_conn(
                 stalled = true;
                 break;
             };
-            let target = &plan.targets[t as usize];
-            let x = plan.pools[t as usize].get(row as usize, &mut scratch);
-            let input = if plan.f16 {
-                half.clear();
-                half.extend(x.iter().map(|&v| ::half::f16::from_f32(v).to_bits()));
-                Input::F16(&half)
-            } else {
-                Input::F32(x)
-            };
-            let spec = RequestSpec {
-                target: &target.name,
-                version: None,
-                rows: plan.rows as u32,
-                cols: target.width as u32,
-                input,
-                deadline_us: plan.deadline_us,
-                domain: None,
-                cache,
-                policy: beast::wire::PolicyOverride::Default,
-            };
             let measured = intended >= measure_from;
             st.slots.borrow_mut()[slot] = Some((intended, now, measured, t));
-            enc.request(slot as u64 + 1, &spec, &mut out);
+            if let Some(f) = &frames {
+                f[t as usize].push(row as usize, slot as u64 + 1, &mut out);
+            } else {
+                let target = &plan.targets[t as usize];
+                let x = plan.pools[t as usize].get(row as usize, &mut scratch);
+                let input = if plan.f16 {
+                    half.clear();
+                    half.extend(x.iter().map(|&v| ::half::f16::from_f32(v).to_bits()));
+                    Input::F16(&half)
+                } else {
+                    Input::F32(x)
+                };
+                let spec = RequestSpec {
+                    target: &target.name,
+                    version: None,
+                    rows: plan.rows as u32,
+                    cols: target.width as u32,
+                    input,
+                    deadline_us: plan.deadline_us,
+                    domain: None,
+                    cache,
+                    policy: beast::wire::PolicyOverride::Default,
+                };
+                enc.request(slot as u64 + 1, &spec, &mut out);
+            }
             if measured {
                 let mut r = st.report.borrow_mut();
                 r.sent += 1;

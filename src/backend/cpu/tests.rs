@@ -257,7 +257,13 @@ fn scratch_is_reused_in_steady_state() {
         for m in &ms {
             b.run(m, &x, 64, &mut out).unwrap();
         }
-        let ptrs = |b: &CpuBackend| (b.act[0].as_ptr(), b.act[1].as_ptr(), b.panel.as_ptr());
+        let ptrs = |b: &CpuBackend| {
+            (
+                b.kern.act[0].as_ptr(),
+                b.kern.act[1].as_ptr(),
+                b.kern.panel.as_ptr(),
+            )
+        };
         let before = ptrs(&b);
         for rows in [64, 1, 32, 8] {
             for m in &ms {
@@ -319,5 +325,52 @@ fn avx2_activations_match_f64_formulas() {
                 "{act:?}({x}) = {got}, want {want}"
             );
         }
+    }
+}
+
+#[test]
+fn registered_batches_match_run_and_reuse_their_staging() {
+    use std::sync::Arc;
+    use std::task::Poll;
+    let ms: Vec<Arc<Model>> = crate::model::demo::bench_models()
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    for mut b in backends() {
+        let ids: Vec<_> = ms.iter().map(|m| b.register(m).unwrap()).collect();
+        let x = input(64, 256, 9);
+        let (mut want, mut got) = (vec![0.0; 64 * 16], vec![0.0; 64 * 16]);
+        let staging = |b: &CpuBackend| -> Vec<*const f32> {
+            ids.iter()
+                .flat_map(|&id| b.models.get(id).unwrap().out.iter().map(|o| o.as_ptr()))
+                .collect()
+        };
+        let before = staging(&b);
+        for rows in [64, 1, 7, 64] {
+            for (m, &id) in ms.iter().zip(&ids) {
+                let n = rows * m.output_width;
+                b.run(m, &x[..rows * 256], rows, &mut want[..n]).unwrap();
+                // Two in flight, polled in any order.
+                let t1 = b.submit(id, &x[..rows * 256], rows).unwrap();
+                let t2 = b.submit(id, &x[..rows * 256], rows).unwrap();
+                assert_eq!(b.submit(id, &x, 64), Err(BackendError::Busy));
+                for t in [t2, t1] {
+                    got.fill(f32::NAN);
+                    assert_eq!(b.poll(t, &mut got[..n]), Poll::Ready(Ok(())));
+                    assert_eq!(got[..n], want[..n], "{} rows {rows}", m.name);
+                }
+            }
+        }
+        assert_eq!(before, staging(&b), "{}: staging was reallocated", b.name());
+        // Shape errors release the slot; unregistered ids are refused.
+        let t = b.submit(ids[0], &x[..256], 1).unwrap();
+        assert_eq!(
+            b.poll(t, &mut got[..3]),
+            Poll::Ready(Err(BackendError::Shape))
+        );
+        assert_eq!(b.submit(ids[0], &x[..255], 1), Err(BackendError::Shape));
+        b.unregister(ids[0]);
+        assert_eq!(b.submit(ids[0], &x[..256], 1), Err(BackendError::Unknown));
+        assert!(b.submit(ids[1], &x[..256], 1).is_ok());
     }
 }

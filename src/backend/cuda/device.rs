@@ -1,21 +1,18 @@
-//! The real CUDA backend (feature `cuda`).
+//! The real CUDA backend (feature `cuda`): the backend's state, start-up,
+//! and the `Backend` methods. The pieces: `kernels.rs` (NVRTC compile and
+//! kernel codes), `resident.rs` (weights on the device), `launch.rs` (a
+//! batch's launches, direct or as a captured graph), `pinned.rs` (the
+//! page-locked staging), `plan.rs` (shape checks, graph buckets, ensemble
+//! groups: plain Rust).
 //!
-//! Per layer, on one stream:
-//! 1. cuBLAS `GemmEx`: `Y = X · W` with FP16 `X` and `W`, f32 `Y`,
-//!    `CUBLAS_COMPUTE_32F` (tensor cores, f32 accumulation).
-//! 2. `epilogue` (kernels/mlp.cu): bias, layer norm, activation; writes the
-//!    next layer's FP16 input, or for the last layer the f32 output after the
-//!    output transform.
-//!
-//! Layout. Our `W` is `[k, n]` row-major (`x @ W`). cuBLAS is column-major,
-//! and a row-major `[r, c]` buffer *is* a column-major `c × r` matrix with
-//! leading dimension `c`. So, reading every buffer column-major:
-//! - `W` buffer  = `Wᵀ`, an `n × k` matrix, ld `n`;
-//! - `X` buffer (`[rows, k]` row-major) = `Xᵀ`, `k × rows`, ld `k`;
-//! - `Y` buffer (`[rows, n]` row-major) = `Yᵀ`, `n × rows`, ld `n`;
-//!
-//! and `Y = X·W` ⇔ `Yᵀ = Wᵀ·Xᵀ`: `gemm(N, N, m = n, n = rows, k = k,
-//! A = W (ld n), B = X (ld k), C = Y (ld n))`, no transposes, no copies.
+//! A batch (`submit`): its rows are copied into the ticket's pinned input
+//! slot, uploaded (async), converted to FP16, run through the layers
+//! (replaying the model's graph for the batch's bucket when rows ≤ 32),
+//! downloaded (async) into the ticket's pinned output slot, and an event is
+//! recorded after it. `submit` returns without waiting; `poll` queries the
+//! event and, once it has fired, copies the output out. Nothing is
+//! allocated per batch: staging slots are sized at registration (to
+//! `max_batch` rows) and the device buffers to the largest batch seen.
 //!
 //! Precision. `GemmEx` needs A and B of the same type, and the weights are
 //! FP16. Rounding activations to FP16 costs ~2⁻¹² relative per element
@@ -27,26 +24,26 @@
 //! the CPU backend's tolerance — for twice the (tiny) GEMM work and weight
 //! memory. Inputs must stay within FP16 range (|x| < 65504) in both modes.
 
-use super::super::cpu::CpuBackend;
-use crate::backend::{Backend, BackendError};
-use crate::model::{Activation, Model, OutputTransform};
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
-    PushKernelArg,
-};
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-use std::collections::HashMap;
-use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock};
-
-/// The kernels, compiled at start-up by NVRTC.
-const MLP_SRC: &str = include_str!("../../../kernels/mlp.cu");
+use super::kernels::{panic_message, Kernels};
+use super::launch::Buffers;
+use super::pinned::Pinned;
+use super::plan::{check_model, degenerate, max_dim, GRAPH_BUCKETS};
+use super::resident::{upload, DeviceLayer};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::registry::Registry;
+use crate::backend::{BackendError, ModelId, IN_FLIGHT_PER_MODEL};
+use crate::model::{Model, OutputTransform};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaStream, DevicePtr};
+use std::sync::Arc;
 
 /// Models kept resident per backend by default (the config's
-/// `cuda_models_max`); the least recently used is dropped (its device
-/// memory freed) when another one arrives.
+/// `cuda_models_max`); past it the least recently used model's weights are
+/// freed, and uploaded again when it is next used.
 pub const MODELS_MAX_DEFAULT: usize = 32;
+
+/// cuBLAS workspace set on the handle, so a graph capture never allocates.
+const BLAS_WORKSPACE_BYTES: usize = 8 << 20;
 
 /// How activations are fed to the FP16 GEMM (see the module comment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,135 +64,85 @@ impl Precision {
         }
     }
 
-    fn split(self) -> bool {
-        self == Precision::Split
-    }
-}
-
-/// Identity of a model as the cache sees it: its address, name and version,
-/// plus a cheap fingerprint of a few weights of each layer, so a different
-/// model later allocated at the same address under the same name and version
-/// (tests do this) is not mistaken for the old one.
-#[derive(Clone, PartialEq, Eq)]
-struct ModelKey {
-    addr: usize,
-    name: String,
-    version: u32,
-    fingerprint: u64,
-}
-
-impl ModelKey {
-    fn of(model: &Model) -> ModelKey {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        for l in &model.layers {
-            let w = l.weight();
-            h.update(&(l.in_dim as u64).to_le_bytes());
-            h.update(&(l.out_dim as u64).to_le_bytes());
-            h.update(&(w.as_ptr() as usize as u64).to_le_bytes());
-            let head = &w[..w.len().min(32)];
-            let tail = &w[w.len().saturating_sub(32)..];
-            h.update(bytemuck::cast_slice(head));
-            h.update(bytemuck::cast_slice(tail));
-            h.update(bytemuck::cast_slice(&l.bias[..l.bias.len().min(16)]));
-        }
-        ModelKey {
-            addr: model as *const Model as usize,
-            name: model.name.clone(),
-            version: model.version,
-            fingerprint: h.digest(),
+    pub(super) fn copies(self) -> usize {
+        match self {
+            Precision::Split => 2,
+            Precision::Half => 1,
         }
     }
 }
 
-struct DeviceLayer {
-    k: usize,
-    n: usize,
-    /// FP16 bits, `[k, n]` row-major, written twice (`[2k, n]`) for `Split`.
-    w: CudaSlice<u16>,
-    bias: CudaSlice<f32>,
-    /// gamma, beta, eps when the layer has a layer norm.
-    ln: Option<(CudaSlice<f32>, CudaSlice<f32>, f32)>,
-    act: i32,
+/// One batch slot of a model: where its rows and answer wait, and the
+/// event recorded after its work.
+pub(super) struct Staging {
+    pub(super) input: Pinned,
+    pub(super) output: Pinned,
+    pub(super) done: CudaEvent,
+    /// Computed on the host (CPU twin, empty batch): ready at once.
+    pub(super) host_ready: bool,
 }
 
-struct DeviceModel {
-    key: ModelKey,
-    layers: Vec<DeviceLayer>,
-    last_used: u64,
+/// What the launches need of a registered model.
+#[derive(Clone, Copy)]
+pub(super) struct Meta {
+    pub(super) input_width: usize,
+    pub(super) output_width: usize,
+    pub(super) output: OutputTransform,
+    pub(super) max_k: usize,
+    pub(super) max_n: usize,
+    pub(super) max_dim: usize,
+    pub(super) degenerate: bool,
+    pub(super) max_batch: usize,
+}
+
+impl Meta {
+    pub(super) fn of(m: &Model) -> Meta {
+        Meta {
+            input_width: m.input_width,
+            output_width: m.output_width,
+            output: m.output,
+            max_k: m.layers.iter().map(|l| l.in_dim).max().unwrap_or(0),
+            max_n: m.layers.iter().map(|l| l.out_dim).max().unwrap_or(0),
+            max_dim: max_dim(m),
+            degenerate: degenerate(m),
+            max_batch: m.batch.max_batch.max(1),
+        }
+    }
+}
+
+pub(super) struct CudaModel {
+    /// For the CPU twin and for uploading again after an eviction; `None`
+    /// only for the temporary registration of `run`.
+    pub(super) model: Option<Arc<Model>>,
+    pub(super) meta: Meta,
+    /// Empty while evicted (or for a model the CPU twin runs).
+    pub(super) layers: Vec<DeviceLayer>,
+    pub(super) staging: [Staging; IN_FLIGHT_PER_MODEL],
+    /// A captured graph per bucket of `plan::GRAPH_BUCKETS`.
+    pub(super) graphs: [Option<CudaGraph>; GRAPH_BUCKETS.len()],
+    pub(super) last_used: u64,
 }
 
 pub struct CudaBackend {
-    models: Vec<DeviceModel>,
-    /// Input rows, f32 `[rows, input_width]`.
-    in32: CudaSlice<f32>,
-    /// GEMM input, FP16 bits `[rows, k or 2k]`.
-    x16: CudaSlice<u16>,
-    /// GEMM output / final output, f32 `[rows, n]`.
-    y32: CudaSlice<f32>,
-    blas: CudaBlas,
-    k_to_f16: CudaFunction,
-    k_epilogue: CudaFunction,
-    stream: Arc<CudaStream>,
-    ctx: Arc<CudaContext>,
+    pub(super) models: Registry<CudaModel>,
+    pub(super) bufs: Buffers,
+    pub(super) blas: CudaBlas,
+    pub(super) kernels: Kernels,
+    pub(super) stream: Arc<CudaStream>,
+    pub(super) ctx: Arc<CudaContext>,
+    /// Kept alive for the cuBLAS handle (`cublasSetWorkspace`).
+    pub(super) _workspace: cudarc::driver::CudaSlice<u8>,
     /// Degenerate models (no layers) are handed to the CPU twin.
-    cpu: CpuBackend,
-    precision: Precision,
-    /// Models kept resident (`with_models_max`).
-    models_max: usize,
-    name: String,
-    device: String,
-    tick: u64,
-    last_error: Option<String>,
-}
-
-/// PTX per target architecture, compiled once per process and shared by the
-/// backends of all shards.
-fn ptx_for(arch: &str) -> Result<String, String> {
-    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(p) = cache.lock().ok().and_then(|c| c.get(arch).cloned()) {
-        return Ok(p);
-    }
-    let opts = CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}")],
-        name: Some("mlp.cu".to_string()),
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(MLP_SRC, opts)
-        .map_err(|e| format!("NVRTC failed to compile kernels/mlp.cu for {arch}: {e}"))?
-        .to_src();
-    if let Ok(mut c) = cache.lock() {
-        c.insert(arch.to_string(), ptx.clone());
-    }
-    Ok(ptx)
-}
-
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
-    }
-}
-
-fn act_code(a: Activation) -> i32 {
-    match a {
-        Activation::Identity => 0,
-        Activation::Relu => 1,
-        Activation::Gelu => 2,
-        Activation::Tanh => 3,
-        Activation::Sigmoid => 4,
-    }
-}
-
-fn transform_code(t: OutputTransform) -> i32 {
-    match t {
-        OutputTransform::Identity => 0,
-        OutputTransform::Softmax => 1,
-        OutputTransform::Sigmoid => 2,
-    }
+    pub(super) cpu: CpuBackend,
+    pub(super) precision: Precision,
+    /// Models whose weights stay resident (`with_models_max`).
+    pub(super) models_max: usize,
+    /// Replay captured graphs for small batches (`with_graphs`).
+    pub(super) graphs: bool,
+    pub(super) name: String,
+    pub(super) device: String,
+    pub(super) tick: u64,
+    pub(super) last_error: Option<String>,
 }
 
 impl CudaBackend {
@@ -251,42 +198,52 @@ impl CudaBackend {
             .map_err(|e| format!("compute capability: {e}"))?;
         let stream = ctx.new_stream().map_err(|e| format!("stream: {e}"))?;
         // SAFETY: every buffer of this backend is allocated, used and freed
-        // on `stream` alone, and `run` synchronises the stream before it
-        // returns, so the cross-stream event tracking cudarc would otherwise
-        // record on every use (an event per buffer per launch) is not needed.
-        // Only slices created after this call are affected: all of ours.
+        // on `stream` alone, and the host reads a batch's output only after
+        // its completion event fired, so the cross-stream event tracking
+        // cudarc would otherwise record on every use (an event per buffer
+        // per launch) is not needed. Only slices created after this call
+        // are affected: all of ours.
         unsafe { ctx.disable_event_tracking() };
-        let ptx = ptx_for(&format!("compute_{major}{minor}"))?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(|e| format!("loading the kernels: {e}"))?;
-        let k_to_f16 = module
-            .load_function("to_f16")
-            .map_err(|e| format!("kernel to_f16: {e}"))?;
-        let k_epilogue = module
-            .load_function("epilogue")
-            .map_err(|e| format!("kernel epilogue: {e}"))?;
+        let kernels = Kernels::load(&ctx, major, minor)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e}"))?;
         let alloc_err = |e| format!("device allocation: {e}");
-        let in32 = stream.alloc_zeros::<f32>(1).map_err(alloc_err)?;
-        let x16 = stream.alloc_zeros::<u16>(1).map_err(alloc_err)?;
-        let y32 = stream.alloc_zeros::<f32>(1).map_err(alloc_err)?;
+        let workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+            .map_err(alloc_err)?;
+        {
+            let (ws, _sync) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the handle (both are
+            // fields of the backend) and is used only on its stream.
+            unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ws as *mut std::ffi::c_void,
+                    BLAS_WORKSPACE_BYTES,
+                )
+            }
+            .result()
+            .map_err(|e| format!("cublasSetWorkspace: {e}"))?;
+        }
+        let bufs = Buffers {
+            in32: stream.alloc_zeros::<f32>(1).map_err(alloc_err)?,
+            x16: stream.alloc_zeros::<u16>(1).map_err(alloc_err)?,
+            y32: stream.alloc_zeros::<f32>(1).map_err(alloc_err)?,
+        };
         stream
             .synchronize()
             .map_err(|e| format!("synchronize: {e}"))?;
         Ok(CudaBackend {
-            models: Vec::new(),
-            in32,
-            x16,
-            y32,
+            models: Registry::default(),
+            bufs,
             blas,
-            k_to_f16,
-            k_epilogue,
+            kernels,
             stream,
             ctx,
+            _workspace: workspace,
             cpu: CpuBackend::new(),
             precision,
             models_max: MODELS_MAX_DEFAULT,
+            graphs: true,
             name: match precision {
                 Precision::Split => "cuda".to_string(),
                 Precision::Half => "cuda-half".to_string(),
@@ -318,291 +275,142 @@ impl CudaBackend {
         self
     }
 
-    fn fail(&mut self, what: &str, e: impl std::fmt::Display) -> BackendError {
+    /// Replay captured CUDA graphs for batches of ≤ 32 rows (default on;
+    /// off: every batch launches its kernels one by one).
+    pub fn with_graphs(mut self, on: bool) -> CudaBackend {
+        self.graphs = on;
+        self
+    }
+
+    pub(super) fn fail(&mut self, what: &str, e: impl std::fmt::Display) -> BackendError {
         self.last_error = Some(format!("{what}: {e}"));
         BackendError::Device
     }
 
-    /// Index of `model` in the cache, uploading its weights on first sight.
-    fn resident(&mut self, model: &Model) -> Result<usize, BackendError> {
-        self.tick += 1;
-        let key = ModelKey::of(model);
-        if let Some(i) = self.models.iter().position(|m| m.key == key) {
-            self.models[i].last_used = self.tick;
-            return Ok(i);
-        }
-        if self.models.len() >= self.models_max {
-            if let Some(lru) = (0..self.models.len()).min_by_key(|&i| self.models[i].last_used) {
-                self.models.swap_remove(lru);
-            }
-        }
-        let copies = if self.precision.split() { 2 } else { 1 };
-        let mut layers = Vec::with_capacity(model.layers.len());
-        for l in &model.layers {
-            let bits: &[u16] = bytemuck::cast_slice(l.weight());
-            let mut w = Vec::with_capacity(bits.len() * copies);
-            for _ in 0..copies {
-                w.extend_from_slice(bits);
-            }
-            let up = |s: &Arc<CudaStream>, v: &[f32]| s.clone_htod(v);
-            let w = self.stream.clone_htod(&w);
-            let bias = up(&self.stream, &l.bias);
-            let (w, bias) = match (w, bias) {
-                (Ok(w), Ok(b)) => (w, b),
-                (Err(e), _) | (_, Err(e)) => return Err(self.fail("uploading weights", e)),
-            };
-            let ln = match &l.layer_norm {
-                None => None,
-                Some(ln) => match (up(&self.stream, &ln.gamma), up(&self.stream, &ln.beta)) {
-                    (Ok(g), Ok(b)) => Some((g, b, ln.eps)),
-                    (Err(e), _) | (_, Err(e)) => return Err(self.fail("uploading layer norm", e)),
-                },
-            };
-            layers.push(DeviceLayer {
-                k: l.in_dim,
-                n: l.out_dim,
-                w,
-                bias,
-                ln,
-                act: act_code(l.activation),
-            });
-        }
-        self.models.push(DeviceModel {
-            key,
-            layers,
-            last_used: self.tick,
-        });
-        Ok(self.models.len() - 1)
+    fn new_staging(&self, meta: &Meta) -> Result<Staging, String> {
+        let rows = meta.max_batch;
+        let pin = |len| Pinned::new(&self.ctx, len).map_err(|e| format!("pinned memory: {e}"));
+        Ok(Staging {
+            input: pin(rows * meta.input_width)?,
+            output: pin(rows * meta.output_width)?,
+            done: self
+                .ctx
+                .new_event(None)
+                .map_err(|e| format!("event: {e}"))?,
+            host_ready: false,
+        })
     }
 
-    /// Grows the activation buffers to hold `rows` rows of `model`; a no-op
-    /// once a batch this large has been seen.
-    fn reserve(&mut self, model: &Model, rows: usize) -> Result<(), BackendError> {
-        let copies = if self.precision.split() { 2 } else { 1 };
-        let max_k = model.layers.iter().map(|l| l.in_dim).max().unwrap_or(0);
-        let max_n = model.layers.iter().map(|l| l.out_dim).max().unwrap_or(0);
-        let need_in = rows * model.input_width;
-        let need_x = rows * max_k * copies;
-        let need_y = rows * max_n;
-        if self.in32.len() < need_in {
-            match self.stream.alloc_zeros::<f32>(need_in.next_power_of_two()) {
-                Ok(b) => self.in32 = b,
-                Err(e) => return Err(self.fail("allocating input buffer", e)),
-            }
-        }
-        if self.x16.len() < need_x {
-            match self.stream.alloc_zeros::<u16>(need_x.next_power_of_two()) {
-                Ok(b) => self.x16 = b,
-                Err(e) => return Err(self.fail("allocating activation buffer", e)),
-            }
-        }
-        if self.y32.len() < need_y {
-            match self.stream.alloc_zeros::<f32>(need_y.next_power_of_two()) {
-                Ok(b) => self.y32 = b,
-                Err(e) => return Err(self.fail("allocating output buffer", e)),
-            }
-        }
-        Ok(())
-    }
-
-    /// The device part of `run`; errors carry a description for `last_error`.
-    fn forward(
+    /// Make `id`'s weights resident (uploading them from `model`, or from
+    /// the registered copy after an eviction), evicting the least recently
+    /// used other model's past `models_max`.
+    pub(super) fn make_resident(
         &mut self,
-        idx: usize,
-        model: &Model,
-        input: &[f32],
-        rows: usize,
-        output: &mut [f32],
-    ) -> Result<(), String> {
-        let split = self.precision.split();
-        let copies = if split { 2 } else { 1 };
-        let stream = &self.stream;
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| format!("binding the context: {e}"))?;
-
-        // Input rows: host f32 -> device f32 -> FP16 (hi/lo).
-        {
-            let mut dst = self.in32.slice_mut(..input.len());
-            stream
-                .memcpy_htod(input, &mut dst)
-                .map_err(|e| format!("copying the input: {e}"))?;
-        }
-        let total = rows * model.input_width;
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (rows_i, k0_i, split_i) = (rows as i32, model.input_width as i32, split as i32);
-        let mut b = stream.launch_builder(&self.k_to_f16);
-        b.arg(&self.in32)
-            .arg(&mut self.x16)
-            .arg(&rows_i)
-            .arg(&k0_i)
-            .arg(&split_i);
-        // SAFETY: `to_f16(const float*, u16*, int, int, int)` matches these
-        // arguments; `reserve` sized in32 ≥ rows·k and x16 ≥ rows·k·copies.
-        unsafe { b.launch(cfg) }.map_err(|e| format!("launching to_f16: {e}"))?;
-
-        let dm = &self.models[idx];
-        let last = dm.layers.len() - 1;
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        for (i, l) in dm.layers.iter().enumerate() {
-            let kk = l.k * copies;
-            {
-                let (w_ptr, _w) = l.w.device_ptr(stream);
-                let (x_ptr, _x) = self.x16.device_ptr(stream);
-                let (y_ptr, _y) = self.y32.device_ptr_mut(stream);
-                // SAFETY: column-major Yᵀ(n×rows, ld n) = Wᵀ(n×kk, ld n) ·
-                // Xᵀ(kk×rows, ld kk) — see the module comment. w holds kk·n
-                // FP16 values, x16 ≥ rows·kk (written by to_f16 or the previous
-                // epilogue on this stream), y32 ≥ rows·n; `run` checked every
-                // dimension fits in i32. alpha/beta are host f32 (the handle's
-                // default host pointer mode) and outlive the call.
-                unsafe {
-                    blas::gemm_ex(
-                        *self.blas.handle(),
-                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                        l.n as i32,
-                        rows as i32,
-                        kk as i32,
-                        &alpha as *const f32 as *const c_void,
-                        w_ptr as *const c_void,
-                        blas_sys::cudaDataType::CUDA_R_16F,
-                        l.n as i32,
-                        x_ptr as *const c_void,
-                        blas_sys::cudaDataType::CUDA_R_16F,
-                        kk as i32,
-                        &beta as *const f32 as *const c_void,
-                        y_ptr as *mut c_void,
-                        blas_sys::cudaDataType::CUDA_R_32F,
-                        l.n as i32,
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .map_err(|e| format!("cublasGemmEx (layer {i}, {}x{}): {e}", l.k, l.n))?;
-            }
-
-            // One block per row; threads a multiple of 32, at most 256.
-            let threads = l.n.next_multiple_of(32).clamp(32, 256) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let (gamma, beta_ln, eps, has_ln) = match &l.ln {
-                Some((g, b, eps)) => (g, b, *eps, 1i32),
-                None => (&l.bias, &l.bias, 0.0f32, 0i32),
-            };
-            let n_i = l.n as i32;
-            let final_i = (i == last) as i32;
-            let transform = transform_code(model.output);
-            let mut b = stream.launch_builder(&self.k_epilogue);
-            b.arg(&mut self.y32)
-                .arg(&n_i)
-                .arg(&l.bias)
-                .arg(gamma)
-                .arg(beta_ln)
-                .arg(&eps)
-                .arg(&has_ln)
-                .arg(&l.act)
-                .arg(&mut self.x16)
-                .arg(&split_i)
-                .arg(&final_i)
-                .arg(&transform);
-            // SAFETY: the argument list matches `epilogue` in kernels/mlp.cu;
-            // y32 ≥ rows·n, x16 ≥ rows·n·copies (n is the next layer's k),
-            // bias/gamma/beta hold n floats; gamma/beta are not read when
-            // has_ln == 0. The GEMM that read x16 was queued before on the
-            // same stream, so overwriting x16 here is ordered after it.
-            unsafe { b.launch(cfg) }.map_err(|e| format!("launching epilogue: {e}"))?;
-        }
-
-        let n_out = model.output_width;
-        let src = self.y32.slice(..rows * n_out);
-        stream
-            .memcpy_dtoh(&src, output)
-            .map_err(|e| format!("copying the output: {e}"))?;
-        stream
-            .synchronize()
-            .map_err(|e| format!("synchronize: {e}"))?;
-        Ok(())
-    }
-}
-
-impl Backend for CudaBackend {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn run(
-        &mut self,
-        model: &Model,
-        input: &[f32],
-        rows: usize,
-        output: &mut [f32],
+        id: ModelId,
+        model: Option<&Model>,
     ) -> Result<(), BackendError> {
-        check_shapes(model, input, rows, output)?;
-        if rows == 0 {
+        let kept = match self.models.get(id) {
+            Some(m) if m.layers.is_empty() && !m.meta.degenerate => m.model.clone(),
+            Some(_) => return Ok(()),
+            None => return Err(BackendError::Unknown),
+        };
+        let Some(model) = model.or(kept.as_deref()) else {
+            return Err(BackendError::Unknown);
+        };
+        let resident = self
+            .models
+            .iter_mut()
+            .filter(|(_, m)| !m.layers.is_empty())
+            .count();
+        if resident >= self.models_max {
+            let lru = self
+                .models
+                .iter_mut()
+                .filter(|(other, m)| *other != id && !m.layers.is_empty())
+                .min_by_key(|(_, m)| m.last_used)
+                .map(|(other, _)| other);
+            if let Some(m) = lru.and_then(|other| self.models.get_mut(other)) {
+                // Freed in stream order: batches in flight still see them.
+                m.layers.clear();
+                m.graphs = Default::default();
+            }
+        }
+        match upload(&self.stream, model, self.precision.copies()) {
+            Ok(layers) => {
+                if let Some(m) = self.models.get_mut(id) {
+                    m.layers = layers;
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.fail("uploading", e)),
+        }
+    }
+
+    /// Grows the device buffers to hold `rows` rows of `model`; a no-op
+    /// once a batch this large has been seen. Growing drops every captured
+    /// graph (they name the old buffers).
+    pub(super) fn reserve(&mut self, meta: &Meta, rows: usize) -> Result<(), BackendError> {
+        let copies = self.precision.copies();
+        let need_in = rows * meta.input_width;
+        let need_x = rows * meta.max_k * copies;
+        let need_y = rows * meta.max_n;
+        if self.bufs.in32.len() >= need_in
+            && self.bufs.x16.len() >= need_x
+            && self.bufs.y32.len() >= need_y
+        {
             return Ok(());
         }
-        if model.layers.is_empty() || model.layers.iter().any(|l| l.in_dim == 0 || l.out_dim == 0) {
-            // No layers, or a zero-width one (cuBLAS rejects ld = 0): the
-            // CPU twin does these trivially.
-            return self.cpu.run(model, input, rows, output);
+        for (_, m) in self.models.iter_mut() {
+            m.graphs = Default::default();
         }
-        let idx = self.resident(model)?;
-        self.reserve(model, rows)?;
-        match self.forward(idx, model, input, rows, output) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.last_error = Some(e);
-                Err(BackendError::Device)
+        let s = &self.stream;
+        let grown = (|| {
+            if self.bufs.in32.len() < need_in {
+                self.bufs.in32 = s.alloc_zeros::<f32>(need_in.next_power_of_two())?;
+            }
+            if self.bufs.x16.len() < need_x {
+                self.bufs.x16 = s.alloc_zeros::<u16>(need_x.next_power_of_two())?;
+            }
+            if self.bufs.y32.len() < need_y {
+                self.bufs.y32 = s.alloc_zeros::<f32>(need_y.next_power_of_two())?;
+            }
+            Ok(())
+        })();
+        grown.map_err(|e: cudarc::driver::DriverError| self.fail("allocating device buffers", e))
+    }
+
+    /// Register `model` (`keep`: the copy kept for eviction and the CPU
+    /// twin; `None` for `run`'s temporary registration).
+    pub(super) fn register_model(
+        &mut self,
+        model: &Model,
+        keep: Option<Arc<Model>>,
+    ) -> Result<ModelId, BackendError> {
+        check_model(model, 1)?;
+        let meta = Meta::of(model);
+        let mut staging = Vec::with_capacity(IN_FLIGHT_PER_MODEL);
+        for _ in 0..IN_FLIGHT_PER_MODEL {
+            match self.new_staging(&meta) {
+                Ok(s) => staging.push(s),
+                Err(e) => return Err(self.fail("registering", e)),
             }
         }
-    }
-}
-
-/// Every length `forward` relies on, and every GEMM dimension within i32
-/// (the CPU backend's checks plus the cuBLAS/grid limits).
-fn check_shapes(
-    model: &Model,
-    input: &[f32],
-    rows: usize,
-    output: &[f32],
-) -> Result<(), BackendError> {
-    let in_len = rows.checked_mul(model.input_width);
-    let out_len = rows.checked_mul(model.output_width);
-    if in_len != Some(input.len()) || out_len != Some(output.len()) {
-        return Err(BackendError::Shape);
-    }
-    let fits = |v: Option<usize>| v.is_some_and(|v| v <= i32::MAX as usize);
-    let mut width = model.input_width;
-    for l in &model.layers {
-        let ln_ok = l
-            .layer_norm
-            .as_ref()
-            .is_none_or(|ln| ln.gamma.len() == l.out_dim && ln.beta.len() == l.out_dim);
-        if l.in_dim != width
-            || l.in_dim.checked_mul(l.out_dim) != Some(l.weight().len())
-            || l.bias.len() != l.out_dim
-            || !ln_ok
-            || !fits(l.in_dim.checked_mul(2))
-            || !fits(l.out_dim.checked_mul(2))
-            || !fits(
-                rows.checked_mul(l.in_dim.max(l.out_dim))
-                    .and_then(|v| v.checked_mul(2)),
-            )
-        {
-            return Err(BackendError::Shape);
+        let Ok(staging) = <[Staging; IN_FLIGHT_PER_MODEL]>::try_from(staging) else {
+            unreachable!("IN_FLIGHT_PER_MODEL stagings were made")
+        };
+        self.tick += 1;
+        let id = self.models.insert(CudaModel {
+            model: keep,
+            meta,
+            layers: Vec::new(),
+            staging,
+            graphs: Default::default(),
+            last_used: self.tick,
+        });
+        if let Err(e) = self.make_resident(id, Some(model)) {
+            self.models.remove(id);
+            return Err(e);
         }
-        width = l.out_dim;
+        Ok(id)
     }
-    if width != model.output_width || !fits(Some(rows)) {
-        return Err(BackendError::Shape);
-    }
-    Ok(())
 }

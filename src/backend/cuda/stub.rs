@@ -1,8 +1,10 @@
 //! Stand-in for the CUDA backend when built without the `cuda` feature: same
 //! names, `new` always fails, and no value of it can exist.
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, ModelId, Ticket};
 use crate::model::Model;
+use std::sync::Arc;
+use std::task::Poll;
 
 /// How activations are fed to the FP16 GEMM (see the real backend).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +45,19 @@ impl CudaBackend {
         match self.never {}
     }
 
+    pub fn with_graphs(self, _on: bool) -> CudaBackend {
+        match self.never {}
+    }
+
+    pub fn gemm_only_rows_per_s(
+        &mut self,
+        _models: &[&Model],
+        _rows: usize,
+        _secs: f64,
+    ) -> Result<f64, String> {
+        match self.never {}
+    }
+
     pub fn device_name(&self) -> &str {
         match self.never {}
     }
@@ -54,6 +69,27 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     fn name(&self) -> &str {
+        match self.never {}
+    }
+
+    fn register(&mut self, _model: &Arc<Model>) -> Result<ModelId, BackendError> {
+        match self.never {}
+    }
+
+    fn unregister(&mut self, _id: ModelId) {
+        match self.never {}
+    }
+
+    fn submit(
+        &mut self,
+        _id: ModelId,
+        _input: &[f32],
+        _rows: usize,
+    ) -> Result<Ticket, BackendError> {
+        match self.never {}
+    }
+
+    fn poll(&mut self, _t: Ticket, _output: &mut [f32]) -> Poll<Result<(), BackendError>> {
         match self.never {}
     }
 

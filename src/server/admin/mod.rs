@@ -416,6 +416,10 @@ fn models_json(repo: &Repository) -> serde_json::Value {
                 "output_width": m.output_width,
                 "layers": layers,
                 "output": m.output,
+                "task": m.task,
+                "classes": m.io.classes,
+                "binary": m.io.binary,
+                "preprocess": m.io.preprocess.as_ref().map(|p| p.describe()),
                 "flops_per_row": m.flops_per_row(),
                 "batch": {
                     "max_batch": m.batch.max_batch,
@@ -429,7 +433,18 @@ fn models_json(repo: &Repository) -> serde_json::Value {
     let ensembles: Vec<_> = repo
         .ensembles
         .values()
-        .map(|e| json!({"name": e.name, "members": e.members, "combiner": e.combiner, "weights": e.weights}))
+        .map(|e| {
+            // The members agree on task and class names (checked at load).
+            let first = e.members.first().and_then(|m| repo.model(m, None));
+            json!({
+                "name": e.name,
+                "members": e.members,
+                "combiner": e.combiner,
+                "weights": e.weights,
+                "task": first.map(|m| m.task),
+                "classes": first.map(|m| m.io.classes.clone()).unwrap_or_default(),
+            })
+        })
         .collect();
     json!({"models": models, "ensembles": ensembles, "refused": repo.errors})
 }

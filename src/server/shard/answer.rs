@@ -109,3 +109,28 @@ impl std::fmt::Display for Clip<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_batch_is_answered_internal_whatever_its_deadline() {
+        // The batcher passes `ok = false` for a batch whose backend verdict
+        // (submit refusal or completion error) was an error.
+        let now = Instant::now();
+        let later = Some(now + Duration::from_secs(1));
+        for deadline in [None, later, Some(now - Duration::from_millis(1))] {
+            assert_eq!(
+                refusal(false, deadline, now),
+                Some((Status::Internal, "backend failed"))
+            );
+        }
+        assert_eq!(refusal(true, later, now), None);
+        assert_eq!(refusal(true, None, now), None);
+        assert_eq!(
+            refusal(true, Some(now - Duration::from_millis(1)), now).map(|r| r.0),
+            Some(Status::DeadlineExceeded)
+        );
+    }
+}

@@ -1,11 +1,15 @@
 //! The batcher of each model slot and what a finished batch answers: take
-//! a batch (dropping expired jobs and members nobody waits for), run it on
-//! the shard's backend, and dispatch each job's rows to its connection, its
-//! coalesced waiters or its ensemble entry. Owns the shard's `backend`.
+//! a batch (dropping expired jobs and members nobody waits for), submit it
+//! to the shard's backend (at most `IN_FLIGHT_PER_MODEL` in flight per
+//! slot, `backend::pipeline`), and when it completes dispatch each job's
+//! rows to its connection, its coalesced waiters or its ensemble entry.
+//! Owns the shard's `backend`.
 
 use super::answer::{micros, refusal, Extra};
 use super::state::Job;
 use super::Shard;
+use crate::backend::pipeline::Pipeline;
+use crate::backend::IN_FLIGHT_PER_MODEL;
 use crate::batch::{Dropped, Queued, Readiness};
 use crate::cache::CacheKey;
 use crate::wire::{RunInfo, Status, Timings};
@@ -13,116 +17,190 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 impl Shard {
-    /// The batcher of one model slot: answer the ensembles this batch would
-    /// make late (straggler cutoff), wait for the policy to say "now", take
-    /// a batch (dropping jobs that expire before it ends and members nobody
-    /// waits for), run it, answer its jobs, then yield the batch task queue
-    /// so connections read, write and time out before the next batch.
+    /// The batcher of one model slot. Each turn it first answers the
+    /// oldest batch in flight if the backend has completed it; then, while
+    /// fewer than [`IN_FLIGHT_PER_MODEL`] batches are in flight, it answers
+    /// the ensembles the next batch would make late (straggler cutoff), asks
+    /// the policy, takes a batch (dropping jobs that expire before it ends
+    /// and members nobody waits for) and submits it; otherwise it waits for
+    /// the oldest batch (until the backend's expected time, or new rows,
+    /// or just a turn of the other tasks). It yields the batch task queue
+    /// after each answered batch so connections read, write and time out
+    /// meanwhile. On the CPU a batch computes inside `submit` and is ready
+    /// at once, so the order is the blocking one: compute, answer, next;
+    /// on a device the next batch's upload and compute are queued while the
+    /// previous one finishes and the core keeps serving sockets.
     pub async fn run_batcher(self: Rc<Self>, slot: usize) {
         let s = &self.slots[slot];
         let limits = s.model.batch;
-        let mut jobs: Vec<Queued<Job>> = Vec::with_capacity(limits.max_batch);
+        let out_w = s.model.output_width;
+        // One job list per batch in flight and one being filled: reused.
+        let mut spare: Vec<Vec<Queued<Job>>> = (0..=IN_FLIGHT_PER_MODEL)
+            .map(|_| Vec::with_capacity(limits.max_batch))
+            .collect();
+        let mut flight: Pipeline<Vec<Queued<Job>>> = Pipeline::new(IN_FLIGHT_PER_MODEL);
         let mut dropped: Vec<(Queued<Job>, Dropped)> = Vec::with_capacity(limits.queue_rows_max);
         let mut input: Vec<f32> = Vec::with_capacity(limits.max_batch * s.model.input_width);
-        let mut output: Vec<f32> = Vec::with_capacity(limits.max_batch * s.model.output_width);
+        let mut output: Vec<f32> = Vec::with_capacity(limits.max_batch * out_w);
         loop {
-            let now = Instant::now();
-            // When the next batch would end, were it taken now.
-            let batch_end = {
-                let rows = s.queue.borrow().rows_queued().min(limits.max_batch);
-                let us = rows as f32 * s.row_cost.get().us_per_row();
-                now + Duration::from_micros(if us.is_finite() { us as u64 } else { 0 })
-            };
-            if self.cut_off_due(batch_end + CUTOFF_MARGIN) > 0 {
-                // Let the writers send those answers before computing.
-                glommio::executor().yield_task_queue_now().await;
-                continue;
-            }
-            let readiness = s.queue.borrow().readiness(now);
-            match readiness {
-                Readiness::Empty => {
-                    // Shutdown: nothing queued, and nothing can arrive once
-                    // no ensemble is pending (a cascade enqueues its next
-                    // step only when the previous one has answered).
-                    if self.winding_down() && self.pending.borrow().in_use() == 0 {
-                        return;
-                    }
-                    if self.retired.get() {
-                        // A pending ensemble may still queue rows here (a
-                        // cascade step); look again shortly.
-                        futures_lite::future::or(
-                            glommio::timer::sleep(RETIRED_POLL),
-                            s.wake.wait(),
-                        )
-                        .await;
-                    } else {
-                        s.wake.wait().await;
-                    }
+            // 1. The oldest batch in flight, if complete: answer its jobs.
+            if !flight.is_empty() {
+                let done = flight.poll(
+                    &mut **self.backend.borrow_mut(),
+                    &mut output,
+                    out_w,
+                    Instant::now(),
+                );
+                if let Some(done) = done {
+                    let mut jobs = done.payload;
+                    let (rows, compute) = (done.rows, done.compute);
+                    self.metrics
+                        .record_batch_of(self.slot_target[slot], rows, compute);
+                    self.sel.borrow_mut().profiles[slot]
+                        .observe(rows as u32, compute.as_secs_f32() * 1e6);
+                    let answering = Instant::now();
+                    let ok = done.result.is_ok();
+                    self.dispatch(slot, &mut jobs, &output, done.submitted, compute, ok);
+                    spare.push(jobs);
+                    // What a row costs this shard, answering included (admission).
+                    let mut cost = s.row_cost.get();
+                    let us = (compute + answering.elapsed()).as_secs_f32() * 1e6;
+                    cost.observe(rows, us);
+                    s.row_cost.set(cost);
+                    // Let connections read what arrived during the compute
+                    // (so the next batch is as full as the load allows) and
+                    // write what this batch answered.
+                    glommio::executor().yield_task_queue_now().await;
                     continue;
                 }
-                Readiness::At(t) => {
+            }
+            // 2. Room for another batch: ask the policy.
+            let mut wake_at = None;
+            if !flight.is_full() {
+                let now = Instant::now();
+                // When the next batch would end, were it taken now (after
+                // the batches in flight).
+                let batch_end = {
+                    let rows = s.queue.borrow().rows_queued().min(limits.max_batch)
+                        + flight.rows_in_flight();
+                    let us = rows as f32 * s.row_cost.get().us_per_row();
+                    now + Duration::from_micros(if us.is_finite() { us as u64 } else { 0 })
+                };
+                if self.cut_off_due(batch_end + CUTOFF_MARGIN) > 0 {
+                    // Let the writers send those answers before computing.
+                    glommio::executor().yield_task_queue_now().await;
+                    continue;
+                }
+                let readiness = s.queue.borrow().readiness(now);
+                match readiness {
+                    Readiness::Empty if flight.is_empty() => {
+                        // Shutdown: nothing queued or in flight, and nothing
+                        // can arrive once no ensemble is pending (a cascade
+                        // enqueues its next step only when the previous one
+                        // has answered).
+                        if self.winding_down() && self.pending.borrow().in_use() == 0 {
+                            return;
+                        }
+                        if self.retired.get() {
+                            // A pending ensemble may still queue rows here
+                            // (a cascade step); look again shortly.
+                            futures_lite::future::or(
+                                glommio::timer::sleep(RETIRED_POLL),
+                                s.wake.wait(),
+                            )
+                            .await;
+                        } else {
+                            s.wake.wait().await;
+                        }
+                        continue;
+                    }
+                    Readiness::At(t) if flight.is_empty() => {
+                        let wait = t.saturating_duration_since(Instant::now());
+                        futures_lite::future::or(glommio::timer::sleep(wait), s.wake.wait()).await;
+                        continue;
+                    }
+                    Readiness::At(t) => wake_at = Some(t),
+                    Readiness::Empty => {}
+                    Readiness::Now => {
+                        let mut jobs = spare.pop().expect("a spare job list per batch");
+                        let rows =
+                            self.take_batch(slot, batch_end, &mut jobs, &mut dropped, &mut input);
+                        if rows == 0 {
+                            spare.push(jobs);
+                            glommio::executor().yield_task_queue_now().await;
+                            continue;
+                        }
+                        let started = Instant::now();
+                        let mut backend = self.backend.borrow_mut();
+                        flight.submit(&mut **backend, s.backend_id, &input, rows, jobs, started);
+                        continue;
+                    }
+                }
+            }
+            // 3. Wait for the oldest batch in flight: until the backend
+            //    expects it (or the policy's time, or new rows), else one
+            //    turn of the other tasks before polling again.
+            let hint = flight.ready_hint(&**self.backend.borrow());
+            let until = match (hint, wake_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match until {
+                Some(t) if t > Instant::now() => {
                     let wait = t.saturating_duration_since(Instant::now());
                     futures_lite::future::or(glommio::timer::sleep(wait), s.wake.wait()).await;
-                    continue;
                 }
-                Readiness::Now => {}
+                _ => glommio::executor().yield_task_queue_now().await,
             }
-            let rows = {
-                let pending = self.pending.borrow();
-                let co = self.cache.coalescer.borrow();
-                let verdict = |j: &Job| match *j {
-                    Job::Member {
-                        pending: k,
-                        generation,
-                        ..
-                    } => (!pending.is_live(k, generation)).then_some(Dropped::Cancelled),
-                    // A leader is queued without its deadline: it is
-                    // dropped for it only while nobody waits on it.
-                    Job::Direct {
-                        leader: true,
-                        deadline: Some(d),
-                        key: Some(k),
-                        ..
-                    } if d <= batch_end && co.waiters(&k) == 0 => Some(Dropped::Expired),
-                    Job::Direct { .. } => None,
-                };
-                s.queue.borrow_mut().take_batch(
-                    batch_end,
-                    verdict,
-                    &mut jobs,
-                    &mut dropped,
-                    &mut input,
-                )
-            };
-            if !dropped.is_empty() {
-                self.answer_dropped(slot, &mut dropped);
-            }
-            if rows == 0 {
-                glommio::executor().yield_task_queue_now().await;
-                continue;
-            }
-            output.clear();
-            output.resize(rows * s.model.output_width, 0.0);
-            let started = Instant::now();
-            let ok = self
-                .backend
-                .borrow_mut()
-                .run(&s.model, &input, rows, &mut output)
-                .is_ok();
-            let compute = started.elapsed();
-            self.metrics
-                .record_batch_of(self.slot_target[slot], rows, compute);
-            self.sel.borrow_mut().profiles[slot].observe(rows as u32, compute.as_secs_f32() * 1e6);
-            self.dispatch(slot, &mut jobs, &output, started, compute, ok);
-            // What a row costs this shard, answering included (admission).
-            let mut cost = s.row_cost.get();
-            cost.observe(rows, started.elapsed().as_secs_f32() * 1e6);
-            s.row_cost.set(cost);
-            // Let connections read what arrived during the compute (so the
-            // next batch is as full as the load allows) and write what this
-            // batch answered: the other task queue runs before the next batch.
-            glommio::executor().yield_task_queue_now().await;
         }
+    }
+
+    /// Take the next batch of `slot` into `jobs` and `input` (dropping,
+    /// and answering, jobs that expire before `batch_end` and members
+    /// nobody waits for); returns its rows.
+    fn take_batch(
+        &self,
+        slot: usize,
+        batch_end: Instant,
+        jobs: &mut Vec<Queued<Job>>,
+        dropped: &mut Vec<(Queued<Job>, Dropped)>,
+        input: &mut Vec<f32>,
+    ) -> usize {
+        let s = &self.slots[slot];
+        let rows = {
+            let pending = self.pending.borrow();
+            let co = self.cache.coalescer.borrow();
+            let verdict = |j: &Job| match *j {
+                Job::Member {
+                    pending: k,
+                    generation,
+                    ..
+                } => (!pending.is_live(k, generation)).then_some(Dropped::Cancelled),
+                // A leader is queued without its deadline: it is
+                // dropped for it only while nobody waits on it.
+                Job::Direct {
+                    leader: true,
+                    deadline: Some(d),
+                    key: Some(k),
+                    ..
+                } if d <= batch_end && co.waiters(&k) == 0 => Some(Dropped::Expired),
+                Job::Direct { .. } => None,
+            };
+            s.queue
+                .borrow_mut()
+                .take_batch(batch_end, verdict, jobs, dropped, input)
+        };
+        if !dropped.is_empty() {
+            self.answer_dropped(slot, dropped);
+        }
+        // The model's input transform ([preprocess]), in place on the
+        // batch's f32 rows: after the cache key was taken from the raw
+        // rows, before any backend sees them.
+        if let Some(pre) = &s.model.io.preprocess {
+            let n = rows * s.model.input_width;
+            pre.apply(&mut input[..n], s.model.input_width);
+        }
+        rows
     }
 
     /// Answer the jobs `take_batch` dropped: an expired direct request gets

@@ -31,6 +31,19 @@ impl Shard {
     ) {
         let plan = &self.plans[p];
         let policy = effective_policy(req.policy, plan.selection.policy);
+        if !policy.fits(plan.task) {
+            return self.respond_error_fmt(
+                conn,
+                req.id,
+                Status::BadRequest,
+                arrival,
+                format_args!(
+                    "policy {} needs class probabilities; '{}' is a regression ensemble (use all or deadline)",
+                    if policy == Policy::Cascade { "cascade" } else { "bandit" },
+                    plan.name
+                ),
+            );
+        }
         let rows = req.rows as usize;
         let deadline = Self::deadline(req, arrival);
         let dhash = domain_hash(req.domain);

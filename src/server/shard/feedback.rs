@@ -24,6 +24,19 @@ impl Shard {
         };
         let p = entry.plan as usize;
         let plan = &self.plans[p];
+        if plan.task == crate::model::Task::Regression {
+            sel.window.restore(f.ticket);
+            return self.respond_error_fmt(
+                conn,
+                f.id,
+                Status::BadRequest,
+                arrival,
+                format_args!(
+                    "'{}' is a regression ensemble: feedback takes a class label, and regression answers have none",
+                    plan.name
+                ),
+            );
+        }
         if f.label as usize >= plan.output_width {
             // A bad label does not spend the ticket.
             sel.window.restore(f.ticket);

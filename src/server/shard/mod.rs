@@ -32,7 +32,7 @@ use super::cache::{CacheShared, ShardCache, TargetPolicy};
 use super::notify::Notify;
 use super::select::SelState;
 use super::slab::Slab;
-use crate::backend::Backend;
+use crate::backend::{Backend, ModelId};
 use crate::batch::{Queue, RowCost};
 use crate::config::Config;
 use crate::ensemble::cost::SelectionCounters;
@@ -84,6 +84,8 @@ pub(crate) struct Shared {
     pub alive: Rc<Cell<usize>>,
     /// Rollout samples for the comparer task (`server/rollout.rs`).
     pub shadow: Rc<ShadowQueue>,
+    /// Backend model ids in use, and how many versions hold each.
+    pub registered: Rc<RefCell<HashMap<ModelId, usize>>>,
 }
 
 impl Shared {
@@ -109,6 +111,7 @@ impl Shared {
             selection,
             alive: Rc::new(Cell::new(0)),
             shadow: Rc::new(ShadowQueue::default()),
+            registered: Rc::new(RefCell::new(HashMap::new())),
         })
     }
 }
@@ -163,6 +166,7 @@ pub(crate) struct Shard {
     pub retired: Cell<bool>,
     alive: Rc<Cell<usize>>,
     shadow: Rc<ShadowQueue>,
+    registered: Rc<RefCell<HashMap<ModelId, usize>>>,
     /// Requests to models under a shadow rollout (sampling by count).
     shadow_tick: Cell<u64>,
     sel: RefCell<SelState>,
@@ -207,8 +211,10 @@ impl Shard {
                     }
                 }
                 v.push((m.version, slots.len()));
+                let backend_id = version::backend_id(sh, prev, m)?;
                 slots.push(ModelSlot {
                     model: m.clone(),
+                    backend_id,
                     queue: RefCell::new(Queue::with_ring(
                         m.batch,
                         m.input_width,
@@ -261,8 +267,13 @@ impl Shard {
                 .min()
                 .expect("an ensemble has members");
             plan_rows_max.push(rows_max);
-            let plan =
+            let mut plan =
                 EnsemblePlan::new(spec, members, flops, first.input_width, first.output_width)?;
+            plan.task = first.task;
+            // The loader checked this for a repository from files; an
+            // in-memory one is checked here.
+            crate::model::load::check_task_fit(spec, first.task)
+                .map_err(|e| format!("ensemble {name}: {e}"))?;
             targets.insert(name.clone(), TargetRef::Ensemble(plans.len()));
             plans.push(plan);
             plan_cache.push(cache.policy(cfg, name));
@@ -321,23 +332,39 @@ impl Shard {
             retired: Cell::new(false),
             alive: sh.alive.clone(),
             shadow: sh.shadow.clone(),
+            registered: sh.registered.clone(),
             shadow_tick: Cell::new(0),
         })
     }
 
-    /// Run every model once at its largest batch so scratch buffers reach
-    /// their steady size before the first request.
+    /// Run every model once at its largest batch, through the registered
+    /// path the batchers use, so scratch and staging buffers reach their
+    /// steady size before the first request.
     pub fn warm_up(&self) -> Result<(), String> {
         let mut backend = self.backend.borrow_mut();
+        let backend = &mut **backend;
         let mut sel = self.sel.borrow_mut();
         for (slot, s) in self.slots.iter().enumerate() {
             let m = &s.model;
             let rows = m.batch.max_batch;
             let input = vec![0.0f32; rows * m.input_width];
             let mut output = vec![0.0f32; rows * m.output_width];
-            backend
-                .run(m, &input, rows, &mut output)
-                .map_err(|e| format!("warm-up of {} v{}: {e}", m.name, m.version))?;
+            let id = s.backend_id;
+            let failed = |e| format!("warm-up of {} v{}: {e}", m.name, m.version);
+            // Every staging slot at this size (the batchers keep that many
+            // batches in flight), then each batch polled to completion.
+            let mut tickets = [None; crate::backend::IN_FLIGHT_PER_MODEL];
+            for t in &mut tickets {
+                *t = Some(backend.submit(id, &input, rows).map_err(failed)?);
+            }
+            for t in tickets.into_iter().flatten() {
+                loop {
+                    match backend.poll(t, &mut output) {
+                        std::task::Poll::Pending => std::thread::yield_now(),
+                        std::task::Poll::Ready(r) => break r.map_err(failed)?,
+                    }
+                }
+            }
             // The latency profile: best of three at each measured size.
             let profile = &mut sel.profiles[slot];
             for i in 0..3 {
@@ -345,14 +372,14 @@ impl Shard {
                 let mut best = f32::INFINITY;
                 for _ in 0..3 {
                     let t = Instant::now();
-                    backend
-                        .run(
-                            m,
-                            &input[..n * m.input_width],
-                            n,
-                            &mut output[..n * m.output_width],
-                        )
-                        .map_err(|e| format!("warm-up of {} v{}: {e}", m.name, m.version))?;
+                    crate::backend::run_registered(
+                        backend,
+                        id,
+                        &input[..n * m.input_width],
+                        n,
+                        &mut output[..n * m.output_width],
+                    )
+                    .map_err(failed)?;
                     best = best.min(t.elapsed().as_secs_f32() * 1e6);
                 }
                 profile.set(i, best);

@@ -48,6 +48,8 @@ pub(crate) enum Job {
 /// One loaded (model, version) on this shard.
 pub(crate) struct ModelSlot {
     pub model: Arc<Model>,
+    /// The model as the shard's backend knows it (`Backend::register`).
+    pub backend_id: crate::backend::ModelId,
     pub queue: RefCell<Queue<Job>>,
     pub wake: Notify,
     /// µs per row of this model's batches on this shard (admission).

@@ -9,6 +9,7 @@
 
 use super::state::ModelSlot;
 use super::{spawn_tasks, Shard, Shared};
+use crate::backend::ModelId;
 use crate::batch::RowCost;
 use crate::ensemble::cost::DomainCounters;
 use crate::server::registry::{Hub, ProfileSeeds};
@@ -93,9 +94,48 @@ impl Shard {
 }
 
 impl Drop for Shard {
+    /// Count this version out, and unregister from the backend the models
+    /// no other version of this shard holds.
     fn drop(&mut self) {
         self.alive.set(self.alive.get().saturating_sub(1));
+        let mut reg = self.registered.borrow_mut();
+        for s in &self.slots {
+            if let Some(n) = reg.get_mut(&s.backend_id) {
+                *n -= 1;
+                if *n == 0 {
+                    reg.remove(&s.backend_id);
+                    self.backend.borrow_mut().unregister(s.backend_id);
+                }
+            }
+        }
     }
+}
+
+/// The backend id of model `m` in a new version: the one the version it
+/// replaces uses for the same model (`Arc`), else a new registration;
+/// counted per version holding it (`Drop` above unregisters at zero).
+pub(super) fn backend_id(
+    sh: &Shared,
+    prev: Option<&Shard>,
+    m: &Arc<crate::model::Model>,
+) -> Result<ModelId, String> {
+    let kept = prev.and_then(|p| {
+        p.slots
+            .iter()
+            .find(|o| Arc::ptr_eq(&o.model, m))
+            .map(|o| o.backend_id)
+    });
+    let id = match kept {
+        Some(id) => id,
+        None => {
+            let mut b = sh.backend.borrow_mut();
+            b.register(m).map_err(|e| {
+                format!("model {} v{}: backend {}: {e}", m.name, m.version, b.name())
+            })?
+        }
+    };
+    *sh.registered.borrow_mut().entry(id).or_insert(0) += 1;
+    Ok(id)
 }
 
 /// Seed the latency profiles and admission costs of a new version's
