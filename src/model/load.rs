@@ -19,12 +19,13 @@
 //! step of its own, `ensemble::calibrate::calibrate_cascades`.
 
 use super::manifest::{self, ModelManifest};
-use super::rollout::{parse_rollout, RolloutSpec, ROLLOUT_FILE};
+use super::rollout::{read_rollout, RolloutSpec};
+pub use super::versions::ScanFilter;
 use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model, WeightsBuf};
 use half::f16;
 use safetensors::tensor::{Dtype, TensorInfo};
 use safetensors::SafeTensors;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -84,18 +85,6 @@ impl Repository {
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 /// The tensor dtypes a weights file may use.
 pub const ACCEPTED_DTYPES: &str = "F16, F32";
-
-/// What a scan leaves out or adds beyond the version policies: the models
-/// and versions unloaded or loaded by hand (`POST /v1/models/NAME/load`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ScanFilter {
-    /// Model folders not loaded.
-    pub skip: BTreeSet<String>,
-    /// Versions not loaded.
-    pub skip_versions: BTreeSet<(String, u32)>,
-    /// Versions loaded even where the model's policy leaves them out.
-    pub add_versions: BTreeSet<(String, u32)>,
-}
 
 /// Load every model and ensemble under `dir`. A bad model, version or
 /// ensemble is refused (recorded in `errors`) while the rest load; only an
@@ -227,36 +216,15 @@ fn load_model_dir(
         }
     }
     if !loaded.is_empty() {
-        let rpath = mdir.join(ROLLOUT_FILE);
-        match fs::read_to_string(&rpath) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => repo.refuse(format!("{}: {e}", rpath.display())),
-            Ok(text) => match parse_rollout(&text).and_then(|r| resolve_rollout(r, &loaded)) {
-                Ok(r) => {
-                    repo.rollouts.insert(name.to_string(), r);
-                }
-                Err(e) => repo.refuse(format!("{}: {e}", rpath.display())),
-            },
+        match read_rollout(&mdir, &loaded) {
+            Ok(None) => {}
+            Ok(Some(r)) => {
+                repo.rollouts.insert(name.to_string(), r);
+            }
+            Err(e) => repo.refuse(e),
         }
         repo.models.insert(name.to_string(), loaded);
     }
-}
-
-/// The candidate must be served, and some other version beside it.
-fn resolve_rollout(mut r: RolloutSpec, loaded: &[Arc<Model>]) -> Result<RolloutSpec, String> {
-    let highest = loaded.last().map_or(0, |m| m.version);
-    let c = *r.candidate.get_or_insert(highest);
-    if !loaded.iter().any(|m| m.version == c) {
-        return Err(format!(
-            "candidate: version {c} is not served (not on disk, refused, or left out by versions)"
-        ));
-    }
-    if loaded.len() < 2 {
-        return Err(format!(
-            "candidate: version {c} is the only version served: nothing to compare it with"
-        ));
-    }
-    Ok(r)
 }
 
 /// Build one model version from its weights file and manifest (whose bytes

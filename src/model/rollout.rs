@@ -18,6 +18,9 @@
 //! `model.toml`, so starting or ending a rollout there would give every
 //! version a new digest and start their cached answers cold.
 
+use super::Model;
+use std::path::Path;
+use std::sync::Arc;
 use toml::Value;
 
 /// The name of the file, beside `model.toml`.
@@ -147,6 +150,37 @@ pub fn parse_rollout(text: &str) -> Result<RolloutSpec, String> {
         fraction,
         promote,
     })
+}
+
+/// `<model dir>/rollout.toml`, if there is one, checked against the
+/// versions `loaded`: the candidate must be served, and some other version
+/// beside it. Errors name the file.
+pub fn read_rollout(mdir: &Path, loaded: &[Arc<Model>]) -> Result<Option<RolloutSpec>, String> {
+    let path = mdir.join(ROLLOUT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let check = |mut r: RolloutSpec| {
+        let highest = loaded.last().map_or(0, |m| m.version);
+        let c = *r.candidate.get_or_insert(highest);
+        if !loaded.iter().any(|m| m.version == c) {
+            return Err(format!(
+                "candidate: version {c} is not served (not on disk, refused, or left out by versions)"
+            ));
+        }
+        if loaded.len() < 2 {
+            return Err(format!(
+                "candidate: version {c} is the only version served: nothing to compare it with"
+            ));
+        }
+        Ok(r)
+    };
+    parse_rollout(&text)
+        .and_then(check)
+        .map(Some)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]

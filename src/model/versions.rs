@@ -8,7 +8,20 @@
 //!
 //! A request's `version` 0 (or none) means the highest version served.
 
+use std::collections::BTreeSet;
 use toml::Value;
+
+/// What a scan leaves out or adds beyond the version policies: the models
+/// and versions unloaded or loaded by hand (`POST /v1/models/NAME/load`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanFilter {
+    /// Model folders not loaded.
+    pub skip: BTreeSet<String>,
+    /// Versions not loaded.
+    pub skip_versions: BTreeSet<(String, u32)>,
+    /// Versions loaded even where the model's policy leaves them out.
+    pub add_versions: BTreeSet<(String, u32)>,
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum VersionPolicy {
