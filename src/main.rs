@@ -124,6 +124,35 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CacheCmd,
     },
+    /// List, load, unload or reload models on a running server, without a
+    /// restart (through its admin port; docs/MODELS.md "Lifecycle").
+    Models {
+        #[command(subcommand)]
+        cmd: ModelsCmd,
+        /// The server's admin address.
+        #[arg(long, default_value = "127.0.0.1:9464", global = true)]
+        admin: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// Print the models and ensembles served, and the lifecycle state.
+    List,
+    /// Rescan the repository and apply what changed (as SIGHUP does).
+    Reload,
+    /// Load a model (again), or one version of it.
+    Load {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// Stop serving a model, or one version of it.
+    Unload {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -219,6 +248,7 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
+        Cmd::Models { cmd, admin } => models(cmd, &admin),
         Cmd::ImportOnnx(args) => {
             beast::import::onnx::import_file(&args).map(|report| print!("{report}"))
         }
@@ -244,6 +274,33 @@ fn main() -> ExitCode {
             eprintln!("beast: error: {}", e.strip_prefix("beast: ").unwrap_or(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `beast models ...`: one admin request, its answer printed.
+fn models(cmd: ModelsCmd, admin: &str) -> Result<(), String> {
+    let q = |v: Option<u32>| v.map_or(String::new(), |v| format!("?version={v}"));
+    let (method, path) = match cmd {
+        ModelsCmd::List => ("GET", "/v1/models".to_string()),
+        ModelsCmd::Reload => ("POST", "/v1/repository/reload".to_string()),
+        ModelsCmd::Load { name, version } => {
+            ("POST", format!("/v1/models/{name}/load{}", q(version)))
+        }
+        ModelsCmd::Unload { name, version } => {
+            ("POST", format!("/v1/models/{name}/unload{}", q(version)))
+        }
+    };
+    let timeout = std::time::Duration::from_secs(120);
+    let (code, body) = beast::server::admin::request(method, admin, &path, timeout)?;
+    let pretty = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| body.trim().to_string());
+    if code == 200 {
+        println!("{pretty}");
+        Ok(())
+    } else {
+        Err(format!("{admin}{path}: HTTP {code}:\n{pretty}"))
     }
 }
 
@@ -385,7 +442,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let cpus = cfg.shard_cpus();
     let handle = starting.start(Arc::new(repo))?;
-    *running.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.stop_flag());
+    *running.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((handle.stop_flag(), handle.lifecycle()));
     eprintln!(
         "beast: listening on {} with {} shard(s) on CPUs {:?}, backend {}",
         handle.addr,
@@ -404,26 +462,37 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Handle SIGINT and SIGTERM on a thread of their own. While the returned
-/// slot is empty (start-up), a signal logs a line and exits 0 at once:
-/// nothing is served yet, and every start-up step is safe to cut off (the
-/// L2 file is repaired when next opened, as after a crash). Once the slot
-/// holds the server's stop flag, a signal sets it: the server stops
-/// gracefully (answers what is in flight) and exits 0.
-fn on_stop_signals() -> Result<Arc<Mutex<Option<Arc<AtomicBool>>>>, String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+/// Handle SIGINT, SIGTERM and SIGHUP on a thread of their own. While the
+/// returned slot is empty (start-up), SIGINT/SIGTERM log a line and exit 0
+/// at once: nothing is served yet, and every start-up step is safe to cut
+/// off (the L2 file is repaired when next opened, as after a crash); SIGHUP
+/// is logged and ignored. Once the slot holds the server's stop flag and
+/// lifecycle: SIGINT stops gracefully (answers what is in flight) and exits
+/// 0; SIGTERM drains first when `drain_s` > 0 (a second one stops at once);
+/// SIGHUP rescans the repository and applies what changed.
+type Running = Arc<Mutex<Option<(Arc<AtomicBool>, Arc<beast::server::lifecycle::Lifecycle>)>>>;
+
+fn on_stop_signals() -> Result<Running, String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| format!("signal handler: {e}"))?;
-    let running: Arc<Mutex<Option<Arc<AtomicBool>>>> = Arc::new(Mutex::new(None));
+    let running: Running = Arc::new(Mutex::new(None));
     let slot = running.clone();
     std::thread::Builder::new()
         .name("beast-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                let name = match sig {
+                    SIGINT => "SIGINT",
+                    SIGTERM => "SIGTERM",
+                    _ => "SIGHUP",
+                };
                 // Held while deciding, so start-up cannot end in between.
                 let running = slot.lock().unwrap_or_else(|e| e.into_inner());
                 match &*running {
+                    None if sig == SIGHUP => {
+                        eprintln!("beast: SIGHUP during start-up: ignored (the repository is being loaded)");
+                    }
                     None => {
                         eprintln!("beast: {name} during start-up: exiting before serving");
                         // SAFETY: _exit ends the process at once; no
@@ -431,8 +500,21 @@ fn on_stop_signals() -> Result<Arc<Mutex<Option<Arc<AtomicBool>>>>, String> {
                         // threads are mid-step.
                         unsafe { libc::_exit(0) };
                     }
-                    Some(stop) => {
-                        if !stop.swap(true, Ordering::SeqCst) {
+                    Some((_, lifecycle)) if sig == SIGHUP => {
+                        let l = lifecycle.clone();
+                        drop(running);
+                        // A reload takes a while: off the signal thread,
+                        // one at a time (apply serialises them).
+                        let _ = std::thread::Builder::new()
+                            .name("beast-sighup".into())
+                            .spawn(move || {
+                                let _ = l.apply(&beast::server::lifecycle::Change::Rescan, "SIGHUP");
+                            });
+                    }
+                    Some((stop, lifecycle)) => {
+                        if sig == SIGTERM && lifecycle.drain_s() > 0.0 && !lifecycle.is_draining() {
+                            lifecycle.drain(lifecycle.drain_s(), name);
+                        } else if !stop.swap(true, Ordering::SeqCst) {
                             eprintln!("beast: {name}: stopping (answering requests in flight)");
                         }
                     }
