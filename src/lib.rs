@@ -27,6 +27,7 @@
 pub mod backend;
 pub mod batch;
 pub mod cache;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod ensemble;

@@ -19,8 +19,8 @@
 //! step of its own, `ensemble::calibrate::calibrate_cascades`.
 
 use super::manifest::{self, ModelManifest};
-use super::trees::{self, manifest::ModelKind};
 use super::rollout::{read_rollout, RolloutSpec};
+use super::trees::{self, manifest::ModelKind};
 pub use super::versions::ScanFilter;
 use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model, WeightsBuf};
 use half::f16;

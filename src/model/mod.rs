@@ -21,8 +21,8 @@ pub mod io;
 pub mod load;
 pub mod manifest;
 pub mod rollout;
-pub mod versions;
 pub mod trees;
+pub mod versions;
 
 pub use io::{ModelIo, Task};
 
