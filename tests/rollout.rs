@@ -209,3 +209,66 @@ fn a_rollout_is_decided_by_hand_with_promote_or_rollback() {
     assert_eq!(version_for(&c, 1), 1);
     h.shutdown();
 }
+
+/// Canary with feedback: every answer of `m` without a version carries a
+/// ticket; the label sent for it is v1's answer (the "truth" here), asked
+/// for by version. Returns the rollout's decision once made.
+fn canary_with_labels(name: &str, v2_seed: u64) -> serde_json::Value {
+    // agreement_min = 0: only the accuracy part of the rule can object.
+    let dir = repository(
+        name,
+        v2_seed,
+        "mode = \"canary\"\nfraction = 0.5\ncandidate = 2\n[promote]\nafter = 5\nagreement_min = 0.0\np99_ratio_max = 1000.0\naccuracy_drop_max_points = 10\nlabels_min = 25\n",
+    );
+    let h = start(&dir);
+    let admin = h.admin_addr.unwrap();
+    let c = Client::connect(h.addr).unwrap();
+    let mut seed = 0;
+    wait_until(T, "a rollout decision", || {
+        seed += 1;
+        let x = rows(seed, 1, WIDTH);
+        let p = c.predict(&spec("m", 1, WIDTH, &x)).unwrap();
+        let mut s1 = spec("m", 1, WIDTH, &x);
+        s1.version = Some(1);
+        let truth = c.predict(&s1).unwrap();
+        let label = beast::ensemble::argmax(&truth.outputs) as u32;
+        let decided = lifecycle(admin)["rollouts_decided"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty());
+        if !decided {
+            assert_ne!(p.ticket, 0, "a canary's answer carries a ticket: {p:?}");
+            // The rollout may end between the answer and its feedback.
+            let _ = c.feedback(p.ticket, label);
+        }
+        decided
+    });
+    let d = lifecycle(admin)["rollouts_decided"][0].clone();
+    // Not decided before each version had labels_min labels.
+    assert!(d["labels_current"].as_u64().unwrap() >= 25, "{d}");
+    assert!(d["labels_candidate"].as_u64().unwrap() >= 25, "{d}");
+    let (_, m) = get(&admin.to_string(), "/metrics", T).unwrap();
+    assert!(m.contains("beast_rollout_decisions_total"), "{m}");
+    h.shutdown();
+    d
+}
+
+#[test]
+fn a_canary_that_answers_worse_on_labelled_feedback_is_rolled_back() {
+    let d = canary_with_labels("rollout-accuracy-bad", 99);
+    let why = d["decision"].as_str().unwrap();
+    assert!(
+        why.starts_with("rolled back by rollout rule: accuracy"),
+        "{why}"
+    );
+    assert_eq!(d["accuracy_current"], 100.0, "{d}");
+    assert!(d["accuracy_candidate"].as_f64().unwrap() < 90.0, "{d}");
+}
+
+#[test]
+fn a_canary_that_answers_as_well_on_labelled_feedback_is_promoted() {
+    // v2: the same weights under another version.
+    let d = canary_with_labels("rollout-accuracy-good", 1);
+    let why = d["decision"].as_str().unwrap();
+    assert!(why.starts_with("promoted by rollout rule"), "{why}");
+    assert!(why.contains("accuracy 100.0% vs 100.0%"), "{why}");
+}

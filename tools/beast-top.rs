@@ -4,7 +4,11 @@
 //! requests/s, p50/p99 latency, in-flight requests and connections, and
 //! per target requests/s, p50/p99, errors and shed requests, mean batch
 //! size, plus cache hit rates by tier. Rates and percentiles are over the
-//! last interval (the difference of two snapshots).
+//! last interval (the difference of two snapshots). While a model's
+//! shadow or canary rollout runs (and for the last decided ones), a
+//! rollouts panel shows its figures from `/v1/models` (`lifecycle`):
+//! mode, versions, compared requests, agreement, max |diff|, the p99
+//! ratio candidate/current, accuracy with feedback, and the decision.
 //!
 //! ```text
 //! beast-top --admin 127.0.0.1:9464
@@ -68,6 +72,7 @@ fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args) -> Result<(), Strin
     let interval = Duration::from_millis(args.interval_ms.max(100));
     let mut prev: Option<Stats> = None;
     let mut cur: Option<Stats> = None;
+    let mut rollouts = Vec::new();
     let mut error = String::new();
     let mut next = Instant::now();
     loop {
@@ -78,6 +83,8 @@ fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args) -> Result<(), Strin
                     prev = cur.take();
                     cur = Some(s);
                     error.clear();
+                    // An older server without the lifecycle: no panel.
+                    rollouts = fetch_rollouts(&args.admin).unwrap_or_default();
                 }
                 Err(e) => error = e,
             }
@@ -89,7 +96,7 @@ fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args) -> Result<(), Strin
         };
         terminal
             .draw(|f| match &cur {
-                Some(c) => render(f, &title, c, prev.as_ref()),
+                Some(c) => render(f, &title, c, prev.as_ref(), &rollouts),
                 None => f.render_widget(Paragraph::new(title.as_str()), f.area()),
             })
             .map_err(|e| format!("draw: {e}"))?;
@@ -105,6 +112,66 @@ fn run(terminal: &mut ratatui::DefaultTerminal, args: &Args) -> Result<(), Strin
                 }
             }
         }
+    }
+}
+
+/// One rollout's figures as shown (from `/v1/models` `lifecycle`).
+#[derive(Debug, Clone, Default)]
+pub struct Rollout(pub serde_json::Value);
+
+/// Running rollouts, then the last [`DECIDED_SHOWN`] decided ones.
+pub fn fetch_rollouts(admin: &str) -> Result<Vec<Rollout>, String> {
+    let (code, body) = beast::server::admin::get(admin, "/v1/models", Duration::from_secs(5))?;
+    if code != 200 {
+        return Err(format!("{admin}/v1/models: HTTP {code}"));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| format!("{admin}/v1/models: {e}"))?;
+    let list = |k: &str| v["lifecycle"][k].as_array().cloned().unwrap_or_default();
+    let decided = list("rollouts_decided");
+    let skip = decided.len().saturating_sub(DECIDED_SHOWN);
+    Ok(list("rollouts")
+        .into_iter()
+        .chain(decided.into_iter().skip(skip))
+        .map(Rollout)
+        .collect())
+}
+
+/// Decided rollouts shown below the running ones.
+pub const DECIDED_SHOWN: usize = 3;
+
+impl Rollout {
+    /// One line: `m v1->v2 canary 50%  compared 120  agree 0.9917  ...`.
+    pub fn line(&self) -> String {
+        let r = &self.0;
+        let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+        let u = |k: &str| r[k].as_u64().unwrap_or(0);
+        let ratio = if f("p99_us_current") > 0.0 {
+            format!("{:.2}", f("p99_us_candidate") / f("p99_us_current"))
+        } else {
+            "-".into()
+        };
+        let acc = |k: &str| r[k].as_f64().map_or("-".into(), |a| format!("{a:.1}%"));
+        let state = r["decision"]
+            .as_str()
+            .map_or("running".to_string(), |d| d.to_string());
+        format!(
+            "{} v{}->v{} {} {:.0}%  compared {}  agree {:.4}  max|diff| {:.4}  p99 x{ratio}  errors {}/{}  acc {}/{} ({}/{} labels)  {state}",
+            r["model"].as_str().unwrap_or("?"),
+            u("current"),
+            u("candidate"),
+            r["mode"].as_str().unwrap_or("?"),
+            f("fraction") * 100.0,
+            u("compared"),
+            f("agreement"),
+            f("max_abs_diff"),
+            u("errors_candidate"),
+            u("errors_current"),
+            acc("accuracy_candidate"),
+            acc("accuracy_current"),
+            u("labels_candidate"),
+            u("labels_current"),
+        )
     }
 }
 
@@ -164,7 +231,7 @@ impl Delta<'_> {
 /// Draw one snapshot. `prev` (the snapshot before) turns counters into
 /// rates and bucket counts into percentiles over the interval; without it
 /// they are averages since the server started.
-pub fn render(f: &mut Frame, title: &str, cur: &Stats, prev: Option<&Stats>) {
+pub fn render(f: &mut Frame, title: &str, cur: &Stats, prev: Option<&Stats>, rollouts: &[Rollout]) {
     let prev = prev.filter(|p| p.uptime_seconds < cur.uptime_seconds);
     let secs = match prev {
         Some(p) => cur.uptime_seconds - p.uptime_seconds,
@@ -174,13 +241,28 @@ pub fn render(f: &mut Frame, title: &str, cur: &Stats, prev: Option<&Stats>) {
     let d = Delta { cur, prev, secs };
     let bounds = &cur.latency_bounds_us;
 
-    let [head, cores_area, targets_area, foot] = Layout::vertical([
+    let rollouts_h = if rollouts.is_empty() {
+        0
+    } else {
+        rollouts.len() as u16 + 2
+    };
+    let [head, cores_area, targets_area, rollouts_area, foot] = Layout::vertical([
         Constraint::Length(2),
         Constraint::Length(cur.cores.len() as u16 + 3),
         Constraint::Min(4),
+        Constraint::Length(rollouts_h),
         Constraint::Length(3),
     ])
     .areas(f.area());
+    if !rollouts.is_empty() {
+        let lines: Vec<Line> = rollouts.iter().map(|r| Line::from(r.line())).collect();
+        f.render_widget(
+            Paragraph::new(lines).block(
+                Block::bordered().title(" rollouts (candidate/current: errors, accuracy, labels) "),
+            ),
+            rollouts_area,
+        );
+    }
 
     // Header: identity, uptime, process.
     let cpu = match (cur.process, prev.and_then(|p| p.process)) {
@@ -437,7 +519,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let after = fetch(&admin).unwrap();
         let mut term = Terminal::new(TestBackend::new(120, 30)).unwrap();
-        term.draw(|f| render(f, &admin, &after, Some(&before)))
+        term.draw(|f| render(f, &admin, &after, Some(&before), &[]))
             .unwrap();
         let screen = text(&term);
         eprintln!("{screen}");
@@ -477,8 +559,87 @@ mod tests {
             .unwrap();
         assert!(rate > 0.0, "{alpha}");
         // Without a previous snapshot it still draws (averages since start).
-        term.draw(|f| render(f, &admin, &after, None)).unwrap();
+        term.draw(|f| render(f, &admin, &after, None, &[])).unwrap();
         assert!(text(&term).contains("alpha"));
+        server.shutdown();
+    }
+
+    #[test]
+    fn shows_a_running_shadow_rollouts_figures() {
+        let mut repo = Repository::default();
+        let versions = (1..=2)
+            .map(|v| {
+                let mut m = Model::random(
+                    "alpha",
+                    &[8, 16, 3],
+                    Activation::Relu,
+                    OutputTransform::Softmax,
+                    1,
+                );
+                m.version = v;
+                Arc::new(m)
+            })
+            .collect();
+        repo.models.insert("alpha".into(), versions);
+        repo.rollouts.insert(
+            "alpha".into(),
+            beast::model::rollout::parse_rollout(
+                "mode = \"shadow\"\nfraction = 1.0\ncandidate = 2\n",
+            )
+            .unwrap(),
+        );
+        let cfg = Config {
+            listen: "127.0.0.1:0".into(),
+            admin_listen: "127.0.0.1:0".into(),
+            cores: vec![0],
+            pin_shards: false,
+            ..Config::default()
+        };
+        let server = beast::server::start(cfg, Arc::new(repo)).unwrap();
+        let admin = server.admin_addr.unwrap().to_string();
+        let client = Client::connect(server.addr).unwrap();
+        for i in 0..5 {
+            let x = vec![i as f32; 8];
+            let spec = RequestSpec {
+                target: "alpha",
+                version: None,
+                rows: 1,
+                cols: 8,
+                input: Input::F32(&x),
+                deadline_us: None,
+                domain: None,
+                cache: CacheControl::Use,
+                policy: beast::wire::PolicyOverride::Default,
+            };
+            client.predict(&spec).unwrap();
+        }
+        // The comparer runs after the answers: wait for its count.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let rollouts = loop {
+            let r = fetch_rollouts(&admin).unwrap();
+            if r.first().is_some_and(|r| r.0["compared"] == 5) {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "not compared: {r:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let stats = fetch(&admin).unwrap();
+        let mut term = Terminal::new(TestBackend::new(220, 30)).unwrap();
+        term.draw(|f| render(f, &admin, &stats, None, &rollouts))
+            .unwrap();
+        let screen = text(&term);
+        eprintln!("{screen}");
+        for needle in [
+            "rollouts",
+            "alpha v1->v2 shadow 100%",
+            "compared 5",
+            "agree 1.0000",
+            "max|diff| 0.0000",
+            "errors 0/0",
+            "running",
+        ] {
+            assert!(screen.contains(needle), "no {needle:?} in\n{screen}");
+        }
         server.shutdown();
     }
 }

@@ -30,7 +30,7 @@ pub struct Prediction {
     pub cached: bool,
     pub partial: bool,
     /// Names this answer in [`Client::feedback`]; 0 = not eligible (a
-    /// model, not an ensemble, or a cached answer).
+    /// model's answer outside a canary rollout, a cached ensemble answer).
     pub ticket: u64,
     /// (model, version, flops) of each model that ran.
     pub runs: Vec<(String, u32, u64)>,

@@ -12,6 +12,10 @@
 //! agreement_min = 0.99 # argmax agreement with the current version
 //! p99_ratio_max = 2.0  # candidate compute p99 <= this x the current one's
 //! max_abs_diff_max = 1.0  # optional: largest |difference| of any output
+//! accuracy_drop_max_points = 2.0  # optional, canary only: with feedback,
+//!                      # the candidate's accuracy may be at most this many
+//!                      # points (percent) below the current version's
+//! labels_min = 100     # labels each version needs first (default 50)
 //! ```
 //!
 //! Kept out of `model.toml` on purpose: a model's digest covers its
@@ -38,7 +42,15 @@ pub struct PromoteRule {
     pub agreement_min: f64,
     pub p99_ratio_max: f64,
     pub max_abs_diff_max: Option<f64>,
+    /// Canary with feedback: the candidate's accuracy may be at most this
+    /// many points below the current version's, judged once each version
+    /// has `labels_min` labelled answers (the rule waits for them).
+    pub accuracy_drop_max_points: Option<f64>,
+    pub labels_min: u64,
 }
+
+/// `labels_min` when the rule does not say.
+pub const LABELS_MIN_DEFAULT: u64 = 50;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutSpec {
@@ -106,6 +118,8 @@ pub fn parse_rollout(text: &str) -> Result<RolloutSpec, String> {
                     "agreement_min",
                     "p99_ratio_max",
                     "max_abs_diff_max",
+                    "accuracy_drop_max_points",
+                    "labels_min",
                 ],
             )?;
             let after = match p.get("after") {
@@ -130,11 +144,42 @@ pub fn parse_rollout(text: &str) -> Result<RolloutSpec, String> {
                 ));
             }
             let max_abs_diff_max = num(p, "max_abs_diff_max", "promote.max_abs_diff_max")?;
+            let accuracy_drop_max_points = num(
+                p,
+                "accuracy_drop_max_points",
+                "promote.accuracy_drop_max_points",
+            )?;
+            if let Some(z) = accuracy_drop_max_points {
+                if !(0.0..=100.0).contains(&z) {
+                    return Err(format!(
+                        "promote.accuracy_drop_max_points: {z} must be within 0..=100 (points of accuracy)"
+                    ));
+                }
+                if mode != RolloutMode::Canary {
+                    return Err("promote.accuracy_drop_max_points: applies to mode = \"canary\" only (in shadow mode the candidate's answers are not returned, so no feedback can label them)".into());
+                }
+            }
+            let labels_min = match p.get("labels_min") {
+                None => LABELS_MIN_DEFAULT,
+                Some(_) if accuracy_drop_max_points.is_none() => {
+                    return Err(
+                        "promote.labels_min: set without promote.accuracy_drop_max_points".into(),
+                    )
+                }
+                Some(Value::Integer(n)) if *n >= 1 => *n as u64,
+                Some(other) => {
+                    return Err(format!(
+                        "promote.labels_min: {other} must be an integer >= 1"
+                    ))
+                }
+            };
             Some(PromoteRule {
                 after,
                 agreement_min,
                 p99_ratio_max,
                 max_abs_diff_max,
+                accuracy_drop_max_points,
+                labels_min,
             })
         }
         Some(other) => {
@@ -197,7 +242,15 @@ mod tests {
             (r.mode, r.fraction, r.candidate),
             (RolloutMode::Canary, 0.25, Some(2))
         );
-        assert_eq!(r.promote.unwrap().agreement_min, 0.99);
+        let p = r.promote.unwrap();
+        assert_eq!(p.agreement_min, 0.99);
+        assert_eq!(p.accuracy_drop_max_points, None);
+        let r = parse_rollout(
+            "mode = \"canary\"\nfraction = 0.5\n[promote]\nafter = 10\naccuracy_drop_max_points = 2.5\nlabels_min = 40\n",
+        )
+        .unwrap();
+        let p = r.promote.unwrap();
+        assert_eq!((p.accuracy_drop_max_points, p.labels_min), (Some(2.5), 40));
         for (text, field) in [
             ("fraction = 0.1", "mode"),
             ("mode = \"blue\"\nfraction = 0.1", "mode"),
@@ -211,6 +264,22 @@ mod tests {
                 "promote.after",
             ),
             ("mode = \"shadow\"\nfraction = 0.5\nfoo = 1", "foo"),
+            (
+                "mode = \"shadow\"\nfraction = 0.5\n[promote]\nafter = 5\naccuracy_drop_max_points = 2",
+                "promote.accuracy_drop_max_points",
+            ),
+            (
+                "mode = \"canary\"\nfraction = 0.5\n[promote]\nafter = 5\naccuracy_drop_max_points = 200",
+                "promote.accuracy_drop_max_points",
+            ),
+            (
+                "mode = \"canary\"\nfraction = 0.5\n[promote]\nafter = 5\nlabels_min = 3",
+                "promote.labels_min",
+            ),
+            (
+                "mode = \"canary\"\nfraction = 0.5\n[promote]\nafter = 5\naccuracy_drop_max_points = 2\nlabels_min = 0",
+                "promote.labels_min",
+            ),
         ] {
             let e = parse_rollout(text).unwrap_err();
             assert!(e.starts_with(field), "{text}: {e}");

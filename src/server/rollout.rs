@@ -93,6 +93,12 @@ pub struct RolloutStats {
     /// model without a version while the rollout ran.
     pub canary_served: AtomicU64,
     pub requests: AtomicU64,
+    /// Canary: labelled answers (feedback on a ticket) of each version,
+    /// and how many of them were right (argmax = label).
+    pub labels_current: AtomicU64,
+    pub correct_current: AtomicU64,
+    pub labels_candidate: AtomicU64,
+    pub correct_candidate: AtomicU64,
     pub lat_current: LatHist,
     pub lat_candidate: LatHist,
     /// Set once decided: "promoted" or "rolled back", and why.
@@ -123,6 +129,10 @@ impl RolloutStats {
             dropped: AtomicU64::new(0),
             canary_served: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            labels_current: AtomicU64::new(0),
+            correct_current: AtomicU64::new(0),
+            labels_candidate: AtomicU64::new(0),
+            correct_candidate: AtomicU64::new(0),
             lat_current: LatHist::default(),
             lat_candidate: LatHist::default(),
             decision: Mutex::new(None),
@@ -135,6 +145,30 @@ impl RolloutStats {
             return 1.0;
         }
         self.agree.load(Ordering::Relaxed) as f64 / rows as f64
+    }
+
+    /// A labelled answer of the candidate (`candidate`) or the current
+    /// version: right or not.
+    pub fn label(&self, candidate: bool, right: bool) {
+        let (n, c) = if candidate {
+            (&self.labels_candidate, &self.correct_candidate)
+        } else {
+            (&self.labels_current, &self.correct_current)
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        c.fetch_add(right as u64, Ordering::Relaxed);
+    }
+
+    /// (labels, accuracy in points 0..=100; `None` without labels) of
+    /// the candidate or the current version.
+    pub fn accuracy(&self, candidate: bool) -> (u64, Option<f64>) {
+        let (n, c) = if candidate {
+            (&self.labels_candidate, &self.correct_candidate)
+        } else {
+            (&self.labels_current, &self.correct_current)
+        };
+        let (n, c) = (n.load(Ordering::Relaxed), c.load(Ordering::Relaxed));
+        (n, (n > 0).then(|| 100.0 * c as f64 / n as f64))
     }
 
     pub fn max_abs_diff(&self) -> f64 {
@@ -160,6 +194,10 @@ impl RolloutStats {
             "dropped": l(&self.dropped),
             "canary_served": l(&self.canary_served),
             "requests": l(&self.requests),
+            "labels_current": self.accuracy(false).0,
+            "labels_candidate": self.accuracy(true).0,
+            "accuracy_current": self.accuracy(false).1,
+            "accuracy_candidate": self.accuracy(true).1,
             "decision": self.decision.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         })
     }

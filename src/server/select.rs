@@ -42,20 +42,32 @@ pub(crate) struct SelState {
     pub deadline_slack_us: [f32; ENSEMBLE_MEMBERS_MAX + 1],
 }
 
+/// Entries of a shard's feedback window: none to remember without
+/// ensembles or a canary (`tickets`).
+pub fn window_cap(cfg: &Config, tickets: bool) -> usize {
+    if tickets {
+        cfg.feedback_window
+    } else {
+        1
+    }
+}
+
 impl SelState {
     #[cfg(test)]
     pub fn new(shard: usize, cfg: &Config, plans: &[EnsemblePlan], models: &[&Arc<Model>]) -> Self {
-        Self::with_window(shard, cfg, plans, models, None)
+        Self::with_window(shard, cfg, plans, models, None, false)
     }
 
     /// [`SelState::new`] with a feedback window built elsewhere (off the
     /// shard, by a reload), used when its shape is the one needed.
+    /// `model_tickets`: a canary's answers get tickets too.
     pub fn with_window(
         shard: usize,
         cfg: &Config,
         plans: &[EnsemblePlan],
         models: &[&Arc<Model>],
         window: Option<Window>,
+        model_tickets: bool,
     ) -> Self {
         let domains = cfg.selection_domains_max;
         let stride = plans
@@ -63,12 +75,7 @@ impl SelState {
             .map(|p| p.members.len() * p.output_width)
             .max()
             .unwrap_or(0);
-        // No ensembles, no answers to remember.
-        let window_cap = if plans.is_empty() {
-            1
-        } else {
-            cfg.feedback_window
-        };
+        let window_cap = window_cap(cfg, !plans.is_empty() || model_tickets);
         let deadlines_max = cfg.deadline_heap_max();
         SelState {
             domains: plans.iter().map(|_| DomainTable::new(domains)).collect(),

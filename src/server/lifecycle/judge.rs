@@ -36,6 +36,7 @@ pub(super) fn spawn(l: &Arc<Lifecycle>) {
                         .unwrap_or_else(|e| e.into_inner())
                         .is_some()
                         || st.compared.load(Ordering::Relaxed) < rule.after
+                        || !labels_enough(rule, st)
                     {
                         continue;
                     }
@@ -44,6 +45,13 @@ pub(super) fn spawn(l: &Arc<Lifecycle>) {
                 }
             }
         });
+}
+
+/// A rule with an accuracy condition waits until each version has
+/// `labels_min` labelled answers.
+fn labels_enough(rule: &PromoteRule, st: &RolloutStats) -> bool {
+    rule.accuracy_drop_max_points.is_none()
+        || (st.accuracy(false).0 >= rule.labels_min && st.accuracy(true).0 >= rule.labels_min)
 }
 
 /// The rule's verdict on the figures: (promote?, the figures and the
@@ -77,16 +85,34 @@ fn verdict(rule: &PromoteRule, st: &RolloutStats) -> (bool, String) {
             rule.p99_ratio_max
         ))
     } else {
-        None
+        accuracy_failed(rule, st)
     };
-    let figures = format!(
+    let mut figures = format!(
         "compared {}, agreement {agreement:.4}, max |diff| {diff:.4}, p99 {pb} us vs {pa} us, errors {eb} vs {ea}",
         st.compared.load(Ordering::Relaxed)
     );
+    if let ((la, Some(aa)), (lb, Some(ab))) = (st.accuracy(false), st.accuracy(true)) {
+        figures += &format!(", accuracy {ab:.1}% vs {aa:.1}% on {lb} vs {la} labels");
+    }
     match failed {
         Some(why) => (false, format!("{why} ({figures})")),
         None => (true, format!("rule met ({figures})")),
     }
+}
+
+/// The accuracy part of the rule: the candidate's accuracy (labelled
+/// canary answers) below the current version's by more than
+/// `accuracy_drop_max_points`.
+fn accuracy_failed(rule: &PromoteRule, st: &RolloutStats) -> Option<String> {
+    let z = rule.accuracy_drop_max_points?;
+    let ((la, aa), (lb, ab)) = (st.accuracy(false), st.accuracy(true));
+    let (aa, ab) = (aa?, ab?);
+    (aa - ab > z).then(|| {
+        format!(
+            "accuracy {ab:.1}% is {:.1} points below current's {aa:.1}% (> accuracy_drop_max_points {z}; {lb} vs {la} labels)",
+            aa - ab
+        )
+    })
 }
 
 impl Lifecycle {

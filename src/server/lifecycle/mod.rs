@@ -503,7 +503,7 @@ fn render_rollouts(out: &mut String, reg: &Registry, c: &Counters) {
         c.promoted.load(Ordering::Relaxed),
         c.rolled_back.load(Ordering::Relaxed)
     );
-    let series: [(&str, &str, &str); 6] = [
+    let series: [(&str, &str, &str); 8] = [
         (
             "beast_rollout_compared_total",
             "counter",
@@ -528,6 +528,16 @@ fn render_rollouts(out: &mut String, reg: &Registry, c: &Counters) {
             "beast_rollout_compute_p99_us",
             "gauge",
             "p99 compute time of compared runs (bucket bound), by version.",
+        ),
+        (
+            "beast_rollout_labels_total",
+            "counter",
+            "Canary answers given feedback (a label), by version.",
+        ),
+        (
+            "beast_rollout_accuracy",
+            "gauge",
+            "Share of labelled canary answers that were right, by version (NaN: none).",
         ),
         (
             "beast_rollout_canary_served_total",
@@ -560,6 +570,21 @@ fn render_rollouts(out: &mut String, reg: &Registry, c: &Counters) {
                     st.lat_current.quantile_us(0.99),
                     st.lat_candidate.quantile_us(0.99)
                 ),
+                "beast_rollout_labels_total" => writeln!(
+                    out,
+                    "{name}{{{l},version=\"current\"}} {}\n{name}{{{l},version=\"candidate\"}} {}",
+                    st.accuracy(false).0,
+                    st.accuracy(true).0
+                ),
+                "beast_rollout_accuracy" => {
+                    let a = |c| st.accuracy(c).1.map_or(f64::NAN, |p| p / 100.0);
+                    writeln!(
+                        out,
+                        "{name}{{{l},version=\"current\"}} {}\n{name}{{{l},version=\"candidate\"}} {}",
+                        a(false),
+                        a(true)
+                    )
+                }
                 _ => writeln!(out, "{name}{{{l}}} {}", ld(&st.canary_served)),
             };
         }

@@ -121,11 +121,11 @@ pub(super) fn prebuild(cfg: &Config, repo: &Repository) -> Vec<Mutex<Option<Preb
         })
         .max()
         .unwrap_or(0);
-    let window_cap = if repo.ensembles.is_empty() {
-        1
-    } else {
-        cfg.feedback_window
-    };
+    let canary = repo
+        .rollouts
+        .values()
+        .any(|r| r.mode == crate::model::rollout::RolloutMode::Canary);
+    let window_cap = crate::server::select::window_cap(cfg, !repo.ensembles.is_empty() || canary);
     (0..cfg.shard_cpus().len())
         .map(|shard| {
             let rings = repo

@@ -83,12 +83,16 @@ impl Shard {
                 trial,
             }) => {
                 self.metrics.set_target(self.slot_target[*current]);
-                let (slot, sample) = match req.version {
+                let (slot, sample, labelled) = match req.version {
                     None => match trial {
                         Some(t) => self.trial_route(t, *current, &req),
-                        None => (Some(*current), None),
+                        None => (Some(*current), None, false),
                     },
-                    Some(want) => (versions.iter().find(|v| v.0 == want).map(|v| v.1), None),
+                    Some(want) => (
+                        versions.iter().find(|v| v.0 == want).map(|v| v.1),
+                        None,
+                        false,
+                    ),
                 };
                 let Some(slot) = slot else {
                     return self.respond_error_fmt(
@@ -124,7 +128,7 @@ impl Shard {
                 if let Some(t) = sample {
                     self.trial_sample(t, *current, &req);
                 }
-                self.submit_model(conn, &req, slot, arrival);
+                self.submit_model(conn, &req, slot, arrival, labelled);
             }
             Some(TargetRef::Ensemble(p)) => {
                 self.metrics.set_target(self.plan_target[*p]);
@@ -321,6 +325,7 @@ impl Shard {
         req: &RequestView<'_>,
         slot: usize,
         arrival: Instant,
+        labelled: bool,
     ) {
         let s = &self.slots[slot];
         let rows = req.rows as usize;
@@ -352,6 +357,7 @@ impl Shard {
                     flops: 0,
                 }];
                 let t = Timings::default();
+                let ticket = self.model_ticket(labelled, conn, slot, &buf[..out_len]);
                 return self.respond_ok(
                     conn,
                     req.id,
@@ -362,7 +368,10 @@ impl Shard {
                     arrival,
                     t,
                     true,
-                    Extra::default(),
+                    Extra {
+                        ticket,
+                        partial: false,
+                    },
                 );
             }
         }
@@ -393,6 +402,7 @@ impl Shard {
             deadline,
             key,
             leader,
+            labelled,
         };
         // A leader's deadline is checked when its batch is taken, since
         // requests waiting on it may have none (see `run_batcher`).
@@ -436,13 +446,14 @@ impl Shard {
     /// (canary: the candidate for a `fraction` of inputs, by input hash, so
     /// one input always sees one version), and whether to sample it for
     /// comparison (shadow: a `fraction` of requests, by count; canary:
-    /// every request the candidate answers).
+    /// every request the candidate answers), and whether its answer gets
+    /// a feedback ticket (canary: either version's, for the accuracy rule).
     fn trial_route<'t>(
         &self,
         t: &'t Trial,
         current: usize,
         req: &RequestView<'_>,
-    ) -> (Option<usize>, Option<&'t Trial>) {
+    ) -> (Option<usize>, Option<&'t Trial>, bool) {
         use std::sync::atomic::Ordering::Relaxed;
         t.stats.requests.fetch_add(1, Relaxed);
         match t.mode {
@@ -450,16 +461,16 @@ impl Shard {
                 let h = xxhash_rust::xxh3::xxh3_64(req.input);
                 if h % 1_000_000 < t.ppm {
                     t.stats.canary_served.fetch_add(1, Relaxed);
-                    (Some(t.slot), Some(t))
+                    (Some(t.slot), Some(t), t.labelled)
                 } else {
-                    (Some(current), None)
+                    (Some(current), None, t.labelled)
                 }
             }
             RolloutMode::Shadow => {
                 let n = self.shadow_tick.get() + 1;
                 self.shadow_tick.set(n);
                 let sampled = n * t.ppm / 1_000_000 != (n - 1) * t.ppm / 1_000_000;
-                (Some(current), sampled.then_some(t))
+                (Some(current), sampled.then_some(t), false)
             }
         }
     }

@@ -267,6 +267,7 @@ impl Shard {
                     deadline,
                     key,
                     leader,
+                    labelled,
                 } => {
                     self.metrics.set_target(self.slot_target[slot]);
                     conn.request_done();
@@ -304,7 +305,10 @@ impl Shard {
                             arrival,
                             t,
                             false,
-                            Extra::default(),
+                            Extra {
+                                ticket: self.model_ticket(labelled, &conn, slot, out),
+                                partial: false,
+                            },
                         );
                     }
                 }

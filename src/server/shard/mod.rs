@@ -207,6 +207,8 @@ impl Shard {
                             mode: r.mode,
                             ppm: (r.fraction * 1e6).round() as u64,
                             stats: stats.clone(),
+                            labelled: r.mode == crate::model::rollout::RolloutMode::Canary
+                                && m.task == crate::model::Task::Classification,
                         });
                     }
                 }
@@ -280,7 +282,11 @@ impl Shard {
         }
         let response_bytes_max = largest_answer(cfg, &slots, &plans, &plan_rows_max)?;
         let models: Vec<&Arc<Model>> = slots.iter().map(|s| &s.model).collect();
-        let mut sel = SelState::with_window(id, cfg, &plans, &models, window);
+        let canary = repo
+            .rollouts
+            .values()
+            .any(|r| r.mode == crate::model::rollout::RolloutMode::Canary);
+        let mut sel = SelState::with_window(id, cfg, &plans, &models, window, canary);
         if prev.is_none() && !cfg.selection_state_path.as_os_str().is_empty() {
             let used = sel.load(&cfg.selection_state_path, id, &plans, |slot| {
                 let m = &slots[slot].model;

@@ -32,6 +32,8 @@ pub(crate) enum Job {
         key: Option<CacheKey>,
         /// Identical requests wait on this one (coalescing).
         leader: bool,
+        /// Routed by a canary: the answer gets a feedback ticket.
+        labelled: bool,
     },
     /// One member's share of an ensemble request.
     Member {
@@ -77,6 +79,9 @@ pub(super) struct Trial {
     /// `fraction` in parts per million.
     pub ppm: u64,
     pub stats: Arc<RolloutStats>,
+    /// Canary of a classifier: answers get feedback tickets, and labels
+    /// are counted per version (`Shard::model_ticket`).
+    pub labelled: bool,
 }
 
 /// An ensemble request waiting for its members.
