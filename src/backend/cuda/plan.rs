@@ -108,7 +108,8 @@ pub fn rows_fit(max_dim: usize, rows: usize) -> bool {
 /// ld = 0); the CPU twin does these.
 pub fn degenerate(model: &Model) -> bool {
     model.forest.is_some()
-        || model.layers.is_empty() || model.layers.iter().any(|l| l.in_dim == 0 || l.out_dim == 0)
+        || model.layers.is_empty()
+        || model.layers.iter().any(|l| l.in_dim == 0 || l.out_dim == 0)
 }
 
 /// Members of an ensemble that run together on the device.

@@ -4,6 +4,7 @@
 //! shard's `scratch` input buffer (read again by `ensemble.rs`).
 
 use super::answer::{Clip, Extra};
+use super::l3::ParkReq;
 use super::state::{Job, ModelSlot, TargetRef};
 use super::Shard;
 use crate::batch::{predict_wait_us, Backlog, Readiness};
@@ -115,7 +116,7 @@ impl Shard {
                         ),
                     );
                 }
-                self.submit_model(conn, &req, slot, arrival);
+                self.submit_model(conn, &req, slot, arrival, body);
             }
             Some(TargetRef::Ensemble(p)) => {
                 self.metrics.set_target_plan(*p);
@@ -312,6 +313,7 @@ impl Shard {
         req: &RequestView<'_>,
         slot: usize,
         arrival: Instant,
+        body: &[u8],
     ) {
         let s = &self.slots[slot];
         let rows = req.rows as usize;
@@ -335,7 +337,7 @@ impl Shard {
             let mut buf = self.cache.buf.borrow_mut();
             if self
                 .cache
-                .get(&self.metrics, k, s.cache, &mut buf[..out_len])
+                .get_local(&self.metrics, k, s.cache, &mut buf[..out_len])
             {
                 let runs = [RunInfo {
                     model: &s.model.name,
@@ -356,6 +358,20 @@ impl Shard {
                     Extra::default(),
                 );
             }
+            drop(buf);
+            let park = ParkReq {
+                body,
+                key: k,
+                slot,
+                out_len,
+                rows,
+                id: req.id,
+                arrival,
+            };
+            if self.l3_park(conn, park) {
+                return;
+            }
+            self.metrics.cache_misses.inc();
         }
         if !self.admit(conn, req.id, std::iter::once(slot), rows, deadline, arrival) {
             return;

@@ -14,6 +14,7 @@
 //! - `batcher.rs`: the batcher per model slot and what a batch answers
 //!   (`run_batcher`, `dispatch`, `release_waiters`, `answer_dropped`);
 //! - `feedback.rs`: feedback messages and saving the selection state;
+//! - `l3.rs`: requests parked while the shared L3 tier (Redis) is asked;
 //! - `respond.rs`: `respond_ok` / `respond_error`, the only writers of a
 //!   connection's output;
 //! - `state.rs` (leaf): the data — jobs, model slots, target names,
@@ -53,6 +54,7 @@ mod batcher;
 mod deadline;
 mod ensemble;
 mod feedback;
+mod l3;
 mod respond;
 mod state;
 
@@ -100,6 +102,8 @@ pub(crate) struct Shard {
     pub selection: Arc<SelectionCounters>,
     /// Wakes the straggler-cutoff task when a deadline is added.
     pub deadline_wake: Notify,
+    /// Requests waiting on the shared L3 tier (`l3.rs`), when configured.
+    l3: Option<l3::L3Shard>,
 }
 
 impl Shard {
@@ -112,6 +116,10 @@ impl Shard {
         cache_shared: Arc<CacheShared>,
         selection: Arc<SelectionCounters>,
     ) -> Result<Shard, String> {
+        let l3 = cache_shared
+            .l3
+            .as_ref()
+            .and_then(|l3| l3::L3Shard::new(l3, id));
         let cache = ShardCache::new(&cfg, cache_shared)?;
         let mut slots = Vec::new();
         let mut targets = HashMap::new();
@@ -199,6 +207,7 @@ impl Shard {
             sel: RefCell::new(sel),
             selection,
             deadline_wake: Notify::default(),
+            l3,
             pending: RefCell::new(Slab::with_capacity(cfg.ensemble_in_flight_per_shard_max)),
             cfg,
             slots,
@@ -303,6 +312,9 @@ pub(crate) fn spawn_tasks(shard: &Rc<Shard>) {
         }
     }
     glommio::spawn_local(shard.clone().run_deadlines()).detach();
+    if shard.l3.is_some() {
+        glommio::spawn_local(shard.clone().run_l3()).detach();
+    }
 }
 
 /// How long busy batchers may run before the executor polls for I/O and

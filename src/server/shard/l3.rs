@@ -1,0 +1,249 @@
+//! The shard's side of the L3 tier (`crate::cache::l3`): a request that
+//! missed L1 and L2 is parked (its frame copied into a reused slab entry)
+//! while its key is looked up in Redis by the process's L3 thread; the
+//! `run_l3` task answers it on a hit, or hands the frame back to
+//! `handle_frame` to compute on a miss, an error, or once the lookup budget
+//! is spent. Nothing here blocks the shard: the task polls the bounded
+//! reply channel only while lookups are outstanding, and sleeps on a local
+//! `Notify` otherwise.
+
+use super::Shard;
+use crate::cache::l3::{decode, Reply, L3};
+use crate::cache::CacheKey;
+use crate::server::conn_state::Conn;
+use crate::server::notify::Notify;
+use crate::server::slab::Slab;
+use crate::wire::{RunInfo, Timings};
+use crossbeam::channel::Receiver;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Lookups one shard keeps outstanding; beyond, requests compute at once.
+const PARKED_MAX: usize = 1024;
+/// How often replies are polled while lookups are outstanding.
+const POLL: Duration = Duration::from_micros(50);
+
+#[derive(Default)]
+struct Parked {
+    conn: Option<Rc<Conn>>,
+    frame: Vec<u8>,
+    arrival: Option<Instant>,
+    key: CacheKey,
+    slot: usize,
+    out_len: usize,
+    rows: usize,
+    id: u64,
+    /// Tells a live entry from an earlier use of the same slab index.
+    serial: u64,
+}
+
+pub(crate) struct L3Shard {
+    l3: Arc<L3>,
+    replies: Receiver<Reply>,
+    parked: RefCell<Slab<Parked>>,
+    /// (entry, serial, when its budget ends), oldest first.
+    due: RefCell<VecDeque<(u32, u64, Instant)>>,
+    serial: Cell<u64>,
+    wake: Notify,
+    /// Set while a frame whose L3 lookup missed is handled again.
+    pub skip: Cell<bool>,
+}
+
+impl L3Shard {
+    pub fn new(l3: &Arc<L3>, shard: usize) -> Option<L3Shard> {
+        Some(L3Shard {
+            replies: l3.take_replies(shard)?,
+            l3: l3.clone(),
+            parked: RefCell::new(Slab::with_capacity(PARKED_MAX)),
+            due: RefCell::new(VecDeque::with_capacity(PARKED_MAX)),
+            serial: Cell::new(0),
+            wake: Notify::default(),
+            skip: Cell::new(false),
+        })
+    }
+}
+
+/// What a parked request needs to be answered from L3.
+pub(super) struct ParkReq<'a> {
+    pub body: &'a [u8],
+    pub key: CacheKey,
+    pub slot: usize,
+    pub out_len: usize,
+    pub rows: usize,
+    pub id: u64,
+    pub arrival: Instant,
+}
+
+impl Shard {
+    /// After an L1/L2 miss: send the key to L3 and park the request.
+    /// False when it was not parked (no L3, breaker open, full): compute.
+    pub(super) fn l3_park(&self, conn: &Rc<Conn>, p: ParkReq<'_>) -> bool {
+        let Some(s) = &self.l3 else {
+            return false;
+        };
+        if s.skip.get() {
+            return false;
+        }
+        let mut parked = s.parked.borrow_mut();
+        let Some(i) = parked.acquire() else {
+            s.l3.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        if !s.l3.lookup(self.id, i as u32, p.key) {
+            parked.release(i);
+            return false;
+        }
+        let serial = s.serial.get() + 1;
+        s.serial.set(serial);
+        let e = parked.get_mut(i);
+        e.conn = Some(conn.clone());
+        e.frame.clear();
+        e.frame.extend_from_slice(p.body);
+        e.arrival = Some(p.arrival);
+        e.key = p.key;
+        e.slot = p.slot;
+        e.out_len = p.out_len;
+        e.rows = p.rows;
+        e.id = p.id;
+        e.serial = serial;
+        s.due
+            .borrow_mut()
+            .push_back((i as u32, serial, Instant::now() + s.l3.cfg.lookup_budget));
+        conn.in_flight.set(conn.in_flight.get() + 1);
+        s.wake.notify();
+        true
+    }
+
+    /// Answers parked requests from L3 replies; computes those whose
+    /// lookup missed or ran out of budget.
+    pub(crate) async fn run_l3(self: Rc<Self>) {
+        let Some(s) = &self.l3 else {
+            return;
+        };
+        loop {
+            if s.due.borrow().is_empty() {
+                s.wake.wait().await;
+                continue;
+            }
+            while let Ok(r) = s.replies.try_recv() {
+                self.l3_reply(s, r);
+            }
+            let now = Instant::now();
+            let mut next = None;
+            loop {
+                let front = s.due.borrow().front().copied();
+                match front {
+                    Some((i, serial, until)) if until <= now => {
+                        s.due.borrow_mut().pop_front();
+                        if self.l3_live(s, i as usize, serial) {
+                            s.l3.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                            self.l3_compute(s, i as usize);
+                        }
+                    }
+                    Some((_, _, until)) => {
+                        next = Some(until);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            if let Some(until) = next {
+                let wait = until.saturating_duration_since(now).min(POLL);
+                glommio::timer::sleep(wait).await;
+            }
+        }
+    }
+
+    fn l3_live(&self, s: &L3Shard, i: usize, serial: u64) -> bool {
+        let parked = s.parked.borrow();
+        parked
+            .get(i)
+            .is_some_and(|e| e.serial == serial && e.conn.is_some())
+    }
+
+    fn l3_reply(&self, s: &L3Shard, r: Reply) {
+        let i = r.token as usize;
+        let (live, slot, out_len) = {
+            let parked = s.parked.borrow();
+            match parked.get(i) {
+                Some(e) if e.conn.is_some() && e.key == r.key => (true, e.slot, e.out_len),
+                _ => (false, 0, 0),
+            }
+        };
+        if !live {
+            return; // already computing: its budget ran out first
+        }
+        let hit = {
+            let mut buf = self.cache.buf.borrow_mut();
+            r.value
+                .as_deref()
+                .is_some_and(|v| decode(r.key, v, &mut buf[..out_len]))
+        };
+        if !hit {
+            if r.value.is_some() {
+                s.l3.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
+            s.l3.stats.misses.fetch_add(1, Ordering::Relaxed);
+            return self.l3_compute(s, i);
+        }
+        s.l3.stats.hits.fetch_add(1, Ordering::Relaxed);
+        self.metrics.cache_hits_l3.inc();
+        let (conn, id, rows, arrival) = {
+            let mut parked = s.parked.borrow_mut();
+            let e = parked.get_mut(i);
+            let out = (e.conn.take(), e.id, e.rows, e.arrival.take());
+            parked.release(i);
+            out
+        };
+        let (Some(conn), Some(arrival)) = (conn, arrival) else {
+            return;
+        };
+        let sl = &self.slots[slot];
+        let buf = self.cache.buf.borrow();
+        self.cache.insert_local(r.key, sl.cache, &buf[..out_len]);
+        let runs = [RunInfo {
+            model: &sl.model.name,
+            version: sl.model.version,
+            flops: 0,
+        }];
+        self.respond_ok(
+            &conn,
+            id,
+            rows,
+            sl.model.output_width,
+            &buf[..out_len],
+            &runs,
+            arrival,
+            Timings::default(),
+            true,
+            Default::default(),
+        );
+    }
+
+    /// Hand parked entry `i` back to the request path, L3 skipped.
+    fn l3_compute(&self, s: &L3Shard, i: usize) {
+        let (conn, mut frame, arrival) = {
+            let mut parked = s.parked.borrow_mut();
+            let e = parked.get_mut(i);
+            (
+                e.conn.take(),
+                std::mem::take(&mut e.frame),
+                e.arrival.take(),
+            )
+        };
+        if let (Some(conn), Some(arrival)) = (conn, arrival) {
+            conn.request_done();
+            s.skip.set(true);
+            self.handle_frame(&conn, &frame, arrival);
+            s.skip.set(false);
+        }
+        frame.clear();
+        let mut parked = s.parked.borrow_mut();
+        parked.get_mut(i).frame = frame;
+        parked.release(i);
+    }
+}

@@ -1,0 +1,260 @@
+//! The L3 tier on a real `redis-server` (Debian package `redis-server`;
+//! `.ci/run` installs it): an answer computed on one node is a hit on
+//! another; a Redis that dies or hangs fails no request and opens the
+//! breaker; a Redis that comes back closes it. Prints `SKIP:` without
+//! redis-server.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    /// A fresh redis-server on `port` (0: a free one), or `None` when the
+    /// binary is missing.
+    fn start(port: u16) -> Option<Redis> {
+        let bin = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let port = if port == 0 { free_port() } else { port };
+        let child = Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let r = Redis { child, port };
+        wait_until(Duration::from_secs(10), "redis-server answers PING", || {
+            r.ping()
+        });
+        Some(r)
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} redis-server");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn redis_or_skip() -> Option<Redis> {
+    let r = Redis::start(0);
+    if r.is_none() {
+        println!("SKIP: redis-server not found (apt-get install redis-server)");
+    }
+    r
+}
+
+/// A node with its own L2 file and the shared L3 at `url`.
+fn node(name: &str, url: &str) -> beast::server::ServerHandle {
+    let mut cfg = test_config();
+    cfg.cache.l2_path = temp_dir(name).join("l2.cache");
+    cfg.cache.l2_bytes = 1 << 20;
+    cfg.cache.l3 = Some(beast::config::L3Settings {
+        url: url.into(),
+        ..Default::default()
+    });
+    start_with(cfg, test_repository(300_000))
+}
+
+/// One series of `name` with exactly `labels` (e.g. `{tier="l3"}`).
+fn series(admin: std::net::SocketAddr, name_labels: &str) -> Option<f64> {
+    let (code, text) =
+        beast::server::admin::get(&admin.to_string(), "/metrics", Duration::from_secs(5)).ok()?;
+    assert_eq!(code, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_labels)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn breaker(admin: std::net::SocketAddr) -> Option<f64> {
+    series(admin, "beast_cache_l3_breaker_open")
+}
+
+fn ask(conn: &mut Raw, id: u64, seed: u64) -> Owned {
+    let x = rows(seed, 1, WIDTH);
+    conn.send(id, &spec("a", 1, WIDTH, &x));
+    conn.recv()
+}
+
+#[test]
+fn an_answer_computed_on_one_node_is_an_l3_hit_on_another() {
+    let Some(redis) = redis_or_skip() else {
+        return;
+    };
+    let (a, b) = (node("l3-a", &redis.url()), node("l3-b", &redis.url()));
+    let (aa, ba) = (a.admin_addr.unwrap(), b.admin_addr.unwrap());
+    for admin in [aa, ba] {
+        wait_until(Duration::from_secs(10), "the L3 breaker closes", || {
+            breaker(admin) == Some(0.0)
+        });
+    }
+    let mut ca = Raw::connect(a.addr);
+    let first = ask(&mut ca, 1, 42);
+    assert_eq!(first.status, beast::wire::Status::Ok, "{}", first.message);
+    assert_eq!(series(aa, "beast_cache_hits_total{tier=\"l3\"}"), Some(0.0));
+    wait_until(
+        Duration::from_secs(10),
+        "node A writes its answer to L3",
+        || series(aa, "beast_cache_l3_fills_total") == Some(1.0),
+    );
+
+    assert_eq!(
+        series(aa, "beast_batch_size_count{model=\"a\"}"),
+        Some(1.0),
+        "A computed it"
+    );
+
+    let mut cb = Raw::connect(b.addr);
+    let second = ask(&mut cb, 2, 42);
+    assert_eq!(second.status, beast::wire::Status::Ok, "{}", second.message);
+    assert_eq!(second.output, first.output, "B answers what A computed");
+    assert_eq!(
+        series(ba, "beast_cache_hits_total{tier=\"l3\"}"),
+        Some(1.0),
+        "B's answer came from L3"
+    );
+    assert_eq!(
+        series(ba, "beast_batch_size_count{model=\"a\"}"),
+        Some(0.0),
+        "B computed nothing"
+    );
+    // B filled its own L2/L1 from the hit: asked again, it does not go to L3.
+    let third = ask(&mut cb, 3, 42);
+    assert_eq!(third.output, first.output);
+    assert_eq!(series(ba, "beast_cache_hits_total{tier=\"l1\"}"), Some(1.0));
+
+    // A different input misses L3 on B and is computed there.
+    let other = ask(&mut cb, 4, 43);
+    assert_eq!(other.status, beast::wire::Status::Ok);
+    assert_close(
+        &other.output,
+        &direct(&model("a"), &rows(43, 1, WIDTH), 1),
+        1e-2,
+    );
+    assert_eq!(
+        series(ba, "beast_cache_l3_lookups_total{result=\"miss\"}"),
+        Some(1.0)
+    );
+    let readyz =
+        beast::server::admin::get(&ba.to_string(), "/readyz", Duration::from_secs(5)).unwrap();
+    assert_eq!(readyz.0, 200);
+    assert!(readyz.1.contains("breaker closed"), "{}", readyz.1);
+}
+
+#[test]
+fn redis_dying_and_coming_back_fails_no_request_and_moves_the_breaker() {
+    let Some(redis) = redis_or_skip() else {
+        return;
+    };
+    let port = redis.port;
+    let n = node("l3-down", &redis.url());
+    let admin = n.admin_addr.unwrap();
+    wait_until(Duration::from_secs(10), "the L3 breaker closes", || {
+        breaker(admin) == Some(0.0)
+    });
+    let mut c = Raw::connect(n.addr);
+    let mut id = 0u64;
+    let mut check = |c: &mut Raw| {
+        id += 1;
+        let r = ask(c, id, 1000 + id);
+        assert_eq!(
+            r.status,
+            beast::wire::Status::Ok,
+            "request {id}: {}",
+            r.message
+        );
+        assert_close(
+            &r.output,
+            &direct(&model("a"), &rows(1000 + id, 1, WIDTH), 1),
+            1e-2,
+        );
+    };
+    for _ in 0..5 {
+        check(&mut c);
+    }
+    drop(redis); // killed
+    wait_until(Duration::from_secs(10), "the breaker opens", || {
+        check(&mut c);
+        breaker(admin) == Some(1.0)
+    });
+    for _ in 0..5 {
+        check(&mut c);
+    }
+    let readyz =
+        beast::server::admin::get(&admin.to_string(), "/readyz", Duration::from_secs(5)).unwrap();
+    assert_eq!(readyz.0, 200, "an open breaker leaves the node ready");
+    assert!(readyz.1.contains("breaker open"), "{}", readyz.1);
+
+    let _back = Redis::start(port).expect("redis-server restarts");
+    wait_until(Duration::from_secs(10), "the breaker closes again", || {
+        check(&mut c);
+        breaker(admin) == Some(0.0)
+    });
+    check(&mut c);
+    assert!(series(admin, "beast_cache_l3_breaker_opens_total") >= Some(1.0));
+}
+
+#[test]
+fn a_hung_redis_costs_at_most_the_lookup_budget_and_opens_the_breaker() {
+    let Some(redis) = redis_or_skip() else {
+        return;
+    };
+    let n = node("l3-hung", &redis.url());
+    let admin = n.admin_addr.unwrap();
+    wait_until(Duration::from_secs(10), "the L3 breaker closes", || {
+        breaker(admin) == Some(0.0)
+    });
+    let mut c = Raw::connect(n.addr);
+    redis.signal("-STOP");
+    let mut id = 0;
+    wait_until(Duration::from_secs(10), "the breaker opens", || {
+        id += 1;
+        let r = ask(&mut c, id, 5000 + id);
+        assert_eq!(r.status, beast::wire::Status::Ok, "{}", r.message);
+        breaker(admin) == Some(1.0)
+    });
+    assert!(
+        series(admin, "beast_cache_l3_lookups_total{result=\"timeout\"}") >= Some(1.0),
+        "the first lookups ran out of budget and were computed"
+    );
+    redis.signal("-CONT");
+    wait_until(Duration::from_secs(10), "the breaker closes again", || {
+        breaker(admin) == Some(0.0)
+    });
+}
