@@ -154,6 +154,11 @@ fn an_answer_computed_on_one_node_is_an_l3_hit_on_another() {
         Some(0.0),
         "B computed nothing"
     );
+    assert_eq!(
+        metric(ba, "beast_in_flight_requests"),
+        Some(0.0),
+        "an L3 hit leaves nothing in flight"
+    );
     // B filled its own L2/L1 from the hit: asked again, it does not go to L3.
     let third = ask(&mut cb, 3, 42);
     assert_eq!(third.output, first.output);
@@ -257,4 +262,83 @@ fn a_hung_redis_costs_at_most_the_lookup_budget_and_opens_the_breaker() {
     wait_until(Duration::from_secs(10), "the breaker closes again", || {
         breaker(admin) == Some(0.0)
     });
+}
+
+/// perf/l3.md: p50/p99 of one request at a time on one connection — a
+/// compute on a node without L3, a compute after an L3 miss, an L3 hit, an
+/// L1 hit — for the tiny test model `a` and a 256→1024→1024→16 MLP.
+/// `cargo test --release --test l3 -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_l3_hit_against_compute() {
+    use beast::model::{Activation, Model, OutputTransform};
+    let Some(redis) = redis_or_skip() else {
+        return;
+    };
+    let n = 2000u64;
+    let big = || {
+        let mut m = Model::random(
+            "big",
+            &[256, 1024, 1024, 16],
+            Activation::Relu,
+            OutputTransform::Softmax,
+            9,
+        );
+        m.batch.max_queue_delay_us = 0;
+        std::sync::Arc::new(m)
+    };
+    let repo = || {
+        let mut r = test_repository(300_000);
+        r.models.insert("big".into(), vec![big()]);
+        r
+    };
+    let mk = |name: &str, l3: bool| {
+        let mut cfg = test_config();
+        cfg.cache.l2_path = temp_dir(name).join("l2.cache");
+        cfg.cache.l2_bytes = 16 << 20;
+        if l3 {
+            cfg.cache.l3 = Some(beast::config::L3Settings {
+                url: redis.url(),
+                ..Default::default()
+            });
+        }
+        start_with(cfg, repo())
+    };
+    let (a, b, c) = (mk("p-a", true), mk("p-b", true), mk("p-c", false));
+    for h in [&a, &b] {
+        let admin = h.admin_addr.unwrap();
+        wait_until(Duration::from_secs(10), "breaker closed", || {
+            breaker(admin) == Some(0.0)
+        });
+    }
+    for (target, width) in [("a", WIDTH), ("big", 256)] {
+        let run = |h: &beast::server::ServerHandle, seed0: u64| {
+            let mut conn = Raw::connect(h.addr);
+            let mut us = Vec::new();
+            for i in 0..n {
+                let x = rows(seed0 + i, 1, width);
+                let t = std::time::Instant::now();
+                conn.send(i, &spec(target, 1, width, &x));
+                let r = conn.recv();
+                us.push(t.elapsed().as_secs_f64() * 1e6);
+                assert_eq!(r.status, beast::wire::Status::Ok, "{}", r.message);
+            }
+            us.sort_by(f64::total_cmp);
+            let p = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)];
+            format!("p50 {:7.1} us  p99 {:7.1} us", p(0.5), p(0.99))
+        };
+        let seed = if target == "a" { 1_000_000 } else { 2_000_000 };
+        println!("{target}: compute, no L3:        {}", run(&c, seed));
+        println!("{target}: compute after L3 miss: {}", run(&a, seed));
+        wait_until(Duration::from_secs(10), "fills written", || {
+            series(a.admin_addr.unwrap(), "beast_cache_l3_fills_total").unwrap_or(0.0)
+                >= if target == "a" {
+                    n as f64
+                } else {
+                    2.0 * n as f64
+                }
+        });
+        println!("{target}: L3 hit:                {}", run(&b, seed));
+        println!("{target}: L1 hit:                {}", run(&b, seed));
+    }
 }

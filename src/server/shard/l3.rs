@@ -202,6 +202,7 @@ impl Shard {
         let (Some(conn), Some(arrival)) = (conn, arrival) else {
             return;
         };
+        conn.request_done();
         let sl = &self.slots[slot];
         let buf = self.cache.buf.borrow();
         self.cache.insert_local(r.key, sl.cache, &buf[..out_len]);
