@@ -161,6 +161,18 @@ pub struct L3Settings {
     pub ttl_s: u64,
     /// Longest a request waits for an L3 answer before computing, µs.
     pub lookup_budget_us: u64,
+    /// `auto`: look a request up only when its predicted queue wait and
+    /// compute exceed the shard's measured L3 round trip; `always`.
+    pub lookup: L3Lookup,
+}
+
+/// When a request is looked up in L3 (`cache.l3.lookup`).
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum L3Lookup {
+    #[default]
+    Auto,
+    Always,
 }
 
 impl Default for L3Settings {
@@ -169,6 +181,7 @@ impl Default for L3Settings {
             url: String::new(),
             ttl_s: 3600,
             lookup_budget_us: 1000,
+            lookup: L3Lookup::Auto,
         }
     }
 }

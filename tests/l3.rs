@@ -88,6 +88,8 @@ fn node(name: &str, url: &str) -> beast::server::ServerHandle {
     cfg.cache.l2_bytes = 1 << 20;
     cfg.cache.l3 = Some(beast::config::L3Settings {
         url: url.into(),
+        // The test models compute in µs: `auto` would rather compute.
+        lookup: beast::config::L3Lookup::Always,
         ..Default::default()
     });
     start_with(cfg, test_repository(300_000))
@@ -264,6 +266,51 @@ fn a_hung_redis_costs_at_most_the_lookup_budget_and_opens_the_breaker() {
     });
 }
 
+#[test]
+fn auto_lookup_stops_asking_l3_for_a_model_that_computes_faster_than_a_round_trip() {
+    let Some(redis) = redis_or_skip() else {
+        return;
+    };
+    let mut cfg = test_config();
+    cfg.cache.l3 = Some(beast::config::L3Settings {
+        url: redis.url(),
+        ..Default::default()
+    });
+    assert_eq!(
+        cfg.cache.l3.as_ref().unwrap().lookup,
+        beast::config::L3Lookup::Auto
+    );
+    let n = start_with(cfg, test_repository(300_000));
+    let admin = n.admin_addr.unwrap();
+    wait_until(Duration::from_secs(10), "the L3 breaker closes", || {
+        breaker(admin) == Some(0.0)
+    });
+    let mut c = Raw::connect(n.addr);
+    let mut id = 0;
+    // `a` computes in a few µs; a Redis round trip through the L3 thread
+    // takes tens: once both are measured, requests compute without asking.
+    wait_until(
+        Duration::from_secs(10),
+        "lookups judged not worth it",
+        || {
+            id += 1;
+            let r = ask(&mut c, id, 9000 + id);
+            assert_eq!(r.status, beast::wire::Status::Ok, "{}", r.message);
+            series(admin, "beast_cache_l3_lookups_total{result=\"cheaper\"}") >= Some(1.0)
+        },
+    );
+    let sent = series(admin, "beast_cache_l3_lookups_total{result=\"sent\"}");
+    for _ in 0..20 {
+        id += 1;
+        assert_eq!(ask(&mut c, id, 9000 + id).status, beast::wire::Status::Ok);
+    }
+    assert_eq!(
+        series(admin, "beast_cache_l3_lookups_total{result=\"sent\"}"),
+        sent,
+        "no more lookups for a model cheaper than L3"
+    );
+}
+
 /// perf/l3.md: p50/p99 of one request at a time on one connection — a
 /// compute on a node without L3, a compute after an L3 miss, an L3 hit, an
 /// L1 hit — for the tiny test model `a` and a 256→1024→1024→16 MLP.
@@ -299,6 +346,7 @@ fn measure_l3_hit_against_compute() {
         if l3 {
             cfg.cache.l3 = Some(beast::config::L3Settings {
                 url: redis.url(),
+                lookup: beast::config::L3Lookup::Always,
                 ..Default::default()
             });
         }

@@ -47,6 +47,9 @@ pub struct L3Config {
     pub ttl_s: u64,
     pub lookup_budget: Duration,
     pub shards: usize,
+    /// Look up every request, not only those whose compute is predicted to
+    /// take longer than an L3 round trip.
+    pub always: bool,
 }
 
 /// Breaker state (`beast_cache_l3_breaker_open`).
@@ -65,6 +68,8 @@ pub struct L3Stats {
     pub timeouts: AtomicU64,
     /// Lookups not sent: breaker open or queue full.
     pub skipped: AtomicU64,
+    /// Lookups not sent because computing was predicted to be quicker.
+    pub cheaper: AtomicU64,
     pub corrupt: AtomicU64,
     pub fills: AtomicU64,
     pub fills_dropped: AtomicU64,
@@ -108,9 +113,15 @@ enum Msg {
     },
 }
 
+/// Per shard: the waker of its L3 task while it waits for replies (a
+/// glommio waker may be woken from another thread). Locked once per wait
+/// and once per reply batch, never per request.
+type Wakers = Arc<Vec<std::sync::Mutex<Option<std::task::Waker>>>>;
+
 /// The process's handle on the L3 thread.
 pub struct L3 {
     tx: Sender<Msg>,
+    wakers: Wakers,
     replies: std::sync::Mutex<Vec<Option<Receiver<Reply>>>>,
     pub stats: Arc<L3Stats>,
     pub cfg: L3Config,
@@ -132,14 +143,17 @@ impl L3 {
         }
         let stats = Arc::new(L3Stats::default());
         stats.breaker.store(OPEN, Ordering::Relaxed);
+        let wakers: Wakers = Arc::new((0..cfg.shards).map(|_| Default::default()).collect());
         let st = stats.clone();
         let c = cfg.clone();
+        let w = wakers.clone();
         std::thread::Builder::new()
             .name("beast-l3".into())
-            .spawn(move || io_loop(client, c, rx, senders, st))
+            .spawn(move || io_loop(client, c, rx, senders, w, st))
             .map_err(|e| format!("cannot start the L3 thread: {e}"))?;
         Ok(Arc::new(L3 {
             tx,
+            wakers,
             replies: std::sync::Mutex::new(receivers),
             stats,
             cfg,
@@ -149,6 +163,16 @@ impl L3 {
     /// Shard `shard`'s reply channel (taken once, at shard start).
     pub fn take_replies(&self, shard: usize) -> Option<Receiver<Reply>> {
         self.replies.lock().ok()?.get_mut(shard)?.take()
+    }
+
+    /// Wake `waker` when replies for `shard` are posted.
+    pub fn register(&self, shard: usize, waker: &std::task::Waker) {
+        if let Some(Ok(mut w)) = self.wakers.get(shard).map(|m| m.lock()) {
+            match &*w {
+                Some(old) if old.will_wake(waker) => {}
+                _ => *w = Some(waker.clone()),
+            }
+        }
     }
 
     /// Queue a lookup; false when it was not sent (breaker open, queue
@@ -318,7 +342,12 @@ impl Io {
         }
     }
 
-    fn get_batch(&mut self, gets: &[(u16, u32, CacheKey)], replies: &[Sender<Reply>]) {
+    fn get_batch(
+        &mut self,
+        gets: &[(u16, u32, CacheKey)],
+        replies: &[Sender<Reply>],
+        wakers: &Wakers,
+    ) {
         let Some(con) = self.con.as_mut() else {
             return;
         };
@@ -329,9 +358,14 @@ impl Io {
         }
         match cmd.query::<Vec<Option<Vec<u8>>>>(con) {
             Ok(values) => {
+                let mut woken = [false; 64];
                 for (&(shard, token, key), value) in gets.iter().zip(values) {
                     if let Some(s) = replies.get(shard as usize) {
                         let _ = s.try_send(Reply { token, key, value });
+                        let i = shard as usize;
+                        if i >= 64 || !std::mem::replace(&mut woken[i], true) {
+                            wake(wakers, i);
+                        }
                     }
                 }
                 self.note_time(t0.elapsed());
@@ -380,11 +414,19 @@ impl Io {
     }
 }
 
+fn wake(wakers: &Wakers, shard: usize) {
+    let w = wakers.get(shard).and_then(|m| m.lock().ok()?.take());
+    if let Some(w) = w {
+        w.wake();
+    }
+}
+
 fn io_loop(
     client: redis::Client,
     cfg: L3Config,
     rx: Receiver<Msg>,
     replies: Vec<Sender<Reply>>,
+    wakers: Wakers,
     stats: Arc<L3Stats>,
 ) {
     let mut io = Io {
@@ -424,7 +466,7 @@ fn io_loop(
             continue;
         }
         if !gets.is_empty() {
-            io.get_batch(&gets, &replies);
+            io.get_batch(&gets, &replies, &wakers);
             gets.clear();
         }
         if !puts.is_empty() {

@@ -436,7 +436,7 @@ pub fn render_l3(out: &mut String, s: &crate::cache::l3::L3Stats) {
         out,
         name,
         "counter",
-        "L3 lookups by outcome (sent, hit, miss, timeout = budget spent, skipped = not sent, corrupt).",
+        "L3 lookups by outcome (sent, hit, miss, timeout = budget spent, skipped = not sent, cheaper = computing predicted quicker, corrupt).",
     );
     for (result, v) in [
         ("sent", &s.lookups),
@@ -444,6 +444,7 @@ pub fn render_l3(out: &mut String, s: &crate::cache::l3::L3Stats) {
         ("miss", &s.misses),
         ("timeout", &s.timeouts),
         ("skipped", &s.skipped),
+        ("cheaper", &s.cheaper),
         ("corrupt", &s.corrupt),
     ] {
         sample(out, name, &[("result", result)], v.load(Relaxed));

@@ -94,6 +94,7 @@ impl CacheShared {
                     ttl_s: l3.ttl_s,
                     lookup_budget: std::time::Duration::from_micros(l3.lookup_budget_us),
                     shards: cfg.shard_cpus().len(),
+                    always: l3.lookup == crate::config::L3Lookup::Always,
                 };
                 match L3::start(c) {
                     Ok(l3) => {

@@ -3,9 +3,10 @@
 //! while its key is looked up in Redis by the process's L3 thread; the
 //! `run_l3` task answers it on a hit, or hands the frame back to
 //! `handle_frame` to compute on a miss, an error, or once the lookup budget
-//! is spent. Nothing here blocks the shard: the task polls the bounded
-//! reply channel only while lookups are outstanding, and sleeps on a local
-//! `Notify` otherwise.
+//! is spent. Nothing here blocks the shard: while lookups are outstanding
+//! the task waits for the L3 thread to wake it (glommio wakers may be woken
+//! from another thread) or for the oldest budget to end; with none, it
+//! sleeps on a local `Notify`.
 
 use super::Shard;
 use crate::cache::l3::{decode, Reply, L3};
@@ -20,12 +21,11 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::task::Poll;
+use std::time::Instant;
 
 /// Lookups one shard keeps outstanding; beyond, requests compute at once.
 const PARKED_MAX: usize = 1024;
-/// How often replies are polled while lookups are outstanding.
-const POLL: Duration = Duration::from_micros(50);
 
 #[derive(Default)]
 struct Parked {
@@ -39,6 +39,7 @@ struct Parked {
     id: u64,
     /// Tells a live entry from an earlier use of the same slab index.
     serial: u64,
+    sent: Option<Instant>,
 }
 
 pub(crate) struct L3Shard {
@@ -51,6 +52,9 @@ pub(crate) struct L3Shard {
     wake: Notify,
     /// Set while a frame whose L3 lookup missed is handled again.
     pub skip: Cell<bool>,
+    /// Moving average of park → reply, µs (a budget spent counts as the
+    /// budget): what a lookup costs here.
+    rtt_us: Cell<f32>,
 }
 
 impl L3Shard {
@@ -63,6 +67,7 @@ impl L3Shard {
             serial: Cell::new(0),
             wake: Notify::default(),
             skip: Cell::new(false),
+            rtt_us: Cell::new(0.0),
         })
     }
 }
@@ -88,6 +93,11 @@ impl Shard {
         if s.skip.get() {
             return false;
         }
+        if !s.l3.cfg.always && self.predicted_wait_us(p.slot, p.rows) < s.rtt_us.get() {
+            // Computing is predicted to answer sooner than L3 would.
+            s.l3.stats.cheaper.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         let mut parked = s.parked.borrow_mut();
         let Some(i) = parked.acquire() else {
             s.l3.stats.skipped.fetch_add(1, Ordering::Relaxed);
@@ -110,6 +120,7 @@ impl Shard {
         e.rows = p.rows;
         e.id = p.id;
         e.serial = serial;
+        e.sent = Some(Instant::now());
         s.due
             .borrow_mut()
             .push_back((i as u32, serial, Instant::now() + s.l3.cfg.lookup_budget));
@@ -141,6 +152,7 @@ impl Shard {
                         s.due.borrow_mut().pop_front();
                         if self.l3_live(s, i as usize, serial) {
                             s.l3.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                            Self::l3_rtt(s, s.l3.cfg.lookup_budget.as_secs_f32() * 1e6);
                             self.l3_compute(s, i as usize);
                         }
                     }
@@ -152,8 +164,21 @@ impl Shard {
                 }
             }
             if let Some(until) = next {
-                let wait = until.saturating_duration_since(now).min(POLL);
-                glommio::timer::sleep(wait).await;
+                // Until a reply is posted (the L3 thread wakes this task
+                // from its own thread) or the oldest budget ends.
+                let replied = std::future::poll_fn(|cx| {
+                    if !s.replies.is_empty() {
+                        return Poll::Ready(());
+                    }
+                    s.l3.register(self.id, cx.waker());
+                    if s.replies.is_empty() {
+                        Poll::Pending
+                    } else {
+                        Poll::Ready(())
+                    }
+                });
+                let wait = until.saturating_duration_since(now);
+                futures_lite::future::or(replied, glommio::timer::sleep(wait)).await;
             }
         }
     }
@@ -167,15 +192,18 @@ impl Shard {
 
     fn l3_reply(&self, s: &L3Shard, r: Reply) {
         let i = r.token as usize;
-        let (live, slot, out_len) = {
+        let (live, slot, out_len, sent) = {
             let parked = s.parked.borrow();
             match parked.get(i) {
-                Some(e) if e.conn.is_some() && e.key == r.key => (true, e.slot, e.out_len),
-                _ => (false, 0, 0),
+                Some(e) if e.conn.is_some() && e.key == r.key => (true, e.slot, e.out_len, e.sent),
+                _ => (false, 0, 0, None),
             }
         };
         if !live {
             return; // already computing: its budget ran out first
+        }
+        if let Some(t) = sent {
+            Self::l3_rtt(s, t.elapsed().as_secs_f32() * 1e6);
         }
         let hit = {
             let mut buf = self.cache.buf.borrow_mut();
@@ -223,6 +251,15 @@ impl Shard {
             true,
             Default::default(),
         );
+    }
+
+    fn l3_rtt(s: &L3Shard, us: f32) {
+        let old = s.rtt_us.get();
+        s.rtt_us.set(if old == 0.0 {
+            us
+        } else {
+            old + (us - old) / 16.0
+        });
     }
 
     /// Hand parked entry `i` back to the request path, L3 skipped.
