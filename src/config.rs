@@ -67,6 +67,13 @@ pub struct Config {
     pub io_memory_bytes: usize,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
+    /// SIGTERM drains first: `/readyz` answers 503 at once while requests
+    /// are still served for this many seconds, then the server stops
+    /// (0: stop at once). `POST /v1/drain` does the same on demand.
+    pub drain_s: f64,
+    /// Rescan the repository every this many seconds and apply what
+    /// changed (0: only on SIGHUP or `POST /v1/repository/reload`).
+    pub repository_poll_s: f64,
     /// Batching defaults for models whose model.toml does not set them.
     pub batch: BatchDefaults,
     /// Admin HTTP port (/metrics, /healthz, /readyz, /v1/models, /v1/stats,
@@ -274,6 +281,8 @@ impl Default for Config {
             write_stall_timeout_ms: 10_000,
             io_memory_bytes: 512 << 10,
             shutdown_grace_ms: 10_000,
+            drain_s: 0.0,
+            repository_poll_s: 0.0,
             batch: BatchDefaults::default(),
             admin_listen: "127.0.0.1:9464".to_string(),
             trace_sample_rate: 0.0,
@@ -427,6 +436,14 @@ impl Config {
         sorted.sort_unstable();
         sorted.dedup();
         check(sorted.len() == self.cores.len(), "cores: duplicate CPU");
+        check(
+            self.drain_s.is_finite() && (0.0..=3600.0).contains(&self.drain_s),
+            "drain_s: must be within 0..=3600 seconds",
+        );
+        check(
+            self.repository_poll_s.is_finite() && (0.0..=86400.0).contains(&self.repository_poll_s),
+            "repository_poll_s: must be within 0..=86400 seconds (0: off)",
+        );
         check(
             self.connections_per_shard_max >= 1,
             "connections_per_shard_max: must be >= 1",

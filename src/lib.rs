@@ -14,7 +14,8 @@
 //!   connection loop — the only place that drives a request from start to end.
 //! - [`wire`]: flatbuffers schema, framing, encode/decode; knows nothing of models.
 //! - [`model`]: repository format and loading (shards share the loaded
-//!   `Repository` through an `Arc`; hot reload is not built yet).
+//!   `Repository` through an `Arc`; `server::lifecycle` reloads it without
+//!   a restart).
 //! - [`batch`]: per-model bounded queues and the batching policy.
 //! - [`backend`]: the `Backend` trait and its CPU implementation.
 //! - [`ensemble`]: combiners, per-request member selection (cascade,
@@ -26,6 +27,7 @@
 pub mod backend;
 pub mod batch;
 pub mod cache;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod ensemble;

@@ -9,12 +9,10 @@
 //! - `beast trace --admin ADDR --seconds N --out trace.json` — record sampled
 //!   request traces from a running server (Chrome trace JSON, for Perfetto).
 
-use beast::client::Client;
 use beast::config::Config;
-use beast::wire::{CacheControl, Input, RequestSpec};
 use clap::{Parser, Subcommand};
 use mimalloc::MiMalloc;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,6 +122,35 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CacheCmd,
     },
+    /// List, load, unload or reload models on a running server, without a
+    /// restart (through its admin port; docs/MODELS.md "Lifecycle").
+    Models {
+        #[command(subcommand)]
+        cmd: ModelsCmd,
+        /// The server's admin address.
+        #[arg(long, default_value = "127.0.0.1:9464", global = true)]
+        admin: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCmd {
+    /// Print the models and ensembles served, and the lifecycle state.
+    List,
+    /// Rescan the repository and apply what changed (as SIGHUP does).
+    Reload,
+    /// Load a model (again), or one version of it.
+    Load {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+    },
+    /// Stop serving a model, or one version of it.
+    Unload {
+        name: String,
+        #[arg(long)]
+        version: Option<u32>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -177,7 +204,7 @@ fn main() -> ExitCode {
             no_cache,
             policy,
             admin,
-        } => predict(PredictArgs {
+        } => beast::cli::predict(beast::cli::PredictArgs {
             server,
             target,
             input,
@@ -219,6 +246,7 @@ fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
+        Cmd::Models { cmd, admin } => models(cmd, &admin),
         Cmd::ImportOnnx(args) => {
             beast::import::onnx::import_file(&args).map(|report| print!("{report}"))
         }
@@ -235,7 +263,7 @@ fn main() -> ExitCode {
             admin,
             seconds,
             out,
-        } => trace(&admin, seconds, &out),
+        } => beast::cli::trace(&admin, seconds, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -245,6 +273,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `beast models ...`: one admin request, its answer printed.
+fn models(cmd: ModelsCmd, admin: &str) -> Result<(), String> {
+    let q = |v: Option<u32>| v.map_or(String::new(), |v| format!("?version={v}"));
+    let (method, path) = match cmd {
+        ModelsCmd::List => ("GET", "/v1/models".to_string()),
+        ModelsCmd::Reload => ("POST", "/v1/repository/reload".to_string()),
+        ModelsCmd::Load { name, version } => {
+            ("POST", format!("/v1/models/{name}/load{}", q(version)))
+        }
+        ModelsCmd::Unload { name, version } => {
+            ("POST", format!("/v1/models/{name}/unload{}", q(version)))
+        }
+    };
+    beast::cli::admin_call(method, admin, &path)
 }
 
 /// "0,2-3" → [0, 2, 3].
@@ -385,7 +429,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let cpus = cfg.shard_cpus();
     let handle = starting.start(Arc::new(repo))?;
-    *running.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle.stop_flag());
+    *running.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((handle.stop_flag(), handle.lifecycle()));
     eprintln!(
         "beast: listening on {} with {} shard(s) on CPUs {:?}, backend {}",
         handle.addr,
@@ -404,26 +449,37 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Handle SIGINT and SIGTERM on a thread of their own. While the returned
-/// slot is empty (start-up), a signal logs a line and exits 0 at once:
-/// nothing is served yet, and every start-up step is safe to cut off (the
-/// L2 file is repaired when next opened, as after a crash). Once the slot
-/// holds the server's stop flag, a signal sets it: the server stops
-/// gracefully (answers what is in flight) and exits 0.
-fn on_stop_signals() -> Result<Arc<Mutex<Option<Arc<AtomicBool>>>>, String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+/// Handle SIGINT, SIGTERM and SIGHUP on a thread of their own. While the
+/// returned slot is empty (start-up), SIGINT/SIGTERM log a line and exit 0
+/// at once: nothing is served yet, and every start-up step is safe to cut
+/// off (the L2 file is repaired when next opened, as after a crash); SIGHUP
+/// is logged and ignored. Once the slot holds the server's stop flag and
+/// lifecycle: SIGINT stops gracefully (answers what is in flight) and exits
+/// 0; SIGTERM drains first when `drain_s` > 0 (a second one stops at once);
+/// SIGHUP rescans the repository and applies what changed.
+type Running = Arc<Mutex<Option<(Arc<AtomicBool>, Arc<beast::server::lifecycle::Lifecycle>)>>>;
+
+fn on_stop_signals() -> Result<Running, String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| format!("signal handler: {e}"))?;
-    let running: Arc<Mutex<Option<Arc<AtomicBool>>>> = Arc::new(Mutex::new(None));
+    let running: Running = Arc::new(Mutex::new(None));
     let slot = running.clone();
     std::thread::Builder::new()
         .name("beast-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                let name = match sig {
+                    SIGINT => "SIGINT",
+                    SIGTERM => "SIGTERM",
+                    _ => "SIGHUP",
+                };
                 // Held while deciding, so start-up cannot end in between.
                 let running = slot.lock().unwrap_or_else(|e| e.into_inner());
                 match &*running {
+                    None if sig == SIGHUP => {
+                        eprintln!("beast: SIGHUP during start-up: ignored (the repository is being loaded)");
+                    }
                     None => {
                         eprintln!("beast: {name} during start-up: exiting before serving");
                         // SAFETY: _exit ends the process at once; no
@@ -431,8 +487,21 @@ fn on_stop_signals() -> Result<Arc<Mutex<Option<Arc<AtomicBool>>>>, String> {
                         // threads are mid-step.
                         unsafe { libc::_exit(0) };
                     }
-                    Some(stop) => {
-                        if !stop.swap(true, Ordering::SeqCst) {
+                    Some((_, lifecycle)) if sig == SIGHUP => {
+                        let l = lifecycle.clone();
+                        drop(running);
+                        // A reload takes a while: off the signal thread,
+                        // one at a time (apply serialises them).
+                        let _ = std::thread::Builder::new()
+                            .name("beast-sighup".into())
+                            .spawn(move || {
+                                let _ = l.apply(&beast::server::lifecycle::Change::Rescan, "SIGHUP");
+                            });
+                    }
+                    Some((stop, lifecycle)) => {
+                        if sig == SIGTERM && lifecycle.drain_s() > 0.0 && !lifecycle.is_draining() {
+                            lifecycle.drain(lifecycle.drain_s(), name);
+                        } else if !stop.swap(true, Ordering::SeqCst) {
                             eprintln!("beast: {name}: stopping (answering requests in flight)");
                         }
                     }
@@ -441,168 +510,4 @@ fn on_stop_signals() -> Result<Arc<Mutex<Option<Arc<AtomicBool>>>>, String> {
         })
         .map_err(|e| format!("signal thread: {e}"))?;
     Ok(running)
-}
-
-fn trace(admin: &str, seconds: f64, out: &Path) -> Result<(), String> {
-    let path = format!("/debug/trace?seconds={seconds}");
-    eprintln!("beast: recording traces from {admin} for {seconds} s");
-    let timeout = std::time::Duration::from_secs_f64(seconds.max(0.0) + 30.0);
-    let (code, body) = beast::server::admin::get(admin, &path, timeout)?;
-    if code != 200 {
-        return Err(format!("{admin}{path}: HTTP {code}: {}", body.trim()));
-    }
-    let v: serde_json::Value =
-        serde_json::from_str(&body).map_err(|e| format!("{admin}{path}: not JSON: {e}"))?;
-    std::fs::write(out, &body).map_err(|e| format!("{}: {e}", out.display()))?;
-    let other = &v["otherData"];
-    eprintln!(
-        "beast: wrote {} ({} sampled requests, sample rate {}); open it in https://ui.perfetto.dev",
-        out.display(),
-        other["records"],
-        other["sample_rate"]
-    );
-    if other["records"] == 0 {
-        eprintln!(
-            "beast: note: {}",
-            other["note"].as_str().unwrap_or("no requests were sampled")
-        );
-    }
-    Ok(())
-}
-
-struct PredictArgs {
-    server: String,
-    target: String,
-    input: Option<String>,
-    input_file: Option<PathBuf>,
-    version: Option<u32>,
-    deadline_us: Option<u64>,
-    domain: Option<String>,
-    f16: bool,
-    no_cache: bool,
-    policy: String,
-    admin: String,
-}
-
-fn predict(a: PredictArgs) -> Result<(), String> {
-    let policy = beast::wire::PolicyOverride::ALL
-        .into_iter()
-        .find(|p| p.name() == a.policy)
-        .ok_or_else(|| {
-            format!(
-                "--policy {}: expected default, all, cascade, deadline or bandit",
-                a.policy
-            )
-        })?;
-    let (rows, cols, data) = match (&a.input, &a.input_file) {
-        (Some(s), None) => {
-            let row = parse_row(s).map_err(|e| format!("--input: {e}"))?;
-            (1, row.len(), row)
-        }
-        (None, Some(p)) => read_rows(p)?,
-        _ => return Err("give --input 0.1,0.2,... or --input-file rows.csv|rows.npy".into()),
-    };
-    let f16: Vec<u16> = data
-        .iter()
-        .map(|&x| half::f16::from_f32(x).to_bits())
-        .collect();
-    let input = if a.f16 {
-        Input::F16(&f16)
-    } else {
-        Input::F32(&data)
-    };
-    let spec = RequestSpec {
-        target: &a.target,
-        version: a.version,
-        rows: rows as u32,
-        cols: cols as u32,
-        input,
-        deadline_us: a.deadline_us,
-        domain: a.domain.as_deref(),
-        cache: if a.no_cache {
-            CacheControl::Bypass
-        } else {
-            CacheControl::Use
-        },
-        policy,
-    };
-    let client = Client::connect(&a.server).map_err(|e| format!("connect {}: {e}", a.server))?;
-    let p = client.predict(&spec).map_err(|e| format!("{e}"))?;
-    let info = (!a.admin.is_empty())
-        .then(|| beast::client::labels::fetch_target_info(&a.admin, &a.target))
-        .flatten()
-        .unwrap_or_default();
-    for (r, row) in p.outputs.chunks_exact(p.cols.max(1) as usize).enumerate() {
-        println!("{}", beast::client::labels::describe_row(r, row, &info));
-    }
-    let runs: Vec<String> = p.runs.iter().map(|(m, v, _)| format!("{m} v{v}")).collect();
-    println!(
-        "models: {}; server time {} us (queue {} us, compute {} us){}",
-        runs.join(", "),
-        p.timings.total_us,
-        p.timings.queue_us,
-        p.timings.compute_us,
-        if p.cached { "; cached" } else { "" }
-    );
-    if p.partial {
-        println!("partial: members were cut off by the deadline");
-    }
-    if p.ticket != 0 {
-        println!("ticket {} (for feedback)", p.ticket);
-    }
-    Ok(())
-}
-
-fn parse_row(s: &str) -> Result<Vec<f32>, String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|t| {
-            t.parse::<f32>()
-                .map_err(|_| format!("'{t}' is not a number"))
-        })
-        .collect()
-}
-
-/// Rows from CSV (an optional non-numeric header row is skipped) or NPY.
-fn read_rows(path: &Path) -> Result<(usize, usize, Vec<f32>), String> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ext.eq_ignore_ascii_case("npy") {
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        return beast::client::npy::read_f32_matrix(&bytes)
-            .map_err(|e| format!("{}: {e}", path.display()));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut data = Vec::new();
-    let mut cols = 0;
-    let mut rows = 0;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_row(line) {
-            Ok(row) => {
-                if cols == 0 {
-                    cols = row.len();
-                } else if row.len() != cols {
-                    return Err(format!(
-                        "{}: line {}: {} values, expected {cols}",
-                        path.display(),
-                        i + 1,
-                        row.len()
-                    ));
-                }
-                data.extend(row);
-                rows += 1;
-            }
-            Err(e) if rows == 0 && i == 0 => {
-                let _ = e; // header row
-            }
-            Err(e) => return Err(format!("{}: line {}: {e}", path.display(), i + 1)),
-        }
-    }
-    if rows == 0 {
-        return Err(format!("{}: no rows", path.display()));
-    }
-    Ok((rows, cols, data))
 }

@@ -67,11 +67,19 @@ pub struct Queue<J> {
 impl<J> Queue<J> {
     /// Allocates the ring and job list once (`queue_rows_max` rows).
     pub fn new(limits: BatchLimits, width: usize) -> Self {
+        Self::with_ring(limits, width, Vec::new())
+    }
+
+    /// A queue whose row ring is `ring` (allocated elsewhere, e.g. off the
+    /// shard by a reload; resized when its length is not
+    /// `queue_rows_max × width`).
+    pub fn with_ring(limits: BatchLimits, width: usize, mut ring: Vec<f32>) -> Self {
+        ring.resize(limits.queue_rows_max * width, 0.0);
         Queue {
             limits,
             width,
             jobs: VecDeque::with_capacity(limits.queue_rows_max),
-            ring: vec![0.0; limits.queue_rows_max * width],
+            ring,
             head_row: 0,
             rows: 0,
         }

@@ -90,6 +90,9 @@ pub struct SelectionCounters {
     pub names: Vec<String>,
     pub domains: usize,
     pub counters: Vec<DomainCounters>,
+    /// Counts for an ensemble added after start (not in `names`): kept
+    /// nowhere visible until a restart.
+    pub spare: DomainCounters,
 }
 
 impl SelectionCounters {
@@ -101,6 +104,7 @@ impl SelectionCounters {
             names,
             domains,
             counters,
+            spare: DomainCounters::default(),
         }
     }
 

@@ -65,6 +65,11 @@ impl Window {
         }
     }
 
+    /// (capacity, stride).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.entries.len(), self.stride)
+    }
+
     /// Record an answer; `row(m)` is member m's first output row for each m
     /// in `ran`. Returns the ticket.
     pub fn push<'a>(&mut self, mut e: Entry, cols: usize, row: impl Fn(usize) -> &'a [f32]) -> u64 {

@@ -349,6 +349,13 @@ impl ShardMetrics {
         self.current.store(self.targets.unknown() as u64, Relaxed);
     }
 
+    /// The responses that follow are for target `t` (an index into
+    /// `targets`; shards map their slots and plans to it by name).
+    #[inline]
+    pub fn set_target(&self, t: u16) {
+        self.current.store(t as u64, Relaxed);
+    }
+
     /// The responses that follow are for the model in shard slot `slot`.
     #[inline]
     pub fn set_target_slot(&self, slot: usize) {
@@ -400,14 +407,21 @@ impl ShardMetrics {
         }
     }
 
-    /// The batcher of shard slot `slot` ran `rows` rows in `compute`.
+    /// The batcher of shard slot `slot` (in start-up layout) ran `rows`
+    /// rows in `compute`.
     #[inline]
     pub fn record_batch(&self, slot: usize, rows: usize, compute: Duration) {
+        self.record_batch_of(self.targets.slot(slot), rows, compute)
+    }
+
+    /// A batcher of a model of target `target` ran `rows` rows in `compute`.
+    #[inline]
+    pub fn record_batch_of(&self, target: u16, rows: usize, compute: Duration) {
         let us = compute.as_micros().min(u64::MAX as u128) as u64;
         self.batches.inc();
         self.batch_rows.add(rows as u64);
         self.compute_us.add(us);
-        let m = self.targets.slot(slot) as usize;
+        let m = target as usize;
         if let Some(h) = self.compute_duration.get(m) {
             h.observe(us);
         }

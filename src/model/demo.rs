@@ -57,6 +57,7 @@ pub fn write_model(out: &Path, m: &Model) -> std::io::Result<()> {
     let vdir = dir.join(m.version.to_string());
     std::fs::create_dir_all(&vdir)?;
     let man = ModelManifest {
+        versions: Default::default(),
         input_width: m.input_width,
         output: m.output,
         layer_norm_eps: m

@@ -19,7 +19,9 @@
 //! step of its own, `ensemble::calibrate::calibrate_cascades`.
 
 use super::manifest::{self, ModelManifest};
+use super::rollout::{read_rollout, RolloutSpec};
 use super::trees::{self, manifest::ModelKind};
+pub use super::versions::ScanFilter;
 use super::{BatchLimits, Dense, EnsembleSpec, F16Storage, LayerNorm, Model, WeightsBuf};
 use half::f16;
 use safetensors::tensor::{Dtype, TensorInfo};
@@ -45,6 +47,9 @@ pub struct Repository {
     /// Things skipped without refusing anything (a folder that is not a
     /// version number); already logged.
     pub warnings: Vec<String>,
+    /// Model name → its rollout (`rollout.toml`), the candidate resolved
+    /// to a version served beside at least one other.
+    pub rollouts: BTreeMap<String, RolloutSpec>,
 }
 
 impl Repository {
@@ -86,6 +91,17 @@ pub const ACCEPTED_DTYPES: &str = "F16, F32";
 /// ensemble is refused (recorded in `errors`) while the rest load; only an
 /// unreadable `dir` is an error.
 pub fn load_repository(dir: &Path, defaults: &BatchLimits) -> Result<Repository, String> {
+    load_repository_filtered(dir, defaults, &ScanFilter::default())
+}
+
+/// [`load_repository`] less what `filter` leaves out. Folders whose name
+/// starts with a dot are never read: a version is written as `.tmp-3` and
+/// renamed to `3` once complete (docs/MODELS.md).
+pub fn load_repository_filtered(
+    dir: &Path,
+    defaults: &BatchLimits,
+    filter: &ScanFilter,
+) -> Result<Repository, String> {
     let mut repo = Repository::default();
     let rd = fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut model_dirs = Vec::new();
@@ -107,7 +123,9 @@ pub fn load_repository(dir: &Path, defaults: &BatchLimits) -> Result<Repository,
     }
     model_dirs.sort();
     for name in model_dirs {
-        load_model_dir(&mut repo, dir, &name, defaults);
+        if !filter.skip.contains(&name) {
+            load_model_dir(&mut repo, dir, &name, defaults, filter);
+        }
     }
     repo.refused_models = repo.errors.len();
     load_ensembles(&mut repo, dir);
@@ -127,7 +145,13 @@ enum Manifest {
     Trees(trees::manifest::TreesManifest),
 }
 
-fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &BatchLimits) {
+fn load_model_dir(
+    repo: &mut Repository,
+    dir: &Path,
+    name: &str,
+    defaults: &BatchLimits,
+    filter: &ScanFilter,
+) {
     let mdir = dir.join(name);
     let toml_path = mdir.join("model.toml");
     let text = match fs::read_to_string(&toml_path) {
@@ -179,8 +203,28 @@ fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &Batc
             mdir.display()
         ));
     }
+    // Tree models have no `versions` key: every version folder is served.
+    let policy = match &man {
+        Manifest::Mlp(m) => m.versions.clone(),
+        Manifest::Trees(_) => super::versions::VersionPolicy::All,
+    };
+    let (mut chosen, missing) = policy.select(&versions);
+    for v in missing {
+        repo.refuse(format!(
+            "{}: version {v} is pinned by versions in model.toml but {} does not exist",
+            toml_path.display(),
+            mdir.join(v.to_string()).display()
+        ));
+    }
+    for (n, v) in &filter.add_versions {
+        if n == name && versions.contains(v) && !chosen.contains(v) {
+            chosen.push(*v);
+        }
+    }
+    chosen.retain(|v| !filter.skip_versions.contains(&(name.to_string(), *v)));
+    chosen.sort_unstable();
     let mut loaded = Vec::new();
-    for v in versions {
+    for v in chosen {
         let (wpath, model) = match &man {
             Manifest::Mlp(m) => {
                 let p = mdir.join(v.to_string()).join(WEIGHTS_FILE);
@@ -199,6 +243,13 @@ fn load_model_dir(repo: &mut Repository, dir: &Path, name: &str, defaults: &Batc
         }
     }
     if !loaded.is_empty() {
+        match read_rollout(&mdir, &loaded) {
+            Ok(None) => {}
+            Ok(Some(r)) => {
+                repo.rollouts.insert(name.to_string(), r);
+            }
+            Err(e) => repo.refuse(e),
+        }
         repo.models.insert(name.to_string(), loaded);
     }
 }

@@ -32,6 +32,8 @@ pub struct ModelManifest {
     pub layer_norm_eps: f32,
     pub layers: Vec<LayerSpec>,
     pub batch: BatchLimits,
+    /// Which version folders are served (`versions`, src/model/versions.rs).
+    pub versions: super::versions::VersionPolicy,
     /// `task` (default classification).
     pub task: Task,
     /// `classes`, `[preprocess]`, and whether one sigmoid unit is served
@@ -162,11 +164,13 @@ pub fn parse_model_manifest(text: &str, defaults: &BatchLimits) -> Result<ModelM
             "layer_norm_eps",
             "layers",
             "batching",
+            "versions",
             "task",
             "classes",
             "preprocess",
         ],
     )?;
+    let versions = super::versions::VersionPolicy::parse(t.get("versions"))?;
     let input_width = width(&t, "input_width", "input_width")?
         .ok_or("input_width: missing (the number of input features)")?;
     let output = enum_field::<OutputTransform>(&t, "output", "output")?
@@ -248,6 +252,7 @@ pub fn parse_model_manifest(text: &str, defaults: &BatchLimits) -> Result<ModelM
         ),
     )?;
     Ok(ModelManifest {
+        versions,
         input_width,
         output,
         layer_norm_eps,

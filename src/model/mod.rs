@@ -3,7 +3,8 @@
 //! Owns: what a model *is* in memory (`Model`, `Dense`, `LayerNorm`), how a
 //! repository folder becomes a set of models and ensembles (`load`,
 //! `manifest`) and the deterministic benchmark models (`demo`). The loaded
-//! `Repository` is shared by the shards through an `Arc` (no hot reload yet).
+//! `Repository` is shared by the shards through an `Arc`; a reload builds a
+//! new one and publishes it (`server::lifecycle`, `server::registry`).
 //! May touch: the file system at load time only (each file is read once into
 //! memory the process owns; nothing is mapped, so changing a file later
 //! cannot reach a loaded model). Nothing here runs per request.
@@ -19,7 +20,9 @@ pub mod demo;
 pub mod io;
 pub mod load;
 pub mod manifest;
+pub mod rollout;
 pub mod trees;
+pub mod versions;
 
 pub use io::{ModelIo, Task};
 

@@ -204,6 +204,12 @@ pub(crate) struct TargetPolicy {
     generation: usize,
 }
 
+impl Default for TargetPolicy {
+    fn default() -> Self {
+        Self::disabled()
+    }
+}
+
 impl TargetPolicy {
     pub fn disabled() -> Self {
         TargetPolicy {

@@ -28,7 +28,8 @@
 //!   or write has to wait): nothing per request.
 
 use super::conn_state::Conn;
-use super::shard::Shard;
+use super::shard::Current;
+use crate::metrics::ShardMetrics;
 use crate::metrics::TimedOut;
 use crate::wire::FrameReader;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -41,8 +42,8 @@ use std::time::{Duration, Instant};
 /// Serve one connection until the peer closes, a protocol violation, a
 /// timeout, or shutdown; in-flight requests are always answered (or, if
 /// the peer stopped reading, dropped) before it returns.
-pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
-    let cfg = shard.cfg.clone();
+pub(crate) async fn serve(current: Rc<Current>, mut reader: TcpStream) {
+    let cfg = current.shared.cfg.clone();
     // SAFETY: dup returns a new fd we own; TcpStream takes ownership of it.
     let wfd = unsafe { libc::dup(reader.as_raw_fd()) };
     if wfd < 0 {
@@ -52,9 +53,10 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
     let writer = unsafe { TcpStream::from_raw_fd(wfd) };
     let stall = Duration::from_millis(cfg.write_stall_timeout_ms);
     let _ = writer.set_write_timeout(Some(stall));
-    let conn = Rc::new(Conn::new(cfg.read_buffer_bytes, shard.next_conn_serial()));
-    let wtask = glommio::spawn_local(write_loop(shard.clone(), conn.clone(), writer));
-    read_loop(&shard, &conn, &mut reader).await;
+    let conn = Rc::new(Conn::new(cfg.read_buffer_bytes, current.next_conn_serial()));
+    let metrics = current.shared.metrics.clone();
+    let wtask = glommio::spawn_local(write_loop(metrics, conn.clone(), writer));
+    read_loop(&current, &conn, &mut reader).await;
     conn.closing.set(true);
     conn.writer_wake.notify();
     wtask.await;
@@ -65,14 +67,19 @@ pub(crate) async fn serve(shard: Rc<Shard>, mut reader: TcpStream) {
     unsafe { libc::shutdown(reader.as_raw_fd(), libc::SHUT_RDWR) };
 }
 
-async fn read_loop(shard: &Shard, conn: &Rc<Conn>, reader: &mut TcpStream) {
-    let cfg = &shard.cfg;
+async fn read_loop(current: &Current, conn: &Rc<Conn>, reader: &mut TcpStream) {
+    let cfg = &current.shared.cfg;
+    let metrics = &current.shared.metrics;
     let bound = cfg.pending_bytes_per_connection_max;
     // Every request in flight holds room for the largest answer; the next
     // frame is taken only when its answer fits too (`response_bytes_max`
     // <= bound was checked at start, so an idle connection always can).
-    let answer = shard.response_bytes_max;
-    let room = |c: &Conn| c.pending(answer) + answer <= bound;
+    // The largest over every version installed so far: a swap can only
+    // make the reservation more careful.
+    let room = |c: &Conn| {
+        let answer = current.response_bytes_max();
+        c.pending(answer) + answer <= bound
+    };
     let frame_timeout = Duration::from_millis(cfg.frame_timeout_ms);
     let idle_timeout = Duration::from_millis(cfg.idle_timeout_ms);
     let mut frames = FrameReader::with_capacity(cfg.frame_bytes_max, cfg.read_buffer_bytes);
@@ -84,9 +91,7 @@ async fn read_loop(shard: &Shard, conn: &Rc<Conn>, reader: &mut TcpStream) {
         loop {
             if !room(conn) {
                 // The connection is at its fullest now.
-                shard
-                    .metrics
-                    .record_pending(conn.out.borrow().len() + conn.writing.get());
+                metrics.record_pending(conn.out.borrow().len() + conn.writing.get());
                 let waited = Instant::now();
                 while !room(conn) && !conn.dead.get() {
                     conn.drained.wait().await;
@@ -101,14 +106,15 @@ async fn read_loop(shard: &Shard, conn: &Rc<Conn>, reader: &mut TcpStream) {
             }
             match frames.next_frame() {
                 Ok(Some(body)) => {
-                    shard.handle_frame(conn, body, arrival);
+                    // The version current now: the request finishes on it.
+                    current.get().handle_frame(conn, body, arrival);
                     took = true;
                 }
                 Ok(None) => break,
                 Err(_) => {
                     // The stream cannot be resynchronised: answer what is
                     // in flight, then close.
-                    shard.metrics.connections_dropped.inc();
+                    metrics.connections_dropped.inc();
                     return;
                 }
             }
@@ -125,7 +131,7 @@ async fn read_loop(shard: &Shard, conn: &Rc<Conn>, reader: &mut TcpStream) {
             match end.checked_duration_since(Instant::now()) {
                 Some(left) if !left.is_zero() => left,
                 _ => {
-                    shard.metrics.record_timed_out(TimedOut::Frame);
+                    metrics.record_timed_out(TimedOut::Frame);
                     return;
                 }
             }
@@ -139,11 +145,11 @@ async fn read_loop(shard: &Shard, conn: &Rc<Conn>, reader: &mut TcpStream) {
             }
             Err(e) if e.kind() == ErrorKind::TimedOut => {
                 if frames.buffered() > 0 {
-                    shard.metrics.record_timed_out(TimedOut::Frame);
+                    metrics.record_timed_out(TimedOut::Frame);
                     return;
                 }
                 if conn.is_quiet() {
-                    shard.metrics.record_timed_out(TimedOut::Idle);
+                    metrics.record_timed_out(TimedOut::Idle);
                     return;
                 }
                 // Requests in flight: not idle; wait again.
@@ -153,7 +159,7 @@ async fn read_loop(shard: &Shard, conn: &Rc<Conn>, reader: &mut TcpStream) {
     }
 }
 
-async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut w: TcpStream) {
+async fn write_loop(metrics: std::sync::Arc<ShardMetrics>, conn: Rc<Conn>, mut w: TcpStream) {
     let mut spare: Vec<u8> = Vec::with_capacity(conn.out.borrow().capacity());
     loop {
         if conn.out.borrow().is_empty() {
@@ -169,13 +175,11 @@ async fn write_loop(shard: Rc<Shard>, conn: Rc<Conn>, mut w: TcpStream) {
         let written = w.write_all(&spare).await;
         // The most this connection held: what was being written and what
         // was encoded meanwhile.
-        shard
-            .metrics
-            .record_pending(spare.len() + conn.out.borrow().len());
+        metrics.record_pending(spare.len() + conn.out.borrow().len());
         conn.writing.set(0);
         if let Err(e) = written {
             if e.kind() == ErrorKind::TimedOut {
-                shard.metrics.record_timed_out(TimedOut::WriteStall);
+                metrics.record_timed_out(TimedOut::WriteStall);
             }
             conn.dead.set(true);
             conn.out.borrow_mut().clear();

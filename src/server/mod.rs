@@ -1,10 +1,12 @@
 //! The server: one glommio executor per core ("shard"), each with its own
 //! SO_REUSEPORT listener, connections, batch queues and backend.
 //!
-//! Owns: starting and stopping shards, the accept loop, and (in `conn`)
-//! the connection loop — the only place that drives a request from socket
-//! to socket. Shards share nothing mutable: models are `Arc`s, metrics are
-//! per-shard counters summed by readers.
+//! Owns: starting and stopping shards, the accept loop (`run`), and (in
+//! `conn`) the connection loop — the only place that drives a request from
+//! socket to socket. Shards share nothing mutable: models are `Arc`s,
+//! metrics are per-shard counters summed by readers. What they serve
+//! changes without a restart through `registry` generations published by
+//! `lifecycle` (reload, load, unload, drain, rollouts in `rollout`).
 //!
 //! Shutdown (SIGINT/SIGTERM or [`ServerHandle::stop`]): every shard stops
 //! accepting, shuts down the read side of its connections (no new
@@ -15,26 +17,26 @@ pub mod admin;
 mod cache;
 mod conn;
 mod conn_state;
+pub mod lifecycle;
 mod notify;
+pub mod registry;
+pub mod rollout;
+mod run;
 mod select;
 mod shard;
 mod slab;
 
-use crate::backend;
 use crate::config::Config;
 use crate::ensemble::cost::{self, SelectionCounters, SelectionStat};
 use crate::metrics::{ShardMetrics, Targets, Totals};
 use crate::model::load::Repository;
 pub use cache::CacheShared;
 use glommio::{LocalExecutorBuilder, Placement};
-use shard::Shard;
-use std::cell::{Cell, RefCell};
+use registry::{Hub, Registry};
+use run::{run_shard, ShardStart};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
 
 /// A running server.
 pub struct ServerHandle {
@@ -52,9 +54,15 @@ pub struct ServerHandle {
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
     selection: Vec<Arc<SelectionCounters>>,
+    lifecycle: Arc<lifecycle::Lifecycle>,
 }
 
 impl ServerHandle {
+    /// Reloads, loads and unloads without a restart (docs/MODELS.md).
+    pub fn lifecycle(&self) -> Arc<lifecycle::Lifecycle> {
+        self.lifecycle.clone()
+    }
+
     /// The flag that stops the server when set (signal handlers set it).
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
@@ -216,6 +224,7 @@ impl Starting {
                 threads: parts.threads,
                 metrics: parts.metrics,
                 selection: parts.selection,
+                lifecycle: parts.lifecycle,
             }),
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
@@ -240,10 +249,14 @@ fn start_shards(
         }
     };
     if let Some(a) = admin {
-        let _ = a.state.repo.set(repo.clone());
+        a.state.repo.set(repo.clone());
     }
     let cfg = Arc::new(cfg.clone());
     let cpus = cfg.shard_cpus();
+    let hub = Arc::new(Hub::new(
+        Arc::new(Registry::new(1, repo.clone(), Default::default(), None)),
+        cpus.len(),
+    ));
     step("opening the L2 cache");
     let cache = Arc::new(CacheShared::open(
         &cfg,
@@ -293,7 +306,7 @@ fn start_shards(
         let start = ShardStart {
             id,
             cfg: cfg.clone(),
-            repo: repo.clone(),
+            hub: hub.clone(),
             addr,
             stop: stop.clone(),
             metrics: m,
@@ -343,8 +356,16 @@ fn start_shards(
             }
         }
     }
+    let lifecycle = Arc::new(lifecycle::Lifecycle::new(
+        cfg.clone(),
+        hub,
+        stop.clone(),
+        admin.map(|a| a.state.clone()),
+    ));
+    lifecycle.start_polling();
     if let Some(a) = admin {
         let _ = a.state.backend.set(backend.clone());
+        let _ = a.state.lifecycle.set(lifecycle.clone());
         a.state.ready.store(true, Ordering::Release);
     }
     Ok(Running {
@@ -353,6 +374,7 @@ fn start_shards(
         threads,
         metrics,
         selection,
+        lifecycle,
     })
 }
 
@@ -372,152 +394,7 @@ struct Running {
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     metrics: Vec<Arc<ShardMetrics>>,
     selection: Vec<Arc<SelectionCounters>>,
-}
-
-/// Everything a shard thread starts from.
-struct ShardStart {
-    id: usize,
-    cfg: Arc<Config>,
-    repo: Arc<Repository>,
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    metrics: Arc<ShardMetrics>,
-    /// Reports the backend name once listening, or why the shard could not start.
-    ready: mpsc::Sender<Result<String, String>>,
-    cache: Arc<CacheShared>,
-    selection: Arc<SelectionCounters>,
-}
-
-async fn run_shard(start: ShardStart) {
-    let ShardStart {
-        id,
-        cfg,
-        repo,
-        addr,
-        stop,
-        metrics,
-        ready,
-        cache,
-        selection,
-    } = start;
-    let backend = match cfg.backend_choice() {
-        Ok(choice) => backend::select(&choice),
-        Err(e) => {
-            let _ = ready.send(Err(format!("shard {id}: {e}")));
-            return;
-        }
-    };
-    let shard = match Shard::new(id, cfg.clone(), &repo, backend, metrics, cache, selection) {
-        Ok(s) => Rc::new(s),
-        Err(e) => {
-            let _ = ready.send(Err(format!("shard {id}: {e}")));
-            return;
-        }
-    };
-    if let Err(e) = shard.warm_up() {
-        let _ = ready.send(Err(format!("shard {id}: {e}")));
-        return;
-    }
-    let listener = match listen(addr) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(format!("shard {id}: bind {addr}: {e}")));
-            return;
-        }
-    };
-    shard::spawn_tasks(&shard);
-    let _ = ready.send(Ok(shard.backend_name()));
-    drop(ready);
-
-    let open = Rc::new(Cell::new(0usize));
-    // Read-side fds of open connections, to shut them down on stop.
-    let fds: Rc<RefCell<Vec<i32>>> = Rc::new(RefCell::new(Vec::new()));
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            while !stop.load(Ordering::Relaxed) {
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                // EMFILE and friends: back off instead of spinning.
-                eprintln!("beast: shard {}: accept: {e}", shard.id);
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        if open.get() >= cfg.connections_per_shard_max {
-            shard.metrics.connections_refused.inc();
-            drop(stream);
-            continue;
-        }
-        let _ = stream.set_nodelay(true);
-        shard.metrics.connections_accepted.inc();
-        open.set(open.get() + 1);
-        let fd = stream.as_raw_fd();
-        fds.borrow_mut().push(fd);
-        let (shard2, open2, fds2) = (shard.clone(), open.clone(), fds.clone());
-        glommio::spawn_local(async move {
-            let m = shard2.metrics.clone();
-            conn::serve(shard2, stream).await;
-            m.connections_closed.inc();
-            open2.set(open2.get() - 1);
-            fds2.borrow_mut().retain(|&f| f != fd);
-        })
-        .detach();
-    }
-    drop(listener);
-    shard.stopping.set(true);
-    for &fd in fds.borrow().iter() {
-        // SAFETY: fd belongs to a live connection (removed from the list when it closes).
-        unsafe { libc::shutdown(fd, libc::SHUT_RD) };
-    }
-    let grace = Instant::now() + Duration::from_millis(cfg.shutdown_grace_ms);
-    while open.get() > 0 && Instant::now() < grace {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
-    }
-    // Let the batchers see the stop and return, so every reference to the
-    // shard (and through it the L2 file and its lock) is dropped.
-    for s in &shard.slots {
-        s.wake.notify();
-    }
-    shard.deadline_wake.notify();
-    glommio::timer::sleep(Duration::from_millis(1)).await;
-    shard.save_selection_state();
-    if Rc::strong_count(&shard) > 1 {
-        eprintln!(
-            "beast: shard {}: {} task(s) still hold the shard at exit",
-            shard.id,
-            Rc::strong_count(&shard) - 1
-        );
-    }
-}
-
-/// A shard's listener: SO_REUSEPORT (every shard binds the same port) and
-/// SO_REUSEADDR. The latter is inherited by every accepted connection, so
-/// the connections a stopped or killed server leaves in TIME_WAIT or
-/// FIN_WAIT2 do not block the free-port check (a plain SO_REUSEADDR bind)
-/// of the next server on that port; a live listener still does.
-fn listen(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
-    use std::os::fd::IntoRawFd;
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    s.set_reuse_port(true)?;
-    s.set_reuse_address(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    // SAFETY: a bound, listening socket whose fd we hand over (into_raw_fd
-    // gives up our ownership).
-    Ok(unsafe {
-        <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(s.into_raw_fd())
-    })
+    lifecycle: Arc<lifecycle::Lifecycle>,
 }
 
 /// The soft RLIMIT_MEMLOCK in bytes; `None` when unlimited or unknown.

@@ -43,7 +43,20 @@ pub(crate) struct SelState {
 }
 
 impl SelState {
+    #[cfg(test)]
     pub fn new(shard: usize, cfg: &Config, plans: &[EnsemblePlan], models: &[&Arc<Model>]) -> Self {
+        Self::with_window(shard, cfg, plans, models, None)
+    }
+
+    /// [`SelState::new`] with a feedback window built elsewhere (off the
+    /// shard, by a reload), used when its shape is the one needed.
+    pub fn with_window(
+        shard: usize,
+        cfg: &Config,
+        plans: &[EnsemblePlan],
+        models: &[&Arc<Model>],
+        window: Option<Window>,
+    ) -> Self {
         let domains = cfg.selection_domains_max;
         let stride = plans
             .iter()
@@ -63,7 +76,9 @@ impl SelState {
                 .iter()
                 .map(|p| Learned::new(&p.by_cost, &p.flops_row, p.output_width, domains))
                 .collect(),
-            window: Window::new(shard, window_cap, stride),
+            window: window
+                .filter(|w| w.shape() == (window_cap.max(1), stride))
+                .unwrap_or_else(|| Window::new(shard, window_cap, stride)),
             rng: rand::rngs::StdRng::seed_from_u64(0x5EED ^ shard as u64),
             profiles: models
                 .iter()

@@ -4,13 +4,16 @@
 //! from the request path) that accepts connections and hands each to a
 //! short-lived handler thread (at most [`HANDLERS_MAX`] at once, so a slow
 //! `/debug/trace` does not hold up `/metrics`). It speaks just enough
-//! HTTP/1.1: GET only, one request per connection (`Connection: close`),
+//! HTTP/1.1: GET, and POST for the cache purge and the lifecycle changes
+//! (`lifecycle.rs`), one request per connection (`Connection: close`),
 //! a request head of at most [`REQUEST_BYTES_MAX`] read within
 //! [`READ_TIMEOUT`]. It only reads what the shards publish (atomics), so it
 //! may allocate freely.
 //!
 //! Endpoints: `/metrics` (Prometheus text 0.0.4), `/healthz`, `/readyz`,
-//! `/v1/models`, `/v1/stats`, `/debug/trace?seconds=N` (docs/OBSERVABILITY.md).
+//! `/v1/models`, `/v1/stats`, `/debug/trace?seconds=N`; POST
+//! `/v1/cache/purge`, `/v1/repository/reload`, `/v1/models/NAME/load|unload|promote|rollback`,
+//! `/v1/drain` (docs/OBSERVABILITY.md, docs/MODELS.md).
 //!
 //! The port is up before the slow start-up steps (model load and cascade
 //! calibration, the L2 open scan, shard warm-up): meanwhile `/healthz`
@@ -18,6 +21,7 @@
 //! gauges, and what needs the loaded models 503 `starting`.
 
 mod http;
+mod lifecycle;
 
 pub use http::{fuzz_request_head, get, request, READ_TIMEOUT, REQUEST_BYTES_MAX};
 use http::{parse_head, query_param, read_head, write_response, Request};
@@ -44,8 +48,13 @@ pub const TRACES_MAX: usize = HANDLERS_MAX / 4;
 /// What the admin thread reads. It exists from the start of start-up;
 /// what start-up produces is set once it is there.
 pub(crate) struct AdminState {
-    /// The loaded repository (set once the models are loaded).
-    pub repo: OnceLock<Arc<Repository>>,
+    /// The repository served now (set once the models are loaded,
+    /// replaced by each reload).
+    pub repo: RepoCell,
+    /// Reloads, loads, unloads and drain (set once the shards serve).
+    pub lifecycle: OnceLock<Arc<crate::server::lifecycle::Lifecycle>>,
+    /// `POST /v1/drain` or SIGTERM with `drain_s`: not ready, still serving.
+    pub draining: AtomicBool,
     /// The shards' counters and the cache (set before the shards start).
     pub serving: OnceLock<Serving>,
     /// The start-up step under way, for `/readyz`.
@@ -79,7 +88,9 @@ impl AdminState {
         ready_with_refused: bool,
     ) -> AdminState {
         AdminState {
-            repo: OnceLock::new(),
+            repo: RepoCell::default(),
+            lifecycle: OnceLock::new(),
+            draining: AtomicBool::new(false),
             serving: OnceLock::new(),
             step: Mutex::new("starting up"),
             ready_with_refused,
@@ -109,12 +120,30 @@ impl AdminState {
     }
 }
 
+/// The repository served now; swapped whole by a reload (admin threads
+/// only: never read on the request path).
+#[derive(Default)]
+pub(crate) struct RepoCell(Mutex<Option<Arc<Repository>>>);
+
+impl RepoCell {
+    pub fn get(&self) -> Option<Arc<Repository>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, repo: Arc<Repository>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(repo);
+    }
+}
+
 /// Why the server is not ready (the body of a 503 from `/readyz`), or
 /// `None` when it is. Kept apart from the routing so other reasons can be
 /// added in one place.
 fn not_ready(st: &AdminState) -> Option<String> {
     if st.stop.load(Ordering::Relaxed) {
         return Some("shutting down\n".into());
+    }
+    if st.draining.load(Ordering::Relaxed) {
+        return Some("draining: still answering, stopping soon\n".into());
     }
     if !st.ready.load(Ordering::Acquire) {
         return Some(format!("starting: {}\n", st.step()));
@@ -244,11 +273,14 @@ fn handle(mut stream: TcpStream, st: &AdminState) {
     let (code, ctype, body) = match read_head(&mut stream).as_deref().and_then(parse_head) {
         None => (400, "text/plain", "bad request\n".to_string()),
         Some(r) if r.method == "POST" && r.path == "/v1/cache/purge" => purge(&r, st),
-        Some(r) if r.method != "GET" => (
-            405,
-            "text/plain",
-            "only GET (and POST /v1/cache/purge)\n".to_string(),
-        ),
+        Some(r) if r.method != "GET" => match lifecycle::route(&r, st) {
+            Some(answer) => answer,
+            None => (
+                405,
+                "text/plain",
+                "only GET (and POST /v1/cache/purge, /v1/repository/reload, /v1/models/NAME/load|unload, /v1/drain)\n".to_string(),
+            ),
+        },
         Some(r) => route(&r, st),
     };
     let _ = write_response(&mut stream, code, ctype, body.as_bytes());
@@ -296,6 +328,9 @@ fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
                 }
             }
             render_readiness(&mut text, st);
+            if let Some(l) = st.lifecycle.get() {
+                l.render_metrics(&mut text);
+            }
             (200, metrics::prometheus::CONTENT_TYPE, text)
         }
         "/healthz" => (200, "text/plain", "ok\n".into()),
@@ -313,7 +348,13 @@ fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
             }
         },
         "/v1/models" => match st.repo.get() {
-            Some(repo) => (200, JSON, models_json(repo).to_string()),
+            Some(repo) => {
+                let mut v = models_json(&repo);
+                if let Some(l) = st.lifecycle.get() {
+                    v["lifecycle"] = l.status_json();
+                }
+                (200, JSON, v.to_string())
+            }
             None => (503, "text/plain", "starting\n".into()),
         },
         "/v1/stats" => {

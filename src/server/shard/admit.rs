@@ -5,10 +5,11 @@
 
 use super::answer::{Clip, Extra};
 use super::l3::ParkReq;
-use super::state::{Job, ModelSlot, TargetRef};
+use super::state::{Job, ModelSlot, TargetRef, Trial};
 use super::Shard;
 use crate::batch::{predict_wait_us, Backlog, Readiness};
 use crate::metrics::Shed;
+use crate::model::rollout::RolloutMode;
 use crate::server::cache::Joined;
 use crate::server::conn_state::Conn;
 use crate::wire::{self, CacheControl, Incoming, RequestView, RunInfo, Status, Timings};
@@ -77,13 +78,18 @@ impl Shard {
                 arrival,
                 format_args!("unknown target '{}'", Clip(req.target)),
             ),
-            Some(TargetRef::Model(versions)) => {
-                if let Some(&(_, s)) = versions.first() {
-                    self.metrics.set_target_slot(s);
-                }
-                let slot = match req.version {
-                    None => versions.last().map(|v| v.1),
-                    Some(want) => versions.iter().find(|v| v.0 == want).map(|v| v.1),
+            Some(TargetRef::Model {
+                versions,
+                current,
+                trial,
+            }) => {
+                self.metrics.set_target(self.slot_target[*current]);
+                let (slot, sample) = match req.version {
+                    None => match trial {
+                        Some(t) => self.trial_route(t, *current, &req),
+                        None => (Some(*current), None),
+                    },
+                    Some(want) => (versions.iter().find(|v| v.0 == want).map(|v| v.1), None),
                 };
                 let Some(slot) = slot else {
                     return self.respond_error_fmt(
@@ -116,10 +122,13 @@ impl Shard {
                         ),
                     );
                 }
+                if let Some(t) = sample {
+                    self.trial_sample(t, *current, &req);
+                }
                 self.submit_model(conn, &req, slot, arrival, body);
             }
             Some(TargetRef::Ensemble(p)) => {
-                self.metrics.set_target_plan(*p);
+                self.metrics.set_target(self.plan_target[*p]);
                 if req.version.is_some() {
                     return self.respond_error(
                         conn,
@@ -437,3 +446,58 @@ impl Shard {
 /// (the connections' own work, the OS taking the core). Under overload a
 /// queue of half the budget still keeps the core busy.
 const ADMIT_BUDGET_FRACTION: f32 = 0.5;
+
+impl Shard {
+    /// Under a rollout: the slot a request without a version goes to
+    /// (canary: the candidate for a `fraction` of inputs, by input hash, so
+    /// one input always sees one version), and whether to sample it for
+    /// comparison (shadow: a `fraction` of requests, by count; canary:
+    /// every request the candidate answers).
+    fn trial_route<'t>(
+        &self,
+        t: &'t Trial,
+        current: usize,
+        req: &RequestView<'_>,
+    ) -> (Option<usize>, Option<&'t Trial>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        t.stats.requests.fetch_add(1, Relaxed);
+        match t.mode {
+            RolloutMode::Canary => {
+                let h = xxhash_rust::xxh3::xxh3_64(req.input);
+                if h % 1_000_000 < t.ppm {
+                    t.stats.canary_served.fetch_add(1, Relaxed);
+                    (Some(t.slot), Some(t))
+                } else {
+                    (Some(current), None)
+                }
+            }
+            RolloutMode::Shadow => {
+                let n = self.shadow_tick.get() + 1;
+                self.shadow_tick.set(n);
+                let sampled = n * t.ppm / 1_000_000 != (n - 1) * t.ppm / 1_000_000;
+                (Some(current), sampled.then_some(t))
+            }
+        }
+    }
+
+    /// Copy the request's rows for the comparer (bounded; a full queue
+    /// drops the sample and counts it), with the candidate's cache key in
+    /// shadow mode (pre-warming for a promotion).
+    fn trial_sample(&self, t: &Trial, current: usize, req: &RequestView<'_>) {
+        let (a, cand) = (&self.slots[current].model, &self.slots[t.slot]);
+        let b = &cand.model;
+        let rows = req.rows as usize;
+        let warm = match t.mode {
+            RolloutMode::Shadow => self
+                .cache
+                .key(&b.name, cand.cache, req, rows * b.output_width, |k| {
+                    k.model(&b.name, b.version as u64, b.digest)
+                })
+                .map(|k| (k, cand.cache)),
+            // The canary's own answers are cached as they are given.
+            RolloutMode::Canary => None,
+        };
+        self.shadow
+            .push(a, b, &t.stats, rows, warm, |buf| req.read_f32_into(buf));
+    }
+}

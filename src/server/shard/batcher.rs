@@ -54,7 +54,8 @@ impl Shard {
                 if let Some(done) = done {
                     let mut jobs = done.payload;
                     let (rows, compute) = (done.rows, done.compute);
-                    self.metrics.record_batch(slot, rows, compute);
+                    self.metrics
+                        .record_batch_of(self.slot_target[slot], rows, compute);
                     self.sel.borrow_mut().profiles[slot]
                         .observe(rows as u32, compute.as_secs_f32() * 1e6);
                     let answering = Instant::now();
@@ -97,10 +98,20 @@ impl Shard {
                         // can arrive once no ensemble is pending (a cascade
                         // enqueues its next step only when the previous one
                         // has answered).
-                        if self.stopping.get() && self.pending.borrow().in_use() == 0 {
+                        if self.winding_down() && self.pending.borrow().in_use() == 0 {
                             return;
                         }
-                        s.wake.wait().await;
+                        if self.retired.get() {
+                            // A pending ensemble may still queue rows here
+                            // (a cascade step); look again shortly.
+                            futures_lite::future::or(
+                                glommio::timer::sleep(RETIRED_POLL),
+                                s.wake.wait(),
+                            )
+                            .await;
+                        } else {
+                            s.wake.wait().await;
+                        }
                         continue;
                     }
                     Readiness::At(t) if flight.is_empty() => {
@@ -210,7 +221,7 @@ impl Shard {
                 ..
             } = q.job
             {
-                self.metrics.set_target_slot(slot);
+                self.metrics.set_target(self.slot_target[slot]);
                 conn.request_done();
                 if let (true, Some(k)) = (leader, key) {
                     // Dropped only without waiters: this ends the flight.
@@ -257,7 +268,7 @@ impl Shard {
                     key,
                     leader,
                 } => {
-                    self.metrics.set_target_slot(slot);
+                    self.metrics.set_target(self.slot_target[slot]);
                     conn.request_done();
                     let runs = [RunInfo {
                         model: &s.model.name,
@@ -360,3 +371,7 @@ impl Shard {
 /// Ensembles whose deadline falls within this much after the end of the
 /// next batch are answered before it (their answer must still be written).
 const CUTOFF_MARGIN: Duration = Duration::from_micros(300);
+
+/// How often the batcher of a retired version with pending ensembles looks
+/// whether it may exit.
+const RETIRED_POLL: Duration = Duration::from_millis(10);

@@ -109,7 +109,7 @@ impl Shard {
     /// deadline has come with the members that finished (`partial`).
     pub async fn run_deadlines(self: Rc<Self>) {
         loop {
-            if self.stopping.get() {
+            if self.winding_down() {
                 // Everything in flight is answered by now or soon; items of
                 // answered entries must not keep this task (and the shard) alive.
                 let pending = self.pending.borrow();
@@ -122,7 +122,7 @@ impl Shard {
             let next = self.sel.borrow().deadlines.peek().map(|r| r.0 .0);
             match next {
                 None => {
-                    if self.stopping.get() {
+                    if self.winding_down() {
                         return;
                     }
                     self.deadline_wake.wait().await;

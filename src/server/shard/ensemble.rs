@@ -53,8 +53,7 @@ impl Shard {
             let dslot = sel.domains[p].slot(dhash);
             if dslot != 0 {
                 // Allocates once per slot, the first time (bounded).
-                self.selection
-                    .at(p, dslot)
+                self.sel_counters(p, dslot)
                     .domain
                     .get_or_init(|| req.domain.unwrap_or_default().to_string());
             }
@@ -82,8 +81,7 @@ impl Shard {
                             None => {
                                 sel.deadline_refused();
                                 drop(sel);
-                                self.selection
-                                    .at(p, dslot)
+                                self.sel_counters(p, dslot)
                                     .deadline_refused
                                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 return self.respond_error(
@@ -452,7 +450,7 @@ impl Shard {
         let mut pending = self.pending.borrow_mut();
         let e = pending.get_mut(k);
         let plan = &self.plans[e.plan];
-        self.metrics.set_target_plan(e.plan);
+        self.metrics.set_target(self.plan_target[e.plan]);
         let Some(conn) = e.conn.take() else {
             return;
         };
@@ -491,7 +489,7 @@ impl Shard {
             total_us: 0,
         };
         let (key, leader, deadline) = (e.key, e.leader, e.deadline);
-        let c = self.selection.at(e.plan, e.domain_slot as usize);
+        let c = self.sel_counters(e.plan, e.domain_slot as usize);
         c.record_request(
             e.domain_hash,
             e.computed.len() as u64,

@@ -52,7 +52,7 @@ impl Shard {
             );
         }
         let correct = sel.learned[p].learn(&entry, rows, f.label as usize);
-        let c = self.selection.at(p, entry.domain_slot as usize);
+        let c = self.sel_counters(p, entry.domain_slot as usize);
         c.feedback
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         c.feedback_correct

@@ -8,9 +8,10 @@
 //! from another thread) or for the oldest budget to end; with none, it
 //! sleeps on a local `Notify`.
 
-use super::Shard;
+use super::{Current, Shard};
 use crate::cache::l3::{decode, Reply, L3};
 use crate::cache::CacheKey;
+use crate::server::cache::TargetPolicy;
 use crate::server::conn_state::Conn;
 use crate::server::notify::Notify;
 use crate::server::slab::Slab;
@@ -33,7 +34,12 @@ struct Parked {
     frame: Vec<u8>,
     arrival: Option<Instant>,
     key: CacheKey,
-    slot: usize,
+    /// The model answering (its version's slot may be gone by the reply:
+    /// a reload can install another version meanwhile).
+    model: String,
+    version: u32,
+    output_width: usize,
+    policy: TargetPolicy,
     out_len: usize,
     rows: usize,
     id: u64,
@@ -115,7 +121,12 @@ impl Shard {
         e.frame.extend_from_slice(p.body);
         e.arrival = Some(p.arrival);
         e.key = p.key;
-        e.slot = p.slot;
+        let m = &self.slots[p.slot];
+        e.model.clear();
+        e.model.push_str(&m.model.name);
+        e.version = m.model.version;
+        e.output_width = m.model.output_width;
+        e.policy = m.cache;
         e.out_len = p.out_len;
         e.rows = p.rows;
         e.id = p.id;
@@ -128,82 +139,95 @@ impl Shard {
         s.wake.notify();
         true
     }
+}
 
-    /// Answers parked requests from L3 replies; computes those whose
-    /// lookup missed or ran out of budget.
-    pub(crate) async fn run_l3(self: Rc<Self>) {
-        let Some(s) = &self.l3 else {
-            return;
-        };
+/// Answers parked requests from L3 replies; computes those whose lookup
+/// missed or ran out of budget, on the version current then. One task per
+/// executor (`run.rs`), across versions.
+pub(crate) async fn run_l3(current: Rc<Current>) {
+    let Some(s) = current.shared.l3.clone() else {
+        return;
+    };
+    let id = current.shared.id;
+    loop {
+        if s.due.borrow().is_empty() {
+            s.wake.wait().await;
+            continue;
+        }
+        while let Ok(r) = s.replies.try_recv() {
+            current.get().l3_reply(&s, r);
+        }
+        let now = Instant::now();
+        let mut next = None;
         loop {
-            if s.due.borrow().is_empty() {
-                s.wake.wait().await;
-                continue;
-            }
-            while let Ok(r) = s.replies.try_recv() {
-                self.l3_reply(s, r);
-            }
-            let now = Instant::now();
-            let mut next = None;
-            loop {
-                let front = s.due.borrow().front().copied();
-                match front {
-                    Some((i, serial, until)) if until <= now => {
-                        s.due.borrow_mut().pop_front();
-                        if self.l3_live(s, i as usize, serial) {
-                            s.l3.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                            Self::l3_rtt(s, s.l3.cfg.lookup_budget.as_secs_f32() * 1e6);
-                            self.l3_compute(s, i as usize);
-                        }
+            let front = s.due.borrow().front().copied();
+            match front {
+                Some((i, serial, until)) if until <= now => {
+                    s.due.borrow_mut().pop_front();
+                    if l3_live(&s, i as usize, serial) {
+                        s.l3.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                        l3_rtt(&s, s.l3.cfg.lookup_budget.as_secs_f32() * 1e6);
+                        current.get().l3_compute(&s, i as usize);
                     }
-                    Some((_, _, until)) => {
-                        next = Some(until);
-                        break;
-                    }
-                    None => break,
                 }
-            }
-            if let Some(until) = next {
-                // Until a reply is posted (the L3 thread wakes this task
-                // from its own thread) or the oldest budget ends.
-                let replied = std::future::poll_fn(|cx| {
-                    if !s.replies.is_empty() {
-                        return Poll::Ready(());
-                    }
-                    s.l3.register(self.id, cx.waker());
-                    if s.replies.is_empty() {
-                        Poll::Pending
-                    } else {
-                        Poll::Ready(())
-                    }
-                });
-                let wait = until.saturating_duration_since(now);
-                futures_lite::future::or(replied, glommio::timer::sleep(wait)).await;
+                Some((_, _, until)) => {
+                    next = Some(until);
+                    break;
+                }
+                None => break,
             }
         }
+        if let Some(until) = next {
+            // Until a reply is posted (the L3 thread wakes this task from
+            // its own thread) or the oldest budget ends.
+            let replied = std::future::poll_fn(|cx| {
+                if !s.replies.is_empty() {
+                    return Poll::Ready(());
+                }
+                s.l3.register(id, cx.waker());
+                if s.replies.is_empty() {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            });
+            let wait = until.saturating_duration_since(now);
+            futures_lite::future::or(replied, glommio::timer::sleep(wait)).await;
+        }
     }
+}
 
-    fn l3_live(&self, s: &L3Shard, i: usize, serial: u64) -> bool {
-        let parked = s.parked.borrow();
-        parked
-            .get(i)
-            .is_some_and(|e| e.serial == serial && e.conn.is_some())
-    }
+fn l3_live(s: &L3Shard, i: usize, serial: u64) -> bool {
+    let parked = s.parked.borrow();
+    parked
+        .get(i)
+        .is_some_and(|e| e.serial == serial && e.conn.is_some())
+}
 
+fn l3_rtt(s: &L3Shard, us: f32) {
+    let old = s.rtt_us.get();
+    s.rtt_us.set(if old == 0.0 {
+        us
+    } else {
+        old + (us - old) / 16.0
+    });
+}
+
+impl Shard {
     fn l3_reply(&self, s: &L3Shard, r: Reply) {
         let i = r.token as usize;
-        let (live, slot, out_len, sent) = {
+        let (live, out_len, sent) = {
             let parked = s.parked.borrow();
             match parked.get(i) {
-                Some(e) if e.conn.is_some() && e.key == r.key => (true, e.slot, e.out_len, e.sent),
-                _ => (false, 0, 0, None),
+                Some(e) if e.conn.is_some() && e.key == r.key => (true, e.out_len, e.sent),
+                _ => (false, 0, None),
             }
         };
         if !live {
             return; // already computing: its budget ran out first
         }
         if let Some(t) = sent {
-            Self::l3_rtt(s, t.elapsed().as_secs_f32() * 1e6);
+            l3_rtt(s, t.elapsed().as_secs_f32() * 1e6);
         }
         let hit = {
             let mut buf = self.cache.buf.borrow_mut();
@@ -220,30 +244,24 @@ impl Shard {
         }
         s.l3.stats.hits.fetch_add(1, Ordering::Relaxed);
         self.metrics.cache_hits_l3.inc();
-        let (conn, id, rows, arrival) = {
-            let mut parked = s.parked.borrow_mut();
-            let e = parked.get_mut(i);
-            let out = (e.conn.take(), e.id, e.rows, e.arrival.take());
-            parked.release(i);
-            out
-        };
-        let (Some(conn), Some(arrival)) = (conn, arrival) else {
+        let mut parked = s.parked.borrow_mut();
+        let e = parked.get_mut(i);
+        let (Some(conn), Some(arrival)) = (e.conn.take(), e.arrival.take()) else {
             return;
         };
         conn.request_done();
-        let sl = &self.slots[slot];
         let buf = self.cache.buf.borrow();
-        self.cache.insert_local(r.key, sl.cache, &buf[..out_len]);
+        self.cache.insert_local(r.key, e.policy, &buf[..out_len]);
         let runs = [RunInfo {
-            model: &sl.model.name,
-            version: sl.model.version,
+            model: &e.model,
+            version: e.version,
             flops: 0,
         }];
         self.respond_ok(
             &conn,
-            id,
-            rows,
-            sl.model.output_width,
+            e.id,
+            e.rows,
+            e.output_width,
             &buf[..out_len],
             &runs,
             arrival,
@@ -251,15 +269,7 @@ impl Shard {
             true,
             Default::default(),
         );
-    }
-
-    fn l3_rtt(s: &L3Shard, us: f32) {
-        let old = s.rtt_us.get();
-        s.rtt_us.set(if old == 0.0 {
-            us
-        } else {
-            old + (us - old) / 16.0
-        });
+        parked.release(i);
     }
 
     /// Hand parked entry `i` back to the request path, L3 skipped.

@@ -33,14 +33,15 @@ use super::cache::{CacheShared, ShardCache, TargetPolicy};
 use super::notify::Notify;
 use super::select::SelState;
 use super::slab::Slab;
-use crate::backend::Backend;
+use crate::backend::{Backend, ModelId};
 use crate::batch::{Queue, RowCost};
 use crate::config::Config;
 use crate::ensemble::cost::SelectionCounters;
 use crate::ensemble::EnsemblePlan;
 use crate::metrics::ShardMetrics;
-use crate::model::load::Repository;
 use crate::model::Model;
+use crate::server::registry::{current_version, Registry};
+use crate::server::rollout::ShadowQueue;
 use crate::wire::Encoder;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -57,14 +58,86 @@ mod feedback;
 mod l3;
 mod respond;
 mod state;
+mod version;
+
+pub(crate) use l3::run_l3;
+pub(crate) use version::{watch, Current};
 
 use answer::largest_answer;
 use state::ModelSlot;
-use state::{EnsemblePending, TargetRef};
+use state::{EnsemblePending, TargetRef, Trial};
 
+/// What every version of one shard shares: the executor's backend, cache,
+/// encoder and buffers, its metrics and selection counters. Cloned (`Rc`s)
+/// into each [`Shard`] version built on the executor.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub id: usize,
+    pub cfg: Arc<Config>,
+    pub cache: Rc<ShardCache>,
+    pub backend: Rc<RefCell<Box<dyn Backend>>>,
+    pub encoder: Rc<RefCell<Encoder>>,
+    pub scratch: Rc<RefCell<Vec<f32>>>,
+    pub message: Rc<RefCell<String>>,
+    pub metrics: Arc<ShardMetrics>,
+    pub stopping: Rc<Cell<bool>>,
+    pub conn_serial: Rc<Cell<u32>>,
+    pub selection: Arc<SelectionCounters>,
+    /// Versions of this shard alive now (built and not yet dropped).
+    pub alive: Rc<Cell<usize>>,
+    /// Rollout samples for the comparer task (`server/rollout.rs`).
+    pub shadow: Rc<ShadowQueue>,
+    /// Backend model ids in use, and how many versions hold each.
+    pub registered: Rc<RefCell<HashMap<ModelId, usize>>>,
+    /// Requests parked on the shared L3 tier (`l3.rs`), when configured.
+    pub l3: Option<Rc<l3::L3Shard>>,
+}
+
+impl Shared {
+    pub fn new(
+        id: usize,
+        cfg: Arc<Config>,
+        backend: Box<dyn Backend>,
+        metrics: Arc<ShardMetrics>,
+        cache_shared: Arc<CacheShared>,
+        selection: Arc<SelectionCounters>,
+    ) -> Result<Shared, String> {
+        let l3 = cache_shared
+            .l3
+            .as_ref()
+            .and_then(|l3| l3::L3Shard::new(l3, id))
+            .map(Rc::new);
+        Ok(Shared {
+            id,
+            l3,
+            cache: Rc::new(ShardCache::new(&cfg, cache_shared)?),
+            cfg,
+            backend: Rc::new(RefCell::new(backend)),
+            encoder: Rc::new(RefCell::new(Encoder::new())),
+            scratch: Rc::new(RefCell::new(Vec::new())),
+            message: Rc::new(RefCell::new(String::with_capacity(256))),
+            metrics,
+            stopping: Rc::new(Cell::new(false)),
+            conn_serial: Rc::new(Cell::new(0)),
+            selection,
+            alive: Rc::new(Cell::new(0)),
+            shadow: Rc::new(ShadowQueue::default()),
+            registered: Rc::new(RefCell::new(HashMap::new())),
+        })
+    }
+}
+
+/// One version of a shard: the models and ensembles of one registry
+/// generation, with their batch queues, plans and selection state. A
+/// request runs on the version that was current when its frame arrived
+/// (its queued rows and pending ensemble entries live here); a retired
+/// version's tasks exit once it has nothing left, and the last `Rc`
+/// dropped unloads its models (`version.rs`).
 pub(crate) struct Shard {
     /// Index of this shard (0-based), for logs.
     pub id: usize,
+    /// The registry generation this version was built from.
+    pub generation: u64,
     pub cfg: Arc<Config>,
     pub slots: Vec<ModelSlot>,
     targets: HashMap<String, TargetRef>,
@@ -74,79 +147,108 @@ pub(crate) struct Shard {
     /// Most rows a request to each plan may carry (same index): the
     /// smallest member queue, and that member's slot.
     plan_rows_max: Vec<(usize, usize)>,
-    cache: ShardCache,
+    /// Metrics target of each slot and each plan (names known at start;
+    /// others count as `unknown`), and each plan's selection counters.
+    slot_target: Vec<u16>,
+    plan_target: Vec<u16>,
+    plan_selection: Vec<Option<usize>>,
+    cache: Rc<ShardCache>,
     /// Run only by the batchers (`batcher.rs`; `warm_up` before them).
-    backend: RefCell<Box<dyn Backend>>,
+    backend: Rc<RefCell<Box<dyn Backend>>>,
     /// Used only by `respond.rs`.
-    encoder: RefCell<Encoder>,
+    encoder: Rc<RefCell<Encoder>>,
     /// Ensemble entries: written by `ensemble.rs` (and the cutoff in
     /// `deadline.rs`, which finishes entries through it); the batchers
     /// only ask `is_live`.
     pending: RefCell<Slab<EnsemblePending>>,
     /// Request input converted to f32 (grown once to the largest request):
     /// filled by `admit.rs`, read by `ensemble.rs` for the first step.
-    scratch: RefCell<Vec<f32>>,
+    scratch: Rc<RefCell<Vec<f32>>>,
     /// Error messages are formatted here instead of in a fresh String
     /// (`respond.rs` only).
-    message: RefCell<String>,
+    message: Rc<RefCell<String>>,
     /// Bytes of the largest answer (whole frame) any request may get here:
     /// each request in flight holds this much of its connection's
     /// `pending_bytes_per_connection_max`.
     pub response_bytes_max: usize,
     pub metrics: Arc<ShardMetrics>,
-    pub stopping: Cell<bool>,
-    /// Numbers connections (wrapping; 0 is never used).
-    conn_serial: Cell<u32>,
+    pub stopping: Rc<Cell<bool>>,
+    /// A newer version took over: finish what is queued and pending, then exit.
+    pub retired: Cell<bool>,
+    alive: Rc<Cell<usize>>,
+    shadow: Rc<ShadowQueue>,
+    registered: Rc<RefCell<HashMap<ModelId, usize>>>,
+    /// Requests to models under a shadow rollout (sampling by count).
+    shadow_tick: Cell<u64>,
     sel: RefCell<SelState>,
     /// Per-ensemble, per-domain cost counters (read by `selection_stats`).
     pub selection: Arc<SelectionCounters>,
     /// Wakes the straggler-cutoff task when a deadline is added.
     pub deadline_wake: Notify,
-    /// Requests waiting on the shared L3 tier (`l3.rs`), when configured.
-    l3: Option<l3::L3Shard>,
+    /// Requests waiting on the shared L3 tier (`l3.rs`), when configured
+    /// (one per executor, shared by its versions).
+    l3: Option<Rc<l3::L3Shard>>,
 }
 
 impl Shard {
-    pub fn new(
-        id: usize,
-        cfg: Arc<Config>,
-        repo: &Repository,
-        mut backend: Box<dyn Backend>,
-        metrics: Arc<ShardMetrics>,
-        cache_shared: Arc<CacheShared>,
-        selection: Arc<SelectionCounters>,
-    ) -> Result<Shard, String> {
-        let l3 = cache_shared
-            .l3
-            .as_ref()
-            .and_then(|l3| l3::L3Shard::new(l3, id));
-        let cache = ShardCache::new(&cfg, cache_shared)?;
+    /// Build the version of registry generation `reg`. `prev`, the
+    /// version it replaces, lends the latency profiles and admission costs
+    /// of the models both hold; the loader's warm-up measurements
+    /// (`reg.profiles`) seed the others.
+    pub fn new(sh: &Shared, reg: &Registry, prev: Option<&Shard>) -> Result<Shard, String> {
+        let (repo, generation) = (&*reg.repo, reg.generation);
+        let (id, cfg, cache) = (sh.id, &sh.cfg, &sh.cache);
+        let pre = reg.prebuilt.get(id).and_then(|m| m.lock().ok()?.take());
+        let (mut rings, window) = match pre {
+            Some(p) => (p.rings.into_iter(), p.window),
+            None => (Vec::new().into_iter(), None),
+        };
         let mut slots = Vec::new();
         let mut targets = HashMap::new();
         for (name, versions) in &repo.models {
             let mut v = Vec::new();
+            let current_v = current_version(repo, name);
+            let mut current = 0;
+            let mut trial = None;
             for m in versions {
+                if Some(m.version) == current_v {
+                    current = slots.len();
+                }
+                if let (Some(r), Some(stats)) = (repo.rollouts.get(name), reg.rollouts.get(name)) {
+                    if r.candidate == Some(m.version) {
+                        trial = Some(Trial {
+                            slot: slots.len(),
+                            mode: r.mode,
+                            ppm: (r.fraction * 1e6).round() as u64,
+                            stats: stats.clone(),
+                        });
+                    }
+                }
                 v.push((m.version, slots.len()));
-                let backend_id = backend.register(m).map_err(|e| {
-                    format!(
-                        "model {} v{}: backend {}: {e}",
-                        m.name,
-                        m.version,
-                        backend.name()
-                    )
-                })?;
+                let backend_id = version::backend_id(sh, prev, m)?;
                 slots.push(ModelSlot {
                     model: m.clone(),
                     backend_id,
-                    queue: RefCell::new(Queue::new(m.batch, m.input_width)),
+                    queue: RefCell::new(Queue::with_ring(
+                        m.batch,
+                        m.input_width,
+                        rings.next().unwrap_or_default(),
+                    )),
                     wake: Notify::default(),
                     row_cost: Cell::new(RowCost::new(0.0)),
-                    cache: cache.policy(&cfg, name),
+                    cache: cache.policy(cfg, name),
                 });
             }
-            targets.insert(name.clone(), TargetRef::Model(v));
+            targets.insert(
+                name.clone(),
+                TargetRef::Model {
+                    versions: v,
+                    current,
+                    trial,
+                },
+            );
         }
-        if id == 0 {
+        if id == 0 && prev.is_none() {
             for s in &slots {
                 let cap = s.model.batch.queue_rows_max;
                 if cap < cfg.rows_per_request_max {
@@ -164,7 +266,7 @@ impl Shard {
             let mut members = Vec::new();
             for m in &spec.members {
                 match targets.get(m.as_str()) {
-                    Some(TargetRef::Model(v)) if !v.is_empty() => members.push(v.last().unwrap().1),
+                    Some(TargetRef::Model { current, .. }) => members.push(*current),
                     _ => return Err(format!("ensemble {name}: member {m} is not a loaded model")),
                 }
             }
@@ -188,12 +290,12 @@ impl Shard {
                 .map_err(|e| format!("ensemble {name}: {e}"))?;
             targets.insert(name.clone(), TargetRef::Ensemble(plans.len()));
             plans.push(plan);
-            plan_cache.push(cache.policy(&cfg, name));
+            plan_cache.push(cache.policy(cfg, name));
         }
-        let response_bytes_max = largest_answer(&cfg, &slots, &plans, &plan_rows_max)?;
+        let response_bytes_max = largest_answer(cfg, &slots, &plans, &plan_rows_max)?;
         let models: Vec<&Arc<Model>> = slots.iter().map(|s| &s.model).collect();
-        let mut sel = SelState::new(id, &cfg, &plans, &models);
-        if !cfg.selection_state_path.as_os_str().is_empty() {
+        let mut sel = SelState::with_window(id, cfg, &plans, &models, window);
+        if prev.is_none() && !cfg.selection_state_path.as_os_str().is_empty() {
             let used = sel.load(&cfg.selection_state_path, id, &plans, |slot| {
                 let m = &slots[slot].model;
                 (m.name.clone(), m.version, m.digest)
@@ -202,36 +304,52 @@ impl Shard {
                 eprintln!("beast: shard {id}: selection state: {used} entries loaded");
             }
         }
+        version::seed_profiles(&slots, &mut sel, prev, &reg.profiles);
+        let names = &sh.metrics.targets;
+        let target_of = |n: &str| {
+            names.names[..names.len().saturating_sub(1)]
+                .iter()
+                .position(|x| x == n)
+                .map_or(names.unknown(), |t| t as u16)
+        };
+        let slot_target = slots.iter().map(|s| target_of(&s.model.name)).collect();
+        let plan_target = plans.iter().map(|p| target_of(&p.name)).collect();
+        let plan_selection = plans
+            .iter()
+            .map(|p| sh.selection.names.iter().position(|n| *n == p.name))
+            .collect();
+        sh.alive.set(sh.alive.get() + 1);
         Ok(Shard {
             id,
+            generation,
             sel: RefCell::new(sel),
-            selection,
+            selection: sh.selection.clone(),
             deadline_wake: Notify::default(),
-            l3,
+            l3: sh.l3.clone(),
             pending: RefCell::new(Slab::with_capacity(cfg.ensemble_in_flight_per_shard_max)),
-            cfg,
+            cfg: cfg.clone(),
             slots,
             targets,
             plans,
             plan_cache,
             plan_rows_max,
-            cache,
-            backend: RefCell::new(backend),
-            encoder: RefCell::new(Encoder::new()),
-            scratch: RefCell::new(Vec::new()),
-            message: RefCell::new(String::with_capacity(256)),
+            slot_target,
+            plan_target,
+            plan_selection,
+            cache: cache.clone(),
+            backend: sh.backend.clone(),
+            encoder: sh.encoder.clone(),
+            scratch: sh.scratch.clone(),
+            message: sh.message.clone(),
             response_bytes_max,
-            metrics,
-            stopping: Cell::new(false),
-            conn_serial: Cell::new(0),
+            metrics: sh.metrics.clone(),
+            stopping: sh.stopping.clone(),
+            retired: Cell::new(false),
+            alive: sh.alive.clone(),
+            shadow: sh.shadow.clone(),
+            registered: sh.registered.clone(),
+            shadow_tick: Cell::new(0),
         })
-    }
-
-    /// A fresh number for a new connection.
-    pub fn next_conn_serial(&self) -> u32 {
-        let n = self.conn_serial.get().wrapping_add(1).max(1);
-        self.conn_serial.set(n);
-        n
     }
 
     /// Run every model once at its largest batch, through the registered
@@ -312,9 +430,6 @@ pub(crate) fn spawn_tasks(shard: &Rc<Shard>) {
         }
     }
     glommio::spawn_local(shard.clone().run_deadlines()).detach();
-    if shard.l3.is_some() {
-        glommio::spawn_local(shard.clone().run_l3()).detach();
-    }
 }
 
 /// How long busy batchers may run before the executor polls for I/O and

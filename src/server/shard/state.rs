@@ -7,10 +7,12 @@ use crate::batch::{Queue, RowCost};
 use crate::cache::CacheKey;
 use crate::config::ENSEMBLE_MEMBERS_MAX;
 use crate::ensemble::{Accumulator, MemberSet};
+use crate::model::rollout::RolloutMode;
 use crate::model::{Model, Policy};
 use crate::server::cache::TargetPolicy;
 use crate::server::conn_state::Conn;
 use crate::server::notify::Notify;
+use crate::server::rollout::RolloutStats;
 use crate::server::slab::Slab;
 use crate::wire::CacheControl;
 use std::cell::{Cell, RefCell};
@@ -57,9 +59,24 @@ pub(crate) struct ModelSlot {
 
 /// What a target name resolves to.
 pub(super) enum TargetRef {
-    /// Slots of each loaded version, ascending by version.
-    Model(Vec<(u32, usize)>),
+    Model {
+        /// Slots of each loaded version, ascending by version.
+        versions: Vec<(u32, usize)>,
+        /// The slot a request without a version (or version 0) gets.
+        current: usize,
+        /// A rollout's candidate, when one runs.
+        trial: Option<Trial>,
+    },
     Ensemble(usize),
+}
+
+/// A model's rollout as the request path sees it.
+pub(super) struct Trial {
+    pub slot: usize,
+    pub mode: RolloutMode,
+    /// `fraction` in parts per million.
+    pub ppm: u64,
+    pub stats: Arc<RolloutStats>,
 }
 
 /// An ensemble request waiting for its members.
