@@ -90,6 +90,9 @@ fn node(name: &str, url: &str) -> beast::server::ServerHandle {
         url: url.into(),
         // The test models compute in µs: `auto` would rather compute.
         lookup: beast::config::L3Lookup::Always,
+        // A loaded CI machine must not turn a hit into a timeout (the
+        // budget itself is exercised by the hung-Redis test).
+        lookup_budget_us: 200_000,
         ..Default::default()
     });
     start_with(cfg, test_repository(300_000))
@@ -182,6 +185,56 @@ fn an_answer_computed_on_one_node_is_an_l3_hit_on_another() {
         beast::server::admin::get(&ba.to_string(), "/readyz", Duration::from_secs(5)).unwrap();
     assert_eq!(readyz.0, 200);
     assert!(readyz.1.contains("breaker closed"), "{}", readyz.1);
+}
+
+#[test]
+fn concurrent_lookups_share_round_trips() {
+    let Some(redis) = redis_or_skip() else {
+        return;
+    };
+    let (a, b) = (
+        node("l3-batch-a", &redis.url()),
+        node("l3-batch-b", &redis.url()),
+    );
+    let (aa, ba) = (a.admin_addr.unwrap(), b.admin_addr.unwrap());
+    for admin in [aa, ba] {
+        wait_until(Duration::from_secs(10), "the L3 breaker closes", || {
+            breaker(admin) == Some(0.0)
+        });
+    }
+    let n = 64u64;
+    let mut ca = Raw::connect(a.addr);
+    for i in 0..n {
+        assert_eq!(ask(&mut ca, i, 7000 + i).status, beast::wire::Status::Ok);
+    }
+    wait_until(Duration::from_secs(10), "A's answers written", || {
+        series(aa, "beast_cache_l3_fills_total") == Some(n as f64)
+    });
+    // All 64 sent in one write: B parks them together, and the L3 thread
+    // asks for whatever is queued in one MGET.
+    let mut frames = Vec::new();
+    let inputs: Vec<Vec<f32>> = (0..n).map(|i| rows(7000 + i, 1, WIDTH)).collect();
+    let mut enc = beast::wire::Encoder::new();
+    for (i, x) in inputs.iter().enumerate() {
+        enc.request(i as u64 + 1, &spec("a", 1, WIDTH, x), &mut frames);
+    }
+    let mut cb = Raw::connect(b.addr);
+    cb.send_bytes(&frames);
+    for _ in 0..n {
+        let r = cb.recv();
+        assert_eq!(r.status, beast::wire::Status::Ok, "{}", r.message);
+        let i = r.id as usize - 1;
+        assert_close(&r.output, &direct(&model("a"), &inputs[i], 1), 1e-2);
+    }
+    assert_eq!(
+        series(ba, "beast_cache_hits_total{tier=\"l3\"}"),
+        Some(n as f64)
+    );
+    let batches = series(ba, "beast_cache_l3_batches_total").unwrap();
+    assert!(
+        batches < n as f64,
+        "{n} concurrent lookups took {batches} round trips"
+    );
 }
 
 #[test]

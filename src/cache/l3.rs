@@ -72,6 +72,8 @@ pub struct L3Stats {
     pub cheaper: AtomicU64,
     pub corrupt: AtomicU64,
     pub fills: AtomicU64,
+    /// MGETs sent (each carries every lookup queued at the time).
+    pub batches: AtomicU64,
     pub fills_dropped: AtomicU64,
     pub errors: AtomicU64,
     pub breaker_opens: AtomicU64,
@@ -356,6 +358,7 @@ impl Io {
         for &(_, _, k) in gets {
             cmd.arg(&redis_key(k)[..]);
         }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
         match cmd.query::<Vec<Option<Vec<u8>>>>(con) {
             Ok(values) => {
                 let mut woken = [false; 64];

@@ -456,6 +456,11 @@ pub fn render_l3(out: &mut String, s: &crate::cache::l3::L3Stats) {
             &s.fills,
         ),
         (
+            "beast_cache_l3_batches_total",
+            "MGET round trips (each carries every lookup queued at the time).",
+            &s.batches,
+        ),
+        (
             "beast_cache_l3_fills_dropped_total",
             "Answers not written to L3 (queue full).",
             &s.fills_dropped,
