@@ -188,6 +188,45 @@ fn an_answer_computed_on_one_node_is_an_l3_hit_on_another() {
 }
 
 #[test]
+fn an_ensemble_answer_is_shared_too_with_its_members_named() {
+    let Some(redis) = redis_or_skip() else {
+        return;
+    };
+    let (a, b) = (
+        node("l3-ens-a", &redis.url()),
+        node("l3-ens-b", &redis.url()),
+    );
+    let (aa, ba) = (a.admin_addr.unwrap(), b.admin_addr.unwrap());
+    for admin in [aa, ba] {
+        wait_until(Duration::from_secs(10), "the L3 breaker closes", || {
+            breaker(admin) == Some(0.0)
+        });
+    }
+    let x = rows(77, 1, WIDTH);
+    let mut ca = Raw::connect(a.addr);
+    ca.send(1, &spec("ens", 1, WIDTH, &x));
+    let first = ca.recv();
+    assert_eq!(first.status, beast::wire::Status::Ok, "{}", first.message);
+    wait_until(
+        Duration::from_secs(10),
+        "A writes the ensemble's answer",
+        || series(aa, "beast_cache_l3_fills_total") >= Some(1.0),
+    );
+    let mut cb = Raw::connect(b.addr);
+    cb.send(2, &spec("ens", 1, WIDTH, &x));
+    let second = cb.recv();
+    assert_eq!(second.status, beast::wire::Status::Ok, "{}", second.message);
+    assert_eq!(second.output, first.output);
+    assert_eq!(series(ba, "beast_cache_hits_total{tier=\"l3\"}"), Some(1.0));
+    let names: Vec<&str> = second.runs.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"], "the members behind the answer");
+    for m in ["a", "b", "c"] {
+        let q = format!("beast_batch_size_count{{model=\"{m}\"}}");
+        assert_eq!(series(ba, &q), Some(0.0), "B ran no member");
+    }
+}
+
+#[test]
 fn concurrent_lookups_share_round_trips() {
     let Some(redis) = redis_or_skip() else {
         return;

@@ -158,7 +158,7 @@ impl Shard {
                         ),
                     );
                 }
-                self.submit_ensemble(conn, &req, *p, arrival);
+                self.submit_ensemble(conn, &req, *p, arrival, body);
             }
         }
     }
@@ -371,7 +371,9 @@ impl Shard {
             let park = ParkReq {
                 body,
                 key: k,
-                slot,
+                slots: &[slot],
+                output_width: s.model.output_width,
+                policy: s.cache,
                 out_len,
                 rows,
                 id: req.id,

@@ -1,5 +1,5 @@
-//! The shard's side of the L3 tier (`crate::cache::l3`): a request that
-//! missed L1 and L2 is parked (its frame copied into a reused slab entry)
+//! The shard's side of the L3 tier (`crate::cache::l3`): a model or
+//! ensemble request that missed L1 and L2 is parked (its frame copied into a reused slab entry)
 //! while its key is looked up in Redis by the process's L3 thread; the
 //! `run_l3` task answers it on a hit, or hands the frame back to
 //! `handle_frame` to compute on a miss, an error, or once the lookup budget
@@ -11,6 +11,7 @@
 use super::{Current, Shard};
 use crate::cache::l3::{decode, Reply, L3};
 use crate::cache::CacheKey;
+use crate::config::ENSEMBLE_MEMBERS_MAX;
 use crate::server::cache::TargetPolicy;
 use crate::server::conn_state::Conn;
 use crate::server::notify::Notify;
@@ -34,10 +35,11 @@ struct Parked {
     frame: Vec<u8>,
     arrival: Option<Instant>,
     key: CacheKey,
-    /// The model answering (its version's slot may be gone by the reply:
-    /// a reload can install another version meanwhile).
-    model: String,
-    version: u32,
+    /// The models answering, (name, version) (their version's slots may be
+    /// gone by the reply: a reload can install another version meanwhile);
+    /// the first `nruns` are this request's (the rest keep their buffers).
+    runs: Vec<(String, u32)>,
+    nruns: usize,
     output_width: usize,
     policy: TargetPolicy,
     out_len: usize,
@@ -82,7 +84,12 @@ impl L3Shard {
 pub(super) struct ParkReq<'a> {
     pub body: &'a [u8],
     pub key: CacheKey,
-    pub slot: usize,
+    /// The model slots whose answer this is: one model, or an ensemble's
+    /// members (named in the answer's runs, as an L1/L2 hit does).
+    pub slots: &'a [usize],
+    /// Width and cache policy of the target (the model or the ensemble).
+    pub output_width: usize,
+    pub policy: TargetPolicy,
     pub out_len: usize,
     pub rows: usize,
     pub id: u64,
@@ -99,7 +106,13 @@ impl Shard {
         if s.skip.get() {
             return false;
         }
-        if !s.l3.cfg.always && self.predicted_wait_us(p.slot, p.rows) < s.rtt_us.get() {
+        let predicted_us = || {
+            p.slots
+                .iter()
+                .map(|&m| self.predicted_wait_us(m, p.rows))
+                .fold(0.0f32, f32::max)
+        };
+        if !s.l3.cfg.always && predicted_us() < s.rtt_us.get() {
             // Computing is predicted to answer sooner than L3 would.
             s.l3.stats.cheaper.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -121,12 +134,18 @@ impl Shard {
         e.frame.extend_from_slice(p.body);
         e.arrival = Some(p.arrival);
         e.key = p.key;
-        let m = &self.slots[p.slot];
-        e.model.clear();
-        e.model.push_str(&m.model.name);
-        e.version = m.model.version;
-        e.output_width = m.model.output_width;
-        e.policy = m.cache;
+        e.nruns = p.slots.len().min(ENSEMBLE_MEMBERS_MAX);
+        for (k, &slot) in p.slots.iter().take(ENSEMBLE_MEMBERS_MAX).enumerate() {
+            let m = &self.slots[slot].model;
+            if k == e.runs.len() {
+                e.runs.push((String::new(), 0));
+            }
+            e.runs[k].0.clear();
+            e.runs[k].0.push_str(&m.name);
+            e.runs[k].1 = m.version;
+        }
+        e.output_width = p.output_width;
+        e.policy = p.policy;
         e.out_len = p.out_len;
         e.rows = p.rows;
         e.id = p.id;
@@ -252,18 +271,25 @@ impl Shard {
         conn.request_done();
         let buf = self.cache.buf.borrow();
         self.cache.insert_local(r.key, e.policy, &buf[..out_len]);
-        let runs = [RunInfo {
-            model: &e.model,
-            version: e.version,
+        let mut runs = [RunInfo {
+            model: "",
+            version: 0,
             flops: 0,
-        }];
+        }; ENSEMBLE_MEMBERS_MAX];
+        for (r, (name, version)) in runs.iter_mut().zip(&e.runs[..e.nruns]) {
+            *r = RunInfo {
+                model: name,
+                version: *version,
+                flops: 0,
+            };
+        }
         self.respond_ok(
             &conn,
             e.id,
             e.rows,
             e.output_width,
             &buf[..out_len],
-            &runs,
+            &runs[..e.nruns],
             arrival,
             Timings::default(),
             true,
