@@ -3,7 +3,9 @@
 
 use super::*;
 use crate::model::demo::{bench_models, write_demo_repository, write_model};
-use crate::model::{Activation, Combiner, OutputTransform};
+use crate::model::{Activation, Combiner, LayerNorm, OutputTransform, WeightsBuf};
+use half::f16;
+use safetensors::tensor::Dtype;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod rollout;
 pub mod trees;
 pub mod versions;
+mod weights;
 
 pub use io::{ModelIo, Task};
 
