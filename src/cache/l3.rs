@@ -14,7 +14,8 @@
 //! A circuit breaker keeps a slow or absent Redis off the request path:
 //! an error, or [`SLOW_BATCHES`] round trips in a row over the budget, opens
 //! it (shards then skip L3 entirely); the thread probes with `PING` every
-//! [`PROBE_EVERY`] and closes it when Redis answers. Each transition is
+//! [`PROBE_EVERY`] (doubling, up to 32×, while it keeps reopening within
+//! 10 s of closing) and closes it when Redis answers. Each transition is
 //! logged once.
 //!
 //! Value layout (little endian): `b"BL3v"`, `n: u32`, `n × f32`,
@@ -279,6 +280,10 @@ struct Io {
     next_probe: Instant,
     /// The first probe's outcome was logged.
     announced: bool,
+    /// When the breaker last closed, and how many times in a row it
+    /// opened again soon after (the probe interval's doubling).
+    closed_at: Option<Instant>,
+    reopens: u32,
 }
 
 impl Io {
@@ -292,7 +297,17 @@ impl Io {
         self.con = None;
         self.slow = 0;
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        self.next_probe = Instant::now() + PROBE_EVERY;
+        // A Redis that keeps failing soon after each close (slow, not
+        // down) is probed less and less often: 0.2 s doubling up to 6.4 s.
+        let flapping = self
+            .closed_at
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+        self.reopens = if flapping {
+            (self.reopens + 1).min(5)
+        } else {
+            0
+        };
+        self.next_probe = Instant::now() + PROBE_EVERY * (1 << self.reopens);
         if self.stats.breaker.swap(OPEN, Ordering::Relaxed) != OPEN {
             self.stats.breaker_opens.fetch_add(1, Ordering::Relaxed);
             eprintln!(
@@ -307,7 +322,7 @@ impl Io {
 
     /// Connect and PING; closes the breaker on success.
     fn probe(&mut self) {
-        self.next_probe = Instant::now() + PROBE_EVERY;
+        self.next_probe = Instant::now() + PROBE_EVERY * (1 << self.reopens);
         let t = self.io_timeout();
         let r = self.client.get_connection_with_timeout(t).and_then(|c| {
             c.set_read_timeout(Some(t))?;
@@ -321,6 +336,7 @@ impl Io {
                 self.con = Some(c);
                 self.slow = 0;
                 self.announced = true;
+                self.closed_at = Some(Instant::now());
                 if self.stats.breaker.swap(CLOSED, Ordering::Relaxed) != CLOSED {
                     eprintln!(
                         "beast: cache: L3 {} breaker closed: reachable",
@@ -440,6 +456,8 @@ fn io_loop(
         slow: 0,
         next_probe: Instant::now(),
         announced: false,
+        closed_at: None,
+        reopens: 0,
     };
     let mut gets = Vec::with_capacity(BATCH_MAX);
     let mut puts = Vec::with_capacity(BATCH_MAX);
