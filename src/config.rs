@@ -154,6 +154,43 @@ pub struct CacheSettings {
     pub coalesce_waiters_max: Option<usize>,
     /// Per-target overrides: `[cache.targets.NAME] enabled = false`, `ttl_s = 60`.
     pub targets: std::collections::BTreeMap<String, TargetCache>,
+    /// Optional L3 tier shared between nodes on Redis/Valkey (`[cache.l3]`).
+    pub l3: Option<L3Settings>,
+}
+
+/// `[cache.l3]`: a Redis/Valkey tier looked up after an L2 miss (docs/CACHE.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct L3Settings {
+    /// `redis://HOST:PORT[/DB]` (standalone Redis or Valkey).
+    pub url: String,
+    /// Expiry of entries written, seconds (0 = none; a target's `ttl_s` wins when shorter).
+    pub ttl_s: u64,
+    /// Longest a request waits for an L3 answer before computing, µs.
+    pub lookup_budget_us: u64,
+    /// `auto`: look a request up only when its predicted queue wait and
+    /// compute exceed the shard's measured L3 round trip; `always`.
+    pub lookup: L3Lookup,
+}
+
+/// When a request is looked up in L3 (`cache.l3.lookup`).
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum L3Lookup {
+    #[default]
+    Auto,
+    Always,
+}
+
+impl Default for L3Settings {
+    fn default() -> Self {
+        L3Settings {
+            url: String::new(),
+            ttl_s: 3600,
+            lookup_budget_us: 1000,
+            lookup: L3Lookup::Auto,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Default)]
@@ -179,6 +216,7 @@ impl Default for CacheSettings {
             coalesce_waiters_per_key_max: 256,
             coalesce_waiters_max: None,
             targets: Default::default(),
+            l3: None,
         }
     }
 }
@@ -525,6 +563,16 @@ impl Config {
             self.cache.l2_path.as_os_str().is_empty() || self.cache.l2_bytes >= 1 << 20,
             "cache.l2_bytes: must be >= 1 MiB",
         );
+        if let Some(l3) = &self.cache.l3 {
+            check(
+                l3.url.starts_with("redis://") || l3.url.starts_with("valkey://"),
+                "cache.l3.url: must be redis://HOST:PORT (or valkey://HOST:PORT)",
+            );
+            check(
+                (10..=1_000_000).contains(&l3.lookup_budget_us),
+                "cache.l3.lookup_budget_us: must be within 10..=1000000",
+            );
+        }
         check(
             self.cache.coalesce_keys_max >= 1 && self.cache.coalesce_waiters_per_key_max >= 1,
             "cache.coalesce_keys_max and cache.coalesce_waiters_per_key_max: must be >= 1",

@@ -15,6 +15,7 @@ pub mod coalesce;
 pub mod key;
 pub mod l1;
 pub mod l2;
+pub mod l3;
 pub mod metrics;
 pub mod names;
 

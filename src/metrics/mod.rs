@@ -115,14 +115,17 @@ impl TimedOut {
 pub enum CacheTier {
     L1 = 0,
     L2 = 1,
+    /// The shared Redis/Valkey tier (`[cache.l3]`).
+    L3 = 2,
 }
 
 impl CacheTier {
-    pub const ALL: [CacheTier; 2] = [CacheTier::L1, CacheTier::L2];
+    pub const ALL: [CacheTier; 3] = [CacheTier::L1, CacheTier::L2, CacheTier::L3];
     pub fn label(self) -> &'static str {
         match self {
             CacheTier::L1 => "l1",
             CacheTier::L2 => "l2",
+            CacheTier::L3 => "l3",
         }
     }
 }
@@ -260,6 +263,7 @@ pub struct ShardMetrics {
     pub admission_refused_overloaded: Counter,
     pub cache_hits_l1: Counter,
     pub cache_hits_l2: Counter,
+    pub cache_hits_l3: Counter,
     pub cache_misses: Counter,
     /// Requests answered by waiting on an identical one in flight.
     pub cache_coalesced: Counter,
@@ -328,6 +332,7 @@ impl ShardMetrics {
             admission_refused_overloaded: Counter::default(),
             cache_hits_l1: Counter::default(),
             cache_hits_l2: Counter::default(),
+            cache_hits_l3: Counter::default(),
             cache_misses: Counter::default(),
             cache_coalesced: Counter::default(),
             cache_inserts: Counter::default(),
@@ -454,6 +459,7 @@ impl ShardMetrics {
         match tier {
             CacheTier::L1 => &self.cache_hits_l1,
             CacheTier::L2 => &self.cache_hits_l2,
+            CacheTier::L3 => &self.cache_hits_l3,
         }
     }
 

@@ -419,6 +419,68 @@ pub fn render_l2_enabled(out: &mut String, enabled: bool) {
     sample(out, name, &[], enabled as u64);
 }
 
+/// The L3 tier (Redis/Valkey): its breaker as a gauge and its thread's
+/// counters (read from atomics by the admin thread).
+pub fn render_l3(out: &mut String, s: &crate::cache::l3::L3Stats) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let name = "beast_cache_l3_breaker_open";
+    header(
+        out,
+        name,
+        "gauge",
+        "1 while the L3 circuit breaker is open (Redis slow or unreachable: requests compute), else 0.",
+    );
+    sample(out, name, &[], s.is_open() as u64);
+    let name = "beast_cache_l3_lookups_total";
+    header(
+        out,
+        name,
+        "counter",
+        "L3 lookups by outcome (sent, hit, miss, timeout = budget spent, skipped = not sent, cheaper = computing predicted quicker, corrupt).",
+    );
+    for (result, v) in [
+        ("sent", &s.lookups),
+        ("hit", &s.hits),
+        ("miss", &s.misses),
+        ("timeout", &s.timeouts),
+        ("skipped", &s.skipped),
+        ("cheaper", &s.cheaper),
+        ("corrupt", &s.corrupt),
+    ] {
+        sample(out, name, &[("result", result)], v.load(Relaxed));
+    }
+    for (name, help, v) in [
+        (
+            "beast_cache_l3_fills_total",
+            "Answers written to L3.",
+            &s.fills,
+        ),
+        (
+            "beast_cache_l3_batches_total",
+            "MGET round trips (each carries every lookup queued at the time).",
+            &s.batches,
+        ),
+        (
+            "beast_cache_l3_fills_dropped_total",
+            "Answers not written to L3 (queue full).",
+            &s.fills_dropped,
+        ),
+        (
+            "beast_cache_l3_errors_total",
+            "Redis errors and timeouts seen by the L3 thread.",
+            &s.errors,
+        ),
+        (
+            "beast_cache_l3_breaker_opens_total",
+            "Times the L3 breaker opened.",
+            &s.breaker_opens,
+        ),
+    ] {
+        header(out, name, "counter", help);
+        sample(out, name, &[], v.load(Relaxed));
+    }
+}
+
 /// The shared L2 cache file's own counters and occupancy (read by the admin
 /// thread from the file's atomics: O(1) at any file size).
 pub fn render_l2(out: &mut String, s: &crate::cache::L2Stats) {

@@ -7,6 +7,7 @@
 //! → insert into L2 and L1 → answer the waiters.
 
 use super::conn_state::Conn;
+use crate::cache::l3::{L3Config, L3};
 use crate::cache::{
     input_digest, target_tag, unix_now, Begin, CacheKey, CoalesceConfig, Coalescer, KeyBuilder,
     L1Cache, L1Config, L2Cache, L2Config,
@@ -29,6 +30,8 @@ pub struct CacheShared {
     /// Why the configured L2 file is not in use (the server runs with L1
     /// only); `None` when it is in use or none is configured.
     pub l2_disabled: Option<String>,
+    /// The shared Redis/Valkey tier, when `[cache.l3]` is set.
+    pub l3: Option<Arc<L3>>,
     /// Target name → purge generation (part of every key of the target).
     generations: BTreeMap<String, usize>,
     counters: Vec<AtomicU64>,
@@ -84,7 +87,35 @@ impl CacheShared {
         }
         let generations: BTreeMap<String, usize> =
             targets.enumerate().map(|(i, t)| (t, i)).collect();
+        let l3 = match &cfg.cache.l3 {
+            Some(l3) if cfg.cache.enabled => {
+                let c = L3Config {
+                    url: l3.url.clone(),
+                    ttl_s: l3.ttl_s,
+                    lookup_budget: std::time::Duration::from_micros(l3.lookup_budget_us),
+                    shards: cfg.shard_cpus().len(),
+                    always: l3.lookup == crate::config::L3Lookup::Always,
+                };
+                match L3::start(c) {
+                    Ok(l3) => {
+                        eprintln!(
+                            "beast: cache: L3 {} (lookup budget {} us, ttl {} s)",
+                            l3.cfg.url,
+                            l3.cfg.lookup_budget.as_micros(),
+                            l3.cfg.ttl_s
+                        );
+                        Some(l3)
+                    }
+                    Err(e) => {
+                        eprintln!("beast: cache: L3 not used: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         CacheShared {
+            l3,
             l2,
             l2_path: if wanted {
                 cfg.cache.l2_path.clone()
@@ -103,6 +134,21 @@ impl CacheShared {
         self.l2_disabled
             .as_ref()
             .map(|why| format!("l2 cache disabled: {why}"))
+    }
+
+    /// The L3 tier's state for /readyz and /v1/stats (`None` without one).
+    /// An open breaker does not make the server unready: it computes.
+    pub fn l3_status(&self) -> Option<String> {
+        let l3 = self.l3.as_ref()?;
+        Some(if l3.stats.is_open() {
+            format!(
+                "l3 {}: breaker open ({}); computing instead",
+                l3.cfg.url,
+                l3.stats.last_error()
+            )
+        } else {
+            format!("l3 {}: breaker closed", l3.cfg.url)
+        })
     }
 
     /// The L2 file's state for /v1/stats (`None` when no L2 is configured).
@@ -156,6 +202,12 @@ pub(crate) struct TargetPolicy {
     pub tag: u64,
     /// Index of the target's purge generation in `CacheShared`.
     generation: usize,
+}
+
+impl Default for TargetPolicy {
+    fn default() -> Self {
+        Self::disabled()
+    }
 }
 
 impl TargetPolicy {
@@ -292,6 +344,21 @@ impl ShardCache {
         policy: TargetPolicy,
         out: &mut [f32],
     ) -> bool {
+        if self.get_local(m, key, policy, out) {
+            return true;
+        }
+        m.cache_misses.inc();
+        false
+    }
+
+    /// `get` without counting a miss (the caller asks L3 next).
+    pub fn get_local(
+        &self,
+        m: &ShardMetrics,
+        key: CacheKey,
+        policy: TargetPolicy,
+        out: &mut [f32],
+    ) -> bool {
         // Targets with a TTL live in L2 only: L1 entries carry no expiry.
         if policy.ttl_s == 0 && self.l1.borrow_mut().get(&key, out) == Some(out.len()) {
             m.cache_hits_l1.inc();
@@ -306,12 +373,21 @@ impl ShardCache {
                 return true;
             }
         }
-        m.cache_misses.inc();
         false
     }
 
-    /// Store a computed answer in L2 and L1.
+    /// Store a computed answer in L2 and L1, and queue it for L3 (never
+    /// waited for).
     pub fn insert(&self, m: &ShardMetrics, key: CacheKey, policy: TargetPolicy, value: &[f32]) {
+        self.insert_local(key, policy, value);
+        if let Some(l3) = &self.shared.l3 {
+            l3.fill(key, value, policy.ttl_s);
+        }
+        m.cache_inserts.inc();
+    }
+
+    /// Store an answer in L2 and L1 only (an L3 hit filling the tiers below).
+    pub fn insert_local(&self, key: CacheKey, policy: TargetPolicy, value: &[f32]) {
         if let Some(l2) = &self.shared.l2 {
             let expires = if policy.ttl_s > 0 {
                 unix_now() + policy.ttl_s
@@ -323,7 +399,6 @@ impl ShardCache {
         if policy.ttl_s == 0 {
             self.l1.borrow_mut().insert(key, value);
         }
-        m.cache_inserts.inc();
     }
 
     /// After a miss: lead the computation of `key`, or wait behind the

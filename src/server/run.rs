@@ -85,6 +85,9 @@ pub(super) async fn run_shard(start: ShardStart) {
     let backend_name = first.backend_name();
     let current = Rc::new(Current::new(first, shared.clone()));
     glommio::spawn_local(shard::watch(current.clone(), hub.clone(), stop.clone())).detach();
+    if shared.l3.is_some() {
+        glommio::spawn_local(shard::run_l3(current.clone())).detach();
+    }
     // Rollout comparisons run at low priority, between batches.
     let comparer = rollout::run_comparer(
         shared.shadow.clone(),

@@ -323,6 +323,9 @@ fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
                 if cache.l2_status().is_some() {
                     metrics::prometheus::render_l2_enabled(&mut text, cache.l2.is_some());
                 }
+                if let Some(l3) = &cache.l3 {
+                    metrics::prometheus::render_l3(&mut text, &l3.stats);
+                }
             }
             render_readiness(&mut text, st);
             if let Some(l) = st.lifecycle.get() {
@@ -333,7 +336,16 @@ fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
         "/healthz" => (200, "text/plain", "ok\n".into()),
         "/readyz" => match not_ready(st) {
             Some(why) => (503, "text/plain", why),
-            None => (200, "text/plain", "ready\n".into()),
+            None => {
+                // Details that do not make the server unready (it computes
+                // when L3 is away).
+                let l3 = st.serving.get().and_then(|s| s.cache.l3_status());
+                let body = match l3 {
+                    Some(l3) => format!("ready\n{l3}\n"),
+                    None => "ready\n".into(),
+                };
+                (200, "text/plain", body)
+            }
         },
         "/v1/models" => match st.repo.get() {
             Some(repo) => {

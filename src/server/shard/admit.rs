@@ -4,6 +4,7 @@
 //! shard's `scratch` input buffer (read again by `ensemble.rs`).
 
 use super::answer::{Clip, Extra};
+use super::l3::ParkReq;
 use super::state::{Job, ModelSlot, TargetRef, Trial};
 use super::Shard;
 use crate::batch::{predict_wait_us, Backlog, Readiness};
@@ -128,7 +129,7 @@ impl Shard {
                 if let Some(t) = sample {
                     self.trial_sample(t, *current, &req);
                 }
-                self.submit_model(conn, &req, slot, arrival, labelled);
+                self.submit_model(conn, &req, slot, arrival, labelled, body);
             }
             Some(TargetRef::Ensemble(p)) => {
                 self.metrics.set_target(self.plan_target[*p]);
@@ -161,7 +162,7 @@ impl Shard {
                         ),
                     );
                 }
-                self.submit_ensemble(conn, &req, *p, arrival);
+                self.submit_ensemble(conn, &req, *p, arrival, body);
             }
         }
     }
@@ -326,6 +327,7 @@ impl Shard {
         slot: usize,
         arrival: Instant,
         labelled: bool,
+        body: &[u8],
     ) {
         let s = &self.slots[slot];
         let rows = req.rows as usize;
@@ -349,7 +351,7 @@ impl Shard {
             let mut buf = self.cache.buf.borrow_mut();
             if self
                 .cache
-                .get(&self.metrics, k, s.cache, &mut buf[..out_len])
+                .get_local(&self.metrics, k, s.cache, &mut buf[..out_len])
             {
                 let runs = [RunInfo {
                     model: &s.model.name,
@@ -374,6 +376,22 @@ impl Shard {
                     },
                 );
             }
+            drop(buf);
+            let park = ParkReq {
+                body,
+                key: k,
+                slots: &[slot],
+                output_width: s.model.output_width,
+                policy: s.cache,
+                out_len,
+                rows,
+                id: req.id,
+                arrival,
+            };
+            if self.l3_park(conn, park) {
+                return;
+            }
+            self.metrics.cache_misses.inc();
         }
         if !self.admit(conn, req.id, std::iter::once(slot), rows, deadline, arrival) {
             return;

@@ -5,6 +5,7 @@
 //! (`finish_ensemble`). Owns the shard's `pending` slab.
 
 use super::answer::{refusal, Extra};
+use super::l3::ParkReq;
 use super::state::{EnsemblePending, Job};
 use super::Shard;
 use crate::batch::Readiness;
@@ -28,6 +29,7 @@ impl Shard {
         req: &RequestView<'_>,
         p: usize,
         arrival: Instant,
+        body: &[u8],
     ) {
         let plan = &self.plans[p];
         let policy = effective_policy(req.policy, plan.selection.policy);
@@ -130,7 +132,7 @@ impl Shard {
             let mut buf = self.cache.buf.borrow_mut();
             if self
                 .cache
-                .get(&self.metrics, k, self.plan_cache[p], &mut buf[..out_len])
+                .get_local(&self.metrics, k, self.plan_cache[p], &mut buf[..out_len])
             {
                 let mut runs = [RunInfo {
                     model: "",
@@ -159,6 +161,22 @@ impl Shard {
                     Extra::default(),
                 );
             }
+            drop(buf);
+            let park = ParkReq {
+                body,
+                key: k,
+                slots: &plan.members,
+                output_width: plan.output_width,
+                policy: self.plan_cache[p],
+                out_len,
+                rows,
+                id: req.id,
+                arrival,
+            };
+            if self.l3_park(conn, park) {
+                return;
+            }
+            self.metrics.cache_misses.inc();
         }
         let members = set.iter().map(|i| plan.members[i]);
         if !self.admit(conn, req.id, members, rows, deadline, arrival) {

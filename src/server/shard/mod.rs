@@ -14,6 +14,7 @@
 //! - `batcher.rs`: the batcher per model slot and what a batch answers
 //!   (`run_batcher`, `dispatch`, `release_waiters`, `answer_dropped`);
 //! - `feedback.rs`: feedback messages and saving the selection state;
+//! - `l3.rs`: requests parked while the shared L3 tier (Redis) is asked;
 //! - `respond.rs`: `respond_ok` / `respond_error`, the only writers of a
 //!   connection's output;
 //! - `state.rs` (leaf): the data — jobs, model slots, target names,
@@ -54,10 +55,12 @@ mod batcher;
 mod deadline;
 mod ensemble;
 mod feedback;
+mod l3;
 mod respond;
 mod state;
 mod version;
 
+pub(crate) use l3::run_l3;
 pub(crate) use version::{watch, Current};
 
 use answer::largest_answer;
@@ -86,6 +89,8 @@ pub(crate) struct Shared {
     pub shadow: Rc<ShadowQueue>,
     /// Backend model ids in use, and how many versions hold each.
     pub registered: Rc<RefCell<HashMap<ModelId, usize>>>,
+    /// Requests parked on the shared L3 tier (`l3.rs`), when configured.
+    pub l3: Option<Rc<l3::L3Shard>>,
 }
 
 impl Shared {
@@ -97,8 +102,14 @@ impl Shared {
         cache_shared: Arc<CacheShared>,
         selection: Arc<SelectionCounters>,
     ) -> Result<Shared, String> {
+        let l3 = cache_shared
+            .l3
+            .as_ref()
+            .and_then(|l3| l3::L3Shard::new(l3, id))
+            .map(Rc::new);
         Ok(Shared {
             id,
+            l3,
             cache: Rc::new(ShardCache::new(&cfg, cache_shared)?),
             cfg,
             backend: Rc::new(RefCell::new(backend)),
@@ -174,6 +185,9 @@ pub(crate) struct Shard {
     pub selection: Arc<SelectionCounters>,
     /// Wakes the straggler-cutoff task when a deadline is added.
     pub deadline_wake: Notify,
+    /// Requests waiting on the shared L3 tier (`l3.rs`), when configured
+    /// (one per executor, shared by its versions).
+    l3: Option<Rc<l3::L3Shard>>,
 }
 
 impl Shard {
@@ -317,6 +331,7 @@ impl Shard {
             sel: RefCell::new(sel),
             selection: sh.selection.clone(),
             deadline_wake: Notify::default(),
+            l3: sh.l3.clone(),
             pending: RefCell::new(Slab::with_capacity(cfg.ensemble_in_flight_per_shard_max)),
             cfg: cfg.clone(),
             slots,
