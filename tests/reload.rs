@@ -118,7 +118,7 @@ fn a_new_version_and_a_changed_ensemble_swap_in_under_load_without_a_failed_requ
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
-                    let target = if i % 2 == 0 { "m" } else { "ens" };
+                    let target = if i.is_multiple_of(2) { "m" } else { "ens" };
                     match ask(&c, target, t * 1_000_000 + i) {
                         Ok(runs) => {
                             ok.fetch_add(1, Ordering::Relaxed);

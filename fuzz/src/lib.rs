@@ -99,7 +99,7 @@ pub fn frame(data: &[u8]) {
                     r.filled(k);
                     rest = &rest[k..];
                     assert!(r.buffered() <= r.capacity());
-                    if mode == 2 && rng.next() % 4 != 0 {
+                    if mode == 2 && !rng.next().is_multiple_of(4) {
                         // A caller that reads on before draining.
                         continue;
                     }

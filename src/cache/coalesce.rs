@@ -342,7 +342,7 @@ mod tests {
             rng = rng
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            if live.len() < 60 && (rng >> 33) % 2 == 0 {
+            if live.len() < 60 && (rng >> 33).is_multiple_of(2) {
                 let k = step;
                 assert_eq!(c.begin(key(k)), Begin::Leader);
                 c.add_waiter(key(k), k).unwrap();

@@ -254,7 +254,7 @@ fn unaligned_f16_tensor_is_copied() {
         "input_width = 2\noutput = \"identity\"\nlayers = [{ units = 1, activation = \"identity\" }]\n",
     );
     let header = r#"{"layers.0.bias":{"dtype":"F16","shape":[1],"data_offsets":[0,2]},"layers.0.weight":{"dtype":"F16","shape":[2,1],"data_offsets":[2,6]}}"#;
-    let header = if header.len() % 2 == 0 {
+    let header = if header.len().is_multiple_of(2) {
         format!("{header} ")
     } else {
         header.to_string()

@@ -186,8 +186,8 @@ fn f16_storage(
     match info.dtype {
         Dtype::F16 => {
             let offset = data_start + info.data_offsets.0;
-            let aligned =
-                (buf.as_bytes().as_ptr() as usize + offset) % std::mem::align_of::<f16>() == 0;
+            let aligned = (buf.as_bytes().as_ptr() as usize + offset)
+                .is_multiple_of(std::mem::align_of::<f16>());
             let storage = if aligned && cfg!(target_endian = "little") {
                 F16Storage::Window {
                     buf: Arc::clone(buf),

@@ -37,7 +37,7 @@ impl V<'_> {
     #[inline]
     fn at<const N: usize>(&mut self, pos: usize) -> Option<[u8; N]> {
         // Aligned to its size (all scalars read here are 1, 2, 4 or 8 bytes).
-        (pos % N == 0).then_some(())?;
+        pos.is_multiple_of(N).then_some(())?;
         self.range(pos, N)?;
         self.buf[pos..pos + N].try_into().ok()
     }
