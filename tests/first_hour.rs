@@ -287,8 +287,9 @@ fn beast_bench_names_a_missing_default_target_and_how_to_get_it() {
 }
 
 /// Every command the README shows (in `sh` blocks and inline code) names a
-/// binary the README's first command builds, and a subcommand and flags it
-/// has; the first block builds every binary and puts them on PATH.
+/// binary `cargo build --release` builds, and a subcommand and flags it
+/// has; the first block is the two fresh-clone commands (server, tests),
+/// the second builds every binary and puts them on PATH.
 #[test]
 fn readme_commands_work_as_written() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -319,16 +320,26 @@ fn readme_commands_work_as_written() {
             (None, _) => {}
         }
     }
+    // The first block: the two commands of a fresh clone (run the server on
+    // its built-in defaults, run the tests).
     let first = blocks.first().expect("an sh block");
     assert!(
-        first[0].starts_with("cargo build --release") && !first[0].contains("--bin "),
-        "the README's first command must build every binary: {first:?}"
+        first.len() == 2
+            && first[0].starts_with("cargo run --release -- serve")
+            && first[1].starts_with("cargo test --release"),
+        "the README's first block must be the server and the tests: {first:?}"
+    );
+    // The second: every binary built and put on PATH for what follows.
+    let tools = blocks.get(1).expect("a second sh block");
+    assert!(
+        tools[0].starts_with("cargo build --release") && !tools[0].contains("--bin "),
+        "the README's second block must build every binary: {tools:?}"
     );
     assert!(
-        first
+        tools
             .iter()
             .any(|l| l.starts_with("export PATH=") && l.contains("target/release")),
-        "the first block must put target/release on PATH: {first:?}"
+        "the second block must put target/release on PATH: {tools:?}"
     );
     let mut commands: Vec<String> = blocks
         .iter()
