@@ -68,18 +68,7 @@ impl Shard {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         c.feedback_correct
             .fetch_add(correct as u64, std::sync::atomic::Ordering::Relaxed);
-        self.respond_ok(
-            conn,
-            f.id,
-            0,
-            0,
-            &[],
-            &[],
-            arrival,
-            Timings::default(),
-            false,
-            Extra::default(),
-        );
+        self.feedback_ok(conn, f.id, arrival);
     }
 
     /// The ticket of a model's answer `out` (its first row is judged), when
@@ -141,9 +130,14 @@ impl Shard {
         trial
             .stats
             .label(slot == trial.slot, e.answer as u32 == f.label);
+        self.feedback_ok(conn, f.id, arrival);
+    }
+
+    /// The empty OK that acknowledges a counted label.
+    fn feedback_ok(&self, conn: &Conn, id: u64, arrival: Instant) {
         self.respond_ok(
             conn,
-            f.id,
+            id,
             0,
             0,
             &[],
