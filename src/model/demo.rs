@@ -82,16 +82,16 @@ pub fn write_model(out: &Path, m: &Model) -> std::io::Result<()> {
         },
     };
     std::fs::write(dir.join("model.toml"), man.to_toml())?;
-    let mut tensors: Vec<(String, F16Tensor)> = Vec::new();
+    let mut tensors: Vec<(String, TensorBytes)> = Vec::new();
     for (i, l) in m.layers.iter().enumerate() {
         tensors.push((
             format!("layers.{i}.weight"),
-            F16Tensor::new(vec![l.in_dim, l.out_dim], l.weight().iter().copied()),
+            TensorBytes::f16(vec![l.in_dim, l.out_dim], l.weight().iter().copied()),
         ));
         let f32s = |name: &str, v: &[f32]| {
             (
                 format!("layers.{i}.{name}"),
-                F16Tensor::new(vec![v.len()], v.iter().map(|&x| f16::from_f32(x))),
+                TensorBytes::f16(vec![v.len()], v.iter().map(|&x| f16::from_f32(x))),
             )
         };
         tensors.push(f32s("bias", &l.bias));
@@ -104,22 +104,37 @@ pub fn write_model(out: &Path, m: &Model) -> std::io::Result<()> {
         .map_err(std::io::Error::other)
 }
 
-/// An owned FP16 tensor in little-endian bytes, for the safetensors writer.
-struct F16Tensor {
+/// An owned tensor in little-endian bytes, for the safetensors writer
+/// (demo models here, `beast import-onnx`'s F32 weights).
+pub(crate) struct TensorBytes {
+    dtype: safetensors::Dtype,
     shape: Vec<usize>,
     bytes: Vec<u8>,
 }
 
-impl F16Tensor {
-    fn new(shape: Vec<usize>, values: impl Iterator<Item = f16>) -> F16Tensor {
+impl TensorBytes {
+    pub(crate) fn f16(shape: Vec<usize>, values: impl Iterator<Item = f16>) -> TensorBytes {
         let bytes = values.flat_map(|x| x.to_le_bytes()).collect();
-        F16Tensor { shape, bytes }
+        TensorBytes {
+            dtype: safetensors::Dtype::F16,
+            shape,
+            bytes,
+        }
+    }
+
+    pub(crate) fn f32(shape: Vec<usize>, values: &[f32]) -> TensorBytes {
+        let bytes = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        TensorBytes {
+            dtype: safetensors::Dtype::F32,
+            shape,
+            bytes,
+        }
     }
 }
 
-impl safetensors::View for F16Tensor {
+impl safetensors::View for TensorBytes {
     fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F16
+        self.dtype
     }
     fn shape(&self) -> &[usize] {
         &self.shape

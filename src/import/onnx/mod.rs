@@ -10,6 +10,7 @@ mod builder;
 pub mod convert;
 pub mod proto;
 
+use crate::model::demo::TensorBytes;
 use crate::model::load::{load_repository, WEIGHTS_FILE};
 use crate::model::manifest::{activation_name, output_name};
 use crate::model::{Activation, BatchLimits};
@@ -249,58 +250,29 @@ fn highest_version(dir: &Path) -> u32 {
 /// Weights as F32 tensors (the loader rounds them to FP16 once, refusing
 /// values beyond its range), in beast's tensor names.
 fn write_weights(n: &Network, path: &Path) -> Result<(), String> {
-    let mut tensors: Vec<(String, F32Tensor)> = Vec::new();
+    let mut tensors: Vec<(String, TensorBytes)> = Vec::new();
     for (i, l) in n.layers.iter().enumerate() {
         tensors.push((
             format!("layers.{i}.weight"),
-            F32Tensor::new(vec![l.in_dim, l.out_dim], &l.weight),
+            TensorBytes::f32(vec![l.in_dim, l.out_dim], &l.weight),
         ));
         tensors.push((
             format!("layers.{i}.bias"),
-            F32Tensor::new(vec![l.out_dim], &l.bias),
+            TensorBytes::f32(vec![l.out_dim], &l.bias),
         ));
         if let Some((g, b)) = &l.layer_norm {
             tensors.push((
                 format!("layers.{i}.ln_gamma"),
-                F32Tensor::new(vec![l.out_dim], g),
+                TensorBytes::f32(vec![l.out_dim], g),
             ));
             tensors.push((
                 format!("layers.{i}.ln_beta"),
-                F32Tensor::new(vec![l.out_dim], b),
+                TensorBytes::f32(vec![l.out_dim], b),
             ));
         }
     }
     safetensors::serialize_to_file(tensors, None, path)
         .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-struct F32Tensor {
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-impl F32Tensor {
-    fn new(shape: Vec<usize>, v: &[f32]) -> F32Tensor {
-        F32Tensor {
-            shape,
-            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        }
-    }
-}
-
-impl safetensors::View for F32Tensor {
-    fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.bytes)
-    }
-    fn data_len(&self) -> usize {
-        self.bytes.len()
-    }
 }
 
 /// The network in f32, as ONNX Runtime would compute it (before FP16 rounding).
