@@ -1,7 +1,9 @@
 //! `repository_poll_s`: a thread that fingerprints the repository (the
 //! name, size and modification time of every entry down to the weights
 //! files, and `ensembles.toml`) and rescans when the fingerprint changes.
-//! A refused change is not tried again until the files change again.
+//! A refused change is not tried again until the files change again. The
+//! first poll always rescans, so a change made while the server was
+//! starting is not missed.
 
 use super::{Change, Lifecycle};
 use std::fs;
@@ -16,7 +18,11 @@ pub(super) fn spawn(l: &Arc<Lifecycle>) {
         .name("beast-poll".into())
         .spawn(move || {
             let dir = l.cfg.models_dir.clone();
-            let mut last = fingerprint(&dir);
+            // No baseline taken here: the shards serve before this thread
+            // runs, so files changed between the start-up load and a
+            // fingerprint taken now would never be seen. The first poll
+            // rescans once (usually "nothing changed") and sets it.
+            let mut last = Vec::new();
             loop {
                 let mut slept = Duration::ZERO;
                 while slept < every {
