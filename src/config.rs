@@ -96,6 +96,8 @@ pub struct Config {
     /// File (one per shard: `<path>.<shard>`) where learned selection state
     /// is saved on clean shutdown and read at start; "" = not kept.
     pub selection_state_path: PathBuf,
+    /// Sharing learned selection state between nodes (`[learning.share]`).
+    pub learning: LearningSettings,
     /// Answer `/readyz` 200 even when a model or ensemble was refused at
     /// load (the rest is served either way); by default a refusal keeps
     /// the server not ready, with the refusals as the reason.
@@ -274,6 +276,7 @@ impl Default for Config {
             feedback_window: 65536,
             selection_domains_max: 64,
             selection_state_path: PathBuf::new(),
+            learning: LearningSettings::default(),
             read_buffer_bytes: 64 << 10,
             pending_bytes_per_connection_max: 8 << 20,
             frame_timeout_ms: 10_000,
@@ -577,6 +580,7 @@ impl Config {
             self.cache.coalesce_keys_max >= 1 && self.cache.coalesce_waiters_per_key_max >= 1,
             "cache.coalesce_keys_max and cache.coalesce_waiters_per_key_max: must be >= 1",
         );
+        self.validate_learning(&mut check);
         if errs.is_empty() {
             Ok(())
         } else {
@@ -584,6 +588,10 @@ impl Config {
         }
     }
 }
+
+#[path = "config_learning.rs"]
+mod learning;
+pub use learning::{LearningSettings, ShareSettings};
 
 #[cfg(test)]
 #[path = "config_tests.rs"]

@@ -174,3 +174,41 @@ fn unknown_keys_are_refused() {
     let c: Config = toml::from_str("write_buffer_bytes_max = 12345678").unwrap();
     assert_eq!(c.pending_bytes_per_connection_max, 12345678);
 }
+
+#[test]
+fn learning_share_is_checked_naming_the_field() {
+    let parse = |t: &str| toml::from_str::<Config>(t).unwrap();
+    // Off unless the section is there.
+    assert!(parse("").share_url().is_none());
+    // The URL defaults to cache.l3's; the interval to 1 s; the node id to host:port.
+    let c = parse("[cache.l3]\nurl = \"redis://10.0.0.1:6379\"\n[learning.share]\n");
+    c.validate().unwrap();
+    assert_eq!(c.share_url().as_deref(), Some("redis://10.0.0.1:6379"));
+    assert_eq!(c.learning.share.as_ref().unwrap().interval_ms, 1000);
+    let id = c.share_node_id(7878);
+    assert!(id.ends_with(":7878") && id.len() > 5, "{id}");
+    assert_eq!(id, c.share_node_id(7878), "stable");
+    let c = parse("[learning.share]\nurl = \"redis://h:1\"\nnode_id = \"a-1\"\ninterval_ms = 200");
+    c.validate().unwrap();
+    assert_eq!(c.share_node_id(7878), "a-1");
+    for (t, field) in [
+        ("[learning.share]\n", "learning.share.url: required"),
+        (
+            "[learning.share]\nurl = \"http://x\"",
+            "learning.share.url: must be",
+        ),
+        (
+            "[learning.share]\nurl = \"redis://h:1\"\nnode_id = \"a b\"",
+            "learning.share.node_id",
+        ),
+        (
+            "[learning.share]\nurl = \"redis://h:1\"\ninterval_ms = 10",
+            "learning.share.interval_ms",
+        ),
+    ] {
+        let e = parse(t).validate().unwrap_err();
+        assert!(e.contains(field), "{t}: {e}");
+    }
+    let e = toml::from_str::<Config>("[learning.share]\nintervall_ms = 5").unwrap_err();
+    assert!(e.to_string().contains("intervall_ms"), "{e}");
+}

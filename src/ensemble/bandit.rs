@@ -7,6 +7,11 @@
 //! Feedback updates every arm whose members all ran for that request (the
 //! `all` arm's answers reveal every member's), so exploring `all` teaches
 //! every arm at once.
+//!
+//! Each arm keeps its success/failure counts as this shard learned them
+//! (`own`) and as every other shard and node did (`remote`, handed over by
+//! the sync thread, docs/SELECTION.md); its posterior is the prior plus
+//! both, so posteriors from several sources merge by summing counts.
 
 use super::MemberSet;
 use rand::Rng;
@@ -19,9 +24,13 @@ pub struct Bandit {
     pub arms: Vec<MemberSet>,
     /// Share of the ensemble's FLOPs per arm.
     cost: Vec<f32>,
-    /// `[slot × arms]` Beta parameters (successes + prior, failures + prior).
+    /// `[slot × arms]` Beta parameters: prior + own + remote successes,
+    /// prior + own + remote failures.
     alpha: Vec<f32>,
     beta: Vec<f32>,
+    /// `[slot × arms]` (successes, failures) this shard saw, and everyone else's.
+    own: Vec<[f32; 2]>,
+    remote: Vec<[f32; 2]>,
 }
 
 impl Bandit {
@@ -45,6 +54,8 @@ impl Bandit {
             cost,
             alpha: vec![BANDIT_PRIOR; n],
             beta: vec![BANDIT_PRIOR; n],
+            own: vec![[0.0; 2]; n],
+            remote: vec![[0.0; 2]; n],
         }
     }
 
@@ -64,24 +75,48 @@ impl Bandit {
 
     pub fn observe(&mut self, slot: usize, arm: usize, correct: bool) {
         let i = slot * self.arms.len() + arm;
-        if correct {
-            self.alpha[i] += 1.0;
-        } else {
-            self.beta[i] += 1.0;
+        if let Some(o) = self.own.get_mut(i) {
+            o[!correct as usize] += 1.0;
+            self.refresh(i);
         }
     }
 
-    /// (successes + prior, failures + prior) of an arm in a domain.
+    fn refresh(&mut self, i: usize) {
+        let (o, r) = (self.own[i], self.remote[i]);
+        self.alpha[i] = BANDIT_PRIOR + o[0] + r[0];
+        self.beta[i] = BANDIT_PRIOR + o[1] + r[1];
+    }
+
+    /// (successes + prior, failures + prior) of an arm in a domain, every
+    /// source counted.
     pub fn posterior(&self, slot: usize, arm: usize) -> (f32, f32) {
         let i = slot * self.arms.len() + arm;
         (self.alpha[i], self.beta[i])
     }
 
-    pub fn set_posterior(&mut self, slot: usize, arm: usize, a: f32, b: f32) {
+    /// (successes, failures) this shard saw.
+    pub fn own(&self, slot: usize, arm: usize) -> [f32; 2] {
+        self.own[slot * self.arms.len() + arm]
+    }
+
+    /// Add counts to this shard's own (restoring saved state).
+    pub fn add_own(&mut self, slot: usize, arm: usize, c: [f32; 2]) {
         let i = slot * self.arms.len() + arm;
-        if i < self.alpha.len() && a.is_finite() && b.is_finite() && a > 0.0 && b > 0.0 {
-            self.alpha[i] = a;
-            self.beta[i] = b;
+        if i < self.own.len() && c.iter().all(|x| x.is_finite() && *x >= 0.0) {
+            self.own[i][0] += c[0];
+            self.own[i][1] += c[1];
+            self.refresh(i);
+        }
+    }
+
+    /// Set everyone else's counts per (slot, arm) (`None`: 0).
+    pub fn set_remote(&mut self, remote: impl Fn(usize, usize) -> Option<[f32; 2]>) {
+        let arms = self.arms.len();
+        for i in 0..self.remote.len() {
+            self.remote[i] = remote(i / arms, i % arms)
+                .filter(|c| c.iter().all(|x| x.is_finite() && *x >= 0.0))
+                .unwrap_or([0.0; 2]);
+            self.refresh(i);
         }
     }
 }

@@ -133,31 +133,65 @@ impl Accuracy {
     }
 }
 
-/// What one shard has learned about one ensemble.
+/// What one shard has learned about one ensemble: its own counts, and
+/// (with `[learning.share]`) everyone else's, used summed.
 #[derive(Debug)]
 pub struct Learned {
     pub members: usize,
     pub cols: usize,
-    /// `[domain slot × members]`.
+    /// `[domain slot × members]`: this shard's counts.
     pub accuracy: Vec<Accuracy>,
+    /// `[domain slot × members]`: every other shard's and node's.
+    pub remote_accuracy: Vec<Accuracy>,
     pub stacker: Stacker,
     pub bandit: Bandit,
+    /// Fingerprint of each member (`member_fingerprint`) and of each arm
+    /// (`arm_fingerprint`): the keys of what is saved and shared.
+    pub fps: Vec<u64>,
+    pub arm_fps: Vec<u64>,
+    /// Feedback messages learned from (the sync task publishes when it moves).
+    pub lessons: u64,
 }
 
 impl Learned {
     pub fn new(by_cost: &[u8], flops_row: &[u64], cols: usize, domains: usize) -> Self {
         let members = flops_row.len();
+        let bandit = Bandit::new(by_cost, flops_row, domains);
         Learned {
             members,
             cols,
             accuracy: vec![Accuracy::default(); domains.max(1) * members],
+            remote_accuracy: vec![Accuracy::default(); domains.max(1) * members],
             stacker: Stacker::new(members, cols),
-            bandit: Bandit::new(by_cost, flops_row, domains),
+            arm_fps: vec![0; bandit.arms.len()],
+            bandit,
+            fps: vec![0; members],
+            lessons: 0,
         }
     }
 
+    /// Key the learned state by these member fingerprints.
+    pub fn with_fps(mut self, fps: Vec<u64>) -> Self {
+        self.arm_fps = self
+            .bandit
+            .arms
+            .iter()
+            .map(|&set| arm_fingerprint(set, &fps))
+            .collect();
+        self.fps = fps;
+        self
+    }
+
+    /// Member m's counts in a domain slot, every source summed.
     pub fn accuracy(&self, slot: usize, m: usize) -> Accuracy {
-        self.accuracy[slot * self.members + m]
+        let (o, r) = (
+            self.accuracy[slot * self.members + m],
+            self.remote_accuracy[slot * self.members + m],
+        );
+        Accuracy {
+            correct: o.correct + r.correct,
+            total: o.total + r.total,
+        }
     }
 
     /// Apply one feedback: `rows` holds each member's first output row at
@@ -166,6 +200,7 @@ impl Learned {
         let cols = self.cols;
         let slot = e.domain_slot as usize;
         let row = |m: usize| &rows[m * cols..(m + 1) * cols];
+        self.lessons += 1;
         for m in e.ran.iter() {
             let a = &mut self.accuracy[slot * self.members + m];
             a.total += 1.0;
@@ -204,15 +239,17 @@ pub fn member_fingerprint(name: &str, version: u32, digest: u128) -> u64 {
     h.digest()
 }
 
-/// The text state file of one shard: one line per learned number group.
-///
-/// ```text
-/// acc   <ensemble> <domain_hash> <member_fp> <correct> <total>
-/// arm   <ensemble> <domain_hash> <arm_fp> <alpha> <beta>
-/// stack <ensemble> <member_fp> <w0> <w1> ...
-/// ```
-/// `arm_fp` is the xor of its members' fingerprints. Lines whose
-/// fingerprint no longer matches (a member's version or digest changed) are dropped.
+/// An arm's fingerprint: its members' fingerprints combined, so it
+/// changes when any member's version or digest does.
+pub fn arm_fingerprint(set: MemberSet, fps: &[u64]) -> u64 {
+    set.iter().fold(0x9E37_79B9_7F4A_7C15u64, |h, m| {
+        h.rotate_left(5) ^ fps.get(m).copied().unwrap_or(0)
+    })
+}
+
+/// The state file of one shard: this shard's own counters in the text
+/// form of [`super::counters::Counters`]. Counters whose fingerprint no
+/// longer matches (a member's version or digest changed) are dropped.
 pub fn state_path(base: &std::path::Path, shard: usize) -> std::path::PathBuf {
     let mut s = base.as_os_str().to_owned();
     s.push(format!(".{shard}"));

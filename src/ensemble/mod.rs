@@ -15,6 +15,7 @@ pub mod bandit;
 pub mod calibrate;
 pub mod cascade;
 pub mod cost;
+pub mod counters;
 pub mod feedback;
 pub mod profile;
 pub mod stacker;

@@ -24,6 +24,7 @@ pub mod rollout;
 mod run;
 mod select;
 mod shard;
+pub mod share;
 mod slab;
 
 use crate::config::Config;
@@ -55,6 +56,7 @@ pub struct ServerHandle {
     metrics: Vec<Arc<ShardMetrics>>,
     selection: Vec<Arc<SelectionCounters>>,
     lifecycle: Arc<lifecycle::Lifecycle>,
+    share: Option<share::Share>,
 }
 
 impl ServerHandle {
@@ -88,6 +90,10 @@ impl ServerHandle {
     pub fn wait(self) -> Totals {
         for t in self.threads {
             let _ = t.join();
+        }
+        // The shards published their last counters on the way out.
+        if let Some(s) = self.share {
+            s.finish();
         }
         if let Some(a) = self.admin {
             a.shutdown();
@@ -225,6 +231,7 @@ impl Starting {
                 metrics: parts.metrics,
                 selection: parts.selection,
                 lifecycle: parts.lifecycle,
+                share: parts.share,
             }),
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
@@ -279,10 +286,29 @@ fn start_shards(
             ))
         })
         .collect();
+    let share = match cfg.share_url() {
+        Some(url) => {
+            let s = cfg
+                .learning
+                .share
+                .as_ref()
+                .map(|s| s.interval_ms)
+                .unwrap_or(1000);
+            let id = cfg.share_node_id(addr.port());
+            Some(share::Share::start(
+                &url,
+                id,
+                std::time::Duration::from_millis(s),
+                cpus.len(),
+            )?)
+        }
+        None => None,
+    };
     if let Some(a) = admin {
         let _ = a.state.serving.set(admin::Serving {
             metrics: metrics.clone(),
             cache: cache.clone(),
+            learning: share.as_ref().map(|s| s.stats.clone()),
         });
     }
     let io_memory = io_memory_per_shard(cfg.io_memory_bytes, cpus.len(), memlock_limit());
@@ -313,6 +339,7 @@ fn start_shards(
             ready: ready_tx.clone(),
             cache: cache.clone(),
             selection: sel,
+            share: share.as_ref().map(|s| s.links[id].clone()),
         };
         let placement = if cfg.pin_shards {
             Placement::Fixed(cpu)
@@ -375,6 +402,7 @@ fn start_shards(
         metrics,
         selection,
         lifecycle,
+        share,
     })
 }
 
@@ -395,6 +423,7 @@ struct Running {
     metrics: Vec<Arc<ShardMetrics>>,
     selection: Vec<Arc<SelectionCounters>>,
     lifecycle: Arc<lifecycle::Lifecycle>,
+    share: Option<share::Share>,
 }
 
 /// The soft RLIMIT_MEMLOCK in bytes; `None` when unlimited or unknown.

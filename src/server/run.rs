@@ -32,6 +32,8 @@ pub(super) struct ShardStart {
     pub ready: mpsc::Sender<Result<String, String>>,
     pub cache: Arc<CacheShared>,
     pub selection: Arc<SelectionCounters>,
+    /// This shard's link to the learned-state sync thread (`[learning.share]`).
+    pub share: Option<Arc<super::share::ShardLink>>,
 }
 
 pub(super) async fn run_shard(start: ShardStart) {
@@ -45,6 +47,7 @@ pub(super) async fn run_shard(start: ShardStart) {
         ready,
         cache,
         selection,
+        share,
     } = start;
     let backend = match cfg.backend_choice() {
         Ok(choice) => backend::select(&choice),
@@ -87,6 +90,10 @@ pub(super) async fn run_shard(start: ShardStart) {
     glommio::spawn_local(shard::watch(current.clone(), hub.clone(), stop.clone())).detach();
     if shared.l3.is_some() {
         glommio::spawn_local(shard::run_l3(current.clone())).detach();
+    }
+    if let (Some(link), Some(s)) = (&share, &cfg.learning.share) {
+        let every = Duration::from_millis(s.interval_ms);
+        glommio::spawn_local(shard::run_share(current.clone(), link.clone(), every)).detach();
     }
     // Rollout comparisons run at low priority, between batches.
     let comparer = rollout::run_comparer(
@@ -179,6 +186,9 @@ pub(super) async fn run_shard(start: ShardStart) {
     shard.deadline_wake.notify();
     glommio::timer::sleep(Duration::from_millis(1)).await;
     shard.save_selection_state();
+    if let Some(link) = &share {
+        shard.publish_learned(link);
+    }
     drop(shard);
     drop(current);
     // Tasks still sleeping when this returns are never dropped by the

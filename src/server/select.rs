@@ -6,15 +6,18 @@
 //! Owned by one shard (`RefCell` in `Shard`), so nothing here locks.
 
 use crate::config::{Config, ENSEMBLE_MEMBERS_MAX};
+use crate::ensemble::bandit::BANDIT_PRIOR;
 use crate::ensemble::cost::DomainTable;
+use crate::ensemble::counters::{Counters, Key, Kind};
 use crate::ensemble::feedback::{member_fingerprint, state_path, Learned, Window};
 use crate::ensemble::profile::LatencyProfile;
-use crate::ensemble::{EnsemblePlan, MemberSet};
+use crate::ensemble::stacker::STACKER_ETA;
+use crate::ensemble::EnsemblePlan;
 use crate::model::Model;
 use rand::SeedableRng;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::fmt::Write as _;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -81,7 +84,17 @@ impl SelState {
             domains: plans.iter().map(|_| DomainTable::new(domains)).collect(),
             learned: plans
                 .iter()
-                .map(|p| Learned::new(&p.by_cost, &p.flops_row, p.output_width, domains))
+                .map(|p| {
+                    let fps = p
+                        .members
+                        .iter()
+                        .map(|&slot| {
+                            let m = &models[slot];
+                            member_fingerprint(&m.name, m.version, m.digest)
+                        })
+                        .collect();
+                    Learned::new(&p.by_cost, &p.flops_row, p.output_width, domains).with_fps(fps)
+                })
                 .collect(),
             window: window
                 .filter(|w| w.shape() == (window_cap.max(1), stride))
@@ -136,148 +149,163 @@ impl SelState {
         }
     }
 
-    /// Save the learned state (clean shutdown).
-    pub fn save(
-        &self,
-        path: &std::path::Path,
-        shard: usize,
-        plans: &[EnsemblePlan],
-        model_of: impl Fn(usize) -> (String, u32, u128),
-    ) -> Result<(), String> {
-        let mut s = String::new();
+    /// What this shard learned itself (its own counters), keyed by
+    /// ensemble name, domain hash and fingerprint.
+    pub fn own_counters(&self, plans: &[EnsemblePlan]) -> Counters {
+        let mut c = Counters::default();
         for (p, plan) in plans.iter().enumerate() {
-            let l = &self.learned[p];
-            let fps: Vec<u64> = plan
-                .members
-                .iter()
-                .map(|&slot| {
-                    let (n, v, d) = model_of(slot);
-                    member_fingerprint(&n, v, d)
-                })
-                .collect();
-            let d = &self.domains[p];
+            let (l, d) = (&self.learned[p], &self.domains[p]);
+            let key = |kind, domain, fp, class| Key {
+                ensemble: plan.name.clone(),
+                kind,
+                domain,
+                fp,
+                class,
+            };
             for slot in 0..d.capacity() {
                 let hash = d.hash_of(slot);
                 if slot > 0 && hash == 0 {
                     continue;
                 }
-                for (m, fp) in fps.iter().enumerate() {
-                    let a = l.accuracy(slot, m);
+                for (m, &fp) in l.fps.iter().enumerate() {
+                    let a = l.accuracy[slot * l.members + m];
                     if a.total > 0.0 {
-                        let _ =
-                            writeln!(s, "acc {} {hash} {fp} {} {}", plan.name, a.correct, a.total);
-                    }
-                }
-                for (a, set) in l.bandit.arms.iter().enumerate() {
-                    let (al, be) = l.bandit.posterior(slot, a);
-                    if al + be > 2.0 * crate::ensemble::bandit::BANDIT_PRIOR {
-                        let _ = writeln!(
-                            s,
-                            "arm {} {hash} {} {al} {be}",
-                            plan.name,
-                            arm_fp(*set, &fps)
+                        c.add(
+                            key(Kind::Acc, hash, fp, 0),
+                            [a.correct as f64, a.total as f64],
                         );
                     }
                 }
-            }
-            for (m, fp) in fps.iter().enumerate() {
-                let _ = write!(s, "stack {} {fp}", plan.name);
-                for w in l.stacker.weights(m) {
-                    let _ = write!(s, " {w}");
+                for (a, &fp) in l.arm_fps.iter().enumerate() {
+                    let [s, f] = l.bandit.own(slot, a);
+                    if s + f > 0.0 {
+                        c.add(key(Kind::Arm, hash, fp, 0), [s as f64, f as f64]);
+                    }
                 }
-                s.push('\n');
+            }
+            for (m, &fp) in l.fps.iter().enumerate() {
+                for class in 0..l.cols {
+                    let s = l.stacker.own(m, class);
+                    if s != 0.0 {
+                        c.add(key(Kind::Stack, 0, fp, class as u32), [s as f64, 0.0]);
+                    }
+                }
             }
         }
+        c
+    }
+
+    /// Add saved counters to this shard's own (a state file, or what the
+    /// version this one replaces had learned). Counters about unknown
+    /// ensembles or fingerprints are skipped. Returns the counters used.
+    pub fn add_own(&mut self, plans: &[EnsemblePlan], c: &Counters) -> usize {
+        let mut used = 0;
+        for (k, v) in &c.map {
+            let Some(p) = plans.iter().position(|p| p.name == k.ensemble) else {
+                continue;
+            };
+            let l = &mut self.learned[p];
+            let fps = if k.kind == Kind::Arm {
+                &l.arm_fps
+            } else {
+                &l.fps
+            };
+            let Some(i) = fps.iter().position(|&x| x == k.fp) else {
+                continue;
+            };
+            match k.kind {
+                Kind::Acc => {
+                    let slot = self.domains[p].slot(k.domain);
+                    let a = &mut l.accuracy[slot * l.members + i];
+                    a.correct += v[0] as f32;
+                    a.total += v[1] as f32;
+                }
+                Kind::Arm => {
+                    let slot = self.domains[p].slot(k.domain);
+                    l.bandit.add_own(slot, i, [v[0] as f32, v[1] as f32]);
+                }
+                Kind::Stack => l.stacker.add_own(i, k.class as usize, v[0] as f32),
+            }
+            used += 1;
+        }
+        used
+    }
+
+    /// Replace what every other shard and node learned (the sync thread's
+    /// `remote` for this shard). Counters about unknown ensembles or
+    /// fingerprints (another version of a member) are not used.
+    pub fn set_remote(&mut self, plans: &[EnsemblePlan], c: &Counters) {
+        for (p, plan) in plans.iter().enumerate() {
+            let l = &mut self.learned[p];
+            let members = l.members;
+            l.remote_accuracy.fill(Default::default());
+            let mut arms = vec![None; l.bandit.arms.len() * self.domains[p].capacity()];
+            let mut stack = vec![None; members * l.cols];
+            let lo = Key {
+                ensemble: plan.name.clone(),
+                kind: Kind::Acc,
+                domain: 0,
+                fp: 0,
+                class: 0,
+            };
+            for (k, v) in c
+                .map
+                .range(lo..)
+                .take_while(|(k, _)| k.ensemble == plan.name)
+            {
+                let fps = if k.kind == Kind::Arm {
+                    &l.arm_fps
+                } else {
+                    &l.fps
+                };
+                let Some(i) = fps.iter().position(|&x| x == k.fp) else {
+                    continue;
+                };
+                match k.kind {
+                    Kind::Acc => {
+                        let slot = self.domains[p].slot(k.domain);
+                        let a = &mut l.remote_accuracy[slot * members + i];
+                        a.correct += v[0] as f32;
+                        a.total += v[1] as f32;
+                    }
+                    Kind::Arm => {
+                        let slot = self.domains[p].slot(k.domain);
+                        let arms_n = l.arm_fps.len();
+                        let e: &mut Option<[f32; 2]> = &mut arms[slot * arms_n + i];
+                        let old = e.unwrap_or_default();
+                        *e = Some([old[0] + v[0] as f32, old[1] + v[1] as f32]);
+                    }
+                    Kind::Stack if (k.class as usize) < l.cols => {
+                        stack[i * l.cols + k.class as usize] = Some(v[0] as f32);
+                    }
+                    Kind::Stack => {}
+                }
+            }
+            let (narms, cols) = (l.arm_fps.len(), l.cols);
+            l.bandit.set_remote(|slot, a| arms[slot * narms + a]);
+            l.stacker.set_remote(|m, class| stack[m * cols + class]);
+        }
+    }
+
+    /// Save this shard's own counters (clean shutdown).
+    pub fn save(&self, path: &Path, shard: usize, plans: &[EnsemblePlan]) -> Result<(), String> {
         let file = state_path(path, shard);
         let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, s)
+        std::fs::write(&tmp, self.own_counters(plans).encode())
             .and_then(|_| std::fs::rename(&tmp, &file))
             .map_err(|e| format!("{}: {e}", file.display()))
     }
 
-    /// Load what a previous run saved; lines about members whose version
-    /// changed (or unknown ensembles, or malformed lines) are skipped.
-    /// Returns the lines used.
-    pub fn load(
-        &mut self,
-        path: &std::path::Path,
-        shard: usize,
-        plans: &[EnsemblePlan],
-        model_of: impl Fn(usize) -> (String, u32, u128),
-    ) -> usize {
+    /// Load what a previous run saved; counters about members whose
+    /// version or digest changed (or unknown ensembles, or malformed
+    /// lines) are skipped. Returns the counters used.
+    pub fn load(&mut self, path: &Path, shard: usize, plans: &[EnsemblePlan]) -> usize {
         let Ok(text) = std::fs::read_to_string(state_path(path, shard)) else {
             return 0;
         };
-        let mut used = 0;
-        for line in text.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 3 {
-                continue;
-            }
-            let Some(p) = plans.iter().position(|p| p.name == f[1]) else {
-                continue;
-            };
-            let plan = &plans[p];
-            let fps: Vec<u64> = plan
-                .members
-                .iter()
-                .map(|&slot| {
-                    let (n, v, d) = model_of(slot);
-                    member_fingerprint(&n, v, d)
-                })
-                .collect();
-            let num = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok());
-            let int = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok());
-            match f[0] {
-                "acc" => {
-                    let (Some(h), Some(fp), Some(c), Some(t)) = (int(2), int(3), num(4), num(5))
-                    else {
-                        continue;
-                    };
-                    let Some(m) = fps.iter().position(|&x| x == fp) else {
-                        continue;
-                    };
-                    let slot = self.domains[p].slot(h);
-                    let l = &mut self.learned[p];
-                    let a = &mut l.accuracy[slot * l.members + m];
-                    a.correct = c as f32;
-                    a.total = t as f32;
-                    used += 1;
-                }
-                "arm" => {
-                    let (Some(h), Some(fp), Some(al), Some(be)) = (int(2), int(3), num(4), num(5))
-                    else {
-                        continue;
-                    };
-                    let l = &mut self.learned[p];
-                    let Some(a) = l.bandit.arms.iter().position(|s| arm_fp(*s, &fps) == fp) else {
-                        continue;
-                    };
-                    let slot = self.domains[p].slot(h);
-                    l.bandit.set_posterior(slot, a, al as f32, be as f32);
-                    used += 1;
-                }
-                "stack" => {
-                    let Some(fp) = int(2) else { continue };
-                    let Some(m) = fps.iter().position(|&x| x == fp) else {
-                        continue;
-                    };
-                    let w: Vec<f32> = f[3..].iter().filter_map(|x| x.parse().ok()).collect();
-                    self.learned[p].stacker.set_weights(m, &w);
-                    used += 1;
-                }
-                _ => {}
-            }
-        }
-        used
+        let (c, _) = Counters::decode(&text, BANDIT_PRIOR as f64, STACKER_ETA as f64);
+        self.add_own(plans, &c)
     }
-}
-
-/// An arm's fingerprint: its members' fingerprints combined, so it
-/// changes when any member's version does.
-fn arm_fp(set: MemberSet, fps: &[u64]) -> u64 {
-    set.iter()
-        .fold(0x9E37_79B9_7F4A_7C15u64, |h, m| h.rotate_left(5) ^ fps[m])
 }
 
 #[cfg(test)]
@@ -330,21 +358,17 @@ mod tests {
         let path = dir.join("state");
         let (cfg, plans, models) = setup(1);
         let refs: Vec<&Arc<Model>> = models.iter().collect();
-        let name_of = |models: &[Arc<Model>], slot: usize| {
-            let m = &models[slot];
-            (m.name.clone(), m.version, m.digest)
-        };
         let mut s = SelState::new(0, &cfg, &plans, &refs);
         let slot = s.domains[0].slot(crate::ensemble::cost::domain_hash(Some("shop")));
         // arms: a alone, b alone, both
         s.learned[0].bandit.observe(slot, 0, true);
         s.learned[0].bandit.observe(slot, 1, false);
         s.learned[0].accuracy[slot * 2 + 1].total = 5.0;
-        s.save(&path, 0, &plans, |i| name_of(&models, i)).unwrap();
+        s.save(&path, 0, &plans).unwrap();
 
         // Same versions: everything comes back, in the same domain.
         let mut t = SelState::new(0, &cfg, &plans, &refs);
-        assert!(t.load(&path, 0, &plans, |i| name_of(&models, i)) >= 4);
+        assert_eq!(t.load(&path, 0, &plans), 3);
         let slot2 = t.domains[0].slot(crate::ensemble::cost::domain_hash(Some("shop")));
         assert_eq!(t.learned[0].bandit.posterior(slot2, 0), (2.0, 1.0));
         assert_eq!(t.learned[0].bandit.posterior(slot2, 1), (1.0, 2.0));
@@ -355,7 +379,7 @@ mod tests {
         let (cfg, plans, models2) = setup(2);
         let refs2: Vec<&Arc<Model>> = models2.iter().collect();
         let mut u = SelState::new(0, &cfg, &plans, &refs2);
-        u.load(&path, 0, &plans, |i| name_of(&models2, i));
+        u.load(&path, 0, &plans);
         let slot3 = u.domains[0].slot(crate::ensemble::cost::domain_hash(Some("shop")));
         assert_eq!(u.learned[0].bandit.posterior(slot3, 0), (2.0, 1.0));
         assert_eq!(u.learned[0].bandit.posterior(slot3, 1), (1.0, 1.0));
@@ -366,14 +390,75 @@ mod tests {
         Arc::get_mut(&mut models3[1]).unwrap().digest ^= 1;
         let refs3: Vec<&Arc<Model>> = models3.iter().collect();
         let mut w = SelState::new(0, &cfg, &plans, &refs3);
-        w.load(&path, 0, &plans, |i| name_of(&models3, i));
+        w.load(&path, 0, &plans);
         let slot4 = w.domains[0].slot(crate::ensemble::cost::domain_hash(Some("shop")));
         assert_eq!(w.learned[0].bandit.posterior(slot4, 0), (2.0, 1.0));
         assert_eq!(w.learned[0].bandit.posterior(slot4, 1), (1.0, 1.0));
         assert_eq!(w.learned[0].accuracy(slot4, 1).total, 0.0);
         // Another shard's file is not this one's.
         let mut v = SelState::new(1, &cfg, &plans, &refs2);
-        assert_eq!(v.load(&path, 1, &plans, |i| name_of(&models2, i)), 0);
+        assert_eq!(v.load(&path, 1, &plans), 0);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn remote_counters_teach_another_shard_but_not_about_other_bytes() {
+        use crate::ensemble::feedback::Entry;
+        use crate::ensemble::MemberSet;
+        let (cfg, plans, models) = setup(1);
+        let refs: Vec<&Arc<Model>> = models.iter().collect();
+        let mut a = SelState::new(0, &cfg, &plans, &refs);
+        let shop = crate::ensemble::cost::domain_hash(Some("shop"));
+        let slot = a.domains[0].slot(shop);
+        let e = Entry {
+            ran: MemberSet(0b11),
+            domain_slot: slot as u16,
+            ..Default::default()
+        };
+        // Member 0 says class 1, member 1 class 0; the truth is 1.
+        for _ in 0..10 {
+            a.learned[0].learn(&e, &[0.1, 0.9, 0.8, 0.2], 1);
+        }
+        let own = a.own_counters(&plans);
+        // Another node's shard (its domain table fills in another order).
+        let mut b = SelState::new(1, &cfg, &plans, &refs);
+        b.domains[0].slot(crate::ensemble::cost::domain_hash(Some("other")));
+        b.set_remote(&plans, &own);
+        let bslot = b.domains[0].slot(shop);
+        let (la, lb) = (&a.learned[0], &b.learned[0]);
+        for m in 0..2 {
+            assert_eq!(la.accuracy(slot, m), lb.accuracy(bslot, m));
+            assert_eq!(la.stacker.weights(m), lb.stacker.weights(m));
+        }
+        for arm in 0..3 {
+            assert_eq!(
+                la.bandit.posterior(slot, arm),
+                lb.bandit.posterior(bslot, arm)
+            );
+        }
+        assert_eq!(lb.bandit.posterior(bslot, 0), (11.0, 1.0));
+        // Its own counts are untouched: only remote.
+        assert!(b.own_counters(&plans).is_empty());
+        // Setting remote again replaces it (idempotent), never adds.
+        b.set_remote(&plans, &own);
+        assert_eq!(b.learned[0].accuracy(bslot, 0).total, 10.0);
+        // A node whose member `b` has other bytes uses what was learned
+        // about `a` alone, nothing about `b` nor the arm with both.
+        let (cfg, plans, mut models3) = setup(1);
+        Arc::get_mut(&mut models3[1]).unwrap().digest ^= 1;
+        let refs3: Vec<&Arc<Model>> = models3.iter().collect();
+        let mut c = SelState::new(2, &cfg, &plans, &refs3);
+        c.set_remote(&plans, &own);
+        let cslot = c.domains[0].slot(shop);
+        let lc = &c.learned[0];
+        assert_eq!(lc.accuracy(cslot, 0).total, 10.0);
+        assert_eq!(lc.accuracy(cslot, 1).total, 0.0);
+        assert_eq!(lc.bandit.posterior(cslot, 1), (1.0, 1.0));
+        assert_eq!(lc.bandit.posterior(cslot, 2), (1.0, 1.0));
+        assert_eq!(lc.stacker.weights(1), &[1.0, 1.0]);
+        // What a shard learned survives being handed to a new version.
+        let mut d = SelState::new(0, &cfg, &plans, &refs);
+        assert_eq!(d.add_own(&plans, &own), own.len());
+        assert_eq!(d.own_counters(&plans), own);
     }
 }

@@ -79,6 +79,8 @@ pub(crate) struct Serving {
     pub metrics: Vec<Arc<ShardMetrics>>,
     /// The prediction cache, for `POST /v1/cache/purge` and the L2 gauges.
     pub cache: Arc<super::cache::CacheShared>,
+    /// The learned-state sync's figures, with `[learning.share]`.
+    pub learning: Option<Arc<super::share::ShareStats>>,
 }
 
 impl AdminState {
@@ -326,6 +328,9 @@ fn route(r: &Request<'_>, st: &AdminState) -> (u16, &'static str, String) {
                 if let Some(l3) = &cache.l3 {
                     metrics::prometheus::render_l3(&mut text, &l3.stats);
                 }
+            }
+            if let Some(l) = st.serving.get().and_then(|s| s.learning.as_ref()) {
+                l.render(&mut text);
             }
             render_readiness(&mut text, st);
             if let Some(l) = st.lifecycle.get() {

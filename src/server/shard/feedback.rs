@@ -155,10 +155,7 @@ impl Shard {
         if path.as_os_str().is_empty() {
             return;
         }
-        let r = self.sel.borrow().save(path, self.id, &self.plans, |slot| {
-            let m = &self.slots[slot].model;
-            (m.name.clone(), m.version, m.digest)
-        });
+        let r = self.sel.borrow().save(path, self.id, &self.plans);
         if let Err(e) = r {
             eprintln!("beast: shard {}: saving selection state: {e}", self.id);
         }

@@ -57,10 +57,12 @@ mod ensemble;
 mod feedback;
 mod l3;
 mod respond;
+mod share;
 mod state;
 mod version;
 
 pub(crate) use l3::run_l3;
+pub(crate) use share::run_share;
 pub(crate) use version::{watch, Current};
 
 use answer::largest_answer;
@@ -302,13 +304,15 @@ impl Shard {
             .any(|r| r.mode == crate::model::rollout::RolloutMode::Canary);
         let mut sel = SelState::with_window(id, cfg, &plans, &models, window, canary);
         if prev.is_none() && !cfg.selection_state_path.as_os_str().is_empty() {
-            let used = sel.load(&cfg.selection_state_path, id, &plans, |slot| {
-                let m = &slots[slot].model;
-                (m.name.clone(), m.version, m.digest)
-            });
+            let used = sel.load(&cfg.selection_state_path, id, &plans);
             if used > 0 {
                 eprintln!("beast: shard {id}: selection state: {used} entries loaded");
             }
+        }
+        if let Some(prev) = prev {
+            // What the version this one replaces learned, for the members
+            // that did not change.
+            sel.add_own(&plans, &prev.sel.borrow().own_counters(&prev.plans));
         }
         version::seed_profiles(&slots, &mut sel, prev, &reg.profiles);
         let names = &sh.metrics.targets;
