@@ -318,3 +318,43 @@ fn a_member_whose_digest_changed_is_not_merged() {
     a.shutdown();
     d.shutdown();
 }
+
+#[test]
+fn without_redis_a_node_learns_alone_and_says_so() {
+    // Nothing listens there: every round fails, requests and feedback do not.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (h, cl) = node(&format!("redis://127.0.0.1:{port}"), "node-alone");
+    let admin = h.admin_addr.unwrap();
+    let errors = |h: &ServerHandle| {
+        common::metric(
+            h.admin_addr.unwrap(),
+            "beast_learning_sync_total{result=\"error\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    wait_until(Duration::from_secs(10), "failed rounds counted", || {
+        errors(&h) >= 2.0
+    });
+    teach(&cl, 150);
+    // Its own shards still merge: the counts are there, and the bandit learned.
+    wait_until(Duration::from_secs(10), "local merge", || {
+        member(&h, "feedback", "big") > 0.0
+    });
+    let wrong = wrong_arm(&cl, 60);
+    assert!(wrong <= 3, "sure0 alone {wrong} of 60");
+    let (code, text) =
+        beast::server::admin::get(&admin.to_string(), "/metrics", Duration::from_secs(5)).unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("\nbeast_learning_sync_age_seconds +Inf\n"),
+        "never synced"
+    );
+    assert!(text.contains("\nbeast_learning_nodes 0\n"));
+    assert_eq!(syncs(&h), 0.0);
+    drop(cl);
+    h.shutdown();
+}
