@@ -273,7 +273,7 @@ fn a_restarted_node_comes_back_with_what_it_learned() {
     let h = start_with(cfg, repository(2.0));
     wait_until(Duration::from_secs(10), "three syncs", || syncs(&h) >= 3.0);
     assert_eq!(member(&h, "feedback", "big"), big as f64);
-    drop(h.shutdown());
+    h.shutdown();
     // Third life, no state file: everything comes back from the node's key
     // (and stays after several rounds of overwriting it).
     let h = start_with(config(&url, "node-r"), repository(2.0));
