@@ -391,3 +391,41 @@ fn promtool_accepts(text: &str) {
         "promtool: {report}\n---\n{text}"
     );
 }
+
+#[test]
+fn a_reload_keeps_what_was_learned() {
+    use beast::server::lifecycle::Change;
+    let dir = common::temp_dir("learning-reload");
+    let repo = repository(2.0);
+    for m in repo.models.values().flatten() {
+        beast::model::demo::write_model(&dir, m).unwrap();
+    }
+    let ens = "[ensembles.band]\nmembers = [\"sure0\", \"big\"]\ncombiner = \"mean\"\npolicy = \"bandit\"\n";
+    std::fs::write(dir.join("ensembles.toml"), ens).unwrap();
+    let mut cfg = test_config();
+    cfg.models_dir = dir.clone();
+    let repo = beast::model::load::load_repository(&dir, &cfg.batch.limits()).unwrap();
+    let h = start_with(cfg, repo);
+    let cl = Client::connect(h.addr).unwrap();
+    teach(&cl, 150);
+    let wrong = wrong_arm(&cl, 60);
+    assert!(wrong <= 3, "taught: sure0 alone {wrong} of 60");
+    // A new model appears: a new generation of every shard, same members.
+    let other = model(
+        "other",
+        vec![layer(
+            W,
+            C,
+            vec![f16::ZERO; W * C],
+            vec![0.0; C],
+            Activation::Identity,
+        )],
+    );
+    beast::model::demo::write_model(&dir, &other).unwrap();
+    let applied = h.lifecycle().apply(&Change::Rescan, "test").unwrap();
+    assert_eq!(applied.loaded.len(), 1, "{applied:?}");
+    let wrong = wrong_arm(&cl, 60);
+    assert!(wrong <= 3, "after the reload: sure0 alone {wrong} of 60");
+    drop(cl);
+    h.shutdown();
+}
