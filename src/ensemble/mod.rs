@@ -4,7 +4,8 @@
 //! learned per-class weights), the per-request selection policies
 //! (`all`, [`cascade`], [`bandit`], deadline via [`profile`]), the feedback
 //! window and the per-domain accuracy it feeds ([`feedback`]), the learned
-//! weights ([`stacker`]) and the cost counters ([`cost`]).
+//! weights ([`stacker`]), the cost counters ([`cost`]), and what was
+//! learned as additive counters that shards and nodes sum ([`counters`]).
 //! Knows nothing of devices or sockets: it sees member outputs as f32 rows.
 //! The one exception runs once before serving: [`calibrate`], the start-up
 //! step that runs a cascade's members over its calibration rows on the CPU
