@@ -15,6 +15,8 @@
 //!   (`run_batcher`, `dispatch`, `release_waiters`, `answer_dropped`);
 //! - `feedback.rs`: feedback messages and saving the selection state;
 //! - `l3.rs`: requests parked while the shared L3 tier (Redis) is asked;
+//! - `share.rs`: publishing what this shard learned to the node's sync
+//!   thread and applying what the other shards and nodes learned;
 //! - `respond.rs`: `respond_ok` / `respond_error`, the only writers of a
 //!   connection's output;
 //! - `state.rs` (leaf): the data — jobs, model slots, target names,
