@@ -6,6 +6,7 @@
 #
 #   perf/l3_three_nodes.sh                    # 20000 requests per line
 #   L3_ZIPF_REQUESTS=5000 perf/l3_three_nodes.sh
+#   L3_BUDGET_US=20000 perf/l3_three_nodes.sh   # lookup_budget_us (default 1000)
 #
 # The nodes, the client threads (4) and redis-server (started by the test
 # on a free loopback port) share the machine: on a 2-core VM the figures

@@ -243,6 +243,10 @@ fn measure_three_nodes_zipf() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
     let threads = 4;
+    let budget: u64 = std::env::var("L3_BUDGET_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
     let mk = |l3: Option<beast::config::L3Lookup>| {
         let mut big = Model::random(
             "big",
@@ -259,6 +263,7 @@ fn measure_three_nodes_zipf() {
         cfg.cache.l3 = l3.map(|lookup| beast::config::L3Settings {
             url: redis.url(),
             lookup,
+            lookup_budget_us: budget,
             ..Default::default()
         });
         let h = start_with(cfg, repo);
@@ -273,7 +278,7 @@ fn measure_three_nodes_zipf() {
         .collect::<std::collections::HashSet<_>>()
         .len();
     println!(
-        "{n} requests, Zipf(0.9) over 5000 inputs ({distinct} distinct: one node's ideal hit ratio {:.3}), {threads} client threads, round-robin",
+        "{n} requests, Zipf(0.9) over 5000 inputs ({distinct} distinct: one node's ideal hit ratio {:.3}), {threads} client threads, round-robin, L3 lookup budget {budget} us",
         1.0 - distinct as f64 / n as f64
     );
     let mut seed_base = 0u64;
@@ -319,16 +324,21 @@ fn measure_three_nodes_zipf() {
             let wall = t0.elapsed().as_secs_f64();
             us.sort_by(f64::total_cmp);
             let p = |q: f64| us[((us.len() as f64 * q) as usize).min(us.len() - 1)];
-            let (mut hits, mut l3_hits) = (0.0, 0.0);
+            let (mut hits, mut l3_hits, mut lost) = (0.0, 0.0, 0.0);
             for h in &nodes {
                 let admin = h.admin_addr.unwrap();
                 hits += tier_hits(admin, "l1") + tier_hits(admin, "l2") + tier_hits(admin, "l3");
                 l3_hits += tier_hits(admin, "l3");
+                for r in ["timeout", "skipped"] {
+                    let q = format!("beast_cache_l3_lookups_total{{result=\"{r}\"}}");
+                    lost += series(admin, &q).unwrap_or(0.0);
+                }
             }
             println!(
-                "{target:>3} {label:<20} hit ratio {:.3} (L3 {:.3})  p50 {:6.0} us  p99 {:6.0} us  {:7.0} req/s",
+                "{target:>3} {label:<20} hit ratio {:.3} (L3 {:.3}, lookups timed out or skipped {:.3})  p50 {:6.0} us  p99 {:6.0} us  {:7.0} req/s",
                 hits / n as f64,
                 l3_hits / n as f64,
+                lost / n as f64,
                 p(0.5),
                 p(0.99),
                 n as f64 / wall
