@@ -112,6 +112,11 @@ fn an_answer_computed_on_one_node_is_an_l3_hit_on_another() {
         series(ba, "beast_cache_l3_lookups_total{result=\"miss\"}"),
         Some(1.0)
     );
+    assert_eq!(
+        metric(ba, "beast_in_flight_requests"),
+        Some(0.0),
+        "a request computed after an L3 miss is counted once"
+    );
     let readyz =
         beast::server::admin::get(&ba.to_string(), "/readyz", Duration::from_secs(5)).unwrap();
     assert_eq!(readyz.0, 200);
@@ -155,6 +160,63 @@ fn an_ensemble_answer_is_shared_too_with_its_members_named() {
         let q = format!("beast_batch_size_count{{model=\"{m}\"}}");
         assert_eq!(series(ba, &q), Some(0.0), "B ran no member");
     }
+}
+
+/// Member-level lookups: node A computed member `a` for an input (asked
+/// directly); node B, asked the ensemble `ens` (members a, b, c) for that
+/// input, misses the ensemble's key in L3, takes `a`'s answer from L3 and
+/// computes only `b` and `c`. Its answer equals a node without L3's.
+#[test]
+fn an_ensemble_member_computed_on_one_node_is_not_computed_again_on_another() {
+    let Some(redis) = redis_or_skip() else {
+        return;
+    };
+    let (a, b) = (
+        node("l3-mem-a", &redis.url()),
+        node("l3-mem-b", &redis.url()),
+    );
+    let alone = start_server();
+    let (aa, ba) = (a.admin_addr.unwrap(), b.admin_addr.unwrap());
+    for admin in [aa, ba] {
+        wait_until(Duration::from_secs(10), "the L3 breaker closes", || {
+            breaker(admin) == Some(0.0)
+        });
+    }
+    let x = rows(4242, 1, WIDTH);
+    let mut ca = Raw::connect(a.addr);
+    ca.send(1, &spec("a", 1, WIDTH, &x));
+    assert_eq!(ca.recv().status, beast::wire::Status::Ok);
+    wait_until(Duration::from_secs(10), "A writes a's answer", || {
+        series(aa, "beast_cache_l3_fills_total") == Some(1.0)
+    });
+    let mut cl = Raw::connect(alone.addr);
+    cl.send(1, &spec("ens", 1, WIDTH, &x));
+    let want = cl.recv();
+    assert_eq!(want.status, beast::wire::Status::Ok, "{}", want.message);
+
+    let mut cb = Raw::connect(b.addr);
+    cb.send(2, &spec("ens", 1, WIDTH, &x));
+    let got = cb.recv();
+    assert_eq!(got.status, beast::wire::Status::Ok, "{}", got.message);
+    assert_close(&got.output, &want.output, 1e-6);
+    let ran = |m: &str| series(ba, &format!("beast_batch_size_count{{model=\"{m}\"}}"));
+    assert_eq!(ran("a"), Some(0.0), "B took member a from L3");
+    assert_eq!(
+        (ran("b"), ran("c")),
+        (Some(1.0), Some(1.0)),
+        "B computed b and c"
+    );
+    assert_eq!(series(ba, "beast_cache_hits_total{tier=\"l3\"}"), Some(1.0));
+    assert_eq!(
+        series(ba, "beast_cache_l3_lookups_total{result=\"miss\"}"),
+        Some(3.0),
+        "the ensemble's key, b and c missed"
+    );
+    assert_eq!(metric(ba, "beast_in_flight_requests"), Some(0.0));
+    // B now holds a's answer in L1: a direct request for it is an L1 hit.
+    cb.send(3, &spec("a", 1, WIDTH, &x));
+    assert_eq!(cb.recv().status, beast::wire::Status::Ok);
+    assert_eq!(ran("a"), Some(0.0));
 }
 
 #[test]
