@@ -313,12 +313,13 @@ impl Shard {
     }
 }
 
-/// Member lookup `i` is still waiting (not answered, not timed out).
+/// Member lookup `i` is still waiting (not answered, not timed out;
+/// settling takes the entry, leaving `sent` empty).
 fn member_live(s: &L3Shard, i: usize, serial: u64) -> bool {
     s.members
         .borrow()
         .get(i)
-        .is_some_and(|p| p.serial == serial && p.shard.strong_count() > 0)
+        .is_some_and(|p| p.serial == serial && p.sent.is_some())
 }
 
 /// Settle member lookup `i` with `value` (`None`: a miss or a spent budget).
@@ -337,7 +338,7 @@ fn member_settle(s: &L3Shard, i: usize, value: Option<&[u8]>) {
 fn member_reply(s: &L3Shard, r: Reply) {
     let i = (r.token & !MEMBER) as usize;
     let sent = match s.members.borrow().get(i) {
-        Some(p) if p.shard.strong_count() > 0 && p.key == r.key => p.sent,
+        Some(p) if p.sent.is_some() && p.key == r.key => p.sent,
         _ => return, // its budget ran out first
     };
     if let Some(t) = sent {
