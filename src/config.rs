@@ -166,6 +166,8 @@ pub struct CacheSettings {
 pub struct L3Settings {
     /// `redis://HOST:PORT[/DB]` (standalone Redis or Valkey).
     pub url: String,
+    /// Seeds of a Redis Cluster, `redis://HOST:PORT` each (instead of `url`).
+    pub cluster_seeds: Vec<String>,
     /// Expiry of entries written, seconds (0 = none; a target's `ttl_s` wins when shorter).
     pub ttl_s: u64,
     /// Longest a request waits for an L3 answer before computing, µs.
@@ -188,6 +190,7 @@ impl Default for L3Settings {
     fn default() -> Self {
         L3Settings {
             url: String::new(),
+            cluster_seeds: Vec::new(),
             ttl_s: 3600,
             lookup_budget_us: 1000,
             lookup: L3Lookup::Auto,
@@ -567,10 +570,22 @@ impl Config {
             "cache.l2_bytes: must be >= 1 MiB",
         );
         if let Some(l3) = &self.cache.l3 {
-            check(
-                l3.url.starts_with("redis://") || l3.url.starts_with("valkey://"),
-                "cache.l3.url: must be redis://HOST:PORT (or valkey://HOST:PORT)",
-            );
+            let scheme = |u: &str| u.starts_with("redis://") || u.starts_with("valkey://");
+            if l3.cluster_seeds.is_empty() {
+                check(
+                    scheme(&l3.url),
+                    "cache.l3.url: must be redis://HOST:PORT (or valkey://HOST:PORT)",
+                );
+            } else {
+                check(
+                    l3.url.is_empty(),
+                    "cache.l3: url and cluster_seeds are exclusive (a standalone server or a cluster)",
+                );
+                check(
+                    l3.cluster_seeds.iter().all(|u| scheme(u)),
+                    "cache.l3.cluster_seeds: each must be redis://HOST:PORT",
+                );
+            }
             check(
                 (10..=1_000_000).contains(&l3.lookup_budget_us),
                 "cache.l3.lookup_budget_us: must be within 10..=1000000",

@@ -46,7 +46,13 @@ impl Config {
         if !s.url.is_empty() {
             return Some(s.url.clone());
         }
-        self.cache.l3.as_ref().map(|l3| l3.url.clone())
+        // A Redis Cluster L3 (`cluster_seeds`) is not a default: the node
+        // keys are read with one MGET, which a cluster refuses across slots.
+        self.cache
+            .l3
+            .as_ref()
+            .filter(|l3| l3.cluster_seeds.is_empty())
+            .map(|l3| l3.url.clone())
     }
 
     /// This node's id: `learning.share.node_id`, or `<hostname>:<port>`
@@ -65,7 +71,8 @@ impl Config {
         match self.share_url() {
             None => check(
                 false,
-                "learning.share.url: required when cache.l3 is not configured (redis://HOST:PORT)",
+                "learning.share.url: required when cache.l3 is not configured or is a Redis Cluster \
+                 (a standalone redis://HOST:PORT)",
             ),
             Some(u) => check(
                 u.starts_with("redis://") || u.starts_with("valkey://"),

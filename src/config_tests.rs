@@ -212,3 +212,25 @@ fn learning_share_is_checked_naming_the_field() {
     let e = toml::from_str::<Config>("[learning.share]\nintervall_ms = 5").unwrap_err();
     assert!(e.to_string().contains("intervall_ms"), "{e}");
 }
+
+#[test]
+fn l3_takes_a_url_or_cluster_seeds_not_both() {
+    let parse = |t: &str| toml::from_str::<Config>(t).unwrap().validate();
+    parse("[cache.l3]\nurl = \"redis://127.0.0.1:6379\"").unwrap();
+    let c: Config = toml::from_str(
+        "[cache.l3]\ncluster_seeds = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]",
+    )
+    .unwrap();
+    c.validate().unwrap();
+    assert_eq!(c.cache.l3.unwrap().cluster_seeds.len(), 2);
+    let both = "[cache.l3]\nurl = \"redis://a:1\"\ncluster_seeds = [\"redis://b:2\"]";
+    assert!(parse(both).unwrap_err().contains("exclusive"));
+    let bad = "[cache.l3]\ncluster_seeds = [\"redis://b:2\", \"b:3\"]";
+    assert!(parse(bad).unwrap_err().contains("cache.l3.cluster_seeds"));
+    // Learned state needs a standalone Redis: a cluster L3 is no default for it.
+    let e = parse("[cache.l3]\ncluster_seeds = [\"redis://b:2\"]\n[learning.share]\n").unwrap_err();
+    assert!(e.contains("learning.share.url: required"), "{e}");
+    assert!(parse("[cache.l3]\nttl_s = 5")
+        .unwrap_err()
+        .contains("cache.l3.url"));
+}

@@ -7,7 +7,7 @@
 //! redis-server.
 
 mod common;
-#[path = "common/redis.rs"]
+#[path = "common/redis_server.rs"]
 mod redis_server;
 
 use beast::client::Client;
@@ -21,7 +21,7 @@ use beast::server::ServerHandle;
 use beast::wire::{CacheControl, Input, PolicyOverride, RequestSpec};
 use common::{start_with, test_config, wait_until};
 use half::f16;
-use redis_server::Redis;
+use redis_server::redis_or_skip;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -183,7 +183,7 @@ fn stated_bound() -> Duration {
 
 #[test]
 fn feedback_on_one_node_teaches_the_others() {
-    let Some(redis) = Redis::start_or_skip() else {
+    let Some(redis) = redis_or_skip() else {
         return;
     };
     let url = redis.url();
@@ -249,7 +249,7 @@ fn feedback_on_one_node_teaches_the_others() {
 
 #[test]
 fn a_restarted_node_comes_back_with_what_it_learned() {
-    let Some(redis) = Redis::start_or_skip() else {
+    let Some(redis) = redis_or_skip() else {
         return;
     };
     let url = redis.url();
@@ -291,7 +291,7 @@ fn a_restarted_node_comes_back_with_what_it_learned() {
 
 #[test]
 fn a_member_whose_digest_changed_is_not_merged() {
-    let Some(redis) = Redis::start_or_skip() else {
+    let Some(redis) = redis_or_skip() else {
         return;
     };
     let url = redis.url();

@@ -6,8 +6,9 @@
 //! (`try_send` on a bounded channel: a full channel means "compute") and
 //! polls its own bounded reply channel; it computes anyway once the lookup
 //! budget is spent. The thread drains whatever lookups are queued and
-//! sends them as one `MGET`, then writes the fills queued meanwhile as one
-//! pipeline of `SET … EX`. Keys are the same 128-bit keys as L1/L2 (model
+//! sends them as one `MGET` (to a Redis Cluster: one pipeline of `GET`s,
+//! grouped per master, `l3_conn.rs`), then writes the fills queued
+//! meanwhile as one pipeline of `SET … EX`. Keys are the same 128-bit keys as L1/L2 (model
 //! digests and versions, purge generation, input digest inside), so two
 //! nodes share an answer only when they would compute the same one.
 //!
@@ -22,6 +23,7 @@
 //! `xxh3_64(key ‖ n ‖ floats): u64`. A value whose length or checksum does
 //! not match is a miss (counted as corrupt), never an answer.
 
+use super::l3_conn::{Client, Con};
 use super::CacheKey;
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -43,7 +45,11 @@ const MAGIC: &[u8; 4] = b"BL3v";
 /// What the I/O thread needs from the config.
 #[derive(Clone, Debug)]
 pub struct L3Config {
+    /// The standalone server's URL; for a cluster, its seeds joined with
+    /// `,` (the name in logs and /readyz).
     pub url: String,
+    /// Seeds of a Redis Cluster (empty: `url` is one standalone server).
+    pub cluster_seeds: Vec<String>,
     /// Expiry of entries written (0 = none; a target's own `ttl_s` wins).
     pub ttl_s: u64,
     pub lookup_budget: Duration,
@@ -134,8 +140,7 @@ impl L3 {
     /// Start the I/O thread. Never fails on an unreachable Redis: the
     /// breaker starts open and the thread keeps probing.
     pub fn start(cfg: L3Config) -> Result<Arc<L3>, String> {
-        let client = redis::Client::open(cfg.url.as_str())
-            .map_err(|e| format!("cache.l3.url '{}': {e}", cfg.url))?;
+        let client = Client::open(&cfg, io_timeout(cfg.lookup_budget))?;
         let (tx, rx) = bounded(QUEUE_MAX);
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -222,14 +227,6 @@ impl L3 {
     }
 }
 
-/// The Redis key of a cache key: a prefix and the 16 key bytes.
-fn redis_key(key: CacheKey) -> [u8; 20] {
-    let mut k = [0u8; 20];
-    k[..4].copy_from_slice(b"bl3:");
-    k[4..].copy_from_slice(&key.0.to_le_bytes());
-    k
-}
-
 fn checksum(key: CacheKey, body: &[u8]) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     h.update(&key.0.to_le_bytes());
@@ -271,10 +268,16 @@ pub fn decode(key: CacheKey, bytes: &[u8], out: &mut [f32]) -> bool {
     true
 }
 
+/// Round-trip timeout: a stalled Redis must fail fast enough that the
+/// breaker opens (lookups already fell back to compute at the budget).
+fn io_timeout(lookup_budget: Duration) -> Duration {
+    (lookup_budget * 20).clamp(Duration::from_millis(20), Duration::from_secs(1))
+}
+
 struct Io {
-    client: redis::Client,
+    client: Client,
     cfg: L3Config,
-    con: Option<redis::Connection>,
+    con: Option<Con>,
     stats: Arc<L3Stats>,
     slow: u32,
     next_probe: Instant,
@@ -287,12 +290,6 @@ struct Io {
 }
 
 impl Io {
-    /// Round-trip timeout: a stalled Redis must fail fast enough that the
-    /// breaker opens (lookups already fell back to compute at the budget).
-    fn io_timeout(&self) -> Duration {
-        (self.cfg.lookup_budget * 20).clamp(Duration::from_millis(20), Duration::from_secs(1))
-    }
-
     fn open(&mut self, why: String) {
         self.con = None;
         self.slow = 0;
@@ -323,15 +320,7 @@ impl Io {
     /// Connect and PING; closes the breaker on success.
     fn probe(&mut self) {
         self.next_probe = Instant::now() + PROBE_EVERY * (1 << self.reopens);
-        let t = self.io_timeout();
-        let r = self.client.get_connection_with_timeout(t).and_then(|c| {
-            c.set_read_timeout(Some(t))?;
-            c.set_write_timeout(Some(t))?;
-            let mut c = c;
-            redis::cmd("PING").query::<String>(&mut c)?;
-            Ok(c)
-        });
-        match r {
+        match self.client.connect(io_timeout(self.cfg.lookup_budget)) {
             Ok(c) => {
                 self.con = Some(c);
                 self.slow = 0;
@@ -370,12 +359,8 @@ impl Io {
             return;
         };
         let t0 = Instant::now();
-        let mut cmd = redis::cmd("MGET");
-        for &(_, _, k) in gets {
-            cmd.arg(&redis_key(k)[..]);
-        }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        match cmd.query::<Vec<Option<Vec<u8>>>>(con) {
+        match con.get_many(gets.iter().map(|g| g.2)) {
             Ok(values) => {
                 let mut woken = [false; 64];
                 for (&(shard, token, key), value) in gets.iter().zip(values) {
@@ -389,7 +374,22 @@ impl Io {
                 }
                 self.note_time(t0.elapsed());
             }
-            Err(e) => self.open(e.to_string()),
+            Err(e) => {
+                // The batch's requests compute now rather than at their budget.
+                for &(shard, token, key) in gets {
+                    if let Some(s) = replies.get(shard as usize) {
+                        let _ = s.try_send(Reply {
+                            token,
+                            key,
+                            value: None,
+                        });
+                    }
+                }
+                for i in 0..replies.len() {
+                    wake(wakers, i);
+                }
+                self.open(e.to_string())
+            }
         }
     }
 
@@ -398,17 +398,10 @@ impl Io {
             puts.clear();
             return;
         };
-        let mut p = redis::pipe();
-        for (k, v, ttl) in puts.iter() {
-            let c = p.cmd("SET").arg(&redis_key(*k)[..]).arg(&v[..]);
-            if *ttl > 0 {
-                c.arg("EX").arg(*ttl);
-            }
-            c.ignore();
-        }
         let n = puts.len() as u64;
+        let r = con.put_many(puts);
         puts.clear();
-        match p.query::<()>(con) {
+        match r {
             Ok(()) => {
                 self.stats.fills.fetch_add(n, Ordering::Relaxed);
             }
@@ -441,7 +434,7 @@ fn wake(wakers: &Wakers, shard: usize) {
 }
 
 fn io_loop(
-    client: redis::Client,
+    client: Client,
     cfg: L3Config,
     rx: Receiver<Msg>,
     replies: Vec<Sender<Reply>>,

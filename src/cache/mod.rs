@@ -16,6 +16,7 @@ pub mod key;
 pub mod l1;
 pub mod l2;
 pub mod l3;
+mod l3_conn;
 pub mod metrics;
 pub mod names;
 

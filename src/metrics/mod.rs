@@ -349,6 +349,13 @@ impl ShardMetrics {
         self.current.store(self.targets.unknown() as u64, Relaxed);
     }
 
+    /// A frame counted by `begin_request` is handled again (its L3
+    /// lookup missed): not a new request.
+    #[inline]
+    pub fn resume_request(&self) {
+        self.current.store(self.targets.unknown() as u64, Relaxed);
+    }
+
     /// The responses that follow are for target `t` (an index into
     /// `targets`; shards map their slots and plans to it by name).
     #[inline]

@@ -90,7 +90,12 @@ impl CacheShared {
         let l3 = match &cfg.cache.l3 {
             Some(l3) if cfg.cache.enabled => {
                 let c = L3Config {
-                    url: l3.url.clone(),
+                    url: if l3.cluster_seeds.is_empty() {
+                        l3.url.clone()
+                    } else {
+                        l3.cluster_seeds.join(",")
+                    },
+                    cluster_seeds: l3.cluster_seeds.clone(),
                     ttl_s: l3.ttl_s,
                     lookup_budget: std::time::Duration::from_micros(l3.lookup_budget_us),
                     shards: cfg.shard_cpus().len(),

@@ -20,7 +20,12 @@ impl Shard {
     /// One whole frame body from a connection. Never panics on bad bytes:
     /// every problem becomes a response with a status.
     pub fn handle_frame(&self, conn: &Rc<Conn>, body: &[u8], arrival: Instant) {
-        self.metrics.begin_request();
+        if self.l3.as_ref().is_some_and(|s| s.skip.get()) {
+            // Handed back by L3 after a miss: counted when it arrived.
+            self.metrics.resume_request();
+        } else {
+            self.metrics.begin_request();
+        }
         self.cache.begin_request();
         let req = match wire::decode_incoming_with_id(body) {
             Ok(Incoming::Request(r)) => r,

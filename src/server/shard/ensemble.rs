@@ -315,7 +315,8 @@ impl Shard {
             return Err(i);
         }
         // Taken out (not copied) so the entry can be updated while reading it.
-        let kept = std::mem::take(&mut e.input);
+        let mut kept = std::mem::take(&mut e.input);
+        let mut parked = false;
         let scratch = self.scratch.borrow();
         let n_in = rows * plan.input_width;
         let input = if from_scratch {
@@ -331,6 +332,11 @@ impl Shard {
                 let n = rows * s.model.output_width;
                 if self.cache.get(&self.metrics, mk, s.cache, &mut buf[..n]) {
                     self.combine_member(e, i, &buf[..n]);
+                    continue;
+                }
+                drop(buf);
+                if self.l3_park_member(e, k, i, plan.members[i]) {
+                    parked = true; // enqueued from `e.input` if it misses
                     continue;
                 }
             }
@@ -357,6 +363,10 @@ impl Shard {
             if q.readiness(enqueued) == Readiness::Now || q.rows_queued() == rows {
                 s.wake.notify();
             }
+        }
+        if parked && from_scratch && e.policy != Policy::Cascade {
+            kept.clear();
+            kept.extend_from_slice(&scratch[..n_in]);
         }
         drop(scratch);
         e.input = kept;

@@ -7,11 +7,21 @@
 //! the task waits for the L3 thread to wake it (glommio wakers may be woken
 //! from another thread) or for the oldest budget to end; with none, it
 //! sleeps on a local `Notify`.
+//!
+//! Members of an ensemble are looked up too (`l3_park_member`): a member
+//! that missed L1/L2 counts as outstanding in its pending entry while its
+//! key (the one a direct request to the member uses) is asked; a hit is
+//! combined like an L1/L2 hit, a miss or a spent budget enqueues the
+//! member as usual. The entry may belong to a version retired meanwhile:
+//! the lookup keeps a `Weak` to its version (registered by `spawn_tasks`),
+//! which lives while its tasks wait for pending entries.
 
+use super::state::EnsemblePending;
 use super::{Current, Shard};
 use crate::cache::l3::{decode, Reply, L3};
 use crate::cache::CacheKey;
 use crate::config::ENSEMBLE_MEMBERS_MAX;
+use crate::ensemble::MemberSet;
 use crate::server::cache::TargetPolicy;
 use crate::server::conn_state::Conn;
 use crate::server::notify::Notify;
@@ -20,7 +30,7 @@ use crate::wire::{RunInfo, Timings};
 use crossbeam::channel::Receiver;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
@@ -28,6 +38,23 @@ use std::time::Instant;
 
 /// Lookups one shard keeps outstanding; beyond, requests compute at once.
 const PARKED_MAX: usize = 1024;
+/// Set in a reply token that names a member lookup (else a parked request).
+const MEMBER: u32 = 1 << 31;
+
+/// A member of a pending ensemble entry waiting for L3.
+#[derive(Default)]
+struct ParkedMember {
+    /// The version whose `pending` holds the entry.
+    shard: Weak<Shard>,
+    k: usize,
+    generation: u32,
+    member: u8,
+    slot: usize,
+    n: usize,
+    key: CacheKey,
+    serial: u64,
+    sent: Option<Instant>,
+}
 
 #[derive(Default)]
 struct Parked {
@@ -63,6 +90,11 @@ pub(crate) struct L3Shard {
     /// Moving average of park → reply, µs (a budget spent counts as the
     /// budget): what a lookup costs here.
     rtt_us: Cell<f32>,
+    members: RefCell<Slab<ParkedMember>>,
+    /// The versions with tasks on this executor (`spawn_tasks`).
+    versions: RefCell<Vec<Weak<Shard>>>,
+    /// Set while a member whose lookup missed is enqueued.
+    skip_member: Cell<bool>,
 }
 
 impl L3Shard {
@@ -76,7 +108,17 @@ impl L3Shard {
             wake: Notify::default(),
             skip: Cell::new(false),
             rtt_us: Cell::new(0.0),
+            members: RefCell::new(Slab::with_capacity(PARKED_MAX)),
+            versions: RefCell::new(Vec::new()),
+            skip_member: Cell::new(false),
         })
+    }
+
+    /// `shard` runs on this executor (its member lookups find it here).
+    pub fn register_version(&self, shard: &Rc<Shard>) {
+        let mut v = self.versions.borrow_mut();
+        v.retain(|w| w.strong_count() > 0);
+        v.push(Rc::downgrade(shard));
     }
 }
 
@@ -160,6 +202,151 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// Member `member` of pending entry `k` (`e`) missed L1/L2: ask L3
+    /// for it and count it outstanding. False when not asked (no L3, an
+    /// uncacheable member, computing predicted quicker, breaker open,
+    /// full): enqueue it.
+    pub(super) fn l3_park_member(
+        &self,
+        e: &mut EnsemblePending,
+        k: usize,
+        member: usize,
+        slot: usize,
+    ) -> bool {
+        let (Some(s), Some(key)) = (&self.l3, e.member_keys[member]) else {
+            return false;
+        };
+        let rows = e.rows as usize;
+        if s.skip_member.get() {
+            return false;
+        }
+        if !s.l3.cfg.always && self.predicted_wait_us(slot, rows) < s.rtt_us.get() {
+            s.l3.stats.cheaper.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let me = {
+            let v = s.versions.borrow();
+            let found = v.iter().find(|w| std::ptr::eq(w.as_ptr(), self));
+            match found {
+                Some(w) => w.clone(),
+                None => return false,
+            }
+        };
+        let mut members = s.members.borrow_mut();
+        let Some(i) = members.acquire() else {
+            s.l3.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
+        if !s.l3.lookup(self.id, MEMBER | i as u32, key) {
+            members.release(i);
+            return false;
+        }
+        let serial = s.serial.get() + 1;
+        s.serial.set(serial);
+        *members.get_mut(i) = ParkedMember {
+            shard: me,
+            k,
+            generation: e.generation,
+            member: member as u8,
+            slot,
+            n: rows * self.slots[slot].model.output_width,
+            key,
+            serial,
+            sent: Some(Instant::now()),
+        };
+        s.due.borrow_mut().push_back((
+            MEMBER | i as u32,
+            serial,
+            Instant::now() + s.l3.cfg.lookup_budget,
+        ));
+        e.remaining += 1;
+        s.wake.notify();
+        true
+    }
+
+    /// A member lookup's outcome: combine a hit, enqueue a miss; advance
+    /// the entry once nothing else is outstanding.
+    fn l3_member_answer(&self, s: &L3Shard, p: &ParkedMember, value: Option<&[u8]>) {
+        let now = Instant::now();
+        let mut pending = self.pending.borrow_mut();
+        if !pending.is_live(p.k, p.generation) {
+            return; // answered without it (straggler cutoff)
+        }
+        let e = pending.get_mut(p.k);
+        let hit = {
+            let mut buf = self.cache.buf.borrow_mut();
+            let hit = value.is_some_and(|v| decode(p.key, v, &mut buf[..p.n]));
+            if hit {
+                self.combine_member(e, p.member as usize, &buf[..p.n]);
+                let policy = self.slots[p.slot].cache;
+                self.cache.insert_local(p.key, policy, &buf[..p.n]);
+            }
+            hit
+        };
+        if hit {
+            s.l3.stats.hits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.cache_hits_l3.inc();
+        } else {
+            if value.is_some() {
+                s.l3.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
+            s.l3.stats.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        e.remaining = e.remaining.saturating_sub(1);
+        if !hit {
+            drop(pending);
+            s.skip_member.set(true);
+            let r = self.run_members(p.k, MemberSet::one(p.member as usize), false, now);
+            s.skip_member.set(false);
+            pending = self.pending.borrow_mut();
+            if r.is_err() {
+                // Its queue filled up meanwhile: answered as failed
+                // rather than left waiting for a member that never runs.
+                pending.get_mut(p.k).failed = true;
+            }
+        }
+        if pending.get_mut(p.k).remaining == 0 {
+            drop(pending);
+            self.advance(p.k, now);
+        }
+    }
+}
+
+/// Member lookup `i` is still waiting (not answered, not timed out;
+/// settling takes the entry, leaving `sent` empty).
+fn member_live(s: &L3Shard, i: usize, serial: u64) -> bool {
+    s.members
+        .borrow()
+        .get(i)
+        .is_some_and(|p| p.serial == serial && p.sent.is_some())
+}
+
+/// Settle member lookup `i` with `value` (`None`: a miss or a spent budget).
+fn member_settle(s: &L3Shard, i: usize, value: Option<&[u8]>) {
+    let p = {
+        let mut members = s.members.borrow_mut();
+        let p = std::mem::take(members.get_mut(i));
+        members.release(i);
+        p
+    };
+    if let Some(shard) = p.shard.upgrade() {
+        shard.l3_member_answer(s, &p, value);
+    }
+}
+
+fn member_reply(s: &L3Shard, r: Reply) {
+    let i = (r.token & !MEMBER) as usize;
+    let sent = match s.members.borrow().get(i) {
+        Some(p) if p.sent.is_some() && p.key == r.key => p.sent,
+        _ => return, // its budget ran out first
+    };
+    if let Some(t) = sent {
+        l3_rtt(s, t.elapsed().as_secs_f32() * 1e6);
+    }
+    member_settle(s, i, r.value.as_deref());
+}
+
 /// Answers parked requests from L3 replies; computes those whose lookup
 /// missed or ran out of budget, on the version current then. One task per
 /// executor (`run.rs`), across versions.
@@ -174,7 +361,11 @@ pub(crate) async fn run_l3(current: Rc<Current>) {
             continue;
         }
         while let Ok(r) = s.replies.try_recv() {
-            current.get().l3_reply(&s, r);
+            if r.token & MEMBER != 0 {
+                member_reply(&s, r);
+            } else {
+                current.get().l3_reply(&s, r);
+            }
         }
         let now = Instant::now();
         let mut next = None;
@@ -183,7 +374,14 @@ pub(crate) async fn run_l3(current: Rc<Current>) {
             match front {
                 Some((i, serial, until)) if until <= now => {
                     s.due.borrow_mut().pop_front();
-                    if l3_live(&s, i as usize, serial) {
+                    if i & MEMBER != 0 {
+                        let m = (i & !MEMBER) as usize;
+                        if member_live(&s, m, serial) {
+                            s.l3.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                            l3_rtt(&s, s.l3.cfg.lookup_budget.as_secs_f32() * 1e6);
+                            member_settle(&s, m, None);
+                        }
+                    } else if l3_live(&s, i as usize, serial) {
                         s.l3.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                         l3_rtt(&s, s.l3.cfg.lookup_budget.as_secs_f32() * 1e6);
                         current.get().l3_compute(&s, i as usize);

@@ -442,6 +442,9 @@ pub(crate) fn spawn_tasks(shard: &Rc<Shard>) {
         }
     }
     glommio::spawn_local(shard.clone().run_deadlines()).detach();
+    if let Some(l3) = &shard.l3 {
+        l3.register_version(shard);
+    }
 }
 
 /// How long busy batchers may run before the executor polls for I/O and
