@@ -187,7 +187,7 @@ impl Latencies {
         self.ring[n % LATENCY_WINDOW].store(us, Ordering::Relaxed);
         // Recompute now and then, on the caller's thread: a copy on the stack.
         let known = (n + 1).min(LATENCY_WINDOW);
-        if (n + 1) % 64 == 0 && known >= LATENCY_WINDOW / 4 {
+        if (n + 1).is_multiple_of(64) && known >= LATENCY_WINDOW / 4 {
             let mut v = [0u32; LATENCY_WINDOW];
             for (d, s) in v.iter_mut().zip(self.ring.iter()).take(known) {
                 *d = s.load(Ordering::Relaxed);
