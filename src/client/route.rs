@@ -130,19 +130,29 @@ mod tests {
         assert_eq!(a, request_key("a", &Input::F16(bits)));
     }
 
-    /// Fixed values: the Python client's test checks the same numbers
-    /// (tools/python/tests), so the two rules cannot drift apart.
+    /// Fixed values, the same as the Python rule gives
+    /// (`beast.cluster.request_key`, `node_seed`, `route_order`), so a
+    /// change of either rule shows here; tests/python_client.rs compares
+    /// the two on many more inputs.
     #[test]
     fn known_values() {
         let key = request_key("digits", &Input::F32(&[0.5, -1.0, 2.0]));
-        let names = ["127.0.0.1:7878", "127.0.0.1:7879", "[::1]:7880"];
-        let s: Vec<u64> = names.iter().map(|n| node_seed(n)).collect();
-        let o = order(key, &s);
-        eprintln!("key {key:#x} seeds {s:x?} order {o:?}");
+        assert_eq!(key, 0xe329_33b1_9c8c_eadf);
         assert_eq!(
             key,
             xxh3_64_with_seed(b"digits", xxh3_64(&to_le(&[0.5, -1.0, 2.0])))
         );
+        let names = ["127.0.0.1:7878", "127.0.0.1:7879", "[::1]:7880"];
+        let s: Vec<u64> = names.iter().map(|n| node_seed(n)).collect();
+        assert_eq!(
+            s,
+            [
+                0x4419_93e9_bbf0_3ffc,
+                0x4153_6c39_9863_a89b,
+                0x22b6_20b4_0d66_b8bd
+            ]
+        );
+        assert_eq!(order(key, &s), [0, 2, 1]);
     }
 
     fn to_le(x: &[f32]) -> Vec<u8> {
