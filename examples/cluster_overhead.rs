@@ -31,9 +31,24 @@ fn spec<'a>(target: &'a str, x: &'a [f32]) -> RequestSpec<'a> {
 /// One blocking call with one input.
 type Call = Arc<dyn Fn(&[f32]) + Send + Sync>;
 
-/// Requests per second and sorted latencies (µs) of `threads` threads
-/// calling `call` for `secs`.
-fn drive(threads: usize, secs: f64, inputs: &Arc<Vec<Vec<f32>>>, call: Call) -> (f64, Vec<u32>) {
+/// This process's CPU seconds (user + system), all threads.
+fn cpu_s() -> f64 {
+    // SAFETY: getrusage only fills the struct we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Requests per second, this process's CPU µs per request, and sorted
+/// latencies (µs) of `threads` threads calling `call` for `secs`.
+fn drive(
+    threads: usize,
+    secs: f64,
+    inputs: &Arc<Vec<Vec<f32>>>,
+    call: Call,
+) -> (f64, f64, Vec<u32>) {
+    let cpu0 = cpu_s();
     let stop = Arc::new(AtomicBool::new(false));
     let hs: Vec<_> = (0..threads)
         .map(|t| {
@@ -56,8 +71,9 @@ fn drive(threads: usize, secs: f64, inputs: &Arc<Vec<Vec<f32>>>, call: Call) -> 
     stop.store(true, Ordering::Relaxed);
     let mut all: Vec<u32> = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
     let took = t0.elapsed().as_secs_f64();
+    let cpu_us = (cpu_s() - cpu0) * 1e6 / all.len().max(1) as f64;
     all.sort_unstable();
-    (all.len() as f64 / took, all)
+    (all.len() as f64 / took, cpu_us, all)
 }
 
 fn q(v: &[u32], p: f64) -> u32 {
@@ -101,15 +117,16 @@ fn main() {
     // Warm the cache and both paths.
     drive(threads, 0.5, &inputs, one.clone());
     drive(threads, 0.5, &inputs, many.clone());
-    println!("| round | client req/s | cluster req/s | cluster / client | client p50 / p99 µs | cluster p50 / p99 µs |");
-    println!("|---|---|---|---|---|---|");
-    let mut ratios = Vec::new();
+    println!("| round | client req/s | cluster req/s | cluster / client | client CPU µs/req | cluster CPU µs/req | client p50 / p99 µs | cluster p50 / p99 µs |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let (mut ratios, mut cpu_extra) = (Vec::new(), Vec::new());
     for r in 0..rounds {
-        let (ra, la) = drive(threads, secs, &inputs, one.clone());
-        let (rb, lb) = drive(threads, secs, &inputs, many.clone());
+        let (ra, ca, la) = drive(threads, secs, &inputs, one.clone());
+        let (rb, cb, lb) = drive(threads, secs, &inputs, many.clone());
         ratios.push(rb / ra);
+        cpu_extra.push(cb - ca);
         println!(
-            "| {} | {ra:.0} | {rb:.0} | {:.3} | {} / {} | {} / {} |",
+            "| {} | {ra:.0} | {rb:.0} | {:.3} | {ca:.1} | {cb:.1} | {} / {} | {} / {} |",
             r + 1,
             rb / ra,
             q(&la, 0.5),
@@ -119,7 +136,12 @@ fn main() {
         );
     }
     ratios.sort_by(f64::total_cmp);
+    cpu_extra.sort_by(f64::total_cmp);
     println!();
+    println!(
+        "median extra client CPU per request, cluster - client: {:.1} µs",
+        cpu_extra[cpu_extra.len() / 2]
+    );
     println!(
         "median cluster / client throughput: {:.3} ({} rounds of {secs} s, {threads} threads, target {target})",
         ratios[ratios.len() / 2],
