@@ -164,6 +164,16 @@ pub struct Answer {
     conn: Arc<Client>,
 }
 
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("prediction", &self.prediction)
+            .field("node", &self.node)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
 impl std::ops::Deref for Answer {
     type Target = Prediction;
     fn deref(&self) -> &Prediction {

@@ -8,7 +8,7 @@ pub mod labels;
 pub mod npy;
 pub mod route;
 
-pub use cluster::{Answer, Cluster, ClusterConfig, Hedge, NodeSpec, NodeStatus};
+pub use cluster::{Answer, Cluster, ClusterConfig, Hedge, NodeSpec, NodeStatus, NODES_MAX};
 
 use crate::wire::{
     decode_response, Encoder, FeedbackView, FrameReader, Input, RequestSpec, ResponseView, Status,
