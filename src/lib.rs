@@ -21,7 +21,7 @@
 //! - [`ensemble`]: combiners, per-request member selection (cascade,
 //!   deadline, bandit), feedback and what is learned from it (docs/SELECTION.md).
 //! - [`metrics`]: per-core counters and histograms.
-//! - [`client`]: the Rust client library.
+//! - [`client`]: the Rust clients: one connection (`Client`) and several nodes (`Cluster`, docs/CLIENT.md).
 //! - [`config`]: every limit and default, validated once.
 
 pub mod backend;

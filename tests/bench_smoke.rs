@@ -248,3 +248,43 @@ fn a_server_that_goes_away_gets_a_report_not_an_abort() {
     assert_eq!(j.get("late_server").and_then(|v| v.as_f64()), Some(0.0));
     assert_eq!(j.get("partial").and_then(|v| v.as_f64()), Some(0.0));
 }
+
+#[test]
+fn three_servers_share_the_load_with_per_node_and_total_figures() {
+    let servers: Vec<_> = (0..3).map(|_| common::start_server()).collect();
+    let list: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_beast-bench"))
+        .args(["--server", &list.join(","), "--width", "12", "-c", "2"])
+        .args(["-k", "8", "--warmup", "0.3", "--duration", "1", "--json"])
+        .args(["--target", "a", "--rate", "1500", "--distinct", "300"])
+        .args(["--no-cache"])
+        .output()
+        .expect("run beast-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let line = stdout.lines().find(|l| l.starts_with('{')).unwrap();
+    let j = serde_json::from_str::<serde_json::Value>(line).unwrap();
+    let num =
+        |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k}: {line}"));
+    let nodes = j["per_node"].as_array().expect("per_node");
+    assert_eq!(nodes.len(), 3, "{line}");
+    let ok: f64 = nodes.iter().map(|n| num(n, "ok")).sum();
+    assert_eq!(ok, num(&j, "ok"), "per-node figures add up to the total");
+    assert_eq!(num(&j, "error_count"), 0.0, "{line}");
+    for (n, s) in nodes.iter().zip(&servers) {
+        assert_eq!(n["node"].as_str(), Some(s.addr.to_string().as_str()));
+        // 300 distinct inputs by rendezvous: about a third each.
+        assert!(num(n, "ok") > 0.2 * ok, "{line}");
+        // What the bench counts for a node is what that node answered
+        // (plus the warm-up and the pre-flight request).
+        assert!(s.totals().responses[0] as f64 >= num(n, "ok"), "{line}");
+    }
+    // A single --server has no per_node field (its JSON is unchanged).
+    let one = bench(
+        servers[0].addr,
+        &["--target", "a", "--rate", "200", "--duration", "0.3"],
+    );
+    let line = String::from_utf8_lossy(&one.stdout);
+    assert!(one.status.success() && !line.contains("per_node"), "{line}");
+}

@@ -7,6 +7,8 @@
 
 mod common;
 
+use beast::client::route;
+use beast::wire::Input;
 use common::*;
 use std::path::Path;
 use std::process::Command;
@@ -64,4 +66,73 @@ fn python_client_against_a_real_server() {
     let want = direct(&model("a"), &row, 1);
     assert_close(&got, &want, 1e-6);
     server.shutdown();
+}
+
+/// beast.Cluster (tools/python/beast/cluster.py): its rendezvous rule gives
+/// the order `beast::client::route` gives on the same inputs (f32 and f16),
+/// and against two real nodes and a dead address every answer comes from
+/// the first live node of its order (tools/python/tests/check_cluster.py).
+/// Needs the `xxhash` package too; prints `SKIP:` without it.
+#[test]
+fn python_cluster_routes_like_rust_against_two_nodes() {
+    if let Err(why) = python_ready() {
+        println!("SKIP: python cluster test: {why}");
+        return;
+    }
+    if !Command::new("python3")
+        .args(["-c", "import xxhash"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        println!("SKIP: python cluster test: python3 has no xxhash package (pip install xxhash)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let nodes = [start_server(), start_server()];
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let live = format!("{},{}", nodes[0].addr, nodes[1].addr);
+    let out = Command::new("python3")
+        .arg(root.join("tools/python/tests/check_cluster.py"))
+        .args([&live, &dead.to_string()])
+        .env("PYTHONPATH", root.join("tools/python"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("python cluster: ok"),
+        "check_cluster.py failed:\n{stdout}\n{stderr}"
+    );
+    let names = [
+        nodes[0].addr.to_string(),
+        nodes[1].addr.to_string(),
+        dead.to_string(),
+    ];
+    let seeds: Vec<u64> = names.iter().map(|n| route::node_seed(n)).collect();
+    let mut checked = 0;
+    for line in stdout.lines().filter_map(|l| l.strip_prefix("ROUTE ")) {
+        let (lhs, order) = line.split_once(" -> ").unwrap();
+        let mut it = lhs.split(' ');
+        let (target, f16) = (it.next().unwrap(), it.next().unwrap() == "1");
+        let x: Vec<f32> = it.map(|v| v.parse().unwrap()).collect();
+        let bits: Vec<u16> = x
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect();
+        let input = if f16 {
+            Input::F16(&bits)
+        } else {
+            Input::F32(&x)
+        };
+        let want: Vec<&str> = route::order(route::request_key(target, &input), &seeds)
+            .into_iter()
+            .map(|i| names[i].as_str())
+            .collect();
+        assert_eq!(order, want.join(","), "{line}");
+        checked += 1;
+    }
+    assert_eq!(checked, 120);
 }

@@ -51,7 +51,9 @@ static GLOBAL: MiMalloc = MiMalloc;
     about = "Load generator for beast: open loop (coordinated-omission corrected) or closed loop; sweeps, SLO search, traces"
 )]
 struct Args {
-    /// Server address.
+    /// Server address; several, comma-separated (a,b,c), spread the load
+    /// over those nodes by the cluster client's rendezvous rule, with
+    /// per-node and total figures.
     #[arg(long, default_value = "127.0.0.1:7878")]
     server: String,
     /// Target(s): name[:weight[:width]],... e.g. "bench_ens:3,bench_a:1".
@@ -218,10 +220,23 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
             cpus.len()
         ));
     }
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&args.server)
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| format!("--server: cannot resolve '{}'", args.server))?;
+    let mut addrs = Vec::new();
+    for one in args.server.split(',') {
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(one.trim())
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| format!("--server: cannot resolve '{one}'"))?;
+        if addrs.contains(&addr) {
+            return Err(format!("--server: {addr} is given twice"));
+        }
+        addrs.push(addr);
+    }
+    if addrs.len() > beast::client::NODES_MAX {
+        return Err(format!(
+            "--server: at most {} nodes",
+            beast::client::NODES_MAX
+        ));
+    }
 
     // Inputs: a file, or seeded random rows per width.
     let file = match &args.input_file {
@@ -364,7 +379,8 @@ fn base_plan(args: &Args) -> Result<Plan, String> {
         },
     };
     Ok(Plan {
-        addr,
+        route: load::route_table(&addrs, &targets, &pools, args.f16),
+        addrs,
         targets,
         pools,
         rows: args.rows,
@@ -417,7 +433,15 @@ fn run(args: &Args) -> Result<ExitCode, String> {
         .iter()
         .map(|t| (t.name.clone(), t.width))
         .collect();
-    let problems = preflight::check(base.addr, &targets, &args.server);
+    let mut problems = Vec::new();
+    for addr in &base.addrs {
+        let name = if base.addrs.len() > 1 {
+            addr.to_string()
+        } else {
+            args.server.clone()
+        };
+        problems.extend(preflight::check(*addr, &targets, &name));
+    }
     for p in &problems {
         eprintln!("beast-bench: {p}");
     }
@@ -619,6 +643,10 @@ fn one_run(args: &Args, base: &Plan, label: &str, rate: Option<f64>) -> Result<S
         admin,
         slo_ok: None,
         target_names: base.targets.iter().map(|t| t.name.clone()).collect(),
+        node_names: match base.addrs.len() {
+            1 => Vec::new(),
+            _ => base.addrs.iter().map(|a| a.to_string()).collect(),
+        },
     })
 }
 

@@ -2,8 +2,13 @@
 //! matched by id. Blocking API on std threads so any service (sync, tokio,
 //! glommio) can use it; the load generator uses the wire encoder directly.
 
+mod cluster;
+mod health;
 pub mod labels;
 pub mod npy;
+pub mod route;
+
+pub use cluster::{Answer, Cluster, ClusterConfig, Hedge, NodeSpec, NodeStatus, NODES_MAX};
 
 use crate::wire::{
     decode_response, Encoder, FeedbackView, FrameReader, Input, RequestSpec, ResponseView, Status,
@@ -11,7 +16,7 @@ use crate::wire::{
 };
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -105,9 +110,24 @@ pub struct Client {
 
 /// A request in flight; `wait` blocks for its response.
 pub struct Pending {
+    slot: Slot,
+    rx: Receiver<Reply>,
+}
+
+/// A response and the tag its request was sent with (see [`Client::send_tagged`]).
+pub(crate) type Reply = (u32, Result<Prediction, ClientError>);
+
+/// A registered request id; dropping it forgets the request (a response
+/// that comes later finds no slot and is discarded).
+pub(crate) struct Slot {
     id: u64,
-    rx: Receiver<Result<Prediction, ClientError>>,
     shared: Arc<Shared>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.shared.pending).waiting.remove(&self.id);
+    }
 }
 
 struct Shared {
@@ -117,8 +137,10 @@ struct Shared {
 }
 
 struct Slots {
-    /// One capacity-1 channel per request in flight: the reader's send never blocks.
-    waiting: HashMap<u64, SyncSender<Result<Prediction, ClientError>>>,
+    /// The reply channel of each request in flight, and its tag. A channel
+    /// has room for every request sent on it (one for `send`; one per
+    /// attempt for the cluster client), so the reader's send never blocks.
+    waiting: HashMap<u64, (SyncSender<Reply>, u32)>,
     /// Set once the connection is gone; later sends fail with it.
     closed: Option<String>,
 }
@@ -132,12 +154,13 @@ struct Writer {
 impl Pending {
     /// The id this request went out with.
     pub fn id(&self) -> u64 {
-        self.id
+        self.slot.id
     }
 
     pub fn wait(self) -> Result<Prediction, ClientError> {
         self.rx
             .recv()
+            .map(|r| r.1)
             .unwrap_or_else(|_| Err(closed("response channel dropped")))
     }
 
@@ -145,23 +168,24 @@ impl Pending {
     /// request stays in flight: wait again, or drop to forget it).
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<Prediction, ClientError>> {
         match self.rx.recv_timeout(timeout) {
-            Ok(r) => Some(r),
+            Ok(r) => Some(r.1),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => Some(Err(closed("response channel dropped"))),
         }
     }
 }
 
-impl Drop for Pending {
-    fn drop(&mut self) {
-        // A response that comes later finds no slot and is discarded.
-        lock(&self.shared.pending).waiting.remove(&self.id);
-    }
-}
-
 impl Client {
     pub fn connect<A: ToSocketAddrs>(addr: A) -> std::io::Result<Client> {
-        let stream = TcpStream::connect(addr)?;
+        Client::from_stream(TcpStream::connect(addr)?)
+    }
+
+    /// Connect to one address, giving up after `timeout`.
+    pub fn connect_timeout(addr: &SocketAddr, timeout: Duration) -> std::io::Result<Client> {
+        Client::from_stream(TcpStream::connect_timeout(addr, timeout)?)
+    }
+
+    fn from_stream(stream: TcpStream) -> std::io::Result<Client> {
         stream.set_nodelay(true)?;
         let shared = Arc::new(Shared {
             next_id: AtomicU64::new(1),
@@ -192,7 +216,28 @@ impl Client {
     /// Send without waiting.
     pub fn send(&self, req: &RequestSpec<'_>) -> Result<Pending, ClientError> {
         check_spec(req)?;
-        self.send_frame(|enc, id, buf| encode_request_frame(enc, id, req, buf))
+        self.pending(|enc, id, buf| encode_request_frame(enc, id, req, buf))
+    }
+
+    /// Send with the reply going to `tx` as `(tag, result)`: several
+    /// requests (on several connections) can share one channel, and the
+    /// caller waits for whichever answers first. `tx` must have room for
+    /// every request sent on it. Drop the [`Slot`] to forget the request.
+    pub(crate) fn send_tagged(
+        &self,
+        req: &RequestSpec<'_>,
+        tx: &SyncSender<Reply>,
+        tag: u32,
+    ) -> Result<Slot, ClientError> {
+        check_spec(req)?;
+        self.send_frame(tx.clone(), tag, |enc, id, buf| {
+            encode_request_frame(enc, id, req, buf)
+        })
+    }
+
+    /// True once the connection is gone (every later send fails).
+    pub fn is_closed(&self) -> bool {
+        lock(&self.shared.pending).closed.is_some()
     }
 
     /// Tell the server the true class of an earlier ensemble answer (its
@@ -200,29 +245,39 @@ impl Client {
     /// that answered and to its connection: feedback for it from any other
     /// connection gets NOT_FOUND. (This client is one connection.)
     pub fn feedback(&self, ticket: u64, label: u32) -> Result<(), ClientError> {
-        self.send_frame(|enc, id, buf| enc.feedback(&FeedbackView { id, ticket, label }, buf))?
+        self.pending(|enc, id, buf| enc.feedback(&FeedbackView { id, ticket, label }, buf))?
             .wait()
             .map(|_| ())
+    }
+
+    /// A frame sent with its own reply channel.
+    fn pending(
+        &self,
+        encode: impl FnOnce(&mut Encoder, u64, &mut Vec<u8>),
+    ) -> Result<Pending, ClientError> {
+        let (tx, rx) = sync_channel(1);
+        let slot = self.send_frame(tx, 0, encode)?;
+        Ok(Pending { slot, rx })
     }
 
     /// Register a fresh id, encode one frame with it and write it.
     fn send_frame(
         &self,
+        tx: SyncSender<Reply>,
+        tag: u32,
         encode: impl FnOnce(&mut Encoder, u64, &mut Vec<u8>),
-    ) -> Result<Pending, ClientError> {
+    ) -> Result<Slot, ClientError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = sync_channel(1);
         {
             let mut slots = lock(&self.shared.pending);
             if let Some(reason) = &slots.closed {
                 return Err(ClientError::Closed(reason.clone()));
             }
-            slots.waiting.insert(id, tx);
+            slots.waiting.insert(id, (tx, tag));
         }
-        // From here on `pending` owns the slot: dropping it on error frees it.
-        let pending = Pending {
+        // From here on `slot` owns the id: dropping it on error frees it.
+        let pending = Slot {
             id,
-            rx,
             shared: self.shared.clone(),
         };
         let mut w = lock(&self.shared.writer);
@@ -294,16 +349,16 @@ impl Shared {
             slots.closed = Some(reason);
             std::mem::take(&mut slots.waiting)
         };
-        for (_, tx) in waiting {
-            let _ = tx.try_send(Err(err.clone()));
+        for (_, (tx, tag)) in waiting {
+            let _ = tx.try_send((tag, Err(err.clone())));
         }
     }
 
     fn complete(&self, v: &ResponseView<'_>) {
-        let Some(tx) = lock(&self.pending).waiting.remove(&v.id) else {
+        let Some((tx, tag)) = lock(&self.pending).waiting.remove(&v.id) else {
             return; // its Pending was dropped (timed out, or not wanted)
         };
-        let _ = tx.try_send(response_to_result(v));
+        let _ = tx.try_send((tag, response_to_result(v)));
     }
 }
 

@@ -45,7 +45,12 @@ pub enum RowDist {
 /// Everything a run needs, shared read-only by the generator threads.
 #[derive(Clone)]
 pub struct Plan {
-    pub addr: SocketAddr,
+    /// The server, or the nodes of `--server a,b,c`: each connection then
+    /// has one socket per node and sends each request to the node that
+    /// `beast::client::route` picks for it.
+    pub addrs: Vec<SocketAddr>,
+    /// With several nodes: per target, the node of each pool row.
+    pub route: Option<Arc<Vec<Vec<u8>>>>,
     pub targets: Vec<TargetSpec>,
     /// Input pool of each target (targets of one width share one).
     pub pools: Vec<Arc<Pool>>,
@@ -108,6 +113,32 @@ pub struct Report {
     pub trace: Vec<(u64, u32, u32)>,
     /// Per target of a mix (empty when there is one target).
     pub per_target: Vec<TargetStats>,
+    /// Per node of `--server a,b,c` (empty with one server).
+    pub per_node: Vec<NodeStats>,
+}
+
+/// One node's share of a run against several.
+pub struct NodeStats {
+    pub corrected: Histogram<u64>,
+    pub sent: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub unanswered: u64,
+}
+
+impl NodeStats {
+    /// A node's figures from its own report.
+    fn of(r: &Report) -> Self {
+        let mut corrected = hist();
+        let _ = corrected.add(&r.corrected);
+        NodeStats {
+            corrected,
+            sent: r.sent,
+            ok: r.ok,
+            errors: r.errors(),
+            unanswered: r.unanswered,
+        }
+    }
 }
 
 /// One target's share of a mixed run.
@@ -150,6 +181,7 @@ impl Report {
             thread_cpu_s: Vec::new(),
             trace: Vec::new(),
             per_target: Vec::new(),
+            per_node: Vec::new(),
         }
     }
     pub fn merge(&mut self, o: Report) {
@@ -182,6 +214,17 @@ impl Report {
                 let _ = a.corrected.add(&b.corrected);
                 a.ok += b.ok;
                 a.errors += b.errors;
+            }
+        }
+        if self.per_node.is_empty() {
+            self.per_node = o.per_node;
+        } else {
+            for (a, b) in self.per_node.iter_mut().zip(o.per_node) {
+                let _ = a.corrected.add(&b.corrected);
+                a.sent += b.sent;
+                a.ok += b.ok;
+                a.errors += b.errors;
+                a.unanswered += b.unanswered;
             }
         }
     }
@@ -306,15 +349,19 @@ async fn run_thread(
 ) -> Result<Report, String> {
     let mut tasks = Vec::new();
     for c in connections_of(t, nthreads, plan.connections) {
-        let stream = TcpStream::connect(plan.addr)
-            .await
-            .map_err(|e| format!("connect {}: {e}", plan.addr))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| format!("set_nodelay: {e}"))?;
+        let mut streams = Vec::with_capacity(plan.addrs.len());
+        for addr in &plan.addrs {
+            let stream = TcpStream::connect(*addr)
+                .await
+                .map_err(|e| format!("connect {addr}: {e}"))?;
+            stream
+                .set_nodelay(true)
+                .map_err(|e| format!("set_nodelay: {e}"))?;
+            streams.push(stream);
+        }
         tasks.push(glommio::spawn_local(run_conn(
             c,
-            stream,
+            streams,
             plan.clone(),
             frames.clone(),
             start,
@@ -360,14 +407,16 @@ async fn sleep_until(t: Instant) {
 /// (intended send, actual send, measured?, target index).
 type Outstanding = (Instant, Instant, bool, u32);
 
-/// Per-connection bookkeeping shared by its sender and receiver tasks.
+/// Per-socket bookkeeping shared by its connection's sender and the
+/// socket's receiver task (one socket per node).
 struct ConnState {
     /// Slot → (intended send, actual send, measured?, target) of an
     /// outstanding request; the wire id is slot + 1 (the protocol reserves
     /// id 0).
     slots: RefCell<Vec<Option<Outstanding>>>,
     free: RefCell<Vec<usize>>,
-    freed: Notify,
+    /// Shared by the connection's sockets: the sender waits on any.
+    freed: Rc<Notify>,
     report: RefCell<Report>,
     /// The request budget, for counting late answers.
     deadline_us: Option<u64>,
@@ -391,34 +440,44 @@ enum Schedule<'a> {
 
 async fn run_conn(
     c: usize,
-    reader: TcpStream,
+    readers: Vec<TcpStream>,
     plan: Arc<Plan>,
     frames: Option<Arc<Vec<TargetFrames>>>,
     start: Instant,
 ) -> Result<Report, String> {
-    // SAFETY: dup gives the writer half its own fd on the same socket.
-    let wfd = unsafe { libc::dup(reader.as_raw_fd()) };
-    if wfd < 0 {
-        return Err("dup failed".into());
-    }
-    // SAFETY: a fresh fd owned by this stream alone.
-    let mut writer = unsafe { TcpStream::from_raw_fd(wfd) };
     let k = plan.in_flight;
-    let st = Rc::new(ConnState {
-        slots: RefCell::new(vec![None; k]),
-        free: RefCell::new((0..k).rev().collect()),
-        freed: Notify::default(),
-        report: RefCell::new({
-            let mut r = Report::new();
-            if plan.targets.len() > 1 {
-                r.per_target = plan.targets.iter().map(|_| TargetStats::new()).collect();
-            }
-            r
-        }),
-        deadline_us: plan.deadline_us,
-        closed: Cell::new(false),
-    });
-    let recv = glommio::spawn_local(receive(reader, st.clone()));
+    let freed = Rc::new(Notify::default());
+    let (mut writers, mut states, mut recvs) = (Vec::new(), Vec::new(), Vec::new());
+    for reader in readers {
+        // SAFETY: dup gives the writer half its own fd on the same socket.
+        let wfd = unsafe { libc::dup(reader.as_raw_fd()) };
+        if wfd < 0 {
+            return Err("dup failed".into());
+        }
+        // SAFETY: a fresh fd owned by this stream alone.
+        writers.push(unsafe { TcpStream::from_raw_fd(wfd) });
+        let st = Rc::new(ConnState {
+            slots: RefCell::new(vec![None; k]),
+            free: RefCell::new((0..k).rev().collect()),
+            freed: freed.clone(),
+            report: RefCell::new({
+                let mut r = Report::new();
+                if plan.targets.len() > 1 {
+                    r.per_target = plan.targets.iter().map(|_| TargetStats::new()).collect();
+                }
+                r
+            }),
+            deadline_us: plan.deadline_us,
+            closed: Cell::new(false),
+        });
+        recvs.push(glommio::spawn_local(receive(reader, st.clone())));
+        states.push(st);
+    }
+    // One output buffer per node, written after each burst.
+    let mut outs: Vec<Vec<u8>> = states
+        .iter()
+        .map(|_| Vec::with_capacity(64 << 10))
+        .collect();
     let (w0, w1) = window(&plan);
     let measure_from = start + Duration::from_secs_f64(w0);
     let mut end = start + Duration::from_secs_f64(w1);
@@ -459,7 +518,6 @@ async fn run_conn(
         trace.reserve(expect.min(1 << 24));
     }
     let mut enc = Encoder::new();
-    let mut out = Vec::with_capacity(64 << 10);
     let mut scratch = Vec::new();
     let mut half = Vec::new();
     let cache = if plan.no_cache {
@@ -500,7 +558,9 @@ async fn run_conn(
             break;
         }
         sleep_until(intended).await;
-        out.clear();
+        for out in outs.iter_mut() {
+            out.clear();
+        }
         let now = Instant::now();
         let mut stalled = false;
         let closed = matches!(sched, Schedule::Closed);
@@ -510,6 +570,11 @@ async fn run_conn(
             }
             // Closed loop: a request is due when its slot frees, so it is never late.
             let intended = if closed { now } else { intended };
+            let node = match &plan.route {
+                Some(r) => r[t as usize][row as usize % r[t as usize].len()] as usize,
+                None => 0,
+            };
+            let (st, out) = (&states[node], &mut outs[node]);
             let Some(slot) = st.free.borrow_mut().pop() else {
                 stalled = true;
                 break;
@@ -517,7 +582,7 @@ async fn run_conn(
             let measured = intended >= measure_from;
             st.slots.borrow_mut()[slot] = Some((intended, now, measured, t));
             if let Some(f) = &frames {
-                f[t as usize].push(row as usize, slot as u64 + 1, &mut out);
+                f[t as usize].push(row as usize, slot as u64 + 1, out);
             } else {
                 let target = &plan.targets[t as usize];
                 let x = plan.pools[t as usize].get(row as usize, &mut scratch);
@@ -539,7 +604,7 @@ async fn run_conn(
                     cache,
                     policy: beast::wire::PolicyOverride::Default,
                 };
-                enc.request(slot as u64 + 1, &spec, &mut out);
+                enc.request(slot as u64 + 1, &spec, out);
             }
             if measured {
                 let mut r = st.report.borrow_mut();
@@ -558,26 +623,28 @@ async fn run_conn(
             }
             due = advance(&mut sched, &mut rng, &draw, start, now);
         }
-        if !out.is_empty() && writer.write_all(&out).await.is_err() {
+        let mut gone = false;
+        for ((out, writer), st) in outs.iter().zip(writers.iter_mut()).zip(&states) {
             // The server went away (broken pipe, reset): stop sending and
             // report what was answered; the rest is unanswered or unsent.
-            st.report.borrow_mut().server_gone = true;
-            break;
+            if (!out.is_empty() && writer.write_all(out).await.is_err()) || st.closed.get() {
+                st.report.borrow_mut().server_gone = true;
+                gone = true;
+            }
         }
-        if st.closed.get() {
-            st.report.borrow_mut().server_gone = true;
+        if gone {
             break;
         }
         if stalled || closed {
             if stalled && !closed && due.is_some_and(|d| d.0 >= measure_from) {
-                st.report.borrow_mut().window_full += 1;
+                states[0].report.borrow_mut().window_full += 1;
             }
             // Wait for a response to free a slot (or the end of the run).
             let now = Instant::now();
             if now >= end {
                 break;
             }
-            futures_lite::future::or(st.freed.wait(), glommio::timer::sleep(end - now)).await;
+            futures_lite::future::or(freed.wait(), glommio::timer::sleep(end - now)).await;
             unblocked_at = Instant::now();
         }
     }
@@ -595,23 +662,76 @@ async fn run_conn(
     }
     // Give outstanding requests a grace period, then count them unanswered.
     let grace = Instant::now() + Duration::from_secs(2);
-    while st.free.borrow().len() < k && Instant::now() < grace && !st.closed.get() {
+    while states
+        .iter()
+        .any(|st| st.free.borrow().len() < k && !st.closed.get())
+        && Instant::now() < grace
+    {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
-    let unanswered = st
-        .slots
-        .borrow()
-        .iter()
-        .filter(|s| matches!(s, Some((_, _, true, _))))
-        .count() as u64;
-    // SAFETY: the fd is valid; shutting it down ends the receiver's read.
-    unsafe { libc::shutdown(writer.as_raw_fd(), libc::SHUT_RDWR) };
-    let _ = recv.await;
-    let mut r = std::mem::replace(&mut *st.report.borrow_mut(), Report::new());
-    r.unanswered = unanswered;
+    let mut r = Report::new();
+    let mut per_node = Vec::new();
+    for ((st, writer), recv) in states.iter().zip(&writers).zip(recvs) {
+        let unanswered = st
+            .slots
+            .borrow()
+            .iter()
+            .filter(|s| matches!(s, Some((_, _, true, _))))
+            .count() as u64;
+        // SAFETY: the fd is valid; shutting it down ends the receiver's read.
+        unsafe { libc::shutdown(writer.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = recv.await;
+        let mut node = std::mem::replace(&mut *st.report.borrow_mut(), Report::new());
+        node.unanswered = unanswered;
+        if plan.addrs.len() > 1 {
+            per_node.push(NodeStats::of(&node));
+        }
+        r.merge(node);
+    }
+    r.per_node = per_node;
     r.unsent = unsent;
     r.trace = trace;
     Ok(r)
+}
+
+/// With several nodes, the node of every (target, pool row): the
+/// rendezvous rule of `beast::client::route` on the bytes sent.
+pub fn route_table(
+    addrs: &[SocketAddr],
+    targets: &[TargetSpec],
+    pools: &[Arc<Pool>],
+    f16: bool,
+) -> Option<Arc<Vec<Vec<u8>>>> {
+    use beast::client::route;
+    if addrs.len() < 2 {
+        return None;
+    }
+    let seeds: Vec<u64> = addrs
+        .iter()
+        .map(|a| route::node_seed(&a.to_string()))
+        .collect();
+    let (mut scratch, mut half) = (Vec::new(), Vec::new());
+    let table = targets
+        .iter()
+        .zip(pools)
+        .map(|(t, pool)| {
+            (0..pool.len())
+                .map(|row| {
+                    let x = pool.get(row, &mut scratch);
+                    let input = if f16 {
+                        half.clear();
+                        half.extend(x.iter().map(|&v| ::half::f16::from_f32(v).to_bits()));
+                        Input::F16(&half)
+                    } else {
+                        Input::F32(x)
+                    };
+                    let key = route::request_key(&t.name, &input);
+                    route::best(key, &seeds, |_| true).unwrap_or(0) as u8
+                })
+                .collect()
+        })
+        .collect();
+    Some(Arc::new(table))
 }
 
 /// The request after the one just sent (`now`: its send time, for the closed loop).

@@ -39,6 +39,8 @@ pub struct Summary {
     pub slo_ok: Option<bool>,
     /// Names of the targets, by index (for the per-target figures of a mix).
     pub target_names: Vec<String>,
+    /// The nodes of `--server a,b,c`, by index (empty with one server).
+    pub node_names: Vec<String>,
 }
 
 impl Summary {
@@ -183,6 +185,19 @@ pub fn print_table(s: &Summary) {
             ms(&t.corrected, 0.999)
         );
     }
+    for (name, n) in s.node_names.iter().zip(&r.per_node) {
+        println!(
+            "  node      {:<21} sent {:>9} ok {:>9} ({:>9.1} req/s) errors {:>6} unanswered {:>5}  p50 {:>8.3}  p99 {:>8.3} ms",
+            name,
+            n.sent,
+            n.ok,
+            n.ok as f64 / s.duration_s,
+            n.errors,
+            n.unanswered,
+            ms(&n.corrected, 0.5),
+            ms(&n.corrected, 0.99),
+        );
+    }
     if let Some(a) = &s.admin {
         let mb = a.mean_batch.map_or("n/a".into(), |m| {
             format!("{m:.2} ({:.0} batches)", a.batches.unwrap_or(0.0))
@@ -266,6 +281,20 @@ struct JsonRun<'a> {
     late_server: u64,
     server_gone: bool,
     per_target: Vec<JsonTarget<'a>>,
+    /// Only with several nodes (`--server a,b,c`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    per_node: Vec<JsonNode<'a>>,
+}
+
+#[derive(Serialize)]
+struct JsonNode<'a> {
+    node: &'a str,
+    sent: u64,
+    ok: u64,
+    achieved_rps: f64,
+    errors: u64,
+    unanswered: u64,
+    latency_ms: Percentiles,
 }
 
 #[derive(Serialize)]
@@ -421,6 +450,20 @@ pub fn json(s: &Summary) -> String {
                 target: n,
                 ok: t.ok,
                 errors: t.errors,
+                latency_ms: Percentiles::of(&t.corrected),
+            })
+            .collect(),
+        per_node: s
+            .node_names
+            .iter()
+            .zip(&r.per_node)
+            .map(|(n, t)| JsonNode {
+                node: n,
+                sent: t.sent,
+                ok: t.ok,
+                achieved_rps: t.ok as f64 / s.duration_s,
+                errors: t.errors,
+                unanswered: t.unanswered,
                 latency_ms: Percentiles::of(&t.corrected),
             })
             .collect(),
@@ -857,6 +900,7 @@ mod tests {
             }),
             slo_ok: Some(false),
             target_names: vec!["a".into(), "b\\c".into()],
+            node_names: Vec::new(),
         }
     }
 
@@ -909,6 +953,7 @@ mod tests {
             admin: None,
             slo_ok: Some(true),
             target_names: vec!["a".into(), "b".into()],
+            node_names: Vec::new(),
         };
         let j: serde_json::Value = serde_json::from_str(&json(&s)).unwrap();
         assert_eq!(j["offered_rps"], 1000.0);

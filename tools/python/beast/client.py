@@ -92,10 +92,11 @@ _CACHE = {"use": CacheControl.CacheControl.Use, "bypass": CacheControl.CacheCont
 
 
 class Prediction:
-    """One answer: `outputs` is a list of rows (each a list of `cols` floats)."""
+    """One answer: `outputs` is a list of rows (each a list of `cols` floats);
+    `node` is the node that answered (set by `Cluster`, else None)."""
 
     __slots__ = ("id", "rows", "cols", "outputs", "cached", "partial", "ticket", "runs",
-                 "queue_us", "compute_us", "total_us")
+                 "queue_us", "compute_us", "total_us", "node")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -202,7 +203,7 @@ def decode_response(body):
                        outputs=[list(vals[i * cols:(i + 1) * cols]) for i in range(rows)],
                        cached=bool(r.Cached()), partial=bool(r.Partial()), ticket=r.Ticket(),
                        runs=runs, queue_us=r.QueueUs(), compute_us=r.ComputeUs(),
-                       total_us=r.TotalUs())
+                       total_us=r.TotalUs(), node=None)
         return rid, status, message, p
     except BeastError:
         raise
