@@ -31,6 +31,8 @@ mod output;
 mod preflight;
 #[path = "bench/search.rs"]
 mod search;
+#[path = "bench/watchdog.rs"]
+mod watchdog;
 
 use clap::Parser;
 use dist::{Arrivals, TargetSpec, Zipf};

@@ -9,6 +9,7 @@
 use super::dist::{Arrivals, Mix, Rng, TargetSpec, Zipf};
 use super::frames::{connections_of, TargetFrames, PREBUILT_BYTES_MAX};
 use super::inputs::Pool;
+use super::watchdog;
 use beast::wire::{
     check_frame, decode_response, CacheControl, Encoder, FrameCheck, Input, RequestSpec, Status,
     FRAME_HEADER_LEN,
@@ -249,9 +250,15 @@ pub fn run(plan: Arc<Plan>) -> Result<(Report, f64), String> {
     let nthreads = plan.cpus.len();
     let frames = prebuild(&plan);
     let mut handles = Vec::new();
+    let threads = watchdog::Threads::default();
+    let (_, w1) = window(&plan);
+    // The run's end plus the 2 s grace for outstanding answers.
+    let _watchdog =
+        watchdog::Watchdog::start(threads.clone(), start + Duration::from_secs_f64(w1 + 2.0));
     for (t, cpu) in plan.cpus.iter().enumerate() {
         let plan = plan.clone();
         let frames = frames.clone();
+        let threads = threads.clone();
         let placement = match cpu {
             Some(c) => Placement::Fixed(*c),
             None => Placement::Unbound,
@@ -259,7 +266,10 @@ pub fn run(plan: Arc<Plan>) -> Result<(Report, f64), String> {
         let h = LocalExecutorBuilder::new(placement)
             .name("beast-bench")
             .io_memory(512 << 10)
-            .spawn(move || async move { run_thread(t, nthreads, plan, frames, start).await })
+            .spawn(move || async move {
+                let _watched = watchdog::register(&threads);
+                run_thread(t, nthreads, plan, frames, start).await
+            })
             .map_err(|e| format!("--cpus: cannot start a generator thread on {cpu:?}: {e}"))?;
         handles.push(h);
     }
