@@ -25,6 +25,7 @@ mod run;
 mod select;
 mod shard;
 mod slab;
+mod uring;
 
 use crate::config::Config;
 use crate::ensemble::cost::{self, SelectionCounters, SelectionStat};
