@@ -15,6 +15,9 @@
 #   perf/hit_vs_redis.sh            # build, run, print the tables
 #   NO_BUILD=1 SECS=3 perf/hit_vs_redis.sh
 #   OLD=/path/to/an/older/beast perf/hit_vs_redis.sh   # old and new beast and Redis, side by side
+#   OLD_TOML='uring_sockets = false' perf/hit_vs_redis.sh   # old = this binary with these config lines
+#   CHRT=1 ...                      # servers and generators as SCHED_FIFO 1: on a VM shared with
+#                                   # compiling neighbours they otherwise wait for a CPU most of the time
 #   OPEN_LOOP=0 ...                 # closed loop only
 #   GEN_THREADS=N ...               # beast-bench --threads N (all on core 1)
 # With OLD, the closed-loop table has a row per binary, each measured right
@@ -34,20 +37,21 @@ command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null \
 work=$(mktemp -d /tmp/beast-vs-redis.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
 target/release/beast demo-models --out "$work/models" 2>/dev/null
-printf '[cache]\nl2_path = "%s"\n' "$work/l2.cache" > "$work/beast.toml"
+RT=; [ -n "${CHRT:-}" ] && RT="chrt -f 1"
 port=7995
 SP=
-start_beast() { # binary
+start_beast() { # binary [extra config lines]
   rm -f "$work/l2.cache"
+  printf '%s\n[cache]\nl2_path = "%s"\n' "${2:-}" "$work/l2.cache" > "$work/beast.toml"
   : > "$work/serve.log" # emptied here, not by the background redirection (a race with the grep below)
-  taskset -c 0 "$1" serve --models "$work/models" --cores 0 \
+  $RT taskset -c 0 "$1" serve --models "$work/models" --cores 0 \
     --listen 127.0.0.1:$port --admin-listen off --config "$work/beast.toml" 2> "$work/serve.log" &
   SP=$!
   for _ in $(seq 100); do grep -q listening "$work/serve.log" && break; sleep 0.1; done
 }
 stop_beast() { kill "$SP" 2>/dev/null; wait "$SP" 2>/dev/null || true; }
 start_beast target/release/beast
-taskset -c 0 redis-server --port 6395 --save '' --appendonly no > "$work/redis.log" 2>&1 &
+$RT taskset -c 0 redis-server --port 6395 --save '' --appendonly no > "$work/redis.log" 2>&1 &
 RPID=$!
 for _ in $(seq 100); do redis-cli -p 6395 ping >/dev/null 2>&1 && break; sleep 0.1; done
 
@@ -55,12 +59,13 @@ echo "# cache hit path vs Redis GET"
 echo
 echo "- date: $(date -u +%F), commit: $(git rev-parse --short HEAD), machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs"
 echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "- servers on core 0, load generators on core 1, $CONNS connections, ${SECS}s per point"
+echo "- servers on core 0, load generators on core 1, $CONNS connections, ${SECS}s per point${RT:+, all as \`$RT\`}"
+[ -z "${OLD_TOML:-}" ] || echo "- old: this binary with \`${OLD_TOML}\` in its config; new: without"
 echo "- beast: \`beast serve --cores 0\` on bench_a, 64 distinct rows (all hits); Redis $(redis-server --version | sed -n 's/.*v=\([0-9.]*\).*/\1/p'): GET of a 64-byte value"
 echo
 
 bench() { # extra args...; prints the CSV data line
-  taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 ${GEN_THREADS:+--threads $GEN_THREADS} --target bench_a \
+  $RT taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 ${GEN_THREADS:+--threads $GEN_THREADS} --target bench_a \
     --distinct 64 -c "$CONNS" --duration "$SECS" --warmup 1 --csv --max-error-fraction 0.001 "$@" | sed -n "\$p"
 }
 CSV_HEADER=$(taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 --target bench_a \
@@ -77,14 +82,15 @@ echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for depth in 1 16; do
   n=$((depth == 1 ? 300000 : 3000000))
   t0=$(ticks $RPID)
-  r=$(taskset -c 1 redis-benchmark -p 6395 -c "$CONNS" -P "$depth" -t get -d 64 -n $n --csv 2>/dev/null | tail -n 1)
+  r=$($RT taskset -c 1 redis-benchmark -p 6395 -c "$CONNS" -P "$depth" -t get -d 64 -n $n --csv 2>/dev/null | tail -n 1)
   r_cpu=$(cpu_us $(( $(ticks $RPID) - t0 )) $n)
   # "GET","rps","avg","min","p50","p95","p99","max"
   r_rps=$(echo "$r" | awk -F'","' '{print $2}'); r_p99=$(echo "$r" | awk -F'","' '{print $7}')
   old_rps=
-  for who in ${OLD:+old} new; do
-    if [ "$who" = old ]; then stop_beast; start_beast "$OLD"; fi
-    if [ "$who" = new ] && [ -n "${OLD:-}" ]; then stop_beast; start_beast target/release/beast; fi
+  AB=${OLD:-${OLD_TOML:+target/release/beast}}
+  for who in ${AB:+old} new; do
+    if [ "$who" = old ]; then stop_beast; start_beast "$AB" "${OLD_TOML:-}"; fi
+    if [ "$who" = new ] && [ -n "$AB" ]; then stop_beast; start_beast target/release/beast; fi
     t0=$(ticks $SP)
     line=$(bench --closed -k "$depth")
     t1=$(ticks $SP)
