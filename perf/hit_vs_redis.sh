@@ -18,6 +18,8 @@
 #   OLD_TOML='uring_sockets = false' perf/hit_vs_redis.sh   # old = this binary with these config lines
 #   CHRT=1 ...                      # servers and generators as SCHED_FIFO 1: on a VM shared with
 #                                   # compiling neighbours they otherwise wait for a CPU most of the time
+#   CLIENT=hit_load ...             # beast's load from examples/hit_load.rs (epoll, one thread, -P style
+#                                   # pipelines, like redis-benchmark) instead of beast-bench; closed loop only
 #   OPEN_LOOP=0 ...                 # closed loop only
 #   GEN_THREADS=N ...               # beast-bench --threads N (all on core 1)
 # With OLD, the closed-loop table has a row per binary, each measured right
@@ -33,7 +35,7 @@ SECS=${SECS:-5}
 CONNS=${CONNS:-50}
 command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null \
   || { echo "needs redis-server and redis-benchmark: apt-get install -y redis-server redis-tools" >&2; exit 1; }
-[ -n "${NO_BUILD:-}" ] || cargo build --release --bin beast --bin beast-bench >&2
+[ -n "${NO_BUILD:-}" ] || cargo build --release --bin beast --bin beast-bench --example hit_load >&2
 work=$(mktemp -d /tmp/beast-vs-redis.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
 target/release/beast demo-models --out "$work/models" 2>/dev/null
@@ -77,7 +79,9 @@ col() { # column-name csv-data-line
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # CPU µs per answer: process CPU ticks over a run / answers (beast: warm-up included, so answers x (d+1)/d).
 cpu_us() { awk -v t="$1" -v n="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "n/a" }'; }
-echo "| depth | binary | beast closed-loop req/s | beast p99 ms | beast CPU µs/answer | beast-bench busiest thread | Redis GET req/s | Redis p99 ms | Redis CPU µs/answer | beast / Redis (req/s) | Redis / beast (CPU per answer) | new / old (req/s; CPU per answer) |"
+echo "- beast's client: ${CLIENT:-beast-bench}; Redis's: redis-benchmark"
+echo
+echo "| depth | binary | beast closed-loop req/s | beast p99 ms | beast CPU µs/answer | beast client busiest thread | Redis GET req/s | Redis p99 ms | Redis CPU µs/answer | beast / Redis (req/s) | Redis / beast (CPU per answer) | new / old (req/s; CPU per answer) |"
 echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for depth in 1 16; do
   n=$((depth == 1 ? 300000 : 3000000))
@@ -92,12 +96,23 @@ for depth in 1 16; do
     if [ "$who" = old ]; then stop_beast; start_beast "$AB" "${OLD_TOML:-}"; fi
     if [ "$who" = new ] && [ -n "$AB" ]; then stop_beast; start_beast target/release/beast; fi
     t0=$(ticks $SP)
+    if [ "${CLIENT:-}" = hit_load ]; then
+      # answers_per_s=N errors=N cpu_pct=N (1 s warm-up, then SECS measured)
+      hl=$($RT taskset -c 1 target/release/examples/hit_load 127.0.0.1:$port "$CONNS" "$depth" "$SECS")
+      t1=$(ticks $SP)
+      kv() { echo "$hl" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+      b_rps=$(kv answers_per_s); b_p99=-; busy=$(kv cpu_pct)
+      [ "$(kv errors)" = 0 ] || echo "hit_load: $(kv errors) answers were not cached OK answers" >&2
+      lim=false; line=
+      b_cpu=$(cpu_us $((t1 - t0)) "$(awk -v r="$b_rps" -v s="$SECS" 'BEGIN { printf "%d", r * (s + 1) }')")
+    else
     line=$(bench --closed -k "$depth")
     t1=$(ticks $SP)
     b_rps=$(col achieved_rps "$line"); b_p99=$(col p99_ms "$line")
     b_cpu=$(cpu_us $((t1 - t0)) "$(awk -v ok="$(col ok "$line")" -v s="$SECS" 'BEGIN { printf "%d", ok * (s + 1) / s }')")
-    cpu_ratio=$(awk -v a="$r_cpu" -v b="$b_cpu" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "n/a" }')
     busy=$(col client_thread_cpu_max_pct "$line"); lim=$(col generator_limited "$line")
+    fi
+    cpu_ratio=$(awk -v a="$r_cpu" -v b="$b_cpu" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "n/a" }')
     flag=$(awk -v b="$busy" -v l="$lim" 'BEGIN { if (l == "true" || b >= 90) print " **GENERATOR-LIMITED**" }')
     ratio=$(awk -v a="$b_rps" -v b="$r_rps" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "n/a" }')
     vs_old=-
@@ -107,7 +122,7 @@ for depth in 1 16; do
     printf '| %s | %s | %.0f | %s | %s | %.0f%%%s | %.0f | %s | %s | %s | %s | %s |\n' "$depth" "$name" "$b_rps" "$b_p99" "$b_cpu" "$busy" "$flag" "$r_rps" "$r_p99" "$r_cpu" "$ratio" "$cpu_ratio" "$vs_old"
   done
 done
-[ "${OPEN_LOOP:-1}" = 1 ] || exit 0
+[ "${OPEN_LOOP:-1}" = 1 ] && [ "${CLIENT:-}" != hit_load ] || exit 0
 echo
 echo "Open loop (beast-bench, corrected latency): highest offered rate meeting the p99 SLO"
 echo
