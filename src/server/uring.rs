@@ -69,6 +69,10 @@ pub(crate) struct Ring {
     outstanding: Cell<usize>,
     /// Submissions queued, or the kernel signalled: the driver turns.
     kick: Notify,
+    /// The driver found nothing to do: arm the eventfd read. Armed only
+    /// then, so a busy shard takes no wake-up (an interrupt, glommio's
+    /// ring being what it is) per batch of arrivals.
+    idle: Notify,
     efd: RawFd,
     /// The eventfd fired: enter the ring even if its flags show nothing.
     signalled: Cell<bool>,
@@ -112,6 +116,7 @@ impl Ring {
             free: RefCell::new(Vec::new()),
             outstanding: Cell::new(0),
             kick: Notify::default(),
+            idle: Notify::default(),
             efd,
             signalled: Cell::new(false),
             stop: Cell::new(false),
@@ -128,6 +133,7 @@ impl Ring {
     pub fn stop(&self) {
         self.stop.set(true);
         self.kick.notify();
+        self.idle.notify();
         self.signal();
     }
 
@@ -278,14 +284,21 @@ impl Ring {
             if self.stop.get() && self.outstanding.get() == 0 {
                 return;
             }
+            self.idle.notify();
             self.kick.wait().await;
         }
     }
 
     /// The kernel writes the eventfd when work arrives for this ring while
-    /// the shard is not in it: wake the driver.
+    /// the shard is not in it: wake the driver. Read only once the driver
+    /// went idle (what the kernel wrote meanwhile makes that read return
+    /// at once).
     async fn signals(self: Rc<Self>, efile: glommio::io::BufferedFile) {
         loop {
+            self.idle.wait().await;
+            if self.stop.get() && self.outstanding.get() == 0 {
+                break;
+            }
             let r = efile.read_at(0, 8).await;
             if self.stop.get() && self.outstanding.get() == 0 {
                 break;
@@ -306,6 +319,7 @@ impl Ring {
             self.cancel_expired(Instant::now());
         }
         self.kick.notify();
+        self.idle.notify();
         self.signal();
     }
 
