@@ -270,6 +270,13 @@ impl Ring {
             }
             any = true;
         }
+        if any {
+            // One enter may run only a bounded number of deferred
+            // completions (recent kernels keep the rest for the next enter
+            // and say so through the eventfd alone): enter once more
+            // before going idle, whatever the flags say.
+            self.signalled.set(true);
+        }
         any
     }
 

@@ -145,3 +145,41 @@ fn a_send_the_peer_never_reads_ends_timed_out() {
     });
     drop(peer);
 }
+
+#[test]
+fn many_connections_whose_data_arrives_at_once_all_complete() {
+    // More arrivals than one enter runs (the kernel runs a bounded number
+    // of deferred completions per enter): none may be left waiting.
+    let n = 200;
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..n).map(|_| pair()).collect();
+    let (peers, ours): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+    let (go, went) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        went.recv().unwrap();
+        for (i, mut p) in peers.iter().enumerate() {
+            p.write_all(&[i as u8; 8]).unwrap();
+        }
+        peers
+    });
+    on_ring(move |ring| async move {
+        let deadline = Some(Instant::now() + Duration::from_secs(20));
+        let mut bufs = vec![[0u8; 8]; ours.len()];
+        let ops = ours
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(s, b)| ring.recv(s.as_raw_fd(), b, deadline));
+        let mut pending: Vec<_> = ops.map(Box::pin).collect();
+        // Every receive is queued; let the driver submit them, then write.
+        futures_lite::future::yield_now().await;
+        futures_lite::future::yield_now().await;
+        go.send(()).unwrap();
+        for op in pending.iter_mut() {
+            assert_eq!(op.as_mut().await.unwrap(), 8);
+        }
+        drop(pending);
+        for (i, b) in bufs.iter().enumerate() {
+            assert_eq!(b, &[i as u8; 8]);
+        }
+    });
+    drop(writer.join().unwrap());
+}
