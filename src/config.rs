@@ -65,6 +65,12 @@ pub struct Config {
     /// glommio's registered I/O memory per shard. Kept small so the server
     /// runs under the default 8 MiB memlock limit as a non-root user.
     pub io_memory_bytes: usize,
+    /// Connections receive and send through the shard's own io_uring
+    /// (`DEFER_TASKRUN`: no interrupt per arriving packet, one syscall per
+    /// turn for every connection; src/server/uring.rs); false: through
+    /// glommio's streams. Falls back to glommio's streams (with a log
+    /// line) where the kernel refuses such a ring.
+    pub uring_sockets: bool,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
     /// SIGTERM drains first: `/readyz` answers 503 at once while requests
@@ -286,6 +292,7 @@ impl Default for Config {
             idle_timeout_ms: 300_000,
             write_stall_timeout_ms: 10_000,
             io_memory_bytes: 512 << 10,
+            uring_sockets: true,
             shutdown_grace_ms: 10_000,
             drain_s: 0.0,
             repository_poll_s: 0.0,

@@ -1,8 +1,12 @@
 //! One client connection: a reader that frames and hands requests to the
 //! shard, and a writer that flushes whatever responses have been encoded.
 //!
-//! The two halves are two glommio streams over one socket (the fd is
-//! duplicated), so reads and writes proceed independently without a lock.
+//! The two halves proceed independently without a lock: either through
+//! the shard's own io_uring (`uring.rs`, the default: one fd, receives
+//! and sends of every connection submitted together, no interrupt per
+//! arriving packet), or as two glommio streams over one socket (the fd is
+//! duplicated; `uring_sockets = false`, or where the kernel refuses the
+//! ring).
 //! Frames come out of [`FrameReader`] (src/wire/frame.rs, the same reader
 //! the client uses): the connection reads into `FrameReader::spare`, marks
 //! the bytes with `filled`, and takes whole bodies with `next_frame`.
@@ -25,37 +29,51 @@
 //!   `idle_timeout_ms` without a byte, and one whose peer reads nothing
 //!   for `write_stall_timeout_ms` is closed. These are the streams' own
 //!   read and write timeouts (one timer per stream, armed only when a read
-//!   or write has to wait): nothing per request.
+//!   or write has to wait), or the ring's deadlines (checked by its
+//!   sweeper): nothing per request.
 
 use super::conn_state::Conn;
 use super::shard::Current;
+use super::uring::Ring;
 use crate::metrics::ShardMetrics;
 use crate::metrics::TimedOut;
 use crate::wire::FrameReader;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
+use std::io;
 use std::io::ErrorKind;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 /// Serve one connection until the peer closes, a protocol violation, a
 /// timeout, or shutdown; in-flight requests are always answered (or, if
 /// the peer stopped reading, dropped) before it returns.
-pub(crate) async fn serve(current: Rc<Current>, mut reader: TcpStream) {
+pub(crate) async fn serve(current: Rc<Current>, ring: Option<Rc<Ring>>, mut stream: TcpStream) {
     let cfg = current.shared.cfg.clone();
-    // SAFETY: dup returns a new fd we own; TcpStream takes ownership of it.
-    let wfd = unsafe { libc::dup(reader.as_raw_fd()) };
-    if wfd < 0 {
-        return;
-    }
-    // SAFETY: wfd is a fresh, valid socket fd owned by nobody else.
-    let writer = unsafe { TcpStream::from_raw_fd(wfd) };
     let stall = Duration::from_millis(cfg.write_stall_timeout_ms);
-    let _ = writer.set_write_timeout(Some(stall));
+    let fd = stream.as_raw_fd();
+    let writer = match &ring {
+        Some(r) => Writer::Uring(r.clone(), fd, stall),
+        None => {
+            // SAFETY: dup returns a new fd we own; TcpStream takes ownership of it.
+            let wfd = unsafe { libc::dup(fd) };
+            if wfd < 0 {
+                return;
+            }
+            // SAFETY: wfd is a fresh, valid socket fd owned by nobody else.
+            let w = unsafe { TcpStream::from_raw_fd(wfd) };
+            let _ = w.set_write_timeout(Some(stall));
+            Writer::Glommio(w)
+        }
+    };
     let conn = Rc::new(Conn::new(cfg.read_buffer_bytes, current.next_conn_serial()));
     let metrics = current.shared.metrics.clone();
     let wtask = glommio::spawn_local(write_loop(metrics, conn.clone(), writer));
+    let mut reader = match &ring {
+        Some(r) => Reader::Uring(r, fd),
+        None => Reader::Glommio(&mut stream),
+    };
     read_loop(&current, &conn, &mut reader).await;
     conn.closing.set(true);
     conn.writer_wake.notify();
@@ -63,11 +81,54 @@ pub(crate) async fn serve(current: Rc<Current>, mut reader: TcpStream) {
     // Both fds close on drop; make sure the peer sees the close even if a
     // writer error left the socket half-open. (The read fd stays open
     // until now: the server shuts it down by number on stop.)
-    // SAFETY: the fd is still owned by `reader`.
-    unsafe { libc::shutdown(reader.as_raw_fd(), libc::SHUT_RDWR) };
+    // SAFETY: the fd is still owned by `stream`.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
 }
 
-async fn read_loop(current: &Current, conn: &Rc<Conn>, reader: &mut TcpStream) {
+/// The receiving half of a connection.
+enum Reader<'a> {
+    Glommio(&'a mut TcpStream),
+    Uring(&'a Ring, RawFd),
+}
+
+impl Reader<'_> {
+    /// One receive into `buf`, waiting at most `timeout` (then `TimedOut`).
+    async fn read(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+        match self {
+            Reader::Glommio(s) => {
+                let _ = s.set_read_timeout(Some(timeout));
+                s.read(buf).await
+            }
+            Reader::Uring(r, fd) => r.recv(*fd, buf, Some(Instant::now() + timeout)).await,
+        }
+    }
+}
+
+/// The sending half of a connection.
+enum Writer {
+    /// A stream over a duplicate of the socket, its write timeout set.
+    Glommio(TcpStream),
+    /// The socket (owned by the reader's stream) and the write stall limit.
+    Uring(Rc<Ring>, RawFd, Duration),
+}
+
+impl Writer {
+    async fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Writer::Glommio(w) => w.write_all(buf).await,
+            Writer::Uring(r, fd, stall) => r.send_all(*fd, buf, *stall).await,
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Writer::Glommio(w) => w.as_raw_fd(),
+            Writer::Uring(_, fd, _) => *fd,
+        }
+    }
+}
+
+async fn read_loop(current: &Current, conn: &Rc<Conn>, reader: &mut Reader<'_>) {
     let cfg = &current.shared.cfg;
     let metrics = &current.shared.metrics;
     let bound = cfg.pending_bytes_per_connection_max;
@@ -136,8 +197,7 @@ async fn read_loop(current: &Current, conn: &Rc<Conn>, reader: &mut TcpStream) {
                 }
             }
         };
-        let _ = reader.set_read_timeout(Some(timeout));
-        match reader.read(frames.spare()).await {
+        match reader.read(frames.spare(), timeout).await {
             Ok(0) => return,
             Ok(n) => {
                 frames.filled(n);
@@ -159,7 +219,7 @@ async fn read_loop(current: &Current, conn: &Rc<Conn>, reader: &mut TcpStream) {
     }
 }
 
-async fn write_loop(metrics: std::sync::Arc<ShardMetrics>, conn: Rc<Conn>, mut w: TcpStream) {
+async fn write_loop(metrics: std::sync::Arc<ShardMetrics>, conn: Rc<Conn>, mut w: Writer) {
     let mut spare: Vec<u8> = Vec::with_capacity(conn.out.borrow().capacity());
     loop {
         if conn.out.borrow().is_empty() {
@@ -185,8 +245,9 @@ async fn write_loop(metrics: std::sync::Arc<ShardMetrics>, conn: Rc<Conn>, mut w
             conn.out.borrow_mut().clear();
             // Wake the reader out of a read (or out of waiting for room):
             // nothing more is read from a peer that does not read.
-            // SAFETY: the fd is owned by `w`, open until it drops.
-            unsafe { libc::shutdown(w.as_raw_fd(), libc::SHUT_RDWR) };
+            // SAFETY: the fd is open until the connection's stream drops,
+            // after this task has returned.
+            unsafe { libc::shutdown(w.fd(), libc::SHUT_RDWR) };
             // Keep waiting for in-flight work so the counters settle; its
             // responses are dropped because the connection is dead.
         }
@@ -197,5 +258,7 @@ async fn write_loop(metrics: std::sync::Arc<ShardMetrics>, conn: Rc<Conn>, mut w
             spare.shrink_to(1 << 20);
         }
     }
-    let _ = w.flush().await;
+    if let Writer::Glommio(w) = &mut w {
+        let _ = w.flush().await;
+    }
 }

@@ -26,6 +26,7 @@ mod select;
 mod shard;
 pub mod share;
 mod slab;
+mod uring;
 
 use crate::config::Config;
 use crate::ensemble::cost::{self, SelectionCounters, SelectionStat};

@@ -8,6 +8,7 @@ use super::conn;
 use super::registry::Hub;
 use super::rollout;
 use super::shard::{self, Current, Shard, Shared};
+use super::uring::Ring;
 use crate::backend;
 use crate::config::Config;
 use crate::ensemble::cost::SelectionCounters;
@@ -125,6 +126,7 @@ pub(super) async fn run_shard(start: ShardStart) {
     drop(ready);
 
     let metrics = shared.metrics.clone();
+    let ring = start_ring(&cfg, id);
     let open = Rc::new(Cell::new(0usize));
     // Read-side fds of open connections, to shut them down on stop.
     let fds: Rc<RefCell<Vec<i32>>> = Rc::new(RefCell::new(Vec::new()));
@@ -157,9 +159,10 @@ pub(super) async fn run_shard(start: ShardStart) {
         let fd = stream.as_raw_fd();
         fds.borrow_mut().push(fd);
         let (current2, open2, fds2) = (current.clone(), open.clone(), fds.clone());
+        let ring2 = ring.clone();
         glommio::spawn_local(async move {
             let m = current2.shared.metrics.clone();
-            conn::serve(current2, stream).await;
+            conn::serve(current2, ring2, stream).await;
             m.connections_closed.inc();
             open2.set(open2.get() - 1);
             fds2.borrow_mut().retain(|&f| f != fd);
@@ -175,6 +178,9 @@ pub(super) async fn run_shard(start: ShardStart) {
     let grace = Instant::now() + Duration::from_millis(cfg.shutdown_grace_ms);
     while open.get() > 0 && Instant::now() < grace {
         glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    if let Some(r) = &ring {
+        r.stop();
     }
     // Let the batchers see the stop and return, so every reference to the
     // shard (and through it the L2 file and its lock) is dropped. Retired
@@ -231,4 +237,25 @@ fn listen(addr: SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
     Ok(unsafe {
         <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(s.into_raw_fd())
     })
+}
+
+/// The shard's own io_uring for its connections (`uring_sockets`), or
+/// `None`: glommio's streams.
+fn start_ring(cfg: &Config, id: usize) -> Option<Rc<Ring>> {
+    if !cfg.uring_sockets {
+        return None;
+    }
+    // Deadlines are checked every tenth of the shortest timeout.
+    let shortest = cfg
+        .frame_timeout_ms
+        .min(cfg.idle_timeout_ms)
+        .min(cfg.write_stall_timeout_ms);
+    let tick = Duration::from_millis((shortest / 10).clamp(1, 100));
+    match Ring::start(tick) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("beast: shard {id}: no io_uring for sockets ({e}); using glommio's streams");
+            None
+        }
+    }
 }

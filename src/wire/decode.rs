@@ -2,7 +2,7 @@
 //! table count) before any field is read; the result is a borrowed view.
 
 use super::beast_generated::beast::wire as fb;
-use super::fast;
+use super::fast::{self, Fields};
 use super::types::{
     CacheControl, DType, DecodeError, FeedbackView, Incoming, PolicyOverride, RequestView,
     ResponseView, Status, Timings,
@@ -55,10 +55,8 @@ pub fn decode_incoming_with_id(body: &[u8]) -> Result<Incoming<'_>, Refused> {
     let refused = |id, error| Refused { id, error };
     // The common case, checked without the general verifier's bookkeeping
     // (`fast.rs`); anything else, and every error, goes the full way.
-    if let Some(req) = fast::request(body) {
-        return request_view(req)
-            .map(Incoming::Request)
-            .map_err(|e| refused(req.id(), e));
+    if let Some(f) = fast::request(body) {
+        return view(f).map(Incoming::Request).map_err(|e| refused(f.id, e));
     }
     let msg = verify(body).map_err(|e| refused(0, e))?;
     if let Some(req) = msg.body_as_request() {
@@ -77,36 +75,40 @@ pub fn decode_incoming_with_id(body: &[u8]) -> Result<Incoming<'_>, Refused> {
 }
 
 fn request_view(req: fb::Request<'_>) -> Result<RequestView<'_>, DecodeError> {
-    let target = req.target().ok_or(DecodeError::Missing("target"))?;
-    let input = req.input().ok_or(DecodeError::Missing("input"))?.bytes();
+    view(Fields::of(req))
+}
+
+fn view(req: Fields<'_>) -> Result<RequestView<'_>, DecodeError> {
+    let target = req.target.ok_or(DecodeError::Missing("target"))?;
+    let input = req.input.ok_or(DecodeError::Missing("input"))?;
     // The verifier accepts any value of an enum's underlying type; an
     // unknown one is a malformed message, not something to guess at.
-    let dtype = match req.dtype() {
+    let dtype = match req.dtype {
         fb::DType::F32 => DType::F32,
         fb::DType::F16 => DType::F16,
         _ => return Err(DecodeError::Unknown("dtype")),
     };
-    let cache = match req.cache() {
+    let cache = match req.cache {
         fb::CacheControl::Use => CacheControl::Use,
         fb::CacheControl::Bypass => CacheControl::Bypass,
         fb::CacheControl::Refresh => CacheControl::Refresh,
         _ => return Err(DecodeError::Unknown("cache")),
     };
-    let policy = PolicyOverride::from_wire(req.policy().0).ok_or(DecodeError::Unknown("policy"))?;
-    let (rows, cols) = (req.rows(), req.cols());
+    let policy = PolicyOverride::from_wire(req.policy.0).ok_or(DecodeError::Unknown("policy"))?;
+    let (rows, cols) = (req.rows, req.cols);
     if rows == 0 || cols == 0 || tensor_bytes(rows, cols, dtype.size()) != Some(input.len()) {
         return Err(DecodeError::Shape);
     }
     Ok(RequestView {
-        id: req.id(),
+        id: req.id,
         target,
-        version: non_zero(req.version()),
+        version: non_zero(req.version),
         rows,
         cols,
         dtype,
         input,
-        deadline_us: non_zero(req.deadline_us()),
-        domain: req.domain().filter(|d| !d.is_empty()),
+        deadline_us: non_zero(req.deadline_us),
+        domain: req.domain.filter(|d| !d.is_empty()),
         cache,
         policy,
     })

@@ -9,8 +9,47 @@
 //!
 //! Soundness rests on one property, tested against the flatbuffers verifier
 //! on mutated buffers (`tests`): a body accepted here is accepted there too.
+//!
+//! The walk keeps what it checked: the fields come out as [`Fields`],
+//! without reading each one again through the table's vtable.
 
 use super::beast_generated::beast::wire as fb;
+
+/// A request's fields as stored (the schema's default where absent).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Fields<'a> {
+    pub id: u64,
+    pub target: Option<&'a str>,
+    pub version: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub dtype: fb::DType,
+    pub input: Option<&'a [u8]>,
+    pub deadline_us: u64,
+    pub domain: Option<&'a str>,
+    pub cache: fb::CacheControl,
+    pub policy: fb::Policy,
+}
+
+impl<'a> Fields<'a> {
+    /// The same fields through the generated accessors (a request the full
+    /// verifier accepted).
+    pub fn of(req: fb::Request<'a>) -> Self {
+        Fields {
+            id: req.id(),
+            target: req.target(),
+            version: req.version(),
+            rows: req.rows(),
+            cols: req.cols(),
+            dtype: req.dtype(),
+            input: req.input().map(|v| v.bytes()),
+            deadline_us: req.deadline_us(),
+            domain: req.domain(),
+            cache: req.cache(),
+            policy: req.policy(),
+        }
+    }
+}
 
 struct V<'a> {
     buf: &'a [u8],
@@ -26,7 +65,7 @@ struct Table {
     vt_len: usize,
 }
 
-impl V<'_> {
+impl<'a> V<'a> {
     #[inline]
     fn range(&mut self, pos: usize, size: usize) -> Option<()> {
         let end = pos.checked_add(size)?;
@@ -74,13 +113,14 @@ impl V<'_> {
         }
         Some(None)
     }
-    /// A scalar field of `N` bytes, if stored, is in the buffer and aligned.
+    /// A scalar field of `N` bytes, if stored, is in the buffer and
+    /// aligned: its bytes (`None` inside: not stored).
     #[inline]
-    fn scalar<const N: usize>(&mut self, t: Table, slot: u16) -> Option<()> {
-        if let Some(p) = self.field(t, slot)? {
-            self.at::<N>(p)?;
+    fn scalar<const N: usize>(&mut self, t: Table, slot: u16) -> Option<Option<[u8; N]>> {
+        match self.field(t, slot)? {
+            Some(p) => Some(Some(self.at::<N>(p)?)),
+            None => Some(None),
         }
-        Some(())
     }
     /// A `[ubyte]` (or string) behind the offset at `p`: its byte range.
     fn bytes(&mut self, p: usize) -> Option<(usize, usize)> {
@@ -90,19 +130,23 @@ impl V<'_> {
         self.range(start, len)?;
         Some((start, start + len))
     }
-    fn string(&mut self, t: Table, slot: u16) -> Option<()> {
-        if let Some(p) = self.field(t, slot)? {
-            let (s, e) = self.bytes(p)?;
-            std::str::from_utf8(&self.buf[s..e]).ok()?;
-            (self.buf.get(e) == Some(&0)).then_some(())?;
+    fn string(&mut self, t: Table, slot: u16) -> Option<Option<&'a str>> {
+        match self.field(t, slot)? {
+            Some(p) => {
+                let (s, e) = self.bytes(p)?;
+                let buf: &'a [u8] = self.buf;
+                let text = std::str::from_utf8(&buf[s..e]).ok()?;
+                (buf.get(e) == Some(&0)).then_some(())?;
+                Some(Some(text))
+            }
+            None => Some(None),
         }
-        Some(())
     }
 }
 
-/// The `Request` of `body` when the fast checks accept it; `None`: use the
-/// full verifier (which also decides what is wrong).
-pub(super) fn request(body: &[u8]) -> Option<fb::Request<'_>> {
+/// The fields of the `Request` in `body` when the fast checks accept it;
+/// `None`: use the full verifier (which also decides what is wrong).
+pub(super) fn request(body: &[u8]) -> Option<Fields<'_>> {
     // The same apparent-size bound as `decode::verify`.
     let apparent_max = body.len().saturating_mul(4).max(1 << 16);
     let mut v = V {
@@ -122,26 +166,56 @@ pub(super) fn request(body: &[u8]) -> Option<fb::Request<'_>> {
     }
     let req_pos = val.checked_add(v.u32(val)?)?;
     let req = v.table(req_pos)?;
-    v.scalar::<8>(req, fb::Request::VT_ID)?;
-    v.string(req, fb::Request::VT_TARGET)?;
-    v.scalar::<4>(req, fb::Request::VT_VERSION)?;
-    v.scalar::<4>(req, fb::Request::VT_ROWS)?;
-    v.scalar::<4>(req, fb::Request::VT_COLS)?;
-    v.scalar::<1>(req, fb::Request::VT_DTYPE)?;
-    if let Some(p) = v.field(req, fb::Request::VT_INPUT)? {
-        v.bytes(p)?;
-    }
-    v.scalar::<8>(req, fb::Request::VT_DEADLINE_US)?;
-    v.string(req, fb::Request::VT_DOMAIN)?;
-    v.scalar::<1>(req, fb::Request::VT_CACHE)?;
-    v.scalar::<1>(req, fb::Request::VT_POLICY)?;
+    // Every check in the verifier's order; the values as the generated
+    // accessors would read them (little-endian, the schema's defaults).
+    let id = v
+        .scalar::<8>(req, fb::Request::VT_ID)?
+        .map_or(0, u64::from_le_bytes);
+    let target = v.string(req, fb::Request::VT_TARGET)?;
+    let version = v
+        .scalar::<4>(req, fb::Request::VT_VERSION)?
+        .map_or(0, u32::from_le_bytes);
+    let rows = v
+        .scalar::<4>(req, fb::Request::VT_ROWS)?
+        .map_or(0, u32::from_le_bytes);
+    let cols = v
+        .scalar::<4>(req, fb::Request::VT_COLS)?
+        .map_or(0, u32::from_le_bytes);
+    let dtype = v
+        .scalar::<1>(req, fb::Request::VT_DTYPE)?
+        .map_or(fb::DType::F32, |b| fb::DType(b[0]));
+    let input = match v.field(req, fb::Request::VT_INPUT)? {
+        Some(p) => {
+            let (s, e) = v.bytes(p)?;
+            Some(&body[s..e])
+        }
+        None => None,
+    };
+    let deadline_us = v
+        .scalar::<8>(req, fb::Request::VT_DEADLINE_US)?
+        .map_or(0, u64::from_le_bytes);
+    let domain = v.string(req, fb::Request::VT_DOMAIN)?;
+    let cache = v
+        .scalar::<1>(req, fb::Request::VT_CACHE)?
+        .map_or(fb::CacheControl::Use, |b| fb::CacheControl(b[0]));
+    let policy = v
+        .scalar::<1>(req, fb::Request::VT_POLICY)?
+        .map_or(fb::Policy::Default, |b| fb::Policy(b[0]));
     // Two tables, depth two: under the table and depth limits.
     (v.apparent <= apparent_max).then_some(())?;
-    // SAFETY: every position the generated `Request` accessors read was
-    // checked above exactly as the flatbuffers verifier checks it (the
-    // vtable and its length, each stored field in bounds and aligned, the
-    // strings' bytes, NUL and UTF-8, the input vector's bytes).
-    Some(unsafe { fb::Request::init_from_table(flatbuffers::Table::new(body, req_pos)) })
+    Some(Fields {
+        id,
+        target,
+        version,
+        rows,
+        cols,
+        dtype,
+        input,
+        deadline_us,
+        domain,
+        cache,
+        policy,
+    })
 }
 
 #[cfg(test)]
@@ -161,6 +235,19 @@ mod tests {
             ignore_missing_null_terminator: false,
         };
         fb::root_as_message_with_opts(&opts, body).is_ok_and(|m| m.body_as_request().is_some())
+    }
+
+    fn full_request(body: &[u8]) -> fb::Request<'_> {
+        let opts = flatbuffers::VerifierOptions {
+            max_depth: VERIFY_DEPTH_MAX,
+            max_tables: VERIFY_TABLES_MAX,
+            max_apparent_size: body.len().saturating_mul(4).max(1 << 16),
+            ignore_missing_null_terminator: false,
+        };
+        fb::root_as_message_with_opts(&opts, body)
+            .unwrap()
+            .body_as_request()
+            .unwrap()
     }
 
     fn requests(rng: &mut StdRng) -> Vec<Vec<u8>> {
@@ -202,12 +289,13 @@ mod tests {
         for body in requests(&mut rng) {
             let fast = request(&body).expect("fast path accepts an encoder's request");
             assert!(full(&body));
+            assert_eq!(fast, Fields::of(full_request(&body)));
             let Ok(Incoming::Request(r)) = decode_incoming_with_id(&body) else {
                 // A shape error (rows x cols) is decided after verification.
                 continue;
             };
             assert_eq!(
-                (fast.id(), fast.target(), fast.input().map(|i| i.bytes())),
+                (fast.id, fast.target, fast.input),
                 (r.id, Some(r.target), Some(r.input))
             );
         }
@@ -237,12 +325,14 @@ mod tests {
                 }
             }
             tried += 1;
-            if request(&b).is_some() {
+            if let Some(fast) = request(&b) {
                 fast_ok += 1;
                 assert!(
                     full(&b),
                     "fast path accepted what the verifier refuses: {b:?}"
                 );
+                // And reads every field as the generated accessors do.
+                assert_eq!(fast, Fields::of(full_request(&b)), "{b:?}");
             }
         }
         // The mutations must leave many accepted (else the test proves little).

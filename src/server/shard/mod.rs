@@ -144,7 +144,9 @@ pub(crate) struct Shard {
     pub generation: u64,
     pub cfg: Arc<Config>,
     pub slots: Vec<ModelSlot>,
-    targets: HashMap<String, TargetRef>,
+    /// Looked up once per request: xxh3, not SipHash (the names are the
+    /// operator's, not an attacker's choice of keys).
+    targets: HashMap<String, TargetRef, xxhash_rust::xxh3::Xxh3DefaultBuilder>,
     plans: Vec<EnsemblePlan>,
     /// Cache policy of each plan (same index).
     plan_cache: Vec<TargetPolicy>,
@@ -208,7 +210,7 @@ impl Shard {
             None => (Vec::new().into_iter(), None),
         };
         let mut slots = Vec::new();
-        let mut targets = HashMap::new();
+        let mut targets = HashMap::with_hasher(Default::default());
         for (name, versions) in &repo.models {
             let mut v = Vec::new();
             let current_v = current_version(repo, name);
