@@ -9,7 +9,7 @@
 //! [`Preprocess::apply`], in place on a batch's f32 rows (no allocation).
 //! Docs: docs/MODELS.md.
 
-use super::manifest::{deny_unknown, enum_field, float};
+use super::fields::{deny_unknown, enum_field, float};
 use super::{Activation, Dense, F16Storage, OutputTransform};
 use half::f16;
 use toml::{Table, Value};

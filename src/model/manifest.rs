@@ -5,12 +5,13 @@
 //! and unknown keys (a typo such as `max_bach`) are refused instead of
 //! silently ignored. Errors here do not name the file; `load` prefixes it.
 
+pub(crate) use super::fields::deny_unknown;
+use super::fields::{enum_field, float, uint};
 use super::io::{self, ModelIo, Task};
 use super::{
     Activation, BatchLimits, CascadeMetric, Combiner, EnsembleSpec, OutputTransform, Policy,
     SelectionSpec,
 };
-use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
 /// Largest batching delay a model may ask for: beyond a second it is a unit
@@ -505,46 +506,7 @@ fn parse_selection(t: &Table, path: &str) -> Result<SelectionSpec, String> {
     Ok(s)
 }
 
-// ---- field helpers: each error names the full field path ----
-
-pub(crate) fn deny_unknown(t: &Table, path: &str, known: &[&str]) -> Result<(), String> {
-    for k in t.keys() {
-        if !known.contains(&k.as_str()) {
-            let field = if path.is_empty() {
-                k.clone()
-            } else {
-                format!("{path}.{k}")
-            };
-            return Err(format!(
-                "{field}: unknown field, expected one of {}",
-                known.join(", ")
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn uint(v: &Value, path: &str) -> Result<u64, String> {
-    match v {
-        Value::Integer(i) if *i >= 0 => Ok(*i as u64),
-        Value::Integer(i) => Err(format!("{path}: {i} must be >= 0")),
-        other => Err(format!(
-            "{path}: expected an integer, found {}",
-            other.type_str()
-        )),
-    }
-}
-
-pub(super) fn float(v: &Value, path: &str) -> Result<f64, String> {
-    match v {
-        Value::Float(f) => Ok(*f),
-        Value::Integer(i) => Ok(*i as f64),
-        other => Err(format!(
-            "{path}: expected a number, found {}",
-            other.type_str()
-        )),
-    }
-}
+// ---- field helpers (the others are in `fields.rs`) ----
 
 /// A width field: an integer in 1..=WIDTH_MAX; `None` when absent.
 pub(crate) fn width(t: &Table, key: &str, path: &str) -> Result<Option<usize>, String> {
@@ -559,24 +521,6 @@ pub(crate) fn width(t: &Table, key: &str, path: &str) -> Result<Option<usize>, S
         return Err(format!("{path}: {n} exceeds {WIDTH_MAX}"));
     }
     Ok(Some(n as usize))
-}
-
-/// A string field naming an enum variant; serde's message lists the variants.
-pub(super) fn enum_field<T: DeserializeOwned>(
-    t: &Table,
-    key: &str,
-    path: &str,
-) -> Result<Option<T>, String> {
-    let Some(v) = t.get(key) else {
-        return Ok(None);
-    };
-    if !v.is_str() {
-        return Err(format!("{path}: expected a string, found {}", v.type_str()));
-    }
-    v.clone()
-        .try_into::<T>()
-        .map(Some)
-        .map_err(|e| format!("{path}: {}", e.message().trim().replace('`', "\"")))
 }
 
 #[cfg(test)]

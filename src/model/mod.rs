@@ -17,6 +17,7 @@
 //! - the order inside a layer is: `x @ W + b` → layer norm (optional) → activation.
 
 pub mod demo;
+mod fields;
 pub mod io;
 pub mod load;
 pub mod manifest;

@@ -388,7 +388,7 @@ fn start_shards(
         cfg.clone(),
         hub,
         stop.clone(),
-        admin.map(|a| a.state.clone()),
+        admin.map(|a| a.state.clone() as Arc<dyn lifecycle::Observer>),
     ));
     lifecycle.start_polling();
     if let Some(a) = admin {

@@ -4,7 +4,7 @@
 //! BatchNormalization, Scaler), sets its layer norm or activation, or sets the
 //! output transform. Every refusal names the node and its op type.
 
-use super::convert::{node_label, Layer, Network, NOOPS, SUPPORTED_OPS};
+use super::network::{node_label, Layer, Network, NOOPS, SUPPORTED_OPS};
 use super::proto::{NodeProto, TensorProto};
 use crate::model::{Activation, OutputTransform};
 use std::collections::HashMap;

@@ -8,6 +8,7 @@
 
 mod builder;
 pub mod convert;
+mod network;
 pub mod proto;
 
 use crate::model::demo::TensorBytes;

@@ -218,7 +218,7 @@ pub fn load_version(
     manifest_bytes: &[u8],
 ) -> Result<Model, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let digest = crate::model::load::model_digest(manifest_bytes, &bytes);
+    let digest = crate::model::weights::model_digest(manifest_bytes, &bytes);
     let forest = man.format.parse(&bytes)?;
     check(man, &forest).map_err(|e| format!("model.toml {e}"))?;
     let mut m = Model::from_forest(name, version, forest, man.batch, digest);

@@ -122,6 +122,15 @@ impl AdminState {
     }
 }
 
+impl crate::server::lifecycle::Observer for AdminState {
+    fn repository_changed(&self, repo: Arc<Repository>) {
+        self.repo.set(repo);
+    }
+    fn draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+}
+
 /// The repository served now; swapped whole by a reload (admin threads
 /// only: never read on the request path).
 #[derive(Default)]

@@ -24,7 +24,6 @@ mod judge;
 mod poll;
 mod warm;
 
-use super::admin::AdminState;
 use super::registry::{Hub, Registry};
 use crate::config::Config;
 use crate::ensemble::calibrate::calibrate_cascades;
@@ -89,6 +88,16 @@ pub struct Counters {
     pub rolled_back: AtomicU64,
 }
 
+/// Who is told what a change did (the admin port's state, for `/v1/models`
+/// and `/readyz`). A trait here, implemented in `admin/`, so that this
+/// module does not import the admin port, which imports it.
+pub(crate) trait Observer: Send + Sync {
+    /// The repository served now, after a change applied.
+    fn repository_changed(&self, repo: Arc<Repository>);
+    /// A drain began: not ready from now on.
+    fn draining(&self);
+}
+
 pub struct Lifecycle {
     cfg: Arc<Config>,
     hub: Arc<Hub>,
@@ -96,7 +105,7 @@ pub struct Lifecycle {
     /// Weak: the admin state holds this lifecycle (and, through its
     /// `serving`, the cache and its L2 lock), so a strong hold would be a
     /// cycle that outlives the server.
-    admin: Option<Weak<AdminState>>,
+    admin: Option<Weak<dyn Observer>>,
     /// The hand-made loads and unloads in force; held for the whole of a
     /// change, so changes apply one at a time.
     filter: Mutex<ScanFilter>,
@@ -121,7 +130,7 @@ impl Lifecycle {
         cfg: Arc<Config>,
         hub: Arc<Hub>,
         stop: Arc<AtomicBool>,
-        admin: Option<Arc<AdminState>>,
+        admin: Option<Arc<dyn Observer>>,
     ) -> Lifecycle {
         Lifecycle {
             cfg,
@@ -343,7 +352,7 @@ impl Lifecycle {
             return Err(e);
         }
         if let Some(a) = self.admin.as_ref().and_then(Weak::upgrade) {
-            a.repo.set(reg.repo.clone());
+            a.repository_changed(reg.repo.clone());
         }
         out.took_ms = t0.elapsed().as_secs_f64() * 1e3;
         Ok(out)
@@ -423,7 +432,7 @@ impl Lifecycle {
             return false;
         }
         if let Some(a) = self.admin.as_ref().and_then(Weak::upgrade) {
-            a.draining.store(true, Ordering::SeqCst);
+            a.draining();
         }
         eprintln!("beast: {trigger}: draining: /readyz answers 503, serving for {secs} s more, then stopping");
         let stop = self.stop.clone();

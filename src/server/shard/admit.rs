@@ -216,10 +216,7 @@ impl Shard {
         let n = req.rows as usize * width;
         scratch.resize(n, 0.0);
         req.read_f32_into(&mut scratch[..n]);
-        if let Some(i) = scratch[..n]
-            .iter()
-            .position(|x| !(x.is_finite() || (missing_ok && x.is_nan())))
-        {
+        if let Some(i) = crate::batch::first_bad_value(&scratch[..n], missing_ok) {
             drop(scratch);
             self.respond_error_fmt(
                 conn,

@@ -10,7 +10,7 @@ use super::state::Job;
 use super::Shard;
 use crate::backend::pipeline::Pipeline;
 use crate::backend::IN_FLIGHT_PER_MODEL;
-use crate::batch::{Dropped, Queued, Readiness};
+use crate::batch::{BatchRows, Dropped, Queued, Readiness};
 use crate::cache::CacheKey;
 use crate::wire::{RunInfo, Status, Timings};
 use std::rc::Rc;
@@ -123,16 +123,32 @@ impl Shard {
                     Readiness::Empty => {}
                     Readiness::Now => {
                         let mut jobs = spare.pop().expect("a spare job list per batch");
-                        let rows =
+                        let (rows, at) =
                             self.take_batch(slot, batch_end, &mut jobs, &mut dropped, &mut input);
                         if rows == 0 {
                             spare.push(jobs);
                             glommio::executor().yield_task_queue_now().await;
                             continue;
                         }
+                        // The rows, in the queue's ring when they are one
+                        // unbroken run (no copy), else in `input`. The
+                        // ring stays borrowed until `submit` has read them
+                        // (nothing is pushed meanwhile: no await).
+                        let mut queue = s.queue.borrow_mut();
+                        let x: &mut [f32] = match at {
+                            BatchRows::Ring(start) => queue.ring_rows_mut(start, rows),
+                            BatchRows::Input => &mut input[..rows * s.model.input_width],
+                        };
+                        // The model's input transform ([preprocess]), in
+                        // place on the batch's f32 rows: after the cache key
+                        // was taken from the raw rows, before any backend
+                        // sees them.
+                        if let Some(pre) = &s.model.io.preprocess {
+                            pre.apply(x, s.model.input_width);
+                        }
                         let started = Instant::now();
                         let mut backend = self.backend.borrow_mut();
-                        flight.submit(&mut **backend, s.backend_id, &input, rows, jobs, started);
+                        flight.submit(&mut **backend, s.backend_id, x, rows, jobs, started);
                         continue;
                     }
                 }
@@ -155,9 +171,9 @@ impl Shard {
         }
     }
 
-    /// Take the next batch of `slot` into `jobs` and `input` (dropping,
-    /// and answering, jobs that expire before `batch_end` and members
-    /// nobody waits for); returns its rows.
+    /// Take the next batch of `slot` into `jobs` (dropping, and answering,
+    /// jobs that expire before `batch_end` and members nobody waits for);
+    /// returns its rows and where they are (the queue's ring, or `input`).
     fn take_batch(
         &self,
         slot: usize,
@@ -165,9 +181,9 @@ impl Shard {
         jobs: &mut Vec<Queued<Job>>,
         dropped: &mut Vec<(Queued<Job>, Dropped)>,
         input: &mut Vec<f32>,
-    ) -> usize {
+    ) -> (usize, BatchRows) {
         let s = &self.slots[slot];
-        let rows = {
+        let taken = {
             let pending = self.pending.borrow();
             let co = self.cache.coalescer.borrow();
             let verdict = |j: &Job| match *j {
@@ -188,19 +204,12 @@ impl Shard {
             };
             s.queue
                 .borrow_mut()
-                .take_batch(batch_end, verdict, jobs, dropped, input)
+                .take_batch_rows(batch_end, verdict, jobs, dropped, input)
         };
         if !dropped.is_empty() {
             self.answer_dropped(slot, dropped);
         }
-        // The model's input transform ([preprocess]), in place on the
-        // batch's f32 rows: after the cache key was taken from the raw
-        // rows, before any backend sees them.
-        if let Some(pre) = &s.model.io.preprocess {
-            let n = rows * s.model.input_width;
-            pre.apply(&mut input[..n], s.model.input_width);
-        }
-        rows
+        taken
     }
 
     /// Answer the jobs `take_batch` dropped: an expired direct request gets

@@ -1,0 +1,78 @@
+//! Pieces of the request path outside the kernel, each old vs new in the
+//! same run (issue #10, CPU per request outside the kernel):
+//!
+//! - `finite_check/256`: the input check of a bench request (256 values):
+//!   the old `position(!finite)` scan vs `batch::first_bad_value`.
+//! - `take_batch/64x256`: 64 one-row jobs of width 256 queued then taken as
+//!   one batch: `take_batch` (rows copied out of the ring, as before) vs
+//!   `take_batch_rows` (rows left in the ring when unbroken, as the batcher
+//!   does now). Both include the 64 pushes.
+//!
+//! `cargo bench --bench request_path`; the ratios are in perf/request_path.md.
+
+use beast::batch::{first_bad_value, Queue};
+use beast::model::BatchLimits;
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+const W: usize = 256;
+
+fn old_check(x: &[f32], nan_ok: bool) -> Option<usize> {
+    x.iter()
+        .position(|v| !(v.is_finite() || (nan_ok && v.is_nan())))
+}
+
+fn benches(c: &mut Criterion) {
+    let row: Vec<f32> = (0..W).map(|i| (i as f32 * 0.37).sin()).collect();
+    assert_eq!(old_check(&row, false), first_bad_value(&row, false));
+    let mut g = c.benchmark_group("finite_check");
+    g.warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    g.bench_function("old_position", |b| {
+        b.iter(|| old_check(black_box(&row), black_box(false)))
+    });
+    g.bench_function("new_first_bad_value", |b| {
+        b.iter(|| first_bad_value(black_box(&row), black_box(false)))
+    });
+    g.finish();
+
+    let limits = BatchLimits {
+        max_batch: 64,
+        min_batch: 1,
+        max_queue_delay_us: 0,
+        queue_rows_max: 1024,
+    };
+    let mut q: Queue<u32> = Queue::new(limits, W);
+    let (mut jobs, mut dropped, mut input) = (Vec::new(), Vec::new(), Vec::new());
+    let now = Instant::now();
+    let mut g = c.benchmark_group("take_batch");
+    g.warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    g.bench_function("old_copy", |b| {
+        b.iter(|| {
+            for j in 0..64 {
+                q.push(j, &row, now, None).unwrap();
+            }
+            let n = q.take_batch(now, |_| None, &mut jobs, &mut dropped, &mut input);
+            black_box(&input[..n * W]);
+        })
+    });
+    g.bench_function("new_in_ring", |b| {
+        b.iter(|| {
+            for j in 0..64 {
+                q.push(j, &row, now, None).unwrap();
+            }
+            let (n, at) = q.take_batch_rows(now, |_| None, &mut jobs, &mut dropped, &mut input);
+            let x: &[f32] = match at {
+                beast::batch::BatchRows::Ring(s) => q.ring_rows_mut(s, n),
+                beast::batch::BatchRows::Input => &input[..n * W],
+            };
+            black_box(x);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(request_path, benches);
+criterion_main!(request_path);
