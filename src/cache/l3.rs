@@ -23,6 +23,7 @@
 //! `xxh3_64(key ‖ n ‖ floats): u64`. A value whose length or checksum does
 //! not match is a miss (counted as corrupt), never an answer.
 
+pub use super::l3_conn::L3Config;
 use super::l3_conn::{Client, Con};
 use super::CacheKey;
 use crossbeam::channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -41,23 +42,6 @@ const REPLIES_MAX: usize = 4096;
 /// Keys in one MGET.
 const BATCH_MAX: usize = 512;
 const MAGIC: &[u8; 4] = b"BL3v";
-
-/// What the I/O thread needs from the config.
-#[derive(Clone, Debug)]
-pub struct L3Config {
-    /// The standalone server's URL; for a cluster, its seeds joined with
-    /// `,` (the name in logs and /readyz).
-    pub url: String,
-    /// Seeds of a Redis Cluster (empty: `url` is one standalone server).
-    pub cluster_seeds: Vec<String>,
-    /// Expiry of entries written (0 = none; a target's own `ttl_s` wins).
-    pub ttl_s: u64,
-    pub lookup_budget: Duration,
-    pub shards: usize,
-    /// Look up every request, not only those whose compute is predicted to
-    /// take longer than an L3 round trip.
-    pub always: bool,
-}
 
 /// Breaker state (`beast_cache_l3_breaker_open`).
 pub const CLOSED: u8 = 0;

@@ -14,11 +14,27 @@
 //! refresh its slot map and retry that key; a master that does not answer
 //! is an error, and the breaker opens as for a standalone server.
 
-use super::l3::L3Config;
 use super::CacheKey;
 use redis::cluster::{cluster_pipe, ClusterClient, ClusterConnection};
 use redis::RedisResult;
 use std::time::Duration;
+
+/// What the I/O thread needs from the config.
+#[derive(Clone, Debug)]
+pub struct L3Config {
+    /// The standalone server's URL; for a cluster, its seeds joined with
+    /// `,` (the name in logs and /readyz).
+    pub url: String,
+    /// Seeds of a Redis Cluster (empty: `url` is one standalone server).
+    pub cluster_seeds: Vec<String>,
+    /// Expiry of entries written (0 = none; a target's own `ttl_s` wins).
+    pub ttl_s: u64,
+    pub lookup_budget: Duration,
+    pub shards: usize,
+    /// Look up every request, not only those whose compute is predicted to
+    /// take longer than an L3 round trip.
+    pub always: bool,
+}
 
 /// How to reach the L3 tier.
 pub(super) enum Client {

@@ -3,7 +3,7 @@
 //! polls the node's `/readyz` (when its admin port is known) and reopens
 //! closed connections, backing off exponentially while the node refuses.
 
-use super::cluster::{ClusterConfig, NodeSpec};
+use super::nodes::{ClusterConfig, NodeSpec};
 use super::{lock, Client};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};

@@ -5,6 +5,7 @@
 mod cluster;
 mod health;
 pub mod labels;
+mod nodes;
 pub mod npy;
 pub mod route;
 
