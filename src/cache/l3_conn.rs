@@ -139,26 +139,28 @@ impl Con {
         match self {
             Con::Single(c) => {
                 let mut p = redis::pipe();
-                for (k, v, ttl) in puts {
-                    let cmd = p.cmd("SET").arg(&redis_key(*k)[..]).arg(&v[..]);
-                    if *ttl > 0 {
-                        cmd.arg("EX").arg(*ttl);
-                    }
-                    cmd.ignore();
+                for put in puts {
+                    p.add_command(set_cmd(put)).ignore();
                 }
                 p.query::<()>(c)
             }
             Con::Cluster(c) => {
                 let mut p = cluster_pipe();
-                for (k, v, ttl) in puts {
-                    let cmd = p.cmd("SET").arg(&redis_key(*k)[..]).arg(&v[..]);
-                    if *ttl > 0 {
-                        cmd.arg("EX").arg(*ttl);
-                    }
-                    cmd.ignore();
+                for put in puts {
+                    p.add_command(set_cmd(put)).ignore();
                 }
                 p.query::<()>(c)
             }
         }
     }
+}
+
+/// `SET key value [EX ttl]` (ttl 0: no expiry).
+fn set_cmd((k, v, ttl): &(CacheKey, Vec<u8>, u64)) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(&redis_key(*k)[..]).arg(&v[..]);
+    if *ttl > 0 {
+        cmd.arg("EX").arg(*ttl);
+    }
+    cmd
 }

@@ -9,7 +9,7 @@ use crate::config::{Config, ENSEMBLE_MEMBERS_MAX};
 use crate::ensemble::bandit::BANDIT_PRIOR;
 use crate::ensemble::cost::DomainTable;
 use crate::ensemble::counters::{Counters, Key, Kind};
-use crate::ensemble::feedback::{member_fingerprint, state_path, Learned, Window};
+use crate::ensemble::feedback::{member_fingerprint, state_path, Accuracy, Learned, Window};
 use crate::ensemble::profile::LatencyProfile;
 use crate::ensemble::stacker::STACKER_ETA;
 use crate::ensemble::EnsemblePlan;
@@ -205,20 +205,13 @@ impl SelState {
                 continue;
             };
             let l = &mut self.learned[p];
-            let fps = if k.kind == Kind::Arm {
-                &l.arm_fps
-            } else {
-                &l.fps
-            };
-            let Some(i) = fps.iter().position(|&x| x == k.fp) else {
+            let Some(i) = counter_index(l, k) else {
                 continue;
             };
             match k.kind {
                 Kind::Acc => {
                     let slot = self.domains[p].slot(k.domain);
-                    let a = &mut l.accuracy[slot * l.members + i];
-                    a.correct += v[0] as f32;
-                    a.total += v[1] as f32;
+                    add_accuracy(&mut l.accuracy[slot * l.members + i], v);
                 }
                 Kind::Arm => {
                     let slot = self.domains[p].slot(k.domain);
@@ -253,20 +246,13 @@ impl SelState {
                 .range(lo..)
                 .take_while(|(k, _)| k.ensemble == plan.name)
             {
-                let fps = if k.kind == Kind::Arm {
-                    &l.arm_fps
-                } else {
-                    &l.fps
-                };
-                let Some(i) = fps.iter().position(|&x| x == k.fp) else {
+                let Some(i) = counter_index(l, k) else {
                     continue;
                 };
                 match k.kind {
                     Kind::Acc => {
                         let slot = self.domains[p].slot(k.domain);
-                        let a = &mut l.remote_accuracy[slot * members + i];
-                        a.correct += v[0] as f32;
-                        a.total += v[1] as f32;
+                        add_accuracy(&mut l.remote_accuracy[slot * members + i], v);
                     }
                     Kind::Arm => {
                         let slot = self.domains[p].slot(k.domain);
@@ -306,6 +292,22 @@ impl SelState {
         let (c, _) = Counters::decode(&text, BANDIT_PRIOR as f64, STACKER_ETA as f64);
         self.add_own(plans, &c)
     }
+}
+
+/// Which member (accuracy, stacker) or arm (bandit) of this version a
+/// counter is about: `None` for another version of a member.
+fn counter_index(l: &Learned, k: &Key) -> Option<usize> {
+    let fps = if k.kind == Kind::Arm {
+        &l.arm_fps
+    } else {
+        &l.fps
+    };
+    fps.iter().position(|&x| x == k.fp)
+}
+
+fn add_accuracy(a: &mut Accuracy, v: &[f64; 2]) {
+    a.correct += v[0] as f32;
+    a.total += v[1] as f32;
 }
 
 #[cfg(test)]
