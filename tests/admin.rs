@@ -370,30 +370,7 @@ fn promtool_accepts_the_exposition() {
     let (_, text) = fetch(server.admin_addr.unwrap(), "/metrics");
     assert!(text.contains("beast_cache_l2_slots 8160"), "{text}");
     assert!(text.contains("beast_cache_l2_entries "), "{text}");
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("promtool check metrics: {} {}", out.status, report.trim());
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool: {report}\n---\n{text}"
-    );
+    assert!(common::promtool_accepts(&text), "promtool was found above");
     server.shutdown();
 }
 

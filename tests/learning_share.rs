@@ -355,41 +355,9 @@ fn without_redis_a_node_learns_alone_and_says_so() {
     );
     assert!(text.contains("\nbeast_learning_nodes 0\n"));
     assert_eq!(syncs(&h), 0.0);
-    promtool_accepts(&text);
+    common::promtool_accepts(&text);
     drop(cl);
     h.shutdown();
-}
-
-/// `promtool check metrics` finds nothing to say (when it is installed).
-fn promtool_accepts(text: &str) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let Ok(mut child) = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-    else {
-        eprintln!("SKIPPED: promtool is not on PATH, so the exposition was not checked");
-        return;
-    };
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && report.trim().is_empty(),
-        "promtool: {report}\n---\n{text}"
-    );
 }
 
 #[test]
