@@ -184,6 +184,7 @@ pub(super) async fn run_shard(start: ShardStart) {
     }
     drop(listener);
     beat.stage(Stage::Draining);
+    super::watchdog::test_stall_hook();
     shared.stopping.set(true);
     for &fd in fds.borrow().iter() {
         // SAFETY: fd belongs to a live connection (removed from the list when it closes).

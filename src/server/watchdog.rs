@@ -149,6 +149,17 @@ impl Drop for ExitGuard {
     }
 }
 
+/// Test hook (tests/lifecycle.rs): with `BEAST_TEST_STALL_STOP` set, a
+/// shard's thread blocks for good once its stop has begun, as a syscall
+/// that never returns would.
+pub(super) fn test_stall_hook() {
+    if std::env::var_os("BEAST_TEST_STALL_STOP").is_some() {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
 /// The thread that pokes the shards and reports a stalled stop.
 pub(super) struct Watchdog {
     exit_on_stall: Arc<AtomicBool>,
