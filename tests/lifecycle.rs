@@ -264,7 +264,11 @@ fn a_stop_that_stalls_is_logged_with_what_it_waits_on_and_exits_1() {
     let dir = common::temp_dir("stop-stall");
     let models = slow_repository(&dir);
     let cfg = config(&dir, "");
-    std::fs::write(&cfg, "shutdown_grace_ms = 100\n[cache]\nl2_path = \"\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "admin_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 100\n[cache]\nl2_path = \"\"\n",
+    )
+    .unwrap();
     let mut b = Beast::spawn_env(
         &serve_args("127.0.0.1:0", &models, &cfg),
         &[("BEAST_TEST_STALL_STOP", "1")],
