@@ -429,6 +429,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let cpus = cfg.shard_cpus();
     let handle = starting.start(Arc::new(repo))?;
+    handle.exit_on_stalled_stop();
     *running.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((handle.stop_flag(), handle.lifecycle()));
     eprintln!(

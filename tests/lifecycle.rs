@@ -28,9 +28,14 @@ struct Beast {
 
 impl Beast {
     fn spawn(args: &[&str]) -> Beast {
+        Beast::spawn_env(args, &[])
+    }
+
+    fn spawn_env(args: &[&str], env: &[(&str, &str)]) -> Beast {
         let mut child = Command::new(BEAST)
             .arg("serve")
             .args(args)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -249,6 +254,45 @@ fn a_restart_after_sigterm_with_clients_connected_binds_at_once() {
 #[test]
 fn a_restart_after_kill_9_with_requests_in_flight_binds_at_once() {
     restart_after(libc::SIGKILL, "restart-kill");
+}
+
+/// A shard stuck in its stop (the test hook blocks its thread, as a
+/// syscall that never returns would) is reported by name and the process
+/// exits 1, instead of hanging after SIGTERM.
+#[test]
+fn a_stop_that_stalls_is_logged_with_what_it_waits_on_and_exits_1() {
+    let dir = common::temp_dir("stop-stall");
+    let models = slow_repository(&dir);
+    let cfg = config(&dir, "");
+    std::fs::write(
+        &cfg,
+        "admin_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 100\n[cache]\nl2_path = \"\"\n",
+    )
+    .unwrap();
+    let mut b = Beast::spawn_env(
+        &serve_args("127.0.0.1:0", &models, &cfg),
+        &[("BEAST_TEST_STALL_STOP", "1")],
+    );
+    let addr = b.listening();
+    let _client = Raw::connect(addr);
+    let started = Instant::now();
+    b.signal(libc::SIGTERM);
+    let status = b.wait();
+    assert_eq!(status.code(), Some(1), "{status}; log: {:#?}", b.log);
+    assert!(
+        b.log
+            .iter()
+            .any(|l| l.contains("stop stalled for") && l.contains("shard 0: draining connections")),
+        "{:#?}",
+        b.log
+    );
+    // Reported 10 s past shutdown_grace_ms, not at once.
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -27,6 +27,7 @@ mod shard;
 pub mod share;
 mod slab;
 mod uring;
+mod watchdog;
 
 use crate::config::Config;
 use crate::ensemble::cost::{self, SelectionCounters, SelectionStat};
@@ -58,9 +59,17 @@ pub struct ServerHandle {
     selection: Vec<Arc<SelectionCounters>>,
     lifecycle: Arc<lifecycle::Lifecycle>,
     share: Option<share::Share>,
+    watchdog: watchdog::Watchdog,
 }
 
 impl ServerHandle {
+    /// Exit the process (status 1) when a stop has not ended 10 s past
+    /// `shutdown_grace_ms`, after logging what each shard still waits on
+    /// (the binary; a library user gets the log line only).
+    pub fn exit_on_stalled_stop(&self) {
+        self.watchdog.exit_on_stall();
+    }
+
     /// Reloads, loads and unloads without a restart (docs/MODELS.md).
     pub fn lifecycle(&self) -> Arc<lifecycle::Lifecycle> {
         self.lifecycle.clone()
@@ -92,6 +101,7 @@ impl ServerHandle {
         for t in self.threads {
             let _ = t.join();
         }
+        self.watchdog.join();
         // The shards published their last counters on the way out.
         if let Some(s) = self.share {
             s.finish();
@@ -233,6 +243,7 @@ impl Starting {
                 selection: parts.selection,
                 lifecycle: parts.lifecycle,
                 share: parts.share,
+                watchdog: parts.watchdog,
             }),
             Err(e) => {
                 stop.store(true, Ordering::SeqCst);
@@ -272,7 +283,7 @@ fn start_shards(
     ));
     step("warming up shards");
     let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
-    let mut threads = Vec::new();
+    let mut threads: Vec<glommio::ExecutorJoinHandle<()>> = Vec::new();
     // Metrics: sized once for every target name, labelled by CPU.
     crate::metrics::trace::epoch();
     let targets = Arc::new(Targets::from_repo(&repo));
@@ -323,6 +334,7 @@ fn start_shards(
         );
     }
     let mut selection = Vec::new();
+    let mut beats = Vec::new();
     for (id, &cpu) in cpus.iter().enumerate() {
         let m = metrics[id].clone();
         let sel = Arc::new(SelectionCounters::new(
@@ -341,7 +353,18 @@ fn start_shards(
             cache: cache.clone(),
             selection: sel,
             share: share.as_ref().map(|s| s.links[id].clone()),
+            beat: match watchdog::Beat::new() {
+                Ok(b) => b,
+                Err(e) => {
+                    stop.store(true, Ordering::SeqCst);
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(format!("shard {id}: eventfd: {e}"));
+                }
+            },
         };
+        beats.push(start.beat.clone());
         let placement = if cfg.pin_shards {
             Placement::Fixed(cpu)
         } else {
@@ -396,6 +419,7 @@ fn start_shards(
         let _ = a.state.lifecycle.set(lifecycle.clone());
         a.state.ready.store(true, Ordering::Release);
     }
+    let grace = std::time::Duration::from_millis(cfg.shutdown_grace_ms);
     Ok(Running {
         backend,
         cache,
@@ -404,6 +428,7 @@ fn start_shards(
         selection,
         lifecycle,
         share,
+        watchdog: watchdog::Watchdog::spawn(beats, stop, grace),
     })
 }
 
@@ -425,6 +450,7 @@ struct Running {
     selection: Vec<Arc<SelectionCounters>>,
     lifecycle: Arc<lifecycle::Lifecycle>,
     share: Option<share::Share>,
+    watchdog: watchdog::Watchdog,
 }
 
 /// The soft RLIMIT_MEMLOCK in bytes; `None` when unlimited or unknown.

@@ -9,6 +9,7 @@ use super::registry::Hub;
 use super::rollout;
 use super::shard::{self, Current, Shard, Shared};
 use super::uring::Ring;
+use super::watchdog::{Beat, ExitGuard, Stage};
 use crate::backend;
 use crate::config::Config;
 use crate::ensemble::cost::SelectionCounters;
@@ -35,6 +36,8 @@ pub(super) struct ShardStart {
     pub selection: Arc<SelectionCounters>,
     /// This shard's link to the learned-state sync thread (`[learning.share]`).
     pub share: Option<Arc<super::share::ShardLink>>,
+    /// Wake-ups from the watchdog thread, and where this shard's stop is.
+    pub beat: Arc<Beat>,
 }
 
 pub(super) async fn run_shard(start: ShardStart) {
@@ -49,7 +52,12 @@ pub(super) async fn run_shard(start: ShardStart) {
         cache,
         selection,
         share,
+        beat,
     } = start;
+    let _exited = ExitGuard(beat.clone());
+    // Woken by the watchdog every PERIOD and at the stop: no wait below
+    // rests on a glommio timer alone.
+    let woken = Rc::new(super::notify::Notify::default());
     let backend = match cfg.backend_choice() {
         Ok(choice) => backend::select(&choice),
         Err(e) => {
@@ -124,6 +132,8 @@ pub(super) async fn run_shard(start: ShardStart) {
     };
     let _ = ready.send(Ok(backend_name));
     drop(ready);
+    beat.stage(Stage::Serving);
+    let beats = glommio::spawn_local(beat.clone().listen(woken.clone()));
 
     let metrics = shared.metrics.clone();
     let ring = start_ring(&cfg, id);
@@ -133,7 +143,8 @@ pub(super) async fn run_shard(start: ShardStart) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             while !stop.load(Ordering::Relaxed) {
-                glommio::timer::sleep(Duration::from_millis(20)).await;
+                let tick = glommio::timer::sleep(Duration::from_millis(20));
+                futures_lite::future::or(tick, woken.wait()).await;
             }
             None
         })
@@ -156,20 +167,24 @@ pub(super) async fn run_shard(start: ShardStart) {
         let _ = stream.set_nodelay(true);
         metrics.connections_accepted.inc();
         open.set(open.get() + 1);
+        beat.open(open.get());
         let fd = stream.as_raw_fd();
         fds.borrow_mut().push(fd);
         let (current2, open2, fds2) = (current.clone(), open.clone(), fds.clone());
-        let ring2 = ring.clone();
+        let (ring2, beat2) = (ring.clone(), beat.clone());
         glommio::spawn_local(async move {
             let m = current2.shared.metrics.clone();
             conn::serve(current2, ring2, stream).await;
             m.connections_closed.inc();
             open2.set(open2.get() - 1);
+            beat2.open(open2.get());
             fds2.borrow_mut().retain(|&f| f != fd);
         })
         .detach();
     }
     drop(listener);
+    beat.stage(Stage::Draining);
+    super::watchdog::test_stall_hook();
     shared.stopping.set(true);
     for &fd in fds.borrow().iter() {
         // SAFETY: fd belongs to a live connection (removed from the list when it closes).
@@ -177,8 +192,19 @@ pub(super) async fn run_shard(start: ShardStart) {
     }
     let grace = Instant::now() + Duration::from_millis(cfg.shutdown_grace_ms);
     while open.get() > 0 && Instant::now() < grace {
-        glommio::timer::sleep(Duration::from_millis(5)).await;
+        futures_lite::future::or(
+            glommio::timer::sleep(Duration::from_millis(5)),
+            woken.wait(),
+        )
+        .await;
     }
+    if open.get() > 0 {
+        eprintln!(
+            "beast: shard {id}: {} connection(s) still open after shutdown_grace_ms; stopping anyway",
+            open.get()
+        );
+    }
+    beat.stage(Stage::Stopping);
     if let Some(r) = &ring {
         r.stop();
     }
@@ -204,8 +230,13 @@ pub(super) async fn run_shard(start: ShardStart) {
     shared.shadow.wake.notify();
     let grace = Instant::now() + Duration::from_millis(500);
     let held = || shared.alive.get() > 0 || Rc::strong_count(&shared.shadow) > 1;
+    beat.stage(Stage::Releasing);
     while held() && Instant::now() < grace {
-        glommio::timer::sleep(Duration::from_millis(2)).await;
+        futures_lite::future::or(
+            glommio::timer::sleep(Duration::from_millis(2)),
+            woken.wait(),
+        )
+        .await;
     }
     if held() {
         eprintln!(
@@ -214,6 +245,9 @@ pub(super) async fn run_shard(start: ShardStart) {
             Rc::strong_count(&shared.shadow) - 1
         );
     }
+    // The beat task returns on the watchdog's next wake-up.
+    beat.done();
+    beats.await;
 }
 
 /// A shard's listener: SO_REUSEPORT (every shard binds the same port) and

@@ -45,6 +45,9 @@ use std::time::{Duration, Instant};
 /// `IORING_ENTER_GETEVENTS` (the crate keeps its constants private).
 const ENTER_GETEVENTS: u32 = 1;
 
+/// Most enters in a row made on TASKRUN alone (see `Ring::work_left`).
+const RETRIES_MAX: u32 = 8;
+
 /// user_data of cancellations (their own completions are ignored).
 const CANCEL: u64 = u64::MAX;
 
@@ -135,6 +138,17 @@ impl Ring {
         self.kick.notify();
         self.idle.notify();
         self.signal();
+    }
+
+    /// Test hook: the kernel no longer writes the eventfd, as if every
+    /// wake-up through it were lost.
+    #[cfg(test)]
+    pub fn lose_eventfd_wakeups(&self) {
+        self.uring
+            .borrow()
+            .submitter()
+            .unregister_eventfd()
+            .unwrap();
     }
 
     fn signal(&self) {
@@ -280,14 +294,37 @@ impl Ring {
         any
     }
 
+    /// Deferred work is left after the last enter. One enter runs at
+    /// most a bounded number of task works (20 since 6.13); the kernel
+    /// keeps the rest on a retry list and sets TASKRUN again, but does
+    /// not write the eventfd (written only when its work list goes from
+    /// empty to not empty). A task work need not post a completion (a
+    /// poll wake-up whose receive retries and re-arms), so an enter that
+    /// completed nothing can still have left work.
+    fn work_left(&self) -> bool {
+        self.uring.borrow_mut().submission().taskrun()
+    }
+
     async fn drive(self: Rc<Self>) {
+        // Enters in a row that completed nothing while the kernel said
+        // work was left (bounded: the flag can also be left set with no
+        // work behind it; the sweeper's turn covers the rest).
+        let mut retries = 0;
         loop {
             if self.turn() {
+                retries = 0;
                 // Let the woken connections run (and queue their next
                 // operations) before the next syscall.
                 futures_lite::future::yield_now().await;
                 continue;
             }
+            if self.work_left() && retries < RETRIES_MAX {
+                retries += 1;
+                self.signalled.set(true);
+                futures_lite::future::yield_now().await;
+                continue;
+            }
+            retries = 0;
             if self.stop.get() && self.outstanding.get() == 0 {
                 return;
             }
@@ -324,6 +361,13 @@ impl Ring {
         while !(self.stop.get() && self.outstanding.get() == 0) {
             glommio::timer::sleep(tick).await;
             self.cancel_expired(Instant::now());
+            if self.outstanding.get() > 0 {
+                // Enter the ring once per tick whatever the eventfd said:
+                // a wake-up lost there delays an operation by a tick at
+                // most, instead of until the connection's next arrival.
+                self.signalled.set(true);
+                self.kick.notify();
+            }
         }
         self.kick.notify();
         self.idle.notify();

@@ -71,6 +71,40 @@ fn data_sent_while_the_shard_is_idle_wakes_it_and_arrives_in_order() {
 }
 
 #[test]
+fn a_lost_eventfd_wakeup_delays_a_receive_by_a_tick_only() {
+    let (peer, ours) = pair();
+    let (go, went) = std::sync::mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        let mut peer = peer;
+        went.recv().unwrap();
+        // Let the shard go idle on its receive first.
+        std::thread::sleep(Duration::from_millis(20));
+        peer.write_all(b"late").unwrap();
+        peer
+    });
+    on_ring(move |ring| async move {
+        ring.lose_eventfd_wakeups();
+        let mut buf = [0u8; 16];
+        go.send(()).unwrap();
+        let t = Instant::now();
+        let got = futures_lite::future::or(
+            async { Some(ring.recv(ours.as_raw_fd(), &mut buf, None).await) },
+            async {
+                glommio::timer::sleep(Duration::from_secs(5)).await;
+                None
+            },
+        )
+        .await;
+        let Some(r) = got else {
+            panic!("data that arrived at an idle ring without its eventfd wake-up never came")
+        };
+        assert_eq!(&buf[..r.unwrap()], b"late");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    });
+    drop(writer.join().unwrap());
+}
+
+#[test]
 fn a_receive_past_its_deadline_ends_timed_out() {
     let (peer, ours) = pair();
     on_ring(move |ring| async move {
