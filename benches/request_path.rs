@@ -7,11 +7,15 @@
 //!   one batch: `take_batch` (rows copied out of the ring, as before) vs
 //!   `take_batch_rows` (rows left in the ring when unbroken, as the batcher
 //!   does now). Both include the 64 pushes.
+//! - `ensemble_answer/3runs_1x16`: bench_ens's answer (1 x 16 outputs,
+//!   three runs): built with the flatbuffers builder (as every ensemble
+//!   answer was) vs written from its template (`wire/template.rs`).
 //!
 //! `cargo bench --bench request_path`; the ratios are in perf/request_path.md.
 
 use beast::batch::{first_bad_value, Queue};
 use beast::model::BatchLimits;
+use beast::wire::{Encoder, ResponseHeader, RunInfo, Status, Timings};
 use criterion::{criterion_group, criterion_main, Criterion};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -69,6 +73,49 @@ fn benches(c: &mut Criterion) {
                 beast::batch::BatchRows::Input => &input[..n * W],
             };
             black_box(x);
+        })
+    });
+    g.finish();
+
+    let output: Vec<f32> = (0..16).map(|i| i as f32 / 16.0).collect();
+    let runs = ["bench_a", "bench_b", "bench_c"].map(|m| RunInfo {
+        model: m,
+        version: 1,
+        flops: 1_000_000,
+    });
+    let mut h = ResponseHeader {
+        id: 1,
+        status: Status::Ok,
+        message: "",
+        rows: 1,
+        cols: 16,
+        timings: Timings {
+            queue_us: 300,
+            compute_us: 900,
+            total_us: 0,
+        },
+        cached: false,
+        partial: false,
+        ticket: 5,
+    };
+    let (mut enc, mut out) = (Encoder::new(), Vec::with_capacity(4096));
+    let mut g = c.benchmark_group("ensemble_answer");
+    g.warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1));
+    g.bench_function("3runs_1x16/old_builder", |b| {
+        b.iter(|| {
+            out.clear();
+            h.id += 1;
+            enc.response_built(black_box(&h), black_box(&runs), &output, &mut out, false);
+            black_box(&out);
+        })
+    });
+    g.bench_function("3runs_1x16/new_template", |b| {
+        b.iter(|| {
+            out.clear();
+            h.id += 1;
+            enc.response(black_box(&h), black_box(&runs), &output, &mut out);
+            black_box(&out);
         })
     });
     g.finish();
