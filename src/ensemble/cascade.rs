@@ -52,7 +52,7 @@ fn simulate(
     let rows = outputs[0].len() / cols;
     let mut acc = Accumulator::default();
     for r in 0..rows {
-        acc.reset(1, cols);
+        acc.reset_for(1, cols, combiner);
         let mut ran = 0;
         for &m in by_cost {
             let m = m as usize;

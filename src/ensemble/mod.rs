@@ -209,34 +209,57 @@ pub enum Weight<'a> {
 /// Accumulates member outputs for one request. Buffers are reused across
 /// requests (cleared, capacity kept). The combined output is computed on
 /// demand without consuming the sums, so a cascade can look at it after
-/// each step and go on adding.
+/// each step and go on adding. [`Accumulator::reset_for`] keeps only what
+/// one combiner reads (the votes for a vote, each member's output for a
+/// median), so a mean's `add` is the weighted sum alone.
 #[derive(Debug, Default)]
 pub struct Accumulator {
     /// `rows × cols`: Σ w·p.
     sum: Vec<f32>,
-    /// `cols`: Σ w per class.
+    /// Σ w of the scalar weights (every class).
+    weight_total: f32,
+    /// `cols`: Σ w per class of the per-class weights.
     weight_sum: Vec<f32>,
-    /// `rows × cols`: members whose argmax is this class.
+    /// `rows × cols`: members whose argmax is this class (kept for a vote).
     votes: Vec<f32>,
-    /// Each added member's output, one after the other (for the median).
+    /// Each added member's output, one after the other (kept for a median).
     vals: Vec<f32>,
     out: Vec<f32>,
     cols: usize,
     added: u32,
+    keep_votes: bool,
+    keep_vals: bool,
 }
 
 impl Accumulator {
+    /// Start a request of `rows × cols`, keeping what every combiner reads.
     pub fn reset(&mut self, rows: usize, cols: usize) {
+        self.reset_with(rows, cols, true, true);
+    }
+
+    /// Start a request of `rows × cols` to be combined by `combiner` only
+    /// (`combine` with another combiner that needs votes or members'
+    /// outputs would read them empty).
+    pub fn reset_for(&mut self, rows: usize, cols: usize, combiner: Combiner) {
+        let (votes, vals) = (combiner == Combiner::Vote, combiner == Combiner::Median);
+        self.reset_with(rows, cols, votes, vals);
+    }
+
+    fn reset_with(&mut self, rows: usize, cols: usize, votes: bool, vals: bool) {
         let len = rows * cols;
-        for v in [&mut self.sum, &mut self.votes] {
-            v.clear();
-            v.resize(len, 0.0);
+        self.sum.clear();
+        self.sum.resize(len, 0.0);
+        self.votes.clear();
+        if votes {
+            self.votes.resize(len, 0.0);
         }
+        self.weight_total = 0.0;
         self.weight_sum.clear();
         self.weight_sum.resize(cols, 0.0);
         self.vals.clear();
         self.cols = cols.max(1);
         self.added = 0;
+        (self.keep_votes, self.keep_vals) = (votes, vals);
     }
 
     pub fn added(&self) -> u32 {
@@ -246,35 +269,40 @@ impl Accumulator {
     pub fn add(&mut self, output: &[f32], weight: Weight<'_>) {
         debug_assert_eq!(output.len(), self.sum.len());
         let cols = self.cols;
-        for ((s, v), o) in self
-            .sum
-            .chunks_exact_mut(cols)
-            .zip(self.votes.chunks_exact_mut(cols))
-            .zip(output.chunks_exact(cols))
-        {
-            match weight {
-                Weight::Scalar(w) => {
-                    for (a, x) in s.iter_mut().zip(o) {
-                        *a += w * x;
-                    }
+        match weight {
+            Weight::Scalar(w) => {
+                for (a, x) in self.sum.iter_mut().zip(output) {
+                    *a += w * x;
                 }
-                Weight::PerClass(w) => {
+                self.weight_total += w;
+            }
+            Weight::PerClass(w) => {
+                for (s, o) in self
+                    .sum
+                    .chunks_exact_mut(cols)
+                    .zip(output.chunks_exact(cols))
+                {
                     for ((a, x), w) in s.iter_mut().zip(o).zip(w) {
                         *a += w * x;
                     }
                 }
-            }
-            v[argmax(o)] += 1.0;
-        }
-        // Capacity is kept across requests: no allocation once warm.
-        self.vals.extend_from_slice(output);
-        match weight {
-            Weight::Scalar(w) => self.weight_sum.iter_mut().for_each(|a| *a += w),
-            Weight::PerClass(w) => {
                 for (a, w) in self.weight_sum.iter_mut().zip(w) {
                     *a += w
                 }
             }
+        }
+        if self.keep_votes {
+            for (v, o) in self
+                .votes
+                .chunks_exact_mut(cols)
+                .zip(output.chunks_exact(cols))
+            {
+                v[argmax(o)] += 1.0;
+            }
+        }
+        if self.keep_vals {
+            // Capacity is kept across requests: no allocation once warm.
+            self.vals.extend_from_slice(output);
         }
         self.added += 1;
     }
@@ -284,15 +312,31 @@ impl Accumulator {
         let cols = self.cols;
         self.out.clear();
         self.out.resize(self.sum.len(), 0.0);
-        for (i, o) in self.out.iter_mut().enumerate() {
-            let w = self.weight_sum[i % cols];
-            *o = if w > 0.0 { self.sum[i] / w } else { 0.0 };
+        for (o, s) in self
+            .out
+            .chunks_exact_mut(cols)
+            .zip(self.sum.chunks_exact(cols))
+        {
+            for ((o, s), ws) in o.iter_mut().zip(s).zip(&self.weight_sum) {
+                let w = self.weight_total + ws;
+                *o = if w > 0.0 { s / w } else { 0.0 };
+            }
         }
+        debug_assert!(
+            combiner != Combiner::Vote || self.keep_votes,
+            "votes not kept"
+        );
+        debug_assert!(
+            combiner != Combiner::Median || self.keep_vals,
+            "outputs not kept"
+        );
         match combiner {
             Combiner::Mean | Combiner::WeightedMean => {}
             Combiner::Median => {
                 let len = self.out.len();
-                let n = (self.added as usize).min(MEDIAN_MEMBERS_MAX);
+                // Members whose outputs were kept (none unless `reset_for`
+                // said median, or `reset`).
+                let n = (self.vals.len() / len.max(1)).min(MEDIAN_MEMBERS_MAX);
                 let mut buf = [0f32; MEDIAN_MEMBERS_MAX];
                 for (i, o) in self.out.iter_mut().enumerate() {
                     let b = &mut buf[..n];
@@ -397,6 +441,39 @@ mod tests {
         assert_eq!(a.combine(Combiner::Median), &[3.0, 10.0]);
         // The mean of the same three is pulled by the outlier.
         assert!((a.combine(Combiner::Mean)[0] - 104.0 / 3.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn keeping_only_what_the_combiner_reads_gives_the_same_answer() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(12);
+        let combiners = [
+            Combiner::Mean,
+            Combiner::WeightedMean,
+            Combiner::Vote,
+            Combiner::Median,
+            Combiner::Stacked,
+        ];
+        let (mut all, mut only) = (Accumulator::default(), Accumulator::default());
+        for _ in 0..500 {
+            let c = combiners[rng.random_range(0..combiners.len())];
+            let (rows, cols) = (rng.random_range(1..5), rng.random_range(1..20));
+            let members = rng.random_range(1..=ENSEMBLE_MEMBERS_MAX);
+            all.reset(rows, cols);
+            only.reset_for(rows, cols, c);
+            for _ in 0..members {
+                let out: Vec<f32> = (0..rows * cols).map(|_| rng.random()).collect();
+                let per_class: Vec<f32> = (0..cols).map(|_| rng.random_range(0.1..3.0)).collect();
+                let w = match c {
+                    Combiner::Stacked => Weight::PerClass(&per_class),
+                    _ => Weight::Scalar(rng.random_range(0.0..4.0)),
+                };
+                all.add(&out, w);
+                only.add(&out, w);
+                // Bit for bit: the same sums in the same order.
+                assert_eq!(all.combine(c), only.combine(c), "{c:?} {rows}x{cols}");
+            }
+        }
     }
 
     #[test]

@@ -31,9 +31,9 @@ pub fn response_frame_len_max(
 }
 
 /// Reusable encoder: owns one flatbuffers builder, reset per message, so a
-/// warmed-up encoder does not allocate. Common responses (no message, at
-/// most one run) are copied from a per-shape template and patched
-/// (`template.rs`).
+/// warmed-up encoder does not allocate. Common responses (no message;
+/// no run, one, or an ensemble's runs) are copied from a per-shape template
+/// and patched (`template.rs`).
 pub struct Encoder {
     fbb: flatbuffers::FlatBufferBuilder<'static>,
     /// Scratch for the Run offsets of one response, kept between messages.

@@ -1,5 +1,5 @@
-//! Response templates: the common answer (no message, at most one run)
-//! encoded by copying a frame built once and patching its scalar fields and
+//! Response templates: the common answer (no message; no run, a model's
+//! one run, or an ensemble's runs, up to [`TEMPLATE_RUNS_MAX`]) encoded by copying a frame built once and patching its scalar fields and
 //! output bytes, instead of building it with the flatbuffers builder each
 //! time (zeroing, per-field bookkeeping, vtable search, then a copy).
 //!
@@ -9,16 +9,22 @@
 //! (table location + vtable slot), not guessed. A frame patched from it is
 //! byte for byte what the builder writes with `force_defaults` for the same
 //! values, and reads the same through any flatbuffers reader (a stored
-//! default is legal). Templates are keyed by output length and run
-//! (model name), bounded in number; a shape beyond the bound is built the
-//! ordinary way.
+//! default is legal). Templates are keyed by output length and the runs'
+//! model names in order (the frame's layout depends on nothing else),
+//! bounded in number; a shape beyond the bound is built the ordinary way.
 
 use super::beast_generated::beast::wire as fb;
 use super::frame::FRAME_HEADER_LEN;
 use super::types::{ResponseHeader, RunInfo};
 
-/// Templates kept per encoder (output lengths × models a shard answers).
+/// Templates kept per encoder (output lengths × models and ensemble run
+/// lists a shard answers).
 pub const TEMPLATES_MAX: usize = 64;
+
+/// Runs a templated answer may list: an ensemble's members at most
+/// (`config::ENSEMBLE_MEMBERS_MAX`, 16; not imported, wire depends on no
+/// server module). A longer list is built the ordinary way.
+pub const TEMPLATE_RUNS_MAX: usize = 16;
 
 /// Byte positions (in the whole frame, length prefix included).
 #[derive(Clone, Copy, Debug, Default)]
@@ -34,16 +40,31 @@ struct At {
     cached: usize,
     partial: usize,
     ticket: usize,
-    run_version: usize,
-    run_flops: usize,
+}
+
+/// Byte positions of one run's patched fields.
+#[derive(Clone, Copy, Debug, Default)]
+struct RunAt {
+    version: usize,
+    flops: usize,
 }
 
 struct Template {
     out_len: usize,
-    /// The run's model name; `None`: no run.
-    model: Option<Box<str>>,
+    /// The runs' model names, in order (empty: no run).
+    models: Box<[Box<str>]>,
     frame: Vec<u8>,
     at: At,
+    /// One per item of `models`.
+    runs_at: Box<[RunAt]>,
+}
+
+impl Template {
+    fn is_for(&self, out_len: usize, runs: &[RunInfo<'_>]) -> bool {
+        self.out_len == out_len
+            && self.models.len() == runs.len()
+            && self.models.iter().zip(runs).all(|(m, r)| **m == *r.model)
+    }
 }
 
 /// The templates of one encoder.
@@ -54,11 +75,12 @@ pub(super) struct Templates {
 
 /// Whether a response can be written from a template.
 pub(super) fn fits(h: &ResponseHeader<'_>, runs: &[RunInfo<'_>]) -> bool {
-    h.message.is_empty() && runs.len() <= 1
+    h.message.is_empty() && runs.len() <= TEMPLATE_RUNS_MAX
 }
 
 impl Templates {
-    /// Append the frame for `h`, `runs` (at most one) and `output` to `out`,
+    /// Append the frame for `h`, `runs` (at most [`TEMPLATE_RUNS_MAX`]) and
+    /// `output` to `out`,
     /// building the template first if it is new (`build` encodes a frame
     /// with `force_defaults` into its argument). `false`: no room for one
     /// more template; the caller builds the frame itself.
@@ -70,12 +92,7 @@ impl Templates {
         out: &mut Vec<u8>,
         build: impl FnOnce(&mut Vec<u8>),
     ) -> bool {
-        let model = runs.first().map(|r| r.model);
-        let i = match self
-            .list
-            .iter()
-            .position(|t| t.out_len == output.len() && t.model.as_deref() == model)
-        {
+        let i = match self.list.iter().position(|t| t.is_for(output.len(), runs)) {
             Some(i) => i,
             None => {
                 if self.list.len() >= TEMPLATES_MAX {
@@ -83,14 +100,15 @@ impl Templates {
                 }
                 let mut frame = Vec::new();
                 build(&mut frame);
-                let Some(at) = positions(&frame, output.len(), model.is_some()) else {
+                let Some((at, runs_at)) = positions(&frame, output.len(), runs.len()) else {
                     return false;
                 };
                 self.list.push(Template {
                     out_len: output.len(),
-                    model: model.map(Box::from),
+                    models: runs.iter().map(|r| Box::from(r.model)).collect(),
                     frame,
                     at,
+                    runs_at,
                 });
                 self.list.len() - 1
             }
@@ -111,9 +129,9 @@ impl Templates {
         f[a.cached] = h.cached as u8;
         f[a.partial] = h.partial as u8;
         put(f, a.ticket, &h.ticket.to_le_bytes());
-        if let Some(r) = runs.first() {
-            put(f, a.run_version, &r.version.to_le_bytes());
-            put(f, a.run_flops, &r.flops.to_le_bytes());
+        for (r, at) in runs.iter().zip(&t.runs_at[..]) {
+            put(f, at.version, &r.version.to_le_bytes());
+            put(f, at.flops, &r.flops.to_le_bytes());
         }
         put(f, a.output, bytemuck::cast_slice(output));
         true
@@ -127,7 +145,7 @@ impl Templates {
 
 /// Where each patched field of `frame` sits; `None` if the frame is not a
 /// response of that shape (then no template is kept).
-fn positions(frame: &[u8], out_len: usize, has_run: bool) -> Option<At> {
+fn positions(frame: &[u8], out_len: usize, n_runs: usize) -> Option<(At, Box<[RunAt]>)> {
     let body = frame.get(FRAME_HEADER_LEN..)?;
     let msg = flatbuffers::root::<fb::Message>(body).ok()?;
     let resp = msg.body_as_response()?;
@@ -144,18 +162,20 @@ fn positions(frame: &[u8], out_len: usize, has_run: bool) -> Option<At> {
         None if out_len == 0 => 0,
         _ => return None,
     };
-    let (run_version, run_flops) = match (resp.runs(), has_run) {
-        (Some(runs), true) if runs.len() == 1 => {
-            let run = runs.get(0)._tab;
-            (
-                field(&run, fb::Run::VT_VERSION)?,
-                field(&run, fb::Run::VT_FLOPS)?,
-            )
-        }
-        (None, false) => (0, 0),
+    let runs_at = match resp.runs() {
+        Some(runs) if runs.len() == n_runs && n_runs > 0 => runs
+            .iter()
+            .map(|run| {
+                Some(RunAt {
+                    version: field(&run._tab, fb::Run::VT_VERSION)?,
+                    flops: field(&run._tab, fb::Run::VT_FLOPS)?,
+                })
+            })
+            .collect::<Option<Box<[RunAt]>>>()?,
+        None if n_runs == 0 => Box::default(),
         _ => return None,
     };
-    Some(At {
+    let at = At {
         id: field(&tab, fb::Response::VT_ID)?,
         status: field(&tab, fb::Response::VT_STATUS)?,
         rows: field(&tab, fb::Response::VT_ROWS)?,
@@ -167,14 +187,13 @@ fn positions(frame: &[u8], out_len: usize, has_run: bool) -> Option<At> {
         cached: field(&tab, fb::Response::VT_CACHED)?,
         partial: field(&tab, fb::Response::VT_PARTIAL)?,
         ticket: field(&tab, fb::Response::VT_TICKET)?,
-        run_version,
-        run_flops,
-    })
+    };
+    Some((at, runs_at))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::TEMPLATES_MAX;
+    use super::{TEMPLATES_MAX, TEMPLATE_RUNS_MAX};
     use crate::wire::{
         check_frame, decode_response, response_frame_len_max, Encoder, FrameCheck, ResponseHeader,
         ResponseView, RunInfo, Status, Timings, FRAME_HEADER_LEN,
@@ -255,6 +274,93 @@ mod tests {
     }
 
     #[test]
+    fn an_ensemble_answer_from_its_template_is_the_built_one() {
+        let mut rng = StdRng::seed_from_u64(11);
+        // Names of several lengths (the string padding differs), run lists
+        // of several sizes and orders, as partial and cached answers give.
+        let names = ["e", "abc", "bench_a", "a_member_with_a_long_name_x"];
+        let sixteen: Vec<&str> = (0..TEMPLATE_RUNS_MAX).map(|i| names[i % 4]).collect();
+        let lists: [&[&str]; 6] = [
+            &names[..3],
+            &[names[2], names[0]],
+            &[names[3]],
+            &[names[1], names[3], names[0], names[2]],
+            &[names[2], names[1], names[0]],
+            &sixteen,
+        ];
+        // (rows, cols): the same output length as 1 x 32 and 2 x 16.
+        let shapes = [(0u32, 0u32), (1, 16), (2, 16), (1, 32), (3, 1), (4, 16)];
+        let mut enc = Encoder::new();
+        let mut plain = Encoder::new();
+        for i in 0..4000 {
+            let (rows, cols) = shapes[rng.random_range(0..shapes.len())];
+            let out_len = (rows * cols) as usize;
+            let output: Vec<f32> = (0..out_len).map(|_| rng.random::<f32>() - 0.5).collect();
+            let list = lists[rng.random_range(0..lists.len())];
+            let zero = i % 5 == 0;
+            let pick = |rng: &mut StdRng, n: u64| if zero { 0 } else { rng.random_range(0..n) };
+            let cached = !zero && rng.random_bool(0.3);
+            let mut runs = [RunInfo {
+                model: "",
+                version: 0,
+                flops: 0,
+            }; TEMPLATE_RUNS_MAX];
+            for (r, m) in runs.iter_mut().zip(list) {
+                // A member answered from the cache ran no FLOPs.
+                let from_cache = cached || rng.random_bool(0.2);
+                *r = RunInfo {
+                    model: m,
+                    version: pick(&mut rng, 1 << 20) as u32,
+                    flops: if from_cache {
+                        0
+                    } else {
+                        pick(&mut rng, u64::MAX)
+                    },
+                };
+            }
+            let runs = &runs[..list.len()];
+            let h = ResponseHeader {
+                id: pick(&mut rng, u64::MAX),
+                status: if zero {
+                    Status::Ok
+                } else {
+                    Status::ALL[rng.random_range(0..Status::ALL.len())]
+                },
+                message: "",
+                rows,
+                cols,
+                timings: Timings {
+                    queue_us: pick(&mut rng, u32::MAX as u64) as u32,
+                    compute_us: pick(&mut rng, 100_000) as u32,
+                    total_us: pick(&mut rng, u32::MAX as u64) as u32,
+                },
+                cached,
+                partial: !zero && rng.random(),
+                ticket: pick(&mut rng, u64::MAX),
+            };
+            let mut got = vec![3u8; 7]; // appended after what is there
+            enc.response(&h, runs, &output, &mut got);
+            let got = &got[7..];
+            let mut want = Vec::new();
+            plain.response_built(&h, runs, &output, &mut want, true);
+            assert_eq!(got, &want[..], "answer {i}");
+            let mut minimal = Vec::new();
+            plain.response_built(&h, runs, &output, &mut minimal, false);
+            let (a, b) = (body(got), body(&minimal));
+            let (a, b) = (decode_response(a).unwrap(), decode_response(b).unwrap());
+            same(&a, &b);
+            assert_eq!(a.runs.len(), list.len());
+            for (&r, want) in a.runs.iter().zip(runs) {
+                assert_eq!(r, (want.model, want.version, want.flops));
+            }
+            let bound = response_frame_len_max(0, out_len, runs.iter().map(|r| r.model.len()));
+            assert!(got.len() <= bound, "{} > {bound}", got.len());
+        }
+        // 5 output lengths (1 x 32 and 2 x 16 share one) x 6 run lists.
+        assert_eq!(enc.templates_kept(), 30);
+    }
+
+    #[test]
     fn messages_many_runs_and_shapes_past_the_bound_are_built() {
         let mut enc = Encoder::new();
         let mut plain = Encoder::new();
@@ -282,7 +388,8 @@ mod tests {
                 assert_eq!(a, b);
             };
         check(&mut enc, &mut plain, h("bad"), &[], &[]);
-        check(&mut enc, &mut plain, h(""), &[run("a"), run("b")], &[1.0]);
+        let many = [run("a"); TEMPLATE_RUNS_MAX + 1];
+        check(&mut enc, &mut plain, h(""), &many, &[1.0]);
         assert_eq!(enc.templates_kept(), 0);
         let out = vec![0.5f32; TEMPLATES_MAX + 3];
         for n in 0..TEMPLATES_MAX {

@@ -264,7 +264,7 @@ impl Shard {
             e.first_rows.clear();
             e.first_rows
                 .resize(plan.members.len() * plan.output_width, 0.0);
-            e.acc.reset(rows, plan.output_width);
+            e.acc.reset_for(rows, plan.output_width, plan.combiner);
             e.generation
         };
         conn.in_flight.set(conn.in_flight.get() + 1);
