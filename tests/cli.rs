@@ -225,6 +225,10 @@ fn a_bad_repository_is_reported_with_file_and_field() {
             "serve",
             "--listen",
             "127.0.0.1:0",
+            // Not the default 127.0.0.1:9464: another server on the
+            // machine may hold it, and the bind would fail first.
+            "--admin-listen",
+            "off",
             "--cores",
             "0",
             "--models",
