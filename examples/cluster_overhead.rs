@@ -9,23 +9,13 @@
 //! perf/cluster_client.sh runs it against a `beast serve`.
 
 use beast::client::{Client, Cluster, ClusterConfig};
-use beast::wire::{CacheControl, Input, PolicyOverride, RequestSpec};
+use beast::wire::RequestSpec;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn spec<'a>(target: &'a str, x: &'a [f32]) -> RequestSpec<'a> {
-    RequestSpec {
-        target,
-        version: None,
-        rows: 1,
-        cols: x.len() as u32,
-        input: Input::F32(x),
-        deadline_us: None,
-        domain: None,
-        cache: CacheControl::Use,
-        policy: PolicyOverride::Default,
-    }
+    RequestSpec::row(target, x)
 }
 
 /// One blocking call with one input.

@@ -3,8 +3,7 @@
 
 use super::*;
 use crate::wire::{
-    decode_request, CacheControl, Encoder, FrameReader, Input, ResponseHeader, Status, Timings,
-    MAX_FRAME_BYTES_DEFAULT,
+    decode_request, Encoder, FrameReader, ResponseHeader, Status, Timings, MAX_FRAME_BYTES_DEFAULT,
 };
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -87,17 +86,7 @@ fn serve(mut conn: TcpStream, mode: &AtomicU8, seen: &AtomicU64) {
 }
 
 fn req(x: &[f32]) -> RequestSpec<'_> {
-    RequestSpec {
-        target: "t",
-        version: None,
-        rows: 1,
-        cols: x.len() as u32,
-        input: Input::F32(x),
-        deadline_us: None,
-        domain: None,
-        cache: CacheControl::Use,
-        policy: crate::wire::PolicyOverride::Default,
-    }
+    RequestSpec::row("t", x)
 }
 
 fn cluster(fakes: &[Fake], cfg: ClusterConfig) -> Cluster {

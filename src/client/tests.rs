@@ -1,9 +1,7 @@
 //! The client against a fake server on port 0 that answers out of order.
 
 use super::*;
-use crate::wire::{
-    decode_request, CacheControl, FrameReader, ResponseHeader, RunInfo, MAX_FRAME_BYTES_DEFAULT,
-};
+use crate::wire::{decode_request, FrameReader, ResponseHeader, RunInfo, MAX_FRAME_BYTES_DEFAULT};
 use std::io::ErrorKind;
 use std::net::TcpListener;
 
@@ -117,17 +115,7 @@ fn serve(mut conn: TcpStream) {
 }
 
 fn req<'a>(target: &'a str, x: &'a [f32]) -> RequestSpec<'a> {
-    RequestSpec {
-        target,
-        version: None,
-        rows: 1,
-        cols: x.len() as u32,
-        input: Input::F32(x),
-        deadline_us: None,
-        domain: None,
-        cache: CacheControl::Use,
-        policy: crate::wire::PolicyOverride::Default,
-    }
+    RequestSpec::row(target, x)
 }
 
 #[test]

@@ -234,6 +234,24 @@ pub struct RequestSpec<'a> {
     pub policy: PolicyOverride,
 }
 
+impl<'a> RequestSpec<'a> {
+    /// One f32 row for `target`'s newest version: no deadline, cache on,
+    /// the target's own policy.
+    pub fn row(target: &'a str, x: &'a [f32]) -> Self {
+        RequestSpec {
+            target,
+            version: None,
+            rows: 1,
+            cols: x.len() as u32,
+            input: Input::F32(x),
+            deadline_us: None,
+            domain: None,
+            cache: CacheControl::Use,
+            policy: PolicyOverride::Default,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub enum Input<'a> {
     F32(&'a [f32]),
