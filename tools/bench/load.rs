@@ -333,17 +333,7 @@ fn prebuild(plan: &Plan) -> Option<Arc<Vec<TargetFrames>>> {
             } else {
                 Input::F32(x)
             };
-            k(&RequestSpec {
-                target: &target.name,
-                version: None,
-                rows: plan.rows as u32,
-                cols: target.width as u32,
-                input,
-                deadline_us: plan.deadline_us,
-                domain: None,
-                cache,
-                policy: beast::wire::PolicyOverride::Default,
-            })
+            k(&request(plan, target, input, cache))
         })?;
         all.push(f);
     }
@@ -603,17 +593,7 @@ async fn run_conn(
                 } else {
                     Input::F32(x)
                 };
-                let spec = RequestSpec {
-                    target: &target.name,
-                    version: None,
-                    rows: plan.rows as u32,
-                    cols: target.width as u32,
-                    input,
-                    deadline_us: plan.deadline_us,
-                    domain: None,
-                    cache,
-                    policy: beast::wire::PolicyOverride::Default,
-                };
+                let spec = request(&plan, target, input, cache);
                 enc.request(slot as u64 + 1, &spec, out);
             }
             if measured {
@@ -881,5 +861,25 @@ impl Notify {
             }
         })
         .await
+    }
+}
+
+/// The request the plan sends for `target` with this input.
+fn request<'a>(
+    plan: &Plan,
+    target: &'a TargetSpec,
+    input: Input<'a>,
+    cache: CacheControl,
+) -> RequestSpec<'a> {
+    RequestSpec {
+        target: &target.name,
+        version: None,
+        rows: plan.rows as u32,
+        cols: target.width as u32,
+        input,
+        deadline_us: plan.deadline_us,
+        domain: None,
+        cache,
+        policy: beast::wire::PolicyOverride::Default,
     }
 }
