@@ -436,7 +436,11 @@ fn deadline_policy_picks_what_fits_or_refuses_at_once() {
     ));
     // Before any compute: well inside `slow`'s 300 ms batching delay (a
     // tighter bound fails on a loaded 2-core CI machine, not on the server).
-    assert!(t.elapsed() < Duration::from_millis(150), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(150),
+        "{:?}",
+        t.elapsed()
+    );
     let s = h.selection_stats();
     assert_eq!(
         s.iter()
