@@ -33,6 +33,23 @@ fn delayed_server() -> beast::server::ServerHandle {
 
 #[test]
 fn a_cache_hit_is_answered_while_a_batch_is_in_flight() {
+    // A blocked core fails every try; a VM stall rarely hits three in a row.
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = hit_while_a_batch_is_in_flight();
+        times.push(t);
+        if t < DELAY / 2 {
+            break;
+        }
+    }
+    assert!(
+        times.iter().any(|&t| t < DELAY / 2),
+        "cache hits took {times:?} while a {DELAY:?} batch was in flight: the core was blocked"
+    );
+}
+
+/// One try on a fresh server: how long the cache hit took.
+fn hit_while_a_batch_is_in_flight() -> Duration {
     let server = delayed_server();
     assert!(server.backend.ends_with("-delayed"), "{}", server.backend);
     let admin = server.admin_addr.expect("admin port");
@@ -55,10 +72,6 @@ fn a_cache_hit_is_answered_while_a_batch_is_in_flight() {
     let hit_time = t.elapsed();
     assert!(hit.cached);
     assert_eq!(hit.outputs, first.outputs);
-    assert!(
-        hit_time < DELAY / 2,
-        "a cache hit took {hit_time:?} while a {DELAY:?} batch was in flight: the core was blocked"
-    );
     // The batch in flight had not answered yet when the hit did.
     slow.s.set_nonblocking(true).unwrap();
     let mut b = [0u8; 1];
@@ -73,6 +86,7 @@ fn a_cache_hit_is_answered_while_a_batch_is_in_flight() {
     assert!(sent.elapsed() >= DELAY);
     assert_close(&r.output, &direct(&model_a(), &y, 1), 1e-5);
     server.shutdown();
+    hit_time
 }
 
 fn model_a() -> beast::model::Model {
@@ -112,6 +126,19 @@ fn the_next_batch_is_submitted_while_one_is_in_flight() {
     // batch computes is submitted at once as a batch of its own; a third,
     // arriving while two are in flight, waits for the first to finish.
     // (Kept to one in flight, the second and third would form one batch.)
+    // The three must be admitted inside one batch's delay: a VM stall that
+    // breaks that precondition voids the try (on a fresh server), not the test.
+    let tries = (1..=3).find(|_| next_batch_while_one_is_in_flight());
+    assert!(
+        tries.is_some(),
+        "three requests were never admitted within {:?} in 3 tries",
+        DELAY / 2
+    );
+}
+
+/// One try on a fresh server; false when the three requests could not be
+/// admitted within half a batch's delay (the precondition, not the claim).
+fn next_batch_while_one_is_in_flight() -> bool {
     let server = delayed_server();
     let admin = server.admin_addr.expect("admin port");
     let before = server.totals().batches;
@@ -124,15 +151,20 @@ fn the_next_batch_is_submitted_while_one_is_in_flight() {
         s.cache = beast::wire::CacheControl::Bypass;
         conn.send(i as u64 + 1, &s);
         let want = i as f64 + 1.0;
-        wait_until(Duration::from_secs(5), "the request admitted", || {
-            server_has_read(&conn.s) && metric(admin, "beast_in_flight_requests") == Some(want)
-        });
+        while !(server_has_read(&conn.s) && metric(admin, "beast_in_flight_requests") == Some(want))
+        {
+            if t0.elapsed() >= DELAY / 2 {
+                eprintln!(
+                    "try void: request {} not admitted after {:?}",
+                    i + 1,
+                    t0.elapsed()
+                );
+                server.shutdown();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
-    assert!(
-        t0.elapsed() < DELAY / 2,
-        "the three requests took {:?} to send: the test needs them inside one batch's delay",
-        t0.elapsed()
-    );
     let mut answered_at = Vec::new();
     for (i, conn) in conns.iter_mut().enumerate() {
         let r = conn.recv();
@@ -153,4 +185,5 @@ fn the_next_batch_is_submitted_while_one_is_in_flight() {
         "three batches: the second submitted while the first was in flight"
     );
     server.shutdown();
+    true
 }

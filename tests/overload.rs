@@ -24,8 +24,12 @@ const SLOW_DELAY_US: u64 = 200_000;
 
 /// The common test models, `slow` with a 200 ms batching delay, an
 /// ensemble `ens_slow` of `a` and `slow`, and `heavy` (about 2 MFLOP a row,
-/// 1024-row batches after a 300 ms delay) whose queue can hold tens of
+/// 1024-row batches after a 1 s delay) whose queue can hold tens of
 /// milliseconds of work.
+/// Batching delay of `heavy`: long, so "refused at once" has room for a
+/// stall of a loaded test machine.
+const HEAVY_DELAY_US: u64 = 1_000_000;
+
 fn repository() -> Repository {
     let mut repo = test_repository(SLOW_DELAY_US);
     repo.ensembles.insert(
@@ -42,7 +46,7 @@ fn repository() -> Repository {
     heavy.batch = BatchLimits {
         max_batch: 1024,
         min_batch: 1024,
-        max_queue_delay_us: 300_000,
+        max_queue_delay_us: HEAVY_DELAY_US,
         queue_rows_max: 4096,
     };
     repo.models.insert("heavy".into(), vec![Arc::new(heavy)]);
@@ -120,32 +124,48 @@ fn an_expired_request_is_answered_without_being_computed() {
 
 #[test]
 fn members_of_an_answered_ensemble_are_not_computed() {
-    let (h, c) = start(test_config());
-    let x = rows(2, 1, WIDTH);
-    let before = h.totals().batch_rows;
-    // `a` answers at once; `slow` would take 200 ms: the straggler cutoff
-    // answers at the 80 ms deadline with `a` alone (80 ms, not less: on a
-    // loaded 2-core machine `a`'s own answer has taken over 20 ms).
-    let mut r = spec("ens_slow", 1, WIDTH, &x);
-    r.deadline_us = Some(80_000);
-    let p = c.predict(&r).unwrap();
-    assert!(p.partial, "{p:?}");
-    // When `slow`'s batch comes, its member job is dropped, not computed.
-    assert!(
-        eventually(|| metric(
-            &h,
-            "beast_batch_rows_dropped_total",
-            ("reason", "cancelled")
-        ) == 1),
-        "the member nobody waits for was not dropped"
-    );
-    assert_eq!(
-        h.totals().batch_rows,
-        before + 1,
-        "only `a`'s row should have been computed"
-    );
-    drop(c);
-    h.shutdown();
+    // A cutoff woken more than the partial-answer grace (1 ms) late answers
+    // DEADLINE_EXCEEDED by design; on a loaded machine that voids a try (on
+    // a fresh server), not the test. A server that never answers with `a`
+    // alone fails all three.
+    for attempt in 1..=3 {
+        let (h, c) = start(test_config());
+        let x = rows(2, 1, WIDTH);
+        let before = h.totals().batch_rows;
+        // `a` answers at once; `slow` would take 200 ms: the straggler cutoff
+        // answers at the 80 ms deadline with `a` alone (80 ms, not less: on a
+        // loaded 2-core machine `a`'s own answer has taken over 20 ms).
+        let mut r = spec("ens_slow", 1, WIDTH, &x);
+        r.deadline_us = Some(80_000);
+        let p = match c.predict(&r) {
+            Ok(p) => p,
+            Err(ClientError::DeadlineExceeded(m)) if attempt < 3 => {
+                eprintln!("try {attempt} void: {m}");
+                drop(c);
+                h.shutdown();
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert!(p.partial, "{p:?}");
+        // When `slow`'s batch comes, its member job is dropped, not computed.
+        assert!(
+            eventually(|| metric(
+                &h,
+                "beast_batch_rows_dropped_total",
+                ("reason", "cancelled")
+            ) == 1),
+            "the member nobody waits for was not dropped"
+        );
+        assert_eq!(
+            h.totals().batch_rows,
+            before + 1,
+            "only `a`'s row should have been computed"
+        );
+        drop(c);
+        h.shutdown();
+        return;
+    }
 }
 
 #[test]
@@ -157,7 +177,7 @@ fn admission_refuses_at_once_what_the_queue_cannot_make() {
     let one = rows(3, 1, WIDTH);
     // An empty queue: a 2 ms budget is predicted to fit (one row of
     // `heavy` costs tens of µs), so it is admitted, then expires in the
-    // 300 ms batching delay.
+    // 1 s batching delay.
     let mut r = spec("heavy", 1, WIDTH, &one);
     r.deadline_us = Some(2_000);
     let first = c.send(&r).unwrap();
@@ -173,7 +193,11 @@ fn admission_refuses_at_once_what_the_queue_cannot_make() {
         Err(ClientError::DeadlineExceeded(m)) => assert!(m.contains("predicted"), "{m}"),
         other => panic!("expected DEADLINE_EXCEEDED, got {other:?}"),
     }
-    assert!(sent.elapsed() < Duration::from_micros(300_000) / 2);
+    assert!(
+        sent.elapsed() < Duration::from_micros(HEAVY_DELAY_US) / 2,
+        "{:?}",
+        sent.elapsed()
+    );
     assert_eq!(refused("deadline_exceeded"), 1);
     // ... and one without a deadline is OVERLOADED (over queue_wait_max_us).
     match c.predict(&spec("heavy", 1, WIDTH, &one)) {
