@@ -6,6 +6,14 @@ mod common;
 
 use std::process::Command;
 
+/// beast-bench runs are timed (an offered rate, a window's end): one at a
+/// time, not five generator + server pairs on a 2-core machine at once.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn bench(addr: std::net::SocketAddr, extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_beast-bench"))
         .args([
@@ -28,6 +36,7 @@ fn bench(addr: std::net::SocketAddr, extra: &[&str]) -> std::process::Output {
 
 #[test]
 fn open_loop_run_reaches_its_rate_and_prints_json() {
+    let _one = serial();
     let server = common::start_server();
     let out = bench(
         server.addr,
@@ -96,6 +105,7 @@ fn open_loop_run_reaches_its_rate_and_prints_json() {
 
 #[test]
 fn unknown_target_fails_the_run() {
+    let _one = serial();
     let server = common::start_server();
     let out = bench(
         server.addr,
@@ -133,6 +143,7 @@ fn unknown_target_fails_the_run() {
 
 #[test]
 fn recorded_trace_replays_with_its_timing() {
+    let _one = serial();
     let server = common::start_server();
     let trace = std::env::temp_dir().join(format!("beast-bench-smoke-{}.csv", std::process::id()));
     let trace_s = trace.to_str().expect("utf-8 temp path");
@@ -196,6 +207,7 @@ fn recorded_trace_replays_with_its_timing() {
 
 #[test]
 fn a_server_that_goes_away_gets_a_report_not_an_abort() {
+    let _one = serial();
     let server = common::start_server();
     let addr = server.addr;
     let child = Command::new(env!("CARGO_BIN_EXE_beast-bench"))
@@ -251,6 +263,7 @@ fn a_server_that_goes_away_gets_a_report_not_an_abort() {
 
 #[test]
 fn three_servers_share_the_load_with_per_node_and_total_figures() {
+    let _one = serial();
     let servers: Vec<_> = (0..3).map(|_| common::start_server()).collect();
     let list: Vec<String> = servers.iter().map(|s| s.addr.to_string()).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_beast-bench"))

@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 fn fast_health() -> ClusterConfig {
     ClusterConfig {
         health_interval: Duration::from_millis(50),
+        // A live node's /readyz slower than 500 ms on a loaded machine would
+        // mark it down; a killed node is still seen at once (refused).
+        readyz_timeout: Duration::from_secs(5),
         ..ClusterConfig::default()
     }
 }

@@ -537,7 +537,7 @@ fn post_drain_is_not_ready_at_once_and_stops_after_the_delay() {
     deploy(&dir, &model("m", 1, 16, 1));
     let h = start(&dir, |_| {});
     let admin = h.admin_addr.unwrap();
-    let (code, v) = post(admin, "/v1/drain?seconds=0.5");
+    let (code, v) = post(admin, "/v1/drain?seconds=3");
     assert_eq!(code, 200, "{v}");
     assert_eq!(get(&admin.to_string(), "/readyz", T).unwrap().0, 503);
     assert_eq!(common::metric(admin, "beast_draining"), Some(1.0));

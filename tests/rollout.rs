@@ -64,7 +64,9 @@ fn a_shadow_run_compares_answers_and_promotes_a_good_version() {
     let dir = repository(
         "rollout-promote",
         1,
-        "mode = \"shadow\"\nfraction = 1.0\ncandidate = 2\n[promote]\nafter = 40\nagreement_min = 0.99\np99_ratio_max = 50.0\n",
+        // p99 rule off (1e9): with ~50 samples the p99 is the slowest compute,
+        // and one preemption on a loaded machine would decide the rollout.
+        "mode = \"shadow\"\nfraction = 1.0\ncandidate = 2\n[promote]\nafter = 40\nagreement_min = 0.99\np99_ratio_max = 1e9\n",
     );
     let h = start(&dir);
     let admin = h.admin_addr.unwrap();
@@ -218,7 +220,9 @@ fn canary_with_labels(name: &str, v2_seed: u64) -> serde_json::Value {
     let dir = repository(
         name,
         v2_seed,
-        "mode = \"canary\"\nfraction = 0.5\ncandidate = 2\n[promote]\nafter = 5\nagreement_min = 0.0\np99_ratio_max = 1000.0\naccuracy_drop_max_points = 10\nlabels_min = 25\n",
+        // p99 rule off (1e9): with ~50 samples the p99 is the slowest compute,
+        // and one preemption on a loaded machine would decide the rollout.
+        "mode = \"canary\"\nfraction = 0.5\ncandidate = 2\n[promote]\nafter = 5\nagreement_min = 0.0\np99_ratio_max = 1e9\naccuracy_drop_max_points = 10\nlabels_min = 25\n",
     );
     let h = start(&dir);
     let admin = h.admin_addr.unwrap();

@@ -142,9 +142,24 @@ fn purge_and_ttl() {
     // Disabled target: never cached.
     client.predict(&spec("b", 1, WIDTH, &x)).unwrap();
     assert!(!client.predict(&spec("b", 1, WIDTH, &x)).unwrap().cached);
-    // TTL of 1 s: a hit at once, a miss after it expired.
-    client.predict(&spec("c", 1, WIDTH, &x)).unwrap();
-    assert!(client.predict(&spec("c", 1, WIDTH, &x)).unwrap().cached);
+    // TTL of 1 s: a hit at once, a miss after it expired. Expiry is whole
+    // unix seconds (an entry written at S.999 is gone at S+1): the hit is
+    // checked on a pair of requests inside one second.
+    let unix_s = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    loop {
+        let s = unix_s();
+        client.predict(&spec("c", 1, WIDTH, &x)).unwrap();
+        let hit = client.predict(&spec("c", 1, WIDTH, &x)).unwrap().cached;
+        if unix_s() == s {
+            assert!(hit, "a 1 s TTL entry missed inside its own second");
+            break;
+        }
+    }
     // Expiry is in whole seconds: ask until the answer is computed afresh
     // (a hit inserts nothing, so asking does not extend the entry).
     let t0 = std::time::Instant::now();
