@@ -480,7 +480,7 @@ fn straggler_cutoff_answers_by_the_deadline_under_flood() {
         r.deadline_us = Some(budget_ms * 1000);
         pending.push((Instant::now(), c.send(&r).unwrap()));
     }
-    let (mut partial, mut refused, mut full) = (0, 0, 0);
+    let (mut partial, mut refused, mut full, mut late) = (0, 0, 0, 0);
     let mut worst = Duration::ZERO;
     // Server side: arrival to answer, as the response reports it.
     let mut worst_server_us = 0;
@@ -488,10 +488,10 @@ fn straggler_cutoff_answers_by_the_deadline_under_flood() {
         let r = p.wait();
         let took = sent.elapsed();
         worst = worst.max(took);
-        assert!(
-            took <= Duration::from_millis(budget_ms + CUTOFF_TOLERANCE_MS),
-            "answer after {took:?} for a {budget_ms} ms budget: {r:?}"
-        );
+        if took > Duration::from_millis(budget_ms + CUTOFF_TOLERANCE_MS) {
+            eprintln!("late at the client: {took:?} for a {budget_ms} ms budget: {r:?}");
+            late += 1;
+        }
         if let Ok(p) = &r {
             worst_server_us = worst_server_us.max(p.timings.total_us);
         }
@@ -513,6 +513,13 @@ fn straggler_cutoff_answers_by_the_deadline_under_flood() {
         "{worst_server_us} µs in the server for a {budget_ms} ms budget"
     );
     assert!(partial >= n / 2, "{partial} partial");
+    // At the client, a stalled test machine delays whatever is being read
+    // at that moment (seen: 230 ms at load 7 on 2 cores); an answer that
+    // waited for `slow` would make every `All` request late (a quarter).
+    assert!(
+        late <= n / 20,
+        "{late} of {n} answers later than {budget_ms} + {CUTOFF_TOLERANCE_MS} ms at the client"
+    );
     drop(c);
     h.shutdown();
 }
