@@ -856,6 +856,27 @@ mod tests {
         );
     }
 
+    #[test]
+    fn closed_loop_verdict_follows_the_generator_cpu() {
+        // A closed loop sends when a slot frees: its send lag is always 0,
+        // so a saturated generator thread is what says it set the pace.
+        let mut r = Report::new();
+        r.sent = 1000;
+        for _ in 0..1000 {
+            r.send_lag.record(0).unwrap();
+        }
+        let why = generator_verdict(&r, 96.0, true).expect("a busy closed-loop generator");
+        assert!(why.contains("96% CPU"), "{why}");
+        assert_eq!(generator_verdict(&r, 60.0, true), None, "room left");
+        assert_eq!(
+            generator_verdict(&Report::new(), 99.0, true),
+            None,
+            "nothing sent"
+        );
+        // The open loop keeps its rule: busy but on time is no verdict.
+        assert_eq!(generator_verdict(&r, 96.0, false), None);
+    }
+
     /// A run with every optional part filled in (admin deltas, a mix of
     /// targets, a generator verdict, a non-finite figure).
     fn full_summary() -> Summary {
