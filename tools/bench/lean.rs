@@ -291,7 +291,7 @@ fn run_thread(
             gone(c, &mut report, &mut live, &ep);
         }
     }
-    while now < tx.end && live > 0 {
+    while live > 0 {
         let mut until = tx.end;
         if cpu0.is_none() {
             until = until.min(tx.measure_from);
@@ -329,9 +329,8 @@ fn run_thread(
             }
             touched.push(i);
         }
-        if now >= tx.end {
-            break;
-        }
+        // Requests due before the end go out even when this wake came
+        // after it (a trace's last one is due 1 µs before its end).
         if tx.closed_loop {
             for &i in &touched {
                 if !fill_and_write(&mut tx, &mut conns[i], &mut report, now, &ep, i) {
@@ -349,6 +348,9 @@ fn run_thread(
                     gone(c, &mut report, &mut live, &ep);
                 }
             }
+        }
+        if now >= tx.end {
+            break;
         }
     }
     // The thread's CPU over the measured window (or up to the moment
@@ -526,7 +528,7 @@ fn fill_and_write(
     let plan = tx.plan;
     let before = c.out.len();
     while let Some((intended, t, row)) = c.due {
-        if intended > now || intended >= tx.end {
+        if intended > now || intended >= tx.end || (tx.closed_loop && now >= tx.end) {
             break;
         }
         // Closed loop: a request is due when its slot frees, so it is never late.
