@@ -9,7 +9,8 @@
 //!
 //! Per wake of `epoll_wait`, for each connection with something to read:
 //! one `read` into the connection's own buffer (again only if it filled
-//! the buffer), every whole frame in it decoded in place and counted
+//! the buffer), every whole frame in it read in place (`wire::HeadReader`:
+//! the flatbuffers verifier runs once per layout of answer) and counted
 //! (`load::account`, the same figures as the glommio engine), what is left
 //! of a split frame moved to the front; then every request the schedule
 //! allows (closed loop: one per freed slot; open loop and traces: those
@@ -31,7 +32,7 @@ use super::load::{
 };
 use super::watchdog;
 use beast::wire::{
-    check_frame, decode_response, CacheControl, Encoder, FrameCheck, Input, FRAME_HEADER_LEN,
+    check_frame, CacheControl, Encoder, FrameCheck, HeadReader, Input, FRAME_HEADER_LEN,
 };
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -54,6 +55,8 @@ struct Conn<'a> {
     /// Received bytes not yet framed: `rbuf[..rlen]`.
     rbuf: Vec<u8>,
     rlen: usize,
+    /// Reads answers, verifying each layout once.
+    heads: HeadReader,
     /// Frames to send: `out[out_at..]` (written when the socket takes them).
     out: Vec<u8>,
     out_at: usize,
@@ -236,6 +239,7 @@ fn run_thread(
             s,
             rbuf: vec![0; READ_BUF],
             rlen: 0,
+            heads: HeadReader::new(),
             out: Vec::with_capacity(64 << 10),
             out_at: 0,
             want_out: false,
@@ -461,7 +465,7 @@ fn receive(c: &mut Conn, report: &mut Report, now: Instant, deadline_us: Option<
             match check_frame(&c.rbuf[at..c.rlen], usize::MAX >> 1) {
                 FrameCheck::Complete { body_len } => {
                     let body = &c.rbuf[at + FRAME_HEADER_LEN..at + FRAME_HEADER_LEN + body_len];
-                    if let Ok(v) = decode_response(body) {
+                    if let Ok(v) = c.heads.read(body) {
                         let slot = (v.id as usize).wrapping_sub(1);
                         if let Some(entry) = c.slots.get_mut(slot).and_then(|s| s.take()) {
                             c.free.push(slot);

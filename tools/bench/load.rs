@@ -11,8 +11,8 @@ use super::frames::{connections_of, TargetFrames, PREBUILT_BYTES_MAX};
 use super::inputs::Pool;
 use super::watchdog;
 use beast::wire::{
-    check_frame, decode_response, CacheControl, Encoder, FrameCheck, Input, RequestSpec,
-    ResponseView, Status, FRAME_HEADER_LEN,
+    check_frame, CacheControl, Encoder, FrameCheck, HeadReader, Input, RequestSpec, ResponseHead,
+    Status, FRAME_HEADER_LEN,
 };
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -778,6 +778,7 @@ async fn receive(reader: TcpStream, st: Rc<ConnState>) {
 
 async fn receive_frames(mut reader: TcpStream, st: &ConnState) {
     let mut buf = vec![0u8; 1 << 20];
+    let mut heads = HeadReader::new();
     let (mut start, mut end) = (0usize, 0usize);
     loop {
         let n = match reader.read(&mut buf[end..]).await {
@@ -790,7 +791,7 @@ async fn receive_frames(mut reader: TcpStream, st: &ConnState) {
             match check_frame(&buf[start..end], usize::MAX >> 1) {
                 FrameCheck::Complete { body_len } => {
                     let body = &buf[start + FRAME_HEADER_LEN..start + FRAME_HEADER_LEN + body_len];
-                    if let Ok(v) = decode_response(body) {
+                    if let Ok(v) = heads.read(body) {
                         let slot = (v.id as usize).wrapping_sub(1);
                         let entry = st.slots.borrow_mut().get_mut(slot).and_then(|s| s.take());
                         if let Some(entry) = entry {
@@ -825,7 +826,7 @@ async fn receive_frames(mut reader: TcpStream, st: &ConnState) {
 pub(super) fn account(
     r: &mut Report,
     entry: Outstanding,
-    v: &ResponseView<'_>,
+    v: &ResponseHead,
     now: Instant,
     deadline_us: Option<u64>,
 ) {
