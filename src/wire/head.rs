@@ -187,8 +187,8 @@ mod tests {
                 compute_us: total / 2,
                 total_us: total,
             },
-            cached: id % 2 == 0,
-            partial: id % 3 == 0,
+            cached: id.is_multiple_of(2),
+            partial: id.is_multiple_of(3),
             ticket: id * 7,
         };
         let out = [id as f32; 16];
@@ -241,8 +241,7 @@ mod tests {
                 let fast = r.read(&b);
                 // A stored bool other than 0/1 is "true" to the fast read;
                 // the generated reader's answer for it is not compared.
-                if b[i] > 1 && full.is_ok() && fast.is_ok() {
-                    let (f, g) = (full.unwrap(), fast.unwrap());
+                if let (true, Ok(f), Ok(g)) = (b[i] > 1, full, fast) {
                     assert_eq!(
                         (f.id, f.status, f.timings),
                         (g.id, g.status, g.timings),
