@@ -22,7 +22,8 @@
 #                                   # pipelines, like redis-benchmark) instead of beast-bench; closed loop only
 #   CLIENTS="glommio lean hit_load" ...  # one row per client for beast, each against the same Redis
 #                                   # figure of that depth: beast-bench --engine glommio, beast-bench
-#                                   # --engine lean (its default), examples/hit_load.rs (with OLD: new binary only)
+#                                   # --engine lean (its default), examples/hit_load.rs (with OLD: new binary only);
+#                                   # "old" is the beast-bench binary OLD_BENCH=/path (e.g. one built before the lean engine)
 #   OPEN_LOOP=0 ...                 # closed loop only
 #   GEN_THREADS=N ...               # beast-bench --threads N (all on core 1)
 # With OLD, the closed-loop table has a row per binary, each measured right
@@ -70,7 +71,7 @@ echo "- beast: \`beast serve --cores 0\` on bench_a, 64 distinct rows (all hits)
 echo
 
 bench() { # extra args...; prints the CSV data line
-  $RT taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 ${GEN_THREADS:+--threads $GEN_THREADS} ${ENGINE:+--engine $ENGINE} --target bench_a \
+  $RT taskset -c 1 "${BENCH_BIN:-target/release/beast-bench}" --server 127.0.0.1:$port --cpus 1 ${GEN_THREADS:+--threads $GEN_THREADS} ${ENGINE:+--engine $ENGINE} --target bench_a \
     --distinct 64 -c "$CONNS" --duration "$SECS" --warmup 1 --csv --max-error-fraction 0.001 "$@" | sed -n "\$p"
 }
 CSV_HEADER=$(taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 --target bench_a \
@@ -101,7 +102,7 @@ for depth in 1 16; do
     if [ "$who" = old ]; then stop_beast; start_beast "$AB" "${OLD_TOML:-}"; fi
     if [ "$who" = new ] && [ -n "$AB" ]; then stop_beast; start_beast target/release/beast; fi
   for client in ${CLIENTS:-${CLIENT:-bench}}; do
-    ENGINE=; case $client in glommio|lean) ENGINE=$client;; esac
+    ENGINE=; BENCH_BIN=; case $client in glommio|lean) ENGINE=$client;; old) BENCH_BIN=$OLD_BENCH;; esac
     t0=$(ticks $SP)
     if [ "$client" = hit_load ]; then
       # answers_per_s=N errors=N cpu_pct=N (1 s warm-up, then SECS measured)

@@ -276,6 +276,15 @@ fn run_thread(
         },
         trace: Vec::new(),
     };
+    if plan.record_trace {
+        // As load.rs reserves it: the expected count, so that recording
+        // does not allocate while sending.
+        let expect = match &plan.mode {
+            super::load::Mode::Open { rate, .. } => (rate * window(plan).1 * 1.1) as usize + 16,
+            _ => 1024,
+        };
+        tx.trace.reserve((expect / nthreads).min(1 << 24));
+    }
     for c in conns.iter_mut() {
         c.due = first_due(&mut tx, c);
     }
