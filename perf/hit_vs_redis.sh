@@ -20,6 +20,10 @@
 #                                   # compiling neighbours they otherwise wait for a CPU most of the time
 #   CLIENT=hit_load ...             # beast's load from examples/hit_load.rs (epoll, one thread, -P style
 #                                   # pipelines, like redis-benchmark) instead of beast-bench; closed loop only
+#   CLIENTS="glommio lean hit_load" ...  # one row per client for beast, each against the same Redis
+#                                   # figure of that depth: beast-bench --engine glommio, beast-bench
+#                                   # --engine lean (its default), examples/hit_load.rs (with OLD: new binary only);
+#                                   # "old" is the beast-bench binary OLD_BENCH=/path (e.g. one built before the lean engine)
 #   OPEN_LOOP=0 ...                 # closed loop only
 #   GEN_THREADS=N ...               # beast-bench --threads N (all on core 1)
 # With OLD, the closed-loop table has a row per binary, each measured right
@@ -67,7 +71,7 @@ echo "- beast: \`beast serve --cores 0\` on bench_a, 64 distinct rows (all hits)
 echo
 
 bench() { # extra args...; prints the CSV data line
-  $RT taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 ${GEN_THREADS:+--threads $GEN_THREADS} --target bench_a \
+  $RT taskset -c 1 "${BENCH_BIN:-target/release/beast-bench}" --server 127.0.0.1:$port --cpus 1 ${GEN_THREADS:+--threads $GEN_THREADS} ${ENGINE:+--engine $ENGINE} --target bench_a \
     --distinct 64 -c "$CONNS" --duration "$SECS" --warmup 1 --csv --max-error-fraction 0.001 "$@" | sed -n "\$p"
 }
 CSV_HEADER=$(taskset -c 1 target/release/beast-bench --server 127.0.0.1:$port --cpus 1 --target bench_a \
@@ -79,10 +83,10 @@ col() { # column-name csv-data-line
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # CPU µs per answer: process CPU ticks over a run / answers (beast: warm-up included, so answers x (d+1)/d).
 cpu_us() { awk -v t="$1" -v n="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "n/a" }'; }
-echo "- beast's client: ${CLIENT:-beast-bench}; Redis's: redis-benchmark"
+echo "- beast's client: ${CLIENTS:-${CLIENT:-beast-bench}}; Redis's: redis-benchmark"
 echo
-echo "| depth | binary | beast closed-loop req/s | beast p99 ms | beast CPU µs/answer | beast client busiest thread | Redis GET req/s | Redis p99 ms | Redis CPU µs/answer | beast / Redis (req/s) | Redis / beast (CPU per answer) | new / old (req/s; CPU per answer) |"
-echo "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| depth | binary | client | beast closed-loop req/s | beast p99 ms | beast CPU µs/answer | beast client busiest thread | Redis GET req/s | Redis p99 ms | Redis CPU µs/answer | beast / Redis (req/s) | Redis / beast (CPU per answer) | new / old, or with CLIENTS this client / the first (req/s; server CPU per answer) |"
+echo "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for depth in 1 16; do
   n=$((depth == 1 ? 300000 : 3000000))
   t0=$(ticks $RPID)
@@ -92,11 +96,15 @@ for depth in 1 16; do
   r_rps=$(echo "$r" | awk -F'","' '{print $2}'); r_p99=$(echo "$r" | awk -F'","' '{print $7}')
   old_rps=
   AB=${OLD:-${OLD_TOML:+target/release/beast}}
+  [ -z "${CLIENTS:-}" ] || AB=
+  first_rps=
   for who in ${AB:+old} new; do
     if [ "$who" = old ]; then stop_beast; start_beast "$AB" "${OLD_TOML:-}"; fi
     if [ "$who" = new ] && [ -n "$AB" ]; then stop_beast; start_beast target/release/beast; fi
+  for client in ${CLIENTS:-${CLIENT:-bench}}; do
+    ENGINE=; BENCH_BIN=; case $client in glommio|lean) ENGINE=$client;; old) BENCH_BIN=$OLD_BENCH;; esac
     t0=$(ticks $SP)
-    if [ "${CLIENT:-}" = hit_load ]; then
+    if [ "$client" = hit_load ]; then
       # answers_per_s=N errors=N cpu_pct=N (1 s warm-up, then SECS measured)
       hl=$($RT taskset -c 1 target/release/examples/hit_load 127.0.0.1:$port "$CONNS" "$depth" "$SECS")
       t1=$(ticks $SP)
@@ -116,13 +124,17 @@ for depth in 1 16; do
     flag=$(awk -v b="$busy" -v l="$lim" 'BEGIN { if (l == "true" || b >= 90) print " **GENERATOR-LIMITED**" }')
     ratio=$(awk -v a="$b_rps" -v b="$r_rps" 'BEGIN{ if (b > 0) printf "%.2f", a / b; else print "n/a" }')
     vs_old=-
-    if [ "$who" = old ]; then old_rps=$b_rps; old_cpu=$b_cpu; elif [ -n "$old_rps" ]; then
+    if [ -n "${CLIENTS:-}" ]; then
+      if [ -z "$first_rps" ]; then first_rps=$b_rps; first_cpu=$b_cpu; else
+        vs_old=$(awk -v a="$b_rps" -v b="$first_rps" -v c="$b_cpu" -v d="$first_cpu" 'BEGIN{ if (b > 0 && c > 0) printf "%.2f; %.2f", a / b, c / d; else print "n/a" }'); fi
+    elif [ "$who" = old ]; then old_rps=$b_rps; old_cpu=$b_cpu; elif [ -n "$old_rps" ]; then
       vs_old=$(awk -v a="$b_rps" -v b="$old_rps" -v c="$b_cpu" -v d="$old_cpu" 'BEGIN{ if (b > 0 && c > 0) printf "%.2f; %.2f", a / b, c / d; else print "n/a" }'); fi
     name=$who; [ "$who" = new ] && name="new ($(git rev-parse --short HEAD))"
-    printf '| %s | %s | %.0f | %s | %s | %.0f%%%s | %.0f | %s | %s | %s | %s | %s |\n' "$depth" "$name" "$b_rps" "$b_p99" "$b_cpu" "$busy" "$flag" "$r_rps" "$r_p99" "$r_cpu" "$ratio" "$cpu_ratio" "$vs_old"
+    printf '| %s | %s | %s | %.0f | %s | %s | %.0f%%%s | %.0f | %s | %s | %s | %s | %s |\n' "$depth" "$name" "$client" "$b_rps" "$b_p99" "$b_cpu" "$busy" "$flag" "$r_rps" "$r_p99" "$r_cpu" "$ratio" "$cpu_ratio" "$vs_old"
+  done
   done
 done
-[ "${OPEN_LOOP:-1}" = 1 ] && [ "${CLIENT:-}" != hit_load ] || exit 0
+[ "${OPEN_LOOP:-1}" = 1 ] && [ "${CLIENT:-}" != hit_load ] && [ -z "${CLIENTS:-}" ] || exit 0
 echo
 echo "Open loop (beast-bench, corrected latency): highest offered rate meeting the p99 SLO"
 echo

@@ -12,7 +12,8 @@
 //! is docs/BENCH.md.
 //!
 //! Modules: `dist` (PRNG, arrivals, Zipf, target mix), `inputs` (rows,
-//! traces), `load` (the glommio engine), `output` (table, JSON, CSV, hgrm,
+//! traces), `lean` (the epoll engine, the default against one server),
+//! `load` (the glommio engine, and the figures both keep), `output` (table, JSON, CSV, hgrm,
 //! plot), `search` (bisection), `admin` (Prometheus scrape).
 
 #[path = "bench/admin.rs"]
@@ -23,6 +24,8 @@ mod dist;
 mod frames;
 #[path = "bench/inputs.rs"]
 mod inputs;
+#[path = "bench/lean.rs"]
+mod lean;
 #[path = "bench/load.rs"]
 mod load;
 #[path = "bench/output.rs"]
@@ -97,6 +100,11 @@ struct Args {
     /// Generator threads (executors), spread round-robin over --cpus [default: one per CPU in --cpus].
     #[arg(long)]
     threads: Option<usize>,
+    /// The I/O engine: `lean` (one epoll loop per thread, batched writes;
+    /// against one server) or `glommio` (a sender and a receiver task per
+    /// connection on a glommio executor; what several servers use).
+    #[arg(long, default_value = "lean", value_parser = ["lean", "glommio"])]
+    engine: String,
     /// Encode every request as it is sent, instead of copying a frame encoded once per
     /// (target, input) before the run and patching its id (the default when all fit in 64 MiB).
     #[arg(long)]
@@ -605,7 +613,12 @@ fn one_run(args: &Args, base: &Plan, label: &str, rate: Option<f64>) -> Result<S
     });
     let threads = plan.cpus.len();
     let (duration_s, warmup_s) = (plan.duration_s, plan.warmup_s);
-    let (report, cpu_s) = load::run(Arc::new(plan))?;
+    let closed = matches!(plan.mode, Mode::Closed);
+    let (report, cpu_s) = if args.engine == "lean" && lean::applies(&plan) {
+        lean::run(Arc::new(plan))?
+    } else {
+        load::run(Arc::new(plan))?
+    };
     let admin = match (&before, args.admin.as_deref()) {
         (Some(b), Some(a)) => admin::scrape(a)
             .map_err(|e| eprintln!("beast-bench: warning: {e}"))
@@ -615,7 +628,7 @@ fn one_run(args: &Args, base: &Plan, label: &str, rate: Option<f64>) -> Result<S
     };
     let thread_cpu_max_pct =
         report.thread_cpu_s.iter().copied().fold(0.0, f64::max) / duration_s * 100.0;
-    let generator_limited = output::generator_verdict(&report, thread_cpu_max_pct);
+    let generator_limited = output::generator_verdict(&report, thread_cpu_max_pct, closed);
     Ok(Summary {
         label: label.to_string(),
         mode,

@@ -10,9 +10,10 @@
 //! borrowed views), `fast.rs` (the straight-line check of a request that
 //! `decode.rs` tries first), `encode.rs` (the reusable `Encoder`),
 //! `template.rs` (its per-shape response templates), `frame.rs` (the
-//! length framing and the sans-IO `FrameReader`). Imports go one way:
-//! decode ──▶ fast, types; encode ──▶ template ──▶ types, frame; this file
-//! only re-exports.
+//! length framing and the sans-IO `FrameReader`), `head.rs` (a load
+//! generator's read of answers, verifying each layout once). Imports go
+//! one way: decode ──▶ fast, types; encode ──▶ template ──▶ types, frame;
+//! head ──▶ decode, types; this file only re-exports.
 //!
 //! INTERFACE CONTRACT (server and client are written against these names).
 
@@ -26,6 +27,7 @@ pub mod frame;
 mod decode;
 mod encode;
 mod fast;
+mod head;
 mod template;
 mod types;
 
@@ -37,6 +39,7 @@ pub use encode::{response_frame_len_max, Encoder};
 pub use frame::{
     check_frame, FrameCheck, FrameError, FrameReader, FRAME_HEADER_LEN, MAX_FRAME_BYTES_DEFAULT,
 };
+pub use head::{HeadReader, ResponseHead, LAYOUTS_MAX};
 pub use types::*;
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use super::frames::{connections_of, TargetFrames, PREBUILT_BYTES_MAX};
 use super::inputs::Pool;
 use super::watchdog;
 use beast::wire::{
-    check_frame, decode_response, CacheControl, Encoder, FrameCheck, Input, RequestSpec, Status,
-    FRAME_HEADER_LEN,
+    check_frame, CacheControl, Encoder, FrameCheck, HeadReader, Input, RequestSpec, ResponseHead,
+    Status, FRAME_HEADER_LEN,
 };
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -73,7 +73,7 @@ pub struct Plan {
     pub prebuilt: bool,
 }
 
-fn hist() -> Histogram<u64> {
+pub(super) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("static histogram bounds")
 }
 
@@ -150,7 +150,7 @@ pub struct TargetStats {
 }
 
 impl TargetStats {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         TargetStats {
             corrected: hist(),
             ok: 0,
@@ -292,7 +292,7 @@ pub fn process_cpu_s() -> f64 {
     rusage_s(libc::RUSAGE_SELF)
 }
 
-fn rusage_s(who: libc::c_int) -> f64 {
+pub(super) fn rusage_s(who: libc::c_int) -> f64 {
     // SAFETY: getrusage only fills the struct we own.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(who, &mut u) };
@@ -303,7 +303,7 @@ fn rusage_s(who: libc::c_int) -> f64 {
 /// Every target's requests encoded once, one frame per pool row (rows are
 /// drawn modulo the pool, as `Pool::get` does); `None` when turned off
 /// (`--encode-each`) or when they would not fit in `PREBUILT_BYTES_MAX`.
-fn prebuild(plan: &Plan) -> Option<Arc<Vec<TargetFrames>>> {
+pub(super) fn prebuild(plan: &Plan) -> Option<Arc<Vec<TargetFrames>>> {
     if !plan.prebuilt {
         return None;
     }
@@ -405,7 +405,7 @@ async fn sleep_until(t: Instant) {
 }
 
 /// (intended send, actual send, measured?, target index).
-type Outstanding = (Instant, Instant, bool, u32);
+pub(super) type Outstanding = (Instant, Instant, bool, u32);
 
 /// Per-socket bookkeeping shared by its connection's sender and the
 /// socket's receiver task (one socket per node).
@@ -425,7 +425,7 @@ struct ConnState {
 }
 
 /// The connection's schedule: yields (intended offset s, target, row).
-enum Schedule<'a> {
+pub(super) enum Schedule<'a> {
     Open {
         next_s: f64,
         rate: f64,
@@ -480,35 +480,9 @@ async fn run_conn(
         .collect();
     let (w0, w1) = window(&plan);
     let measure_from = start + Duration::from_secs_f64(w0);
-    let mut end = start + Duration::from_secs_f64(w1);
     let mut rng = Rng::new(plan.seed.wrapping_add(c as u64 * 0x1000_0000_01B3));
     let mix = Mix::new(&plan.targets);
-    let mut sched = match &plan.mode {
-        Mode::Open { rate, arrivals } => {
-            let rate = rate / plan.connections as f64;
-            // Stagger uniform connections so they do not all fire at once.
-            let first = match arrivals {
-                Arrivals::Uniform => c as f64 / plan.connections as f64 / rate,
-                Arrivals::Poisson => arrivals.gap_s(rate, &mut rng),
-            };
-            Schedule::Open {
-                next_s: first,
-                rate,
-                arrivals: *arrivals,
-            }
-        }
-        Mode::Closed => Schedule::Closed,
-        Mode::Trace(per_conn) => {
-            // A trace ends with its last request, not after --duration.
-            if let Some(last) = per_conn.iter().filter_map(|v| v.last()).map(|e| e.0).max() {
-                end = start + Duration::from_micros(last + 1);
-            }
-            Schedule::Trace {
-                entries: &per_conn[c],
-                i: 0,
-            }
-        }
-    };
+    let (mut sched, end) = schedule(&plan, c, start, &mut rng);
     let mut trace = Vec::new();
     if plan.record_trace {
         let expect = match &plan.mode {
@@ -526,15 +500,7 @@ async fn run_conn(
         CacheControl::Use
     };
     let mut unblocked_at = start;
-    // Draw (target, row) for the next request.
-    let draw = |rng: &mut Rng| -> (u32, u32) {
-        let t = mix.pick(rng);
-        let row = match &plan.row_dist {
-            RowDist::Uniform(n) => rng.below(*n),
-            RowDist::Zipf(z) => z.sample(rng),
-        };
-        (t as u32, row as u32)
-    };
+    let draw = |rng: &mut Rng| draw(&plan, &mix, rng);
     let mut due: Option<(Instant, u32, u32)> = None;
     loop {
         // The next request on the schedule.
@@ -724,8 +690,56 @@ pub fn route_table(
     Some(Arc::new(table))
 }
 
+/// Connection `c`'s schedule and the end of its sending (the measured
+/// window's end; a trace's last request).
+pub(super) fn schedule<'a>(
+    plan: &'a Plan,
+    c: usize,
+    start: Instant,
+    rng: &mut Rng,
+) -> (Schedule<'a>, Instant) {
+    let mut end = start + Duration::from_secs_f64(window(plan).1);
+    let sched = match &plan.mode {
+        Mode::Open { rate, arrivals } => {
+            let rate = rate / plan.connections as f64;
+            // Stagger uniform connections so they do not all fire at once.
+            let first = match arrivals {
+                Arrivals::Uniform => c as f64 / plan.connections as f64 / rate,
+                Arrivals::Poisson => arrivals.gap_s(rate, rng),
+            };
+            Schedule::Open {
+                next_s: first,
+                rate,
+                arrivals: *arrivals,
+            }
+        }
+        Mode::Closed => Schedule::Closed,
+        Mode::Trace(per_conn) => {
+            // A trace ends with its last request, not after --duration.
+            if let Some(last) = per_conn.iter().filter_map(|v| v.last()).map(|e| e.0).max() {
+                end = start + Duration::from_micros(last + 1);
+            }
+            Schedule::Trace {
+                entries: &per_conn[c],
+                i: 0,
+            }
+        }
+    };
+    (sched, end)
+}
+
+/// Draw (target, row) for the next request.
+pub(super) fn draw(plan: &Plan, mix: &Mix, rng: &mut Rng) -> (u32, u32) {
+    let t = mix.pick(rng);
+    let row = match &plan.row_dist {
+        RowDist::Uniform(n) => rng.below(*n),
+        RowDist::Zipf(z) => z.sample(rng),
+    };
+    (t as u32, row as u32)
+}
+
 /// The request after the one just sent (`now`: its send time, for the closed loop).
-fn advance(
+pub(super) fn advance(
     sched: &mut Schedule,
     rng: &mut Rng,
     draw: &impl Fn(&mut Rng) -> (u32, u32),
@@ -764,6 +778,7 @@ async fn receive(reader: TcpStream, st: Rc<ConnState>) {
 
 async fn receive_frames(mut reader: TcpStream, st: &ConnState) {
     let mut buf = vec![0u8; 1 << 20];
+    let mut heads = HeadReader::new();
     let (mut start, mut end) = (0usize, 0usize);
     loop {
         let n = match reader.read(&mut buf[end..]).await {
@@ -776,45 +791,13 @@ async fn receive_frames(mut reader: TcpStream, st: &ConnState) {
             match check_frame(&buf[start..end], usize::MAX >> 1) {
                 FrameCheck::Complete { body_len } => {
                     let body = &buf[start + FRAME_HEADER_LEN..start + FRAME_HEADER_LEN + body_len];
-                    if let Ok(v) = decode_response(body) {
+                    if let Ok(v) = heads.read(body) {
                         let slot = (v.id as usize).wrapping_sub(1);
                         let entry = st.slots.borrow_mut().get_mut(slot).and_then(|s| s.take());
-                        if let Some((intended, sent, measured, t)) = entry {
+                        if let Some(entry) = entry {
                             st.free.borrow_mut().push(slot);
                             st.freed.notify();
-                            if measured {
-                                let mut r = st.report.borrow_mut();
-                                r.by_status[v.status as usize] += 1;
-                                let corrected =
-                                    now.duration_since(intended).as_micros().max(1) as u64;
-                                if let Some(ts) = r.per_target.get_mut(t as usize) {
-                                    if v.status == Status::Ok {
-                                        ts.ok += 1;
-                                        let _ = ts.corrected.record(corrected);
-                                    } else {
-                                        ts.errors += 1;
-                                    }
-                                }
-                                if v.status == Status::Ok {
-                                    r.ok += 1;
-                                    r.cached += v.cached as u64;
-                                    r.partial += v.partial as u64;
-                                    if let Some(d) = st.deadline_us {
-                                        let limit = d + LATE_SLACK_US;
-                                        let took = now.duration_since(sent).as_micros() as u64;
-                                        r.late += (took > limit) as u64;
-                                        r.late_server += (v.timings.total_us as u64 > limit) as u64;
-                                    }
-                                    let _ = r.corrected.record(corrected);
-                                    let _ = r
-                                        .uncorrected
-                                        .record(now.duration_since(sent).as_micros().max(1) as u64);
-                                    let _ =
-                                        r.server_total.record((v.timings.total_us as u64).max(1));
-                                    r.server_queue_us += v.timings.queue_us as u64;
-                                    r.server_compute_us += v.timings.compute_us as u64;
-                                }
-                            }
+                            account(&mut st.report.borrow_mut(), entry, &v, now, st.deadline_us);
                         }
                     }
                     start += FRAME_HEADER_LEN + body_len;
@@ -834,6 +817,50 @@ async fn receive_frames(mut reader: TcpStream, st: &ConnState) {
         if end == buf.len() {
             buf.resize(buf.len() * 2, 0);
         }
+    }
+}
+
+/// Count the answer `v`, received at `now`, of the outstanding request
+/// `entry` into `r` (nothing when the request was sent before the measured
+/// window). Both engines count through here.
+pub(super) fn account(
+    r: &mut Report,
+    entry: Outstanding,
+    v: &ResponseHead,
+    now: Instant,
+    deadline_us: Option<u64>,
+) {
+    let (intended, sent, measured, t) = entry;
+    if !measured {
+        return;
+    }
+    r.by_status[v.status as usize] += 1;
+    let corrected = now.duration_since(intended).as_micros().max(1) as u64;
+    if let Some(ts) = r.per_target.get_mut(t as usize) {
+        if v.status == Status::Ok {
+            ts.ok += 1;
+            let _ = ts.corrected.record(corrected);
+        } else {
+            ts.errors += 1;
+        }
+    }
+    if v.status == Status::Ok {
+        r.ok += 1;
+        r.cached += v.cached as u64;
+        r.partial += v.partial as u64;
+        if let Some(d) = deadline_us {
+            let limit = d + LATE_SLACK_US;
+            let took = now.duration_since(sent).as_micros() as u64;
+            r.late += (took > limit) as u64;
+            r.late_server += (v.timings.total_us as u64 > limit) as u64;
+        }
+        let _ = r.corrected.record(corrected);
+        let _ = r
+            .uncorrected
+            .record(now.duration_since(sent).as_micros().max(1) as u64);
+        let _ = r.server_total.record((v.timings.total_us as u64).max(1));
+        r.server_queue_us += v.timings.queue_us as u64;
+        r.server_compute_us += v.timings.compute_us as u64;
     }
 }
 
@@ -865,7 +892,7 @@ impl Notify {
 }
 
 /// The request the plan sends for `target` with this input.
-fn request<'a>(
+pub(super) fn request<'a>(
     plan: &Plan,
     target: &'a TargetSpec,
     input: Input<'a>,

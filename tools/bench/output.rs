@@ -61,7 +61,18 @@ impl Summary {
 /// wakes so often that its thread reads near 100 % CPU while it still keeps
 /// the schedule (measured: 400k req/s offered on schedule at "100 %"), so a
 /// busy thread alone only earns the `CPU_HIGH_PCT` warning.
-pub fn generator_verdict(r: &Report, thread_cpu_max_pct: f64) -> Option<String> {
+///
+/// A closed loop has no schedule to be late on: its pace is the slower of
+/// the server and the generator, so a generator thread at `CPU_HIGH_PCT`
+/// or more decides there.
+pub fn generator_verdict(r: &Report, thread_cpu_max_pct: f64, closed: bool) -> Option<String> {
+    if closed {
+        return (r.sent > 0 && thread_cpu_max_pct >= CPU_HIGH_PCT).then(|| {
+            format!(
+                "closed loop with a generator thread at {thread_cpu_max_pct:.0}% CPU: it, not the server, set the pace"
+            )
+        });
+    }
     let lag_p99_ms = r.send_lag.value_at_quantile(0.99) as f64 / 1000.0;
     if r.sent == 0 || lag_p99_ms <= SEND_LAG_P99_MS_MAX {
         return None;
@@ -824,21 +835,46 @@ mod tests {
         for _ in 0..1000 {
             r.send_lag.record(50).unwrap(); // 50 µs: on time
         }
-        assert_eq!(generator_verdict(&r, 100.0), None, "busy but on time");
+        assert_eq!(
+            generator_verdict(&r, 100.0, false),
+            None,
+            "busy but on time"
+        );
         for _ in 0..100 {
             r.send_lag.record(5000).unwrap(); // 9% of sends 5 ms late
         }
-        let why = generator_verdict(&r, 95.0).expect("late");
+        let why = generator_verdict(&r, 95.0, false).expect("late");
         assert!(
             why.starts_with("send lag p99 5.") && why.contains("95% CPU"),
             "{why}"
         );
-        assert!(!generator_verdict(&r, 20.0).unwrap().contains("CPU"));
+        assert!(!generator_verdict(&r, 20.0, false).unwrap().contains("CPU"));
         assert_eq!(
-            generator_verdict(&Report::new(), 100.0),
+            generator_verdict(&Report::new(), 100.0, false),
             None,
             "nothing sent"
         );
+    }
+
+    #[test]
+    fn closed_loop_verdict_follows_the_generator_cpu() {
+        // A closed loop sends when a slot frees: its send lag is always 0,
+        // so a saturated generator thread is what says it set the pace.
+        let mut r = Report::new();
+        r.sent = 1000;
+        for _ in 0..1000 {
+            r.send_lag.record(0).unwrap();
+        }
+        let why = generator_verdict(&r, 96.0, true).expect("a busy closed-loop generator");
+        assert!(why.contains("96% CPU"), "{why}");
+        assert_eq!(generator_verdict(&r, 60.0, true), None, "room left");
+        assert_eq!(
+            generator_verdict(&Report::new(), 99.0, true),
+            None,
+            "nothing sent"
+        );
+        // The open loop keeps its rule: busy but on time is no verdict.
+        assert_eq!(generator_verdict(&r, 96.0, false), None);
     }
 
     /// A run with every optional part filled in (admin deltas, a mix of
