@@ -465,6 +465,27 @@ const SERVER_CUTOFF_TOLERANCE_MS: u64 = 5;
 
 #[test]
 fn straggler_cutoff_answers_by_the_deadline_under_flood() {
+    // A loaded test machine can make a try miss (its cutoffs fire more than
+    // the 1 ms grace late, so they answer DEADLINE_EXCEEDED instead of
+    // partial; seen at load 3 on 2 cores): up to three tries on fresh
+    // servers. A cutoff that never answers partial, or waits for `slow`,
+    // fails all three.
+    let mut why = Vec::new();
+    for _ in 0..3 {
+        match flood_once() {
+            Ok(()) => return,
+            Err(e) => {
+                eprintln!("try void: {e}");
+                why.push(e);
+            }
+        }
+    }
+    panic!("three tries failed: {why:?}");
+}
+
+/// One flood on a fresh server: Err when too few answers were partial or
+/// too many came late at the client.
+fn flood_once() -> Result<(), String> {
     let (h, c) = start(test_config());
     let x = input(1, 1.0);
     let budget_ms = 30;
@@ -512,14 +533,18 @@ fn straggler_cutoff_answers_by_the_deadline_under_flood() {
         worst_server_us as u64 <= (budget_ms + SERVER_CUTOFF_TOLERANCE_MS) * 1000,
         "{worst_server_us} µs in the server for a {budget_ms} ms budget"
     );
-    assert!(partial >= n / 2, "{partial} partial");
+    drop(c);
+    h.shutdown();
+    if partial < n / 2 {
+        return Err(format!("{partial} partial of {n}"));
+    }
     // At the client, a stalled test machine delays whatever is being read
     // at that moment (seen: 230 ms at load 7 on 2 cores); an answer that
     // waited for `slow` would make every `All` request late (a quarter).
-    assert!(
-        late <= n / 20,
-        "{late} of {n} answers later than {budget_ms} + {CUTOFF_TOLERANCE_MS} ms at the client"
-    );
-    drop(c);
-    h.shutdown();
+    if late > n / 20 {
+        return Err(format!(
+            "{late} of {n} answers later than {budget_ms} + {CUTOFF_TOLERANCE_MS} ms at the client"
+        ));
+    }
+    Ok(())
 }
