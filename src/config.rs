@@ -492,7 +492,7 @@ impl Config {
                 );
                 check(
                     l3.cluster_seeds.iter().all(|u| scheme(u)),
-                    "cache.l3.cluster_seeds: each must be redis://HOST:PORT",
+                    "cache.l3.cluster_seeds: each must be redis://HOST:PORT (or valkey://HOST:PORT)",
                 );
             }
             check(

@@ -94,10 +94,10 @@ struct Args {
     /// Seconds of load before measuring (excluded from the results).
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
-    /// CPUs for the generator's threads (one pinned executor each), e.g. "1" or "1,3".
+    /// CPUs for the generator's threads (one thread pinned to each), e.g. "1" or "1,3".
     #[arg(long, default_value = "")]
     cpus: String,
-    /// Generator threads (executors), spread round-robin over --cpus [default: one per CPU in --cpus].
+    /// Generator threads, spread round-robin over --cpus [default: one per CPU in --cpus].
     #[arg(long)]
     threads: Option<usize>,
     /// The I/O engine: `lean` (one epoll loop per thread, batched writes;
@@ -138,7 +138,7 @@ struct Args {
     /// the budget + 1 ms after the send) apart.
     #[arg(long, value_name = "US")]
     deadline_us: Option<u64>,
-    /// Fail (exit 1) when more than this fraction of requests erred or went unanswered.
+    /// Fail (exit 1) when more than this fraction of requests erred, went unanswered or was never sent (or none was sent).
     #[arg(long, default_value_t = 0.001)]
     max_error_fraction: f64,
     /// Run a list of offered rates, e.g. "5000,10000,20000".

@@ -63,7 +63,8 @@ pub struct L3Stats {
     pub cheaper: AtomicU64,
     pub corrupt: AtomicU64,
     pub fills: AtomicU64,
-    /// MGETs sent (each carries every lookup queued at the time).
+    /// Lookup round trips: MGETs, or pipelines on a cluster (each carries
+    /// the lookups queued at the time, at most 512).
     pub batches: AtomicU64,
     pub fills_dropped: AtomicU64,
     pub errors: AtomicU64,

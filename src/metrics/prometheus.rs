@@ -457,7 +457,7 @@ pub fn render_l3(out: &mut String, s: &crate::cache::l3::L3Stats) {
         ),
         (
             "beast_cache_l3_batches_total",
-            "MGET round trips (each carries every lookup queued at the time).",
+            "L3 lookup round trips: one MGET, or one pipeline on a Redis Cluster (each carries the lookups queued at the time, at most 512).",
             &s.batches,
         ),
         (
