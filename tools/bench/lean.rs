@@ -326,21 +326,18 @@ fn run_thread(
         touched.clear();
         for e in &events[..n] {
             let i = e.u64 as usize;
-            let c = &mut conns[i];
-            if c.closed {
-                continue;
+            if event(
+                &mut conns[i],
+                e,
+                i,
+                &ep,
+                &mut report,
+                &mut live,
+                now,
+                plan.deadline_us,
+            ) {
+                touched.push(i);
             }
-            if e.events & libc::EPOLLOUT as u32 != 0 && !flush(c, &ep, i) {
-                gone(c, &mut report, &mut live, &ep);
-                continue;
-            }
-            if e.events & (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
-                && !receive(c, &mut report, now, plan.deadline_us)
-            {
-                gone(c, &mut report, &mut live, &ep);
-                continue;
-            }
-            touched.push(i);
         }
         // Requests due before the end go out even when this wake came
         // after it (a trace's last one is due 1 µs before its end).
@@ -396,19 +393,16 @@ fn run_thread(
         now = Instant::now();
         for e in &events[..n] {
             let i = e.u64 as usize;
-            let c = &mut conns[i];
-            if c.closed {
-                continue;
-            }
-            if e.events & libc::EPOLLOUT as u32 != 0 && !flush(c, &ep, i) {
-                gone(c, &mut report, &mut live, &ep);
-                continue;
-            }
-            if e.events & (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
-                && !receive(c, &mut report, now, plan.deadline_us)
-            {
-                gone(c, &mut report, &mut live, &ep);
-            }
+            event(
+                &mut conns[i],
+                e,
+                i,
+                &ep,
+                &mut report,
+                &mut live,
+                now,
+                plan.deadline_us,
+            );
         }
     }
     for c in &conns {
@@ -426,6 +420,36 @@ fn run_thread(
 
 /// The server went away on this connection: it sends no more, and what
 /// it had outstanding counts as unanswered.
+/// One epoll event on connection `i`: flush what waits to be written,
+/// read and count what arrived. False when the connection is (now) closed.
+#[allow(clippy::too_many_arguments)]
+fn event(
+    c: &mut Conn,
+    e: &libc::epoll_event,
+    i: usize,
+    ep: &Epoll,
+    report: &mut Report,
+    live: &mut usize,
+    now: Instant,
+    deadline_us: Option<u64>,
+) -> bool {
+    if c.closed {
+        return false;
+    }
+    let bits = e.events;
+    if bits & libc::EPOLLOUT as u32 != 0 && !flush(c, ep, i) {
+        gone(c, report, live, ep);
+        return false;
+    }
+    if bits & (libc::EPOLLIN | libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
+        && !receive(c, report, now, deadline_us)
+    {
+        gone(c, report, live, ep);
+        return false;
+    }
+    true
+}
+
 fn gone(c: &mut Conn, report: &mut Report, live: &mut usize, ep: &Epoll) {
     c.closed = true;
     report.server_gone = true;
