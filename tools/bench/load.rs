@@ -107,6 +107,9 @@ pub struct Report {
     pub unsent: u64,
     /// Times a due request found its connection's window full.
     pub window_full: u64,
+    /// Returns of the generator's wait over the measured window (the lean
+    /// engine's `epoll_pwait2`; `None` with the glommio engine).
+    pub wakes: Option<u64>,
     pub server_queue_us: u64,
     pub server_compute_us: u64,
     /// CPU seconds of each generator thread over the measured window.
@@ -177,6 +180,7 @@ impl Report {
             unanswered: 0,
             unsent: 0,
             window_full: 0,
+            wakes: None,
             server_queue_us: 0,
             server_compute_us: 0,
             thread_cpu_s: Vec::new(),
@@ -204,6 +208,9 @@ impl Report {
         self.unanswered += o.unanswered;
         self.unsent += o.unsent;
         self.window_full += o.window_full;
+        if let Some(w) = o.wakes {
+            self.wakes = Some(self.wakes.unwrap_or(0) + w);
+        }
         self.server_queue_us += o.server_queue_us;
         self.server_compute_us += o.server_compute_us;
         self.thread_cpu_s.extend(o.thread_cpu_s);

@@ -295,6 +295,10 @@ struct JsonRun<'a> {
     /// Only with several nodes (`--server a,b,c`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     per_node: Vec<JsonNode<'a>>,
+    /// The lean engine's wakes over the measured window, all threads
+    /// together (absent with the glommio engine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generator_wakes: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -478,6 +482,7 @@ pub fn json(s: &Summary) -> String {
                 latency_ms: Percentiles::of(&t.corrected),
             })
             .collect(),
+        generator_wakes: r.wakes,
     };
     spaced(&run)
 }
