@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::json_num as num;
+
 use beast::wire::{
     check_frame, decode_request, CacheControl, Encoder, FrameCheck, ResponseHeader, Status,
     Timings, FRAME_HEADER_LEN,
@@ -152,15 +154,6 @@ fn json_of(out: &std::process::Output) -> serde_json::Value {
         .find(|l| l.starts_with('{'))
         .unwrap_or_else(|| panic!("no JSON line\nstdout: {stdout}\nstderr: {stderr}"));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad JSON ({e}): {line}"))
-}
-
-fn num(j: &serde_json::Value, path: &[&str]) -> f64 {
-    let mut v = j;
-    for k in path {
-        v = &v[*k];
-    }
-    v.as_f64()
-        .unwrap_or_else(|| panic!("no {} in {j}", path.join(".")))
 }
 
 #[test]

@@ -7,6 +7,10 @@
 //! wakes for it: without the look-ahead a wake comes as soon as the next
 //! request is due.
 
+mod common;
+
+use common::json_num as num;
+
 use beast::wire::{
     check_frame, decode_request, CacheControl, Encoder, FrameCheck, ResponseHeader, Status,
     Timings, FRAME_HEADER_LEN,
@@ -73,15 +77,6 @@ fn answer(mut c: TcpStream, silent: bool) {
             return;
         }
     }
-}
-
-fn num(j: &serde_json::Value, path: &[&str]) -> f64 {
-    let mut v = j;
-    for k in path {
-        v = &v[*k];
-    }
-    v.as_f64()
-        .unwrap_or_else(|| panic!("no {} in {j}", path.join(".")))
 }
 
 /// Run beast-bench (lean engine, one thread, one connection) against

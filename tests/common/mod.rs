@@ -378,3 +378,14 @@ pub fn promtool_accepts(text: &str) -> bool {
     );
     true
 }
+
+/// The number at `path` in a JSON value (beast-bench's `--json` line),
+/// panicking with the whole value when it is absent.
+pub fn json_num(j: &serde_json::Value, path: &[&str]) -> f64 {
+    let mut v = j;
+    for k in path {
+        v = &v[*k];
+    }
+    v.as_f64()
+        .unwrap_or_else(|| panic!("no {} in {j}", path.join(".")))
+}
