@@ -34,18 +34,15 @@ fn delayed_server() -> beast::server::ServerHandle {
 #[test]
 fn a_cache_hit_is_answered_while_a_batch_is_in_flight() {
     // A blocked core fails every try; a VM stall rarely hits three in a row.
-    let mut times = Vec::new();
-    for _ in 0..3 {
+    within_three_tries("a cache hit while a batch is in flight", || {
         let t = hit_while_a_batch_is_in_flight();
-        times.push(t);
         if t < DELAY / 2 {
-            break;
+            return Ok(());
         }
-    }
-    assert!(
-        times.iter().any(|&t| t < DELAY / 2),
-        "cache hits took {times:?} while a {DELAY:?} batch was in flight: the core was blocked"
-    );
+        Err(format!(
+            "the hit took {t:?} while a {DELAY:?} batch was in flight: the core was blocked"
+        ))
+    });
 }
 
 /// One try on a fresh server: how long the cache hit took.
@@ -128,17 +125,15 @@ fn the_next_batch_is_submitted_while_one_is_in_flight() {
     // (Kept to one in flight, the second and third would form one batch.)
     // The three must be admitted inside one batch's delay: a VM stall that
     // breaks that precondition voids the try (on a fresh server), not the test.
-    let tries = (1..=3).find(|_| next_batch_while_one_is_in_flight());
-    assert!(
-        tries.is_some(),
-        "three requests were never admitted within {:?} in 3 tries",
-        DELAY / 2
+    within_three_tries(
+        "three requests inside one batch's delay",
+        next_batch_while_one_is_in_flight,
     );
 }
 
-/// One try on a fresh server; false when the three requests could not be
+/// One try on a fresh server; Err when the three requests could not be
 /// admitted within half a batch's delay (the precondition, not the claim).
-fn next_batch_while_one_is_in_flight() -> bool {
+fn next_batch_while_one_is_in_flight() -> Result<(), String> {
     let server = delayed_server();
     let admin = server.admin_addr.expect("admin port");
     let before = server.totals().batches;
@@ -154,13 +149,9 @@ fn next_batch_while_one_is_in_flight() -> bool {
         while !(server_has_read(&conn.s) && metric(admin, "beast_in_flight_requests") == Some(want))
         {
             if t0.elapsed() >= DELAY / 2 {
-                eprintln!(
-                    "try void: request {} not admitted after {:?}",
-                    i + 1,
-                    t0.elapsed()
-                );
+                let e = format!("request {} not admitted after {:?}", i + 1, t0.elapsed());
                 server.shutdown();
-                return false;
+                return Err(e);
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -185,5 +176,5 @@ fn next_batch_while_one_is_in_flight() -> bool {
         "three batches: the second submitted while the first was in flight"
     );
     server.shutdown();
-    true
+    Ok(())
 }

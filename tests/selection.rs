@@ -12,7 +12,7 @@ use beast::model::{
     OutputTransform, Policy,
 };
 use beast::wire::{CacheControl, Input, PolicyOverride, RequestSpec};
-use common::{start_with, test_config};
+use common::{start_with, test_config, within_three_tries};
 use half::f16;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -470,17 +470,7 @@ fn straggler_cutoff_answers_by_the_deadline_under_flood() {
     // partial; seen at load 3 on 2 cores): up to three tries on fresh
     // servers. A cutoff that never answers partial, or waits for `slow`,
     // fails all three.
-    let mut why = Vec::new();
-    for _ in 0..3 {
-        match flood_once() {
-            Ok(()) => return,
-            Err(e) => {
-                eprintln!("try void: {e}");
-                why.push(e);
-            }
-        }
-    }
-    panic!("three tries failed: {why:?}");
+    within_three_tries("the flood", flood_once);
 }
 
 /// One flood on a fresh server: Err when too few answers were partial or

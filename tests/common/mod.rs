@@ -389,3 +389,21 @@ pub fn json_num(j: &serde_json::Value, path: &[&str]) -> f64 {
     v.as_f64()
         .unwrap_or_else(|| panic!("no {} in {j}", path.join(".")))
 }
+
+/// Runs `f` (which sets up its own fresh server) up to three times: an
+/// `Err(why)` voids a try — a precondition or a time bound that a stall of
+/// a loaded test machine broke. A real bug fails every try; all three
+/// failing panics with each try's reason.
+pub fn within_three_tries(what: &str, mut f: impl FnMut() -> Result<(), String>) {
+    let mut why = Vec::new();
+    for k in 1..=3 {
+        match f() {
+            Ok(()) => return,
+            Err(e) => {
+                eprintln!("{what}: try {k} void: {e}");
+                why.push(e);
+            }
+        }
+    }
+    panic!("{what}: three tries failed: {why:?}");
+}

@@ -118,19 +118,14 @@ pub fn run(plan: Arc<Plan>) -> Result<(Report, f64), String> {
             .map_err(|e| format!("cannot start a generator thread: {e}"))?;
         handles.push(h);
     }
-    let mut total = Report::new();
-    let mut err = None;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(r)) => total.merge(r),
-            Ok(Err(e)) => err = err.or(Some(e)),
-            Err(_) => err = err.or(Some("generator thread panicked".to_string())),
-        }
-    }
-    if let Some(e) = err {
-        return Err(e);
-    }
-    Ok((total, super::load::process_cpu_s() - cpu0))
+    let joined = handles.into_iter().map(|h| {
+        h.join()
+            .map_err(|_| "generator thread panicked".to_string())
+    });
+    Ok((
+        super::load::merge_joined(joined)?,
+        super::load::process_cpu_s() - cpu0,
+    ))
 }
 
 fn pin(cpu: usize) -> Result<(), String> {

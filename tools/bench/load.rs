@@ -280,19 +280,27 @@ pub fn run(plan: Arc<Plan>) -> Result<(Report, f64), String> {
             .map_err(|e| format!("--cpus: cannot start a generator thread on {cpu:?}: {e}"))?;
         handles.push(h);
     }
+    let joined = handles.into_iter().map(|h| {
+        h.join()
+            .map_err(|e| format!("generator thread failed: {e}"))
+    });
+    Ok((merge_joined(joined)?, process_cpu_s() - cpu0))
+}
+
+/// Every generator thread's report merged into one, or the first error
+/// (joining them all either way: each engine's threads end on their own).
+pub fn merge_joined(
+    joined: impl Iterator<Item = Result<Result<Report, String>, String>>,
+) -> Result<Report, String> {
     let mut total = Report::new();
     let mut err = None;
-    for h in handles {
-        match h.join() {
-            Ok(Ok(r)) => total.merge(r),
-            Ok(Err(e)) => err = err.or(Some(e)),
-            Err(e) => err = err.or(Some(format!("generator thread failed: {e}"))),
+    for j in joined {
+        match j.and_then(|r| r) {
+            Ok(r) => total.merge(r),
+            Err(e) => err = err.or(Some(e)),
         }
     }
-    if let Some(e) = err {
-        return Err(e);
-    }
-    Ok((total, process_cpu_s() - cpu0))
+    err.map_or(Ok(total), Err)
 }
 
 pub fn process_cpu_s() -> f64 {
